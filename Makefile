@@ -1,0 +1,36 @@
+# Every target creates .venv on first use and installs the project into it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test demo bench lint format clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m ruff check ckptstore backends tools tests
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) tools/demo.py
+
+bench: $(STAMP)
+	$(PY) tools/bench.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check ckptstore backends tools tests
+	$(PY) -m ruff format --check ckptstore backends tools tests
+
+format: $(STAMP)
+	$(PY) -m ruff format ckptstore backends tools tests
+	$(PY) -m ruff check --fix ckptstore backends tools tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,133 @@
+"""The storage contract: a Store moves bytes by key and knows nothing about tensors.
+
+Call order used by ckptstore for one checkpoint (the contract backends rely on):
+
+1. ``open_writer(key)`` for each data file, many ``write`` calls, then ``commit()`` which
+   makes the file durable and visible under ``key`` (or ``abort()``, which leaves nothing).
+2. ``write_if_absent(manifest_key, bytes)`` exactly once: the atomic commit point. It fails
+   with :class:`KeyExistsError` if another writer committed first.
+3. Readers call ``read``/``read_into`` with byte ranges, ``size``, ``exists`` and ``list``.
+4. Retention and overwrite call ``delete`` (manifest first, data after).
+
+Keys are ``/``-separated relative paths without a leading slash.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ckptstore.errors import KeyExistsError, KeyNotFoundError
+
+
+@dataclass(frozen=True, slots=True)
+class ByteRange:
+    """A half-open range of bytes ``[start, end)`` inside one stored object."""
+
+    start: int
+    """First byte, counted from the start of the object."""
+    end: int
+    """One past the last byte."""
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+class StoreWriter(abc.ABC):
+    """Sequential writer of one object; visible under its key only after :meth:`commit`."""
+
+    @abc.abstractmethod
+    def write(self, data: memoryview | bytes) -> None:
+        """Append ``data``."""
+
+    @abc.abstractmethod
+    def commit(self) -> None:
+        """Make everything written durable and visible under the key."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Drop everything written; the key is left as it was."""
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+class Store(abc.ABC):
+    """Byte storage behind a URL. Implementations live in ``ckptstore.backends``."""
+
+    url: str
+
+    # -- the core every backend implements ---------------------------------------------
+    @abc.abstractmethod
+    def read(self, key: str, byte_range: ByteRange | None = None) -> bytes:
+        """Bytes of ``key`` (all, or ``byte_range``); :class:`KeyNotFoundError` if absent."""
+
+    @abc.abstractmethod
+    def open_writer(self, key: str) -> StoreWriter:
+        """A writer that replaces ``key`` atomically on commit."""
+
+    @abc.abstractmethod
+    def write_if_absent(self, key: str, data: bytes) -> None:
+        """Create ``key`` atomically; :class:`KeyExistsError` if it already exists."""
+
+    @abc.abstractmethod
+    def size(self, key: str) -> int:
+        """Size in bytes of ``key``; :class:`KeyNotFoundError` if absent."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Every key that starts with ``prefix``, in no particular order."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key``; a missing key is not an error."""
+
+    # -- derived operations, overridable for speed --------------------------------------
+    def write(self, key: str, data: bytes | memoryview) -> None:
+        """Replace ``key`` with ``data`` atomically."""
+        with self.open_writer(key) as writer:
+            writer.write(data)
+
+    def read_into(self, key: str, offset: int, out: memoryview) -> None:
+        """Fill ``out`` with the bytes of ``key`` starting at ``offset``.
+
+        Note for implementers: the default goes through :meth:`read` (one extra copy);
+        backends with a file descriptor should read straight into ``out``.
+        """
+        data = self.read(key, ByteRange(offset, offset + len(out)))
+        if len(data) != len(out):
+            raise KeyNotFoundError(
+                f"{self.url}/{key}: wanted {len(out)} bytes at offset {offset}, got {len(data)}"
+            )
+        out[:] = data
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.size(key)
+        except KeyNotFoundError:
+            return False
+        return True
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every key under ``prefix``; returns how many were deleted."""
+        keys = list(self.list(prefix))
+        for key in keys:
+            self.delete(key)
+        return len(keys)
+
+    def sync(self) -> None:  # noqa: B027 - a no-op is right for most backends
+        """Make committed writes durable where the backend batches that (e.g. directory fsync)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+
+__all__ = ["ByteRange", "KeyExistsError", "KeyNotFoundError", "Store", "StoreWriter"]

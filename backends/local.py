@@ -1,0 +1,159 @@
+"""Local filesystem store: the default backend (node-local NVMe, NFS, Lustre mounts).
+
+Writes go to a temporary file in the target directory and are renamed into place on
+commit, after ``fsync``; the directory itself is fsynced so the rename survives a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+
+from ckptstore.backends.base import ByteRange, Store, StoreWriter
+from ckptstore.errors import KeyExistsError, KeyNotFoundError, StoreError
+
+_TMP_MARK = ".tmp-"
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _LocalWriter(StoreWriter):
+    def __init__(self, final_path: str, durable: bool) -> None:
+        self._final = final_path
+        directory = os.path.dirname(final_path)
+        os.makedirs(directory, exist_ok=True)
+        self._tmp = os.path.join(
+            directory, f"{_TMP_MARK}{os.path.basename(final_path)}.{uuid.uuid4().hex[:8]}"
+        )
+        self._fd: int | None = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._durable = durable
+
+    def write(self, data: memoryview | bytes) -> None:
+        assert self._fd is not None, "write after commit/abort"
+        view = memoryview(data).cast("B")
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+
+    def commit(self) -> None:
+        assert self._fd is not None, "commit twice"
+        try:
+            if self._durable:
+                os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+        os.replace(self._tmp, self._final)
+        if self._durable:
+            _fsync_dir(os.path.dirname(self._final))
+
+    def abort(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._tmp)
+
+
+class LocalStore(Store):
+    """Files under a root directory. ``durable=False`` skips fsync (tests, scratch space)."""
+
+    def __init__(self, root: str, *, durable: bool = True) -> None:
+        self.root = os.path.abspath(root)
+        self.url = f"file://{self.root}"
+        self.durable = durable
+
+    def _path(self, key: str) -> str:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise StoreError(f"{self.url}: invalid key {key!r}")
+        return os.path.join(self.root, key) if key else self.root
+
+    def read(self, key: str, byte_range: ByteRange | None = None) -> bytes:
+        path = self._path(key)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                if byte_range is None:
+                    return f.read()
+                return os.pread(f.fileno(), byte_range.length, byte_range.start)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise KeyNotFoundError(f"{self.url}: no such file {key!r}") from None
+
+    def read_into(self, key: str, offset: int, out: memoryview) -> None:
+        path = self._path(key)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError):
+            raise KeyNotFoundError(f"{self.url}: no such file {key!r}") from None
+        try:
+            view = memoryview(out).cast("B")
+            done = 0
+            while done < len(view):
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if n == 0:
+                    raise StoreError(
+                        f"{self.url}/{key}: file ends at byte {offset + done}, "
+                        f"expected at least {offset + len(view)} bytes"
+                    )
+                done += n
+        finally:
+            os.close(fd)
+
+    def open_writer(self, key: str) -> StoreWriter:
+        return _LocalWriter(self._path(key), self.durable)
+
+    def write_if_absent(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f"{_TMP_MARK}{os.path.basename(path)}.{uuid.uuid4().hex[:8]}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            if self.durable:
+                os.fsync(f.fileno())
+        try:
+            # link() fails if the target exists: an atomic create-if-absent with full content.
+            os.link(tmp, path)
+        except FileExistsError:
+            raise KeyExistsError(f"{self.url}: {key!r} already exists") from None
+        finally:
+            os.unlink(tmp)
+        if self.durable:
+            _fsync_dir(directory)
+
+    def size(self, key: str) -> int:
+        try:
+            st = os.stat(self._path(key))
+        except (FileNotFoundError, NotADirectoryError):
+            raise KeyNotFoundError(f"{self.url}: no such file {key!r}") from None
+        if not os.path.isfile(self._path(key)):
+            raise KeyNotFoundError(f"{self.url}: {key!r} is not a file")
+        return st.st_size
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        if not os.path.isdir(self.root):
+            return
+        for dirpath, _dirs, files in os.walk(self.root):
+            rel = os.path.relpath(dirpath, self.root)
+            for name in files:
+                key = name if rel == "." else f"{rel}/{name}".replace(os.sep, "/")
+                if key.startswith(prefix) and not name.startswith(_TMP_MARK):
+                    yield key
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(key))
+
+    def sync(self) -> None:
+        if not self.durable or not os.path.isdir(self.root):
+            return
+        for dirpath, _dirs, _files in os.walk(self.root):
+            _fsync_dir(dirpath)

@@ -1,0 +1,30 @@
+"""ckptstore: sharded, checksummed, manifest-committed checkpoints for PyTorch training.
+
+>>> import ckptstore as cs
+>>> cs.save(state_dict, "/ckpt/step100")          # collective; returns after commit
+>>> cs.load(state_dict, "/ckpt/step100")          # collective; fills in place, reshards
+>>> ckpt = cs.open("/ckpt/step100"); ckpt.read("model.w", (slice(0, 8),))
+"""
+
+from ckptstore import errors
+from ckptstore.checkpoint import Checkpoint, ObjectMeta, TensorMeta
+from ckptstore.checkpoint import open_checkpoint as open
+from ckptstore.leaves import PerRank, Sharded
+from ckptstore.load import LoadInfo, load
+from ckptstore.save import SaveInfo, save
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Checkpoint",
+    "LoadInfo",
+    "ObjectMeta",
+    "PerRank",
+    "SaveInfo",
+    "Sharded",
+    "TensorMeta",
+    "errors",
+    "load",
+    "open",
+    "save",
+]

@@ -1,0 +1,17 @@
+"""crc32c of stored bytes, one checksum per block (hardware-accelerated where available)."""
+
+from __future__ import annotations
+
+import crc32c as _crc32c
+
+
+def crc32c(data: memoryview | bytes) -> int:
+    return _crc32c.crc32c(data)
+
+
+def block_crcs(data: memoryview, block_bytes: int) -> list[int]:
+    """Checksums of consecutive ``block_bytes`` blocks of ``data`` (one for empty data)."""
+    n = len(data)
+    if n <= block_bytes:
+        return [_crc32c.crc32c(data)]
+    return [_crc32c.crc32c(data[i : i + block_bytes]) for i in range(0, n, block_bytes)]

@@ -1,0 +1,86 @@
+"""Typed errors raised by ckptstore.
+
+Every error says what was expected, what was found, and names the checkpoint,
+tensor (key) or file involved, so that a failed save or load can be acted on
+without reading the source.
+"""
+
+from __future__ import annotations
+
+
+class CkptStoreError(Exception):
+    """Base class of every error ckptstore raises on purpose."""
+
+
+class StoreError(CkptStoreError):
+    """A storage backend could not complete an operation."""
+
+
+class KeyNotFoundError(StoreError, KeyError):
+    """A key (file) that was expected in a store is not there."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else "key not found"
+
+
+class KeyExistsError(StoreError):
+    """A write-if-absent found the key already present (another writer won)."""
+
+
+class UnsupportedURLError(StoreError):
+    """No backend is registered for a URL scheme (or its package is missing)."""
+
+
+class CheckpointNotFoundError(CkptStoreError):
+    """The path holds no checkpoint at all."""
+
+
+class IncompleteCheckpointError(CkptStoreError):
+    """The path holds data files but no committed manifest: the save never finished."""
+
+
+class CheckpointExistsError(CkptStoreError):
+    """A committed checkpoint already exists at the path and overwrite was not requested."""
+
+
+class ManifestError(CkptStoreError):
+    """The manifest is truncated, malformed, or of an unsupported format version."""
+
+
+class ChecksumError(CkptStoreError):
+    """Bytes read back do not match the crc32c recorded at save time."""
+
+    def __init__(self, message: str, bad: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.bad = bad or []
+
+
+class StateDictError(CkptStoreError):
+    """The state_dict given to save or load is not acceptable (unsupported leaf, name clash)."""
+
+
+class LoadMismatchError(CkptStoreError):
+    """Keys, shapes or dtypes of the caller's state_dict do not match the checkpoint.
+
+    Raised before any tensor is written; ``problems`` lists every offending key.
+    """
+
+    def __init__(self, message: str, problems: list[str]) -> None:
+        super().__init__(message)
+        self.problems = problems
+
+
+class PickleNotAllowedError(CkptStoreError):
+    """An object needs pickle (on save or load) and the caller did not opt in."""
+
+
+class ShardingError(CkptStoreError):
+    """The shards declared by the ranks do not tile their tensor (overlap or gap)."""
+
+
+class WorldSizeMismatchError(CkptStoreError):
+    """Per-rank values were saved from a different world size than the loading job's."""
+
+
+class SaveError(CkptStoreError):
+    """A save failed on some rank; the checkpoint was not committed."""

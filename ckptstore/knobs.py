@@ -1,0 +1,46 @@
+"""Every tunable in one place: explicit argument > environment variable > default."""
+
+from __future__ import annotations
+
+import os
+
+_MiB = 1 << 20
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return int(raw) if raw else default
+
+
+def checksum_block_bytes() -> int:
+    """Bytes covered by one crc32c; partial reads verify only the blocks they touch."""
+    return _env_int("CKPTSTORE_CHECKSUM_BLOCK_BYTES", 4 * _MiB)
+
+
+def files_per_rank() -> int:
+    """Data files (and writer threads) per rank for one save."""
+    return _env_int("CKPTSTORE_FILES_PER_RANK", 1)
+
+
+def pack_bytes() -> int:
+    """Chunks smaller than this are packed into one buffer before being written."""
+    return _env_int("CKPTSTORE_PACK_BYTES", 1 * _MiB)
+
+
+def read_threads() -> int:
+    """Parallel reader threads per rank on load."""
+    return _env_int("CKPTSTORE_READ_THREADS", 4)
+
+
+def read_window_bytes() -> int:
+    """Largest single read; bigger regions are split (bounded memory on load)."""
+    return _env_int("CKPTSTORE_READ_WINDOW_BYTES", 64 * _MiB)
+
+
+def coalesce_gap_bytes() -> int:
+    """Two byte ranges of one file closer than this are read as one."""
+    return _env_int("CKPTSTORE_COALESCE_GAP_BYTES", 256 * 1024)
+
+
+def plan_cache_size() -> int:
+    return _env_int("CKPTSTORE_PLAN_CACHE_SIZE", 4)

@@ -1,0 +1,190 @@
+"""Flattening a nested state_dict into named leaves, and the leaf wrappers users declare.
+
+Dicts and lists are walked and their keys joined with ``.``; what remains is a leaf:
+
+* ``torch.Tensor``  -- replicated across ranks (every rank holds the same values), as in DCP;
+* ``DTensor``       -- its local shard, placed by the device mesh and placements;
+* :class:`Sharded`  -- an explicitly declared shard of a global tensor (Megatron, custom TP);
+* :class:`PerRank`  -- a value or tensor that differs per rank (RNG state, loader position);
+* a plain value (int, float, str, bool, None, tuples of them) -- rank 0's copy is saved;
+* anything else needs pickling, which the caller must opt in to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ckptstore.errors import StateDictError
+
+try:  # DTensor moved between torch releases; both spellings are public.
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch < 2.4
+    from torch.distributed._tensor import DTensor  # type: ignore[no-redef]
+
+
+Box = tuple[tuple[int, ...], tuple[int, ...]]
+"""(offsets, shape) of a region of a global tensor."""
+
+
+@dataclass(frozen=True)
+class Sharded:
+    """An explicitly declared shard: ``local_tensor`` sits at ``offsets`` in ``global_shape``.
+
+    Use it for tensors sharded by a framework that does not use DTensor. Shards on
+    different ranks may repeat (replicas are written once) but must tile the tensor.
+    """
+
+    local_tensor: torch.Tensor
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        shape, offs = tuple(self.global_shape), tuple(self.offsets)
+        object.__setattr__(self, "global_shape", tuple(int(s) for s in shape))
+        object.__setattr__(self, "offsets", tuple(int(o) for o in offs))
+        local = tuple(self.local_tensor.shape)
+        if not isinstance(self.local_tensor, torch.Tensor):
+            raise StateDictError("Sharded.local_tensor must be a torch.Tensor")
+        if len(local) != len(shape) or len(offs) != len(shape):
+            raise StateDictError(
+                f"Sharded: local shape {local}, global shape {shape} and offsets {offs} "
+                "must have the same number of dimensions"
+            )
+        for d, (o, n, s) in enumerate(zip(offs, local, shape, strict=True)):
+            if o < 0 or o + n > s:
+                raise StateDictError(
+                    f"Sharded: dimension {d}: shard [{o}, {o + n}) lies outside global size {s}"
+                )
+
+
+@dataclass(frozen=True)
+class PerRank:
+    """A value that differs per rank; each rank gets back the value it saved.
+
+    When the world size changes at load time, what happens is chosen by the ``per_rank``
+    option of :func:`ckptstore.load`: ``"error"`` (default), ``"keep"`` (leave the caller's
+    value) or ``"wrap"`` (rank r takes the value saved by rank ``r % saved_world_size``).
+    """
+
+    value: Any
+
+
+PLAIN_SCALARS = (bool, int, float, str, type(None))
+
+
+def is_plain(value: Any) -> bool:
+    """True for JSON-representable values: scalars and (nested) tuples of them."""
+    if isinstance(value, PLAIN_SCALARS):
+        return True
+    if isinstance(value, tuple):
+        return all(is_plain(v) for v in value)
+    return False
+
+
+@dataclass
+class Leaf:
+    """One named leaf of a flattened state_dict.
+
+    ``kind`` is ``tensor`` (global, possibly sharded), ``value`` (plain), ``object`` (needs
+    pickle), ``rank_tensor`` / ``rank_value`` / ``rank_object`` (per-rank variants).
+    """
+
+    name: str
+    kind: str
+    value: Any
+    global_shape: tuple[int, ...] = ()
+    box: Box = ((), ())
+    set_value: Callable[[Any], None] | None = field(default=None, repr=False)
+
+    @property
+    def local(self) -> torch.Tensor:
+        """The tensor holding this rank's data for :attr:`box`."""
+        return self.value
+
+
+def _dtensor_box(t: DTensor) -> Box:
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return tuple(int(o) for o in offsets), tuple(int(s) for s in shape)
+
+
+def _classify(name: str, value: Any, per_rank: bool) -> Leaf:
+    if isinstance(value, DTensor):
+        if per_rank:
+            raise StateDictError(f"{name}: a DTensor cannot be PerRank")
+        return Leaf(name, "tensor", value.to_local(), tuple(value.shape), _dtensor_box(value))
+    if isinstance(value, Sharded):
+        if per_rank:
+            raise StateDictError(f"{name}: a Sharded shard cannot be PerRank")
+        local = value.local_tensor
+        return Leaf(name, "tensor", local, value.global_shape, (value.offsets, tuple(local.shape)))
+    if isinstance(value, torch.Tensor):
+        shape = tuple(value.shape)
+        kind = "rank_tensor" if per_rank else "tensor"
+        return Leaf(name, kind, value, shape, ((0,) * len(shape), shape))
+    if is_plain(value):
+        return Leaf(name, "rank_value" if per_rank else "value", value)
+    return Leaf(name, "rank_object" if per_rank else "object", value)
+
+
+def flatten(state_dict: Any, *, with_setters: bool = False) -> dict[str, Leaf]:
+    """Named leaves of ``state_dict`` in traversal order.
+
+    Args:
+        state_dict: nested dicts and lists ending in leaves (see the module docstring).
+        with_setters: record, for each leaf, a function that replaces it in its container
+            (load uses this to put plain values back).
+
+    Raises:
+        StateDictError: two paths flatten to the same name, or a key is not a str/int.
+    """
+    leaves: dict[str, Leaf] = {}
+
+    def visit(prefix: str, value: Any, setter: Callable[[Any], None] | None) -> None:
+        per_rank = isinstance(value, PerRank)
+        inner = value.value if per_rank else value
+        if isinstance(inner, dict) and not per_rank:
+            for key, child in inner.items():
+                if not isinstance(key, (str, int)) or isinstance(key, bool):
+                    raise StateDictError(f"{prefix or '<root>'}: key {key!r} is not a str or int")
+                name = f"{prefix}.{key}" if prefix else str(key)
+                visit(name, child, _item_setter(inner, key) if with_setters else None)
+            return
+        if isinstance(inner, list) and not per_rank:
+            for i, child in enumerate(inner):
+                name = f"{prefix}.{i}" if prefix else str(i)
+                visit(name, child, _item_setter(inner, i) if with_setters else None)
+            return
+        if not prefix:
+            raise StateDictError("state_dict must be a dict (or list) of leaves")
+        if prefix in leaves:
+            raise StateDictError(
+                f"two entries of the state_dict flatten to the same name {prefix!r}"
+            )
+        leaf = _classify(prefix, inner, per_rank)
+        if per_rank and setter is not None:
+            setter = _per_rank_setter(value)
+        leaf.set_value = setter
+        leaves[prefix] = leaf
+
+    visit("", state_dict, None)
+    return leaves
+
+
+def _item_setter(container: Any, key: Any) -> Callable[[Any], None]:
+    def set_item(new: Any) -> None:
+        container[key] = new
+
+    return set_item
+
+
+def _per_rank_setter(wrapper: PerRank) -> Callable[[Any], None]:
+    def set_inner(new: Any) -> None:
+        object.__setattr__(wrapper, "value", new)
+
+    return set_inner

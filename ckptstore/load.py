@@ -1,0 +1,250 @@
+"""``load``: fill the caller's state_dict in place from a checkpoint, whatever the sharding.
+
+Every rank asks for the regions it holds (a DTensor's local shard, a Sharded box, or the
+whole of a replicated tensor); those are intersected with the saved chunks and only the
+needed byte ranges are read. Keys, shapes and dtypes are checked on every rank before any
+tensor is written, and all ranks fail together if any rank finds a problem.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ckptstore.backends.base import ByteRange, Store
+from ckptstore.checksum import block_crcs
+from ckptstore.coordinate import Coordinator
+from ckptstore.dtypes import dtype_name
+from ckptstore.errors import (
+    ChecksumError,
+    CkptStoreError,
+    LoadMismatchError,
+    PickleNotAllowedError,
+    WorldSizeMismatchError,
+)
+from ckptstore.leaves import Leaf, flatten
+from ckptstore.locate import read_manifest_bytes, store_for
+from ckptstore.manifest import Manifest, ObjectRecord, TensorRecord
+from ckptstore.read import ChunkReader, Target
+
+PER_RANK_POLICIES = ("error", "keep", "wrap")
+
+
+@dataclass
+class LoadInfo:
+    path: str
+    saved_world_size: int
+    tensors: int
+    bytes_read: int
+    read_requests: int
+    seconds: dict[str, float]
+
+
+def fetch_manifest(store: Store, coord: Coordinator) -> Manifest:
+    """The coordinator reads the manifest once and broadcasts it; all ranks parse it."""
+    payload: Any = None
+    if coord.is_coordinator:
+        try:
+            payload = read_manifest_bytes(store)
+        except CkptStoreError as exc:
+            payload = exc
+    payload = coord.broadcast(payload)
+    if isinstance(payload, BaseException):
+        raise payload
+    return Manifest.from_json(payload, where=store.url)
+
+
+def read_blob(store: Store, manifest: Manifest, name: str, record: ObjectRecord) -> bytes:
+    """A pickled object's bytes, checksum-verified (not unpickled)."""
+    assert record.blob is not None
+    b = record.blob
+    data = store.read(manifest.files[b.file], ByteRange(b.offset, b.offset + b.nbytes))
+    if (
+        len(data) != b.nbytes
+        or tuple(block_crcs(memoryview(data), manifest.chunks.block_bytes)) != b.crc32c
+    ):
+        raise ChecksumError(
+            f"{store.url}: checksum mismatch in pickled object {name!r}", bad=[name]
+        )
+    return data
+
+
+def _describe(t: TensorRecord) -> str:
+    return f"{t.dtype}{list(t.shape)}"
+
+
+def _check_tensor(leaf: Leaf, rec: TensorRecord, problems: list[str]) -> None:
+    want = f"{dtype_name(leaf.local.dtype)}{list(leaf.global_shape)}"
+    if want != _describe(rec):
+        problems.append(
+            f"{leaf.name}: the state_dict has {want}, the checkpoint has {_describe(rec)}"
+        )
+
+
+def load(
+    state_dict: Any,
+    path: str | os.PathLike[str] | Store,
+    *,
+    process_group: torch.distributed.ProcessGroup | None = None,
+    strict: bool = True,
+    allow_pickle: bool = False,
+    per_rank: str = "error",
+    storage_options: dict[str, Any] | None = None,
+    read_threads: int | None = None,
+) -> LoadInfo:
+    """Fill every tensor (and replace every plain value) of ``state_dict`` from ``path``.
+
+    A collective over ``process_group``. The caller's tensors keep their sharding; they are
+    filled from whatever sharding the checkpoint was saved with.
+
+    Args:
+        strict: fail on keys the state_dict lacks or the checkpoint lacks. Shape and dtype
+            mismatches always fail. Either way nothing is written before all checks pass.
+        allow_pickle: allow unpickling objects that were saved pickled.
+        per_rank: what :class:`PerRank` entries do when the world size changed: ``"error"``,
+            ``"keep"`` (leave the caller's value) or ``"wrap"`` (rank r takes the value of
+            saved rank ``r % saved_world_size``).
+
+    Raises:
+        LoadMismatchError: missing/unexpected keys, shape or dtype mismatches (all listed).
+        ChecksumError: stored bytes do not match their crc32c (nothing bad is copied).
+    """
+    if per_rank not in PER_RANK_POLICIES:
+        raise ValueError(f"per_rank must be one of {PER_RANK_POLICIES}, not {per_rank!r}")
+    t0 = time.perf_counter()
+    coord = Coordinator(process_group)
+    store = store_for(path, storage_options)
+    manifest = fetch_manifest(store, coord)
+    t_manifest = time.perf_counter()
+
+    targets: list[Target] = []
+    assignments: list[tuple[Leaf, ObjectRecord]] = []
+    error: BaseException | None = None
+    try:
+        targets, assignments = _match(state_dict, manifest, coord, strict, allow_pickle, per_rank)
+    except CkptStoreError as exc:
+        error = exc
+    coord.agree(error)
+    t_plan = time.perf_counter()
+
+    reader = ChunkReader(store, manifest, store.url, threads=read_threads)
+    error = None
+    try:
+        with torch.no_grad():
+            reader.fill(targets)
+        for leaf, rec in assignments:
+            if rec.blob is not None:
+                value = pickle.loads(read_blob(store, manifest, leaf.name, rec))
+            else:
+                value = rec.value
+            assert leaf.set_value is not None
+            leaf.set_value(value)
+    except CkptStoreError as exc:
+        error = exc
+    coord.agree(error)
+    t_end = time.perf_counter()
+    return LoadInfo(
+        path=store.url,
+        saved_world_size=manifest.world_size,
+        tensors=len(targets),
+        bytes_read=reader.bytes_read,
+        read_requests=reader.requests,
+        seconds={
+            "manifest": t_manifest - t0,
+            "plan": t_plan - t_manifest,
+            "read": t_end - t_plan,
+            "total": t_end - t0,
+        },
+    )
+
+
+def _match(
+    state_dict: Any,
+    manifest: Manifest,
+    coord: Coordinator,
+    strict: bool,
+    allow_pickle: bool,
+    per_rank: str,
+) -> tuple[list[Target], list[tuple[Leaf, ObjectRecord]]]:
+    leaves = flatten(state_dict, with_setters=True)
+    problems: list[str] = []
+    targets: list[Target] = []
+    assignments: list[tuple[Leaf, ObjectRecord]] = []
+    pickled: list[str] = []
+    resized = manifest.world_size != coord.world_size
+    resized_keys: list[str] = []
+    for name, leaf in leaves.items():
+        is_tensor = leaf.kind in ("tensor", "rank_tensor")
+        if name in manifest.tensors:
+            rec = manifest.tensors[name]
+            if not is_tensor:
+                problems.append(
+                    f"{name}: the state_dict has a {type(leaf.value).__name__}, "
+                    f"the checkpoint has tensor {_describe(rec)}"
+                )
+                continue
+            _check_tensor(leaf, rec, problems)
+            targets.append(Target(name, rec, leaf.box, leaf.local.detach()))
+        elif name in manifest.objects:
+            obj = manifest.objects[name]
+            if is_tensor:
+                problems.append(f"{name}: the state_dict has a tensor, the checkpoint has a value")
+                continue
+            if obj.blob is not None and not allow_pickle:
+                pickled.append(name)
+            assignments.append((leaf, obj))
+        elif name in manifest.per_rank:
+            entries = manifest.per_rank[name]
+            if resized:
+                if per_rank == "error":
+                    resized_keys.append(name)
+                    continue
+                if per_rank == "keep":
+                    continue
+            entry = entries[coord.rank % len(entries)]
+            if isinstance(entry, TensorRecord):
+                if not is_tensor:
+                    problems.append(
+                        f"{name}: the state_dict has a value, the checkpoint has a tensor"
+                    )
+                    continue
+                want = f"{dtype_name(leaf.local.dtype)}{list(leaf.local.shape)}"
+                if want != _describe(entry):
+                    problems.append(
+                        f"{name} (per-rank): the state_dict has {want}, the checkpoint has {_describe(entry)}"
+                    )
+                    continue
+                box = ((0,) * len(entry.shape), entry.shape)
+                targets.append(Target(name, entry, box, leaf.local.detach()))
+            else:
+                if entry.blob is not None and not allow_pickle:
+                    pickled.append(name)
+                assignments.append((leaf, entry))
+        elif strict:
+            problems.append(f"{name}: missing from the checkpoint")
+    if strict:
+        for name in [*manifest.tensors, *manifest.objects, *manifest.per_rank]:
+            if name not in leaves:
+                problems.append(f"{name}: in the checkpoint but not in the state_dict")
+    if problems:
+        raise LoadMismatchError(
+            f"{len(problems)} problem(s) matching the state_dict to the checkpoint:\n  "
+            + "\n  ".join(problems),
+            problems,
+        )
+    if resized_keys:
+        raise WorldSizeMismatchError(
+            f"per-rank entries {resized_keys} were saved by {manifest.world_size} ranks and are "
+            f"being loaded by {coord.world_size}; pass per_rank='keep' or per_rank='wrap'"
+        )
+    if pickled:
+        raise PickleNotAllowedError(
+            f"entries {pickled} were saved pickled; pass allow_pickle=True to unpickle them "
+            "(only for checkpoints you trust: unpickling can run arbitrary code)"
+        )
+    return targets, assignments

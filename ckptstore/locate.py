@@ -1,0 +1,40 @@
+"""Finding a checkpoint's committed manifest, or saying precisely why there is none."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ckptstore.backends.base import Store
+from ckptstore.backends.registry import open_store
+from ckptstore.errors import CheckpointNotFoundError, IncompleteCheckpointError, KeyNotFoundError
+from ckptstore.manifest import DATA_PREFIX, MANIFEST_KEY, Manifest
+
+
+def store_for(
+    path: str | os.PathLike[str] | Store, storage_options: dict[str, Any] | None
+) -> Store:
+    return open_store(path, **(storage_options or {}))
+
+
+def read_manifest_bytes(store: Store) -> bytes:
+    """The committed manifest's bytes.
+
+    Raises:
+        IncompleteCheckpointError: data files exist but no manifest was committed.
+        CheckpointNotFoundError: nothing of a checkpoint is there.
+    """
+    try:
+        return store.read(MANIFEST_KEY)
+    except KeyNotFoundError:
+        pass
+    if any(True for _ in store.list(DATA_PREFIX)):
+        raise IncompleteCheckpointError(
+            f"{store.url}: has data files but no committed {MANIFEST_KEY}: the save that wrote "
+            "them did not finish, so this is not a checkpoint"
+        )
+    raise CheckpointNotFoundError(f"{store.url}: no checkpoint here (no {MANIFEST_KEY})")
+
+
+def read_manifest(store: Store) -> Manifest:
+    return Manifest.from_json(read_manifest_bytes(store), where=store.url)

@@ -1,0 +1,395 @@
+"""Chunk math for save and load: pure functions on plain numbers, no torch, no I/O.
+
+Save: every rank declares a :class:`RankPlan` (its tensors and the box of each it holds).
+The coordinator turns all of them into one :class:`GlobalPlan`: the unique chunks of every
+tensor (replicas deduplicated), whether they form a rectilinear grid (then the manifest
+stores the grid, not one box per chunk), and which rank writes each chunk, chosen to
+balance bytes written across ranks.
+
+Load: :func:`overlaps` intersects a wanted region with the saved chunks of one tensor.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ckptstore.errors import ShardingError
+
+Box = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class TensorDecl:
+    """A global tensor as one rank sees it."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    itemsize: int
+
+
+@dataclass
+class RankPlan:
+    """What one rank holds: ``tensors[i]`` and the box of it held locally (row i).
+
+    Boxes are padded to ``ndim_max`` columns: offsets with 0, shapes with 1.
+    """
+
+    tensors: list[TensorDecl]
+    offsets: np.ndarray
+    shapes: np.ndarray
+
+    @classmethod
+    def build(cls, tensors: list[TensorDecl], boxes: list[Box]) -> RankPlan:
+        ndim = max((len(t.shape) for t in tensors), default=0)
+        offsets = np.zeros((len(tensors), ndim), dtype=np.int64)
+        shapes = np.ones((len(tensors), ndim), dtype=np.int64)
+        for i, (offs, shp) in enumerate(boxes):
+            offsets[i, : len(offs)] = offs
+            shapes[i, : len(shp)] = shp
+        return cls(tensors, offsets, shapes)
+
+    def structure_key(self) -> int:
+        """A 63-bit digest of the structure (names, dtypes, shapes, boxes)."""
+        h = hashlib.blake2b(digest_size=8)
+        h.update(repr([(t.name, t.dtype, t.shape) for t in self.tensors]).encode())
+        h.update(self.offsets.tobytes())
+        h.update(self.shapes.tobytes())
+        return int.from_bytes(h.digest(), "little") >> 1
+
+
+@dataclass(frozen=True, slots=True)
+class GridLayout:
+    """Chunks on a rectilinear grid: ``starts[d]`` are the chunk starts along dim d."""
+
+    starts: tuple[tuple[int, ...], ...]
+
+    def chunk_count(self) -> int:
+        n = 1
+        for s in self.starts:
+            n *= len(s)
+        return n
+
+    def is_regular(self, shape: tuple[int, ...]) -> bool:
+        """Equal chunk sizes along each dim (last may be short): what zarr calls regular."""
+        for starts, size in zip(self.starts, shape, strict=True):
+            if len(starts) > 1:
+                step = starts[1] - starts[0]
+                if any(b - a != step for a, b in itertools.pairwise(starts)):
+                    return False
+                if size - starts[-1] > step:
+                    return False
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class BoxLayout:
+    """Chunks that do not form a grid: one (offsets, shape) row per chunk."""
+
+    offsets: np.ndarray
+    shapes: np.ndarray
+
+    def chunk_count(self) -> int:
+        return len(self.offsets)
+
+
+Layout = GridLayout | BoxLayout
+
+
+def layout_boxes(layout: Layout, shape: tuple[int, ...]) -> list[Box]:
+    """Every chunk's box, in manifest order."""
+    if isinstance(layout, BoxLayout):
+        nd = len(shape)
+        return [
+            (tuple(int(x) for x in o[:nd]), tuple(int(x) for x in s[:nd]))
+            for o, s in zip(layout.offsets, layout.shapes, strict=True)
+        ]
+    extents = [
+        [(a, (starts[i + 1] if i + 1 < len(starts) else size) - a) for i, a in enumerate(starts)]
+        for starts, size in zip(layout.starts, shape, strict=True)
+    ]
+    return [
+        (tuple(c[0] for c in cell), tuple(c[1] for c in cell))
+        for cell in itertools.product(*extents)
+    ]
+
+
+@dataclass
+class GlobalPlan:
+    """The coordinator's view of one save structure; cached while the structure holds.
+
+    Unique chunks are numbered globally, grouped by tensor (in ``tensors`` order) and,
+    within a tensor, in C order of their offsets.
+    """
+
+    plan_id: int
+    tensors: list[TensorDecl]
+    chunk_start: list[int]
+    layouts: list[Layout]
+    chunk_nbytes: np.ndarray
+    chunk_writer: np.ndarray
+    chunk_slot: np.ndarray
+    writes: list[np.ndarray] = field(repr=False)
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self.chunk_writer)
+
+    def bytes_per_rank(self) -> np.ndarray:
+        return np.bincount(self.chunk_writer, weights=self.chunk_nbytes, minlength=len(self.writes))
+
+
+def plan_save(rank_plans: list[RankPlan]) -> GlobalPlan:
+    """Deduplicate, validate and assign the chunks every rank declared.
+
+    Raises:
+        ShardingError: ranks disagree on a tensor's dtype or shape, or its shards
+            overlap without being identical, or leave part of it uncovered.
+    """
+    world = len(rank_plans)
+    # -- one global id per tensor name, checking that every rank agrees on it --------------
+    decl_by_name: dict[str, TensorDecl] = {}
+    first_rank: dict[str, int] = {}
+    gid_per_rank: list[np.ndarray] = []
+    for rank, rp in enumerate(rank_plans):
+        ids = np.empty(len(rp.tensors), dtype=np.int64)
+        for i, decl in enumerate(rp.tensors):
+            seen = decl_by_name.get(decl.name)
+            if seen is None:
+                decl_by_name[decl.name] = decl
+                first_rank[decl.name] = rank
+            elif seen != decl:
+                raise ShardingError(
+                    f"tensor {decl.name!r}: rank {first_rank[decl.name]} declares "
+                    f"{seen.dtype}{list(seen.shape)}, rank {rank} declares "
+                    f"{decl.dtype}{list(decl.shape)}"
+                )
+            ids[i] = -1  # filled below once names are sorted
+        gid_per_rank.append(ids)
+    names = sorted(decl_by_name)
+    gid_of = {name: g for g, name in enumerate(names)}
+    tensors = [decl_by_name[n] for n in names]
+    for rp, ids in zip(rank_plans, gid_per_rank, strict=True):
+        ids[:] = [gid_of[t.name] for t in rp.tensors]
+
+    ndim = max((len(t.shape) for t in tensors), default=0)
+    counts = [len(rp.tensors) for rp in rank_plans]
+    total = sum(counts)
+    gid = np.concatenate(gid_per_rank) if total else np.zeros(0, np.int64)
+    rank_col = np.repeat(np.arange(world, dtype=np.int64), counts)
+    local_col = np.concatenate([np.arange(c, dtype=np.int64) for c in counts]) if total else gid
+    offsets = np.zeros((total, ndim), dtype=np.int64)
+    shapes = np.ones((total, ndim), dtype=np.int64)
+    row = 0
+    for rp, c in zip(rank_plans, counts, strict=True):
+        d = rp.offsets.shape[1]
+        offsets[row : row + c, :d] = rp.offsets
+        shapes[row : row + c, :d] = rp.shapes
+        row += c
+
+    # -- drop empty boxes (uneven sharding leaves some ranks without data) ----------------
+    nonempty = np.all(shapes > 0, axis=1) if ndim else np.ones(total, dtype=bool)
+    gid, rank_col, local_col = gid[nonempty], rank_col[nonempty], local_col[nonempty]
+    offsets, shapes = offsets[nonempty], shapes[nonempty]
+
+    # -- sort rows by (tensor, offsets, shape) and group identical boxes ------------------
+    keys = [shapes[:, d] for d in reversed(range(ndim))]
+    keys += [offsets[:, d] for d in reversed(range(ndim))]
+    keys.append(gid)
+    order = np.lexsort(keys) if len(gid) else np.zeros(0, dtype=np.int64)
+    gid, rank_col, local_col = gid[order], rank_col[order], local_col[order]
+    offsets, shapes = offsets[order], shapes[order]
+    if len(gid):
+        same = (gid[1:] == gid[:-1]) & np.all(offsets[1:] == offsets[:-1], axis=1)
+        same &= np.all(shapes[1:] == shapes[:-1], axis=1)
+        is_first = np.concatenate([[True], ~same])
+    else:
+        is_first = np.zeros(0, dtype=bool)
+    group_start = np.flatnonzero(is_first)
+    group_end = np.append(group_start[1:], len(gid))
+    u_gid, u_off, u_shp = gid[group_start], offsets[group_start], shapes[group_start]
+    itemsizes = np.array([t.itemsize for t in tensors], dtype=np.int64)
+    u_nbytes = np.prod(u_shp, axis=1) * itemsizes[u_gid] if len(u_gid) else np.zeros(0, np.int64)
+
+    # -- layouts, and a check that each tensor's chunks tile it exactly ---------------------
+    t_start = np.searchsorted(u_gid, np.arange(len(tensors) + 1))
+    layouts: list[Layout] = []
+    for g, decl in enumerate(tensors):
+        a, b = int(t_start[g]), int(t_start[g + 1])
+        layouts.append(_layout_of(decl, u_off[a:b], u_shp[a:b]))
+
+    # -- writers: sole holders write their chunk; replicas go to the least-loaded holder ---
+    replicas = group_end - group_start
+    writer = np.where(replicas == 1, rank_col[group_start], -1)
+    load = np.bincount(writer[writer >= 0], weights=u_nbytes[writer >= 0], minlength=world)
+    load = load.astype(np.int64).tolist()
+    multi = np.flatnonzero(replicas > 1)
+    multi = multi[np.argsort(-u_nbytes[multi], kind="stable")]
+    rank_list = rank_col.tolist()
+    for u, s, e, nb in zip(
+        multi.tolist(), group_start[multi].tolist(), group_end[multi].tolist(),
+        u_nbytes[multi].tolist(), strict=True,
+    ):  # fmt: skip
+        best = min(rank_list[s:e], key=load.__getitem__)
+        writer[u] = best
+        load[best] += nb
+    # the writer's own row for each chunk: the first row of the group held by the writer
+    writer_row = group_start.copy()
+    for u in multi.tolist():
+        s, e = int(group_start[u]), int(group_end[u])
+        writer_row[u] = s + rank_list[s:e].index(int(writer[u]))
+    w_local = local_col[writer_row]
+    by_writer = np.lexsort((w_local, writer))
+    slot = np.empty(len(writer), dtype=np.int64)
+    writes: list[np.ndarray] = []
+    bounds = np.searchsorted(writer[by_writer], np.arange(world + 1))
+    for r in range(world):
+        idx = by_writer[bounds[r] : bounds[r + 1]]
+        slot[idx] = np.arange(len(idx))
+        writes.append(w_local[idx])
+
+    h = hashlib.blake2b(digest_size=8)
+    for rp in rank_plans:
+        h.update(rp.structure_key().to_bytes(8, "little"))
+    return GlobalPlan(
+        plan_id=int.from_bytes(h.digest(), "little") >> 1,
+        tensors=tensors,
+        chunk_start=t_start.tolist(),
+        layouts=layouts,
+        chunk_nbytes=u_nbytes,
+        chunk_writer=writer.astype(np.int32),
+        chunk_slot=slot,
+        writes=writes,
+    )
+
+
+def _layout_of(decl: TensorDecl, offs: np.ndarray, shps: np.ndarray) -> Layout:
+    nd = len(decl.shape)
+    numel = 1
+    for s in decl.shape:
+        numel *= s
+    n = len(offs)
+    if numel == 0:
+        return GridLayout(tuple(() for _ in range(nd)))
+    if n == 1 and all(int(offs[0, d]) == 0 and int(shps[0, d]) == decl.shape[d] for d in range(nd)):
+        return GridLayout(tuple((0,) for _ in range(nd)))
+    ends = offs[:, :nd] + shps[:, :nd]
+    for d in range(nd):
+        if offs[:, d].min(initial=0) < 0 or ends[:, d].max(initial=0) > decl.shape[d]:
+            raise ShardingError(
+                f"tensor {decl.name!r}: a shard lies outside shape {list(decl.shape)}"
+            )
+    # A grid: along every dim the chunk starts are the cut points and each chunk fills one cell.
+    starts = [np.unique(offs[:, d]) for d in range(nd)]
+    cells = 1
+    for s in starts:
+        cells *= len(s)
+    if cells == n and all(len(s) and s[0] == 0 for s in starts):
+        ok = True
+        for d in range(nd):
+            cut = np.append(starts[d], decl.shape[d])
+            pos = np.searchsorted(starts[d], offs[:, d])
+            if not np.array_equal(cut[pos + 1] - cut[pos], shps[:, d]):
+                ok = False
+                break
+        if ok:
+            return GridLayout(tuple(tuple(int(x) for x in s) for s in starts))
+    # Not a grid: the boxes must still tile the tensor exactly (no overlap, no gap).
+    volume = int(np.prod(shps[:, :nd], axis=1).sum())
+    if volume != numel:
+        problem = "overlap" if volume > numel else "leave gaps"
+        raise ShardingError(
+            f"tensor {decl.name!r} of shape {list(decl.shape)}: the declared shards {problem} "
+            f"(they cover {volume} elements, the tensor has {numel})"
+        )
+    if n <= 4096:
+        lo = offs[:, None, :nd]
+        hi = ends[:, None, :]
+        inter = np.all(
+            (np.maximum(lo, offs[None, :, :nd]) < np.minimum(hi, ends[None, :, :])), axis=2
+        )
+        np.fill_diagonal(inter, False)
+        if inter.any():
+            i, j = map(int, np.argwhere(inter)[0])
+            raise ShardingError(
+                f"tensor {decl.name!r}: shards at offsets {offs[i, :nd].tolist()} and "
+                f"{offs[j, :nd].tolist()} overlap without being identical"
+            )
+    return BoxLayout(offs[:, :nd].copy(), shps[:, :nd].copy())
+
+
+def chunk_box(layout: Layout, shape: tuple[int, ...], index: int) -> Box:
+    """The box of chunk ``index`` (manifest order) of a tensor."""
+    if isinstance(layout, BoxLayout):
+        nd = len(shape)
+        return (
+            tuple(int(x) for x in layout.offsets[index, :nd]),
+            tuple(int(x) for x in layout.shapes[index, :nd]),
+        )
+    coords = []
+    for starts in reversed(layout.starts):
+        index, i = divmod(index, len(starts))
+        coords.append(i)
+    coords.reverse()
+    offs, shp = [], []
+    for d, i in enumerate(coords):
+        starts = layout.starts[d]
+        end = starts[i + 1] if i + 1 < len(starts) else shape[d]
+        offs.append(starts[i])
+        shp.append(end - starts[i])
+    return tuple(offs), tuple(shp)
+
+
+def overlaps(layout: Layout, shape: tuple[int, ...], box: Box) -> list[tuple[int, Box, Box]]:
+    """Saved chunks that intersect ``box``: (chunk index in the tensor, chunk box, intersection)."""
+    offs, shp = box
+    nd = len(shape)
+    if any(s == 0 for s in shp) or any(s == 0 for s in shape):
+        return []
+    if isinstance(layout, GridLayout):
+        per_dim: list[list[tuple[int, int, int, int, int]]] = []
+        for d in range(nd):
+            starts = layout.starts[d]
+            lo, hi = offs[d], offs[d] + shp[d]
+            first = bisect.bisect_right(starts, lo) - 1
+            last = bisect.bisect_left(starts, hi)
+            cells = []
+            for i in range(max(first, 0), last):
+                c_lo = starts[i]
+                c_hi = starts[i + 1] if i + 1 < len(starts) else shape[d]
+                cells.append((i, c_lo, c_hi, max(lo, c_lo), min(hi, c_hi)))
+            per_dim.append(cells)
+        result = []
+        sizes = [len(s) for s in layout.starts]
+        for combo in itertools.product(*per_dim):
+            index = 0
+            for c, n in zip(combo, sizes, strict=True):
+                index = index * n + c[0]
+            result.append(
+                (
+                    index,
+                    (tuple(c[1] for c in combo), tuple(c[2] - c[1] for c in combo)),
+                    (tuple(c[3] for c in combo), tuple(c[4] - c[3] for c in combo)),
+                )
+            )
+        return result
+    lo = np.asarray(offs, dtype=np.int64)
+    hi = lo + np.asarray(shp, dtype=np.int64)
+    c_lo = layout.offsets
+    c_hi = layout.offsets + layout.shapes
+    i_lo = np.maximum(c_lo, lo)
+    i_hi = np.minimum(c_hi, hi)
+    hit = np.all(i_lo < i_hi, axis=1) if nd else np.ones(len(c_lo), dtype=bool)
+    return [
+        (
+            int(i),
+            (tuple(int(x) for x in c_lo[i]), tuple(int(x) for x in layout.shapes[i])),
+            (tuple(int(x) for x in i_lo[i]), tuple(int(x) for x in i_hi[i] - i_lo[i])),
+        )
+        for i in np.flatnonzero(hit)
+    ]

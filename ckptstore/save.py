@@ -1,0 +1,453 @@
+"""``save``: the collective that writes one committed checkpoint.
+
+Flow: flatten -> plan (cached while the structure holds) -> write this rank's chunks ->
+gather every rank's chunk index -> the coordinator commits ONE manifest atomically ->
+everyone learns the outcome. Collectives per save: one all_reduce (cache check, existing
+checkpoint, local errors), a gather + scatter only when the plan is not cached, one gather
+of chunk indexes, one broadcast of the commit result.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ckptstore import knobs
+from ckptstore.backends.base import Store
+from ckptstore.coordinate import CollectiveError, Coordinator
+from ckptstore.dtypes import dtype_name
+from ckptstore.errors import (
+    CheckpointExistsError,
+    CkptStoreError,
+    KeyExistsError,
+    PickleNotAllowedError,
+    SaveError,
+    StateDictError,
+)
+from ckptstore.leaves import Leaf, flatten
+from ckptstore.locate import store_for
+from ckptstore.manifest import (
+    DATA_PREFIX,
+    MANIFEST_KEY,
+    BlobRef,
+    ChunkTable,
+    Entry,
+    Manifest,
+    ObjectRecord,
+    TensorRecord,
+)
+from ckptstore.plan import GlobalPlan, GridLayout, RankPlan, TensorDecl, plan_save
+from ckptstore.tensor_bytes import as_bytes, host_contiguous
+from ckptstore.write import WriteItem, WriteResult, write_items
+
+
+@dataclass
+class SaveInfo:
+    """What a save did; the same on every rank except the per-rank byte counts."""
+
+    path: str
+    world_size: int
+    tensors: int
+    total_bytes: int
+    rank_bytes_written: int
+    files: int
+    plan_cached: bool
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _CachedPlan:
+    plan_id: int
+    writes: np.ndarray
+    global_plan: GlobalPlan | None  # only on the coordinator
+
+
+_PLAN_CACHE: OrderedDict[tuple[int, int], _CachedPlan] = OrderedDict()
+
+
+@dataclass
+class _Local:
+    """One rank's share of a save, ready to write."""
+
+    tensor_leaves: list[Leaf]
+    rank_plan: RankPlan
+    rank_tensors: list[Leaf]
+    values: dict[str, Any]
+    rank_values: dict[str, Any]
+    blobs: dict[str, bytes]
+    rank_blobs: dict[str, bytes]
+
+
+def _prepare(leaves: dict[str, Leaf], is_coordinator: bool, allow_pickle: bool) -> _Local:
+    tensor_leaves, rank_tensors = [], []
+    values: dict[str, Any] = {}
+    rank_values: dict[str, Any] = {}
+    blobs: dict[str, bytes] = {}
+    rank_blobs: dict[str, bytes] = {}
+    for leaf in leaves.values():
+        if leaf.kind == "tensor":
+            tensor_leaves.append(leaf)
+        elif leaf.kind == "rank_tensor":
+            rank_tensors.append(leaf)
+        elif leaf.kind == "value":
+            values[leaf.name] = leaf.value
+        elif leaf.kind == "rank_value":
+            rank_values[leaf.name] = leaf.value
+        else:
+            if not allow_pickle:
+                raise PickleNotAllowedError(
+                    f"state_dict entry {leaf.name!r} is a {type(leaf.value).__qualname__}, which "
+                    "is not a tensor or a plain value; pass allow_pickle=True to store it pickled "
+                    "(loading it will need allow_pickle=True too)"
+                )
+            if leaf.kind == "rank_object":
+                rank_blobs[leaf.name] = pickle.dumps(leaf.value, protocol=pickle.HIGHEST_PROTOCOL)
+            elif is_coordinator:
+                blobs[leaf.name] = pickle.dumps(leaf.value, protocol=pickle.HIGHEST_PROTOCOL)
+    decls, boxes = [], []
+    for leaf in tensor_leaves:
+        try:
+            name = dtype_name(leaf.local.dtype)
+        except ValueError as exc:
+            raise StateDictError(f"tensor {leaf.name!r}: {exc}") from None
+        decls.append(TensorDecl(leaf.name, name, leaf.global_shape, leaf.local.dtype.itemsize))
+        boxes.append(leaf.box)
+    for leaf in rank_tensors:
+        dtype_name(leaf.local.dtype)
+    plan = RankPlan.build(decls, boxes)
+    return _Local(tensor_leaves, plan, rank_tensors, values, rank_values, blobs, rank_blobs)
+
+
+def save(
+    state_dict: Any,
+    path: str | os.PathLike[str] | Store,
+    *,
+    process_group: torch.distributed.ProcessGroup | None = None,
+    overwrite: bool = False,
+    codec: str | None = None,
+    allow_pickle: bool = False,
+    metadata: dict[str, Any] | None = None,
+    files_per_rank: int | None = None,
+    checksum_block_bytes: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> SaveInfo:
+    """Save ``state_dict`` from every rank of ``process_group`` as one checkpoint at ``path``.
+
+    A collective: every rank calls it with its own state_dict. Returns after the manifest
+    is committed; raises on every rank if any rank failed, and then nothing is committed.
+
+    Args:
+        state_dict: nested dicts/lists of tensors, DTensors, :class:`Sharded`,
+            :class:`PerRank` and plain values.
+        path: a directory or URL (``file://``, ``memory://``, any fsspec URL) or a Store.
+        overwrite: replace a committed checkpoint at ``path`` (the old one stays loadable
+            until the new manifest replaces it).
+        codec: per-chunk compression (``"zstd"``, ``"zstd:3"``, ``"lz4"``); off by default.
+        allow_pickle: store objects that are not plain values pickled.
+        metadata: a JSON-able dict stored in the manifest.
+        files_per_rank: data files (and writer threads) per rank.
+        checksum_block_bytes: bytes covered by each crc32c.
+    """
+    t0 = time.perf_counter()
+    coord = Coordinator(process_group)
+    store = store_for(path, storage_options)
+    block = checksum_block_bytes or knobs.checksum_block_bytes()
+    if codec is not None:
+        from ckptstore.codecs import get_codec
+
+        get_codec(codec)
+
+    # -- phase 1: prepare locally, then one all_reduce decides what happens --------------
+    local: _Local | None = None
+    error: BaseException | None = None
+    try:
+        local = _prepare(flatten(state_dict), coord.is_coordinator, allow_pickle)
+        if metadata is not None:
+            import json
+
+            json.dumps(metadata)
+    except (CkptStoreError, TypeError, ValueError) as exc:
+        error = exc
+    group_key = id(process_group)
+    cached = None
+    structure_key = local.rank_plan.structure_key() if local else -1
+    if local is not None:
+        cached = _PLAN_CACHE.get((group_key, structure_key))
+    my_plan_id = cached.plan_id if cached else -1
+    exists = 0
+    if coord.is_coordinator and not overwrite and error is None:
+        exists = int(store.exists(MANIFEST_KEY))
+    hi, neg_lo, exists, failed = coord.max_ints(
+        [my_plan_id, -my_plan_id, exists, int(error is not None)]
+    )
+    if failed:
+        coord_messages = coord.all_gather(f"{type(error).__name__}: {error}" if error else None)
+        if error is not None:
+            raise error
+        raise CollectiveError(coord_messages)
+    if exists:
+        raise CheckpointExistsError(
+            f"{store.url}: a committed checkpoint is already there; pass overwrite=True to replace it"
+        )
+    assert local is not None
+    plan_cached = hi == -neg_lo and hi >= 0
+    t_plan = time.perf_counter()
+
+    # -- phase 2: plan (only when some rank's structure changed) ---------------------------
+    if plan_cached:
+        assert cached is not None
+        writes, global_plan = cached.writes, cached.global_plan
+    else:
+        rank_plans = coord.gather(local.rank_plan)
+        replies: list[Any] | None = None
+        global_plan = None
+        if coord.is_coordinator:
+            assert rank_plans is not None
+            try:
+                global_plan = plan_save(rank_plans)
+                replies = [(global_plan.plan_id, w) for w in global_plan.writes]
+            except CkptStoreError as exc:
+                replies = [exc] * coord.world_size
+        reply = coord.scatter(replies)
+        if isinstance(reply, BaseException):
+            raise reply
+        plan_id, writes = reply
+        _PLAN_CACHE[(group_key, structure_key)] = _CachedPlan(plan_id, writes, global_plan)
+        while len(_PLAN_CACHE) > knobs.plan_cache_size():
+            _PLAN_CACHE.popitem(last=False)
+    t_write = time.perf_counter()
+
+    # -- phase 3: write this rank's chunks, per-rank tensors and blobs ----------------------
+    result: WriteResult | None = None
+    error = None
+    try:
+        keep_alive: list[torch.Tensor] = []
+        items: list[WriteItem] = []
+        for i in writes.tolist():
+            t = host_contiguous(local.tensor_leaves[i].local)
+            keep_alive.append(t)
+            items.append(WriteItem(as_bytes(t), codec))
+        for leaf in local.rank_tensors:
+            t = host_contiguous(leaf.local)
+            keep_alive.append(t)
+            items.append(WriteItem(as_bytes(t), codec))
+        blob_items = [*local.blobs.values(), *local.rank_blobs.values()]
+        items += [WriteItem(memoryview(b)) for b in blob_items]
+        result = write_items(
+            store,
+            items,
+            rank=coord.rank,
+            files=files_per_rank or knobs.files_per_rank(),
+            block_bytes=block,
+            pack_bytes=knobs.pack_bytes(),
+        )
+        del keep_alive
+    except Exception as exc:  # reported to the coordinator, which aborts the commit
+        error = exc
+    t_commit = time.perf_counter()
+
+    # -- phase 4: gather indexes, commit on the coordinator, tell everyone ----------------
+    report = (
+        _RankReport.of(result, local, codec) if result is not None else None,
+        None if error is None else f"{type(error).__name__}: {error}",
+    )
+    reports = coord.gather(report)
+    outcome: Any = None
+    if coord.is_coordinator:
+        assert reports is not None and global_plan is not None
+        outcome = _commit(
+            store, reports, global_plan, local, codec, block, overwrite, metadata, coord
+        )
+    outcome = coord.broadcast(outcome)
+    if isinstance(outcome, BaseException):
+        if error is not None:
+            raise error
+        raise outcome
+    t_end = time.perf_counter()
+    return SaveInfo(
+        path=store.url,
+        world_size=coord.world_size,
+        tensors=outcome["tensors"],
+        total_bytes=outcome["total_bytes"],
+        rank_bytes_written=result.bytes_written if result else 0,
+        files=outcome["files"],
+        plan_cached=plan_cached,
+        seconds={
+            "prepare": t_plan - t0,
+            "plan": t_write - t_plan,
+            "write": t_commit - t_write,
+            "commit": t_end - t_commit,
+            "total": t_end - t0,
+        },
+    )
+
+
+@dataclass
+class _RankReport:
+    """What one rank sends the coordinator after writing: compact arrays, no tensors."""
+
+    files: list[str]
+    file: np.ndarray
+    offset: np.ndarray
+    nbytes: np.ndarray
+    crc_count: np.ndarray
+    crc: np.ndarray
+    n_global: int
+    rank_tensors: dict[str, tuple[str, tuple[int, ...]]]
+    rank_values: dict[str, Any]
+    blob_names: list[str]
+    rank_blob_names: list[str]
+    codec: str | None
+
+    @classmethod
+    def of(cls, result: WriteResult, local: _Local, codec: str | None) -> _RankReport:
+        ch = result.chunks
+        return cls(
+            files=result.files,
+            file=np.array([c.file for c in ch], dtype=np.int64),
+            offset=np.array([c.offset for c in ch], dtype=np.int64),
+            nbytes=np.array([c.nbytes for c in ch], dtype=np.int64),
+            crc_count=np.array([len(c.crc32c) for c in ch], dtype=np.int64),
+            crc=np.array([x for c in ch for x in c.crc32c], dtype=np.uint32),
+            n_global=len(ch) - len(local.rank_tensors) - len(local.blobs) - len(local.rank_blobs),
+            rank_tensors={
+                leaf.name: (dtype_name(leaf.local.dtype), tuple(leaf.local.shape))
+                for leaf in local.rank_tensors
+            },
+            rank_values=local.rank_values,
+            blob_names=list(local.blobs),
+            rank_blob_names=list(local.rank_blobs),
+            codec=codec,
+        )
+
+
+def _commit(
+    store: Store,
+    reports: list[tuple[_RankReport | None, str | None]],
+    plan: GlobalPlan,
+    local: _Local,
+    codec: str | None,
+    block: int,
+    overwrite: bool,
+    metadata: dict[str, Any] | None,
+    coord: Coordinator,
+) -> Any:
+    """Build and commit the manifest (coordinator only); returns a summary or an exception."""
+    failed = [f"rank {r}: {msg}" for r, (_, msg) in enumerate(reports) if msg is not None]
+    if failed:
+        return SaveError(f"{store.url}: save not committed; " + "; ".join(failed))
+    try:
+        manifest = _assemble(reports, plan, local, block, metadata)  # type: ignore[arg-type]
+        data = manifest.to_json()
+        if overwrite:
+            store.write(MANIFEST_KEY, data)
+        else:
+            store.write_if_absent(MANIFEST_KEY, data)
+        store.sync()
+    except KeyExistsError:
+        return CheckpointExistsError(f"{store.url}: another save committed this checkpoint first")
+    except Exception as exc:
+        return SaveError(f"{store.url}: commit failed: {type(exc).__name__}: {exc}")
+    # Data files that the committed manifest does not name (killed or replaced saves) go.
+    live = set(manifest.files)
+    for key in list(store.list(DATA_PREFIX)):
+        if key not in live:
+            store.delete(key)
+    return {
+        "tensors": len(manifest.tensors),
+        "total_bytes": manifest.total_tensor_bytes(),
+        "files": len(manifest.files),
+    }
+
+
+def _assemble(
+    reports: list[tuple[_RankReport, None]],
+    plan: GlobalPlan,
+    local: _Local,
+    block: int,
+    metadata: dict[str, Any] | None,
+) -> Manifest:
+    reps = [r for r, _ in reports]
+    world = len(reps)
+    files: list[str] = []
+    file_base = []
+    for r in reps:
+        file_base.append(len(files))
+        files.extend(r.files)
+    # Flatten every rank's written chunks into one table, then pick rows in manifest order.
+    counts = np.array([len(r.file) for r in reps], dtype=np.int64)
+    row_base = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    all_file = np.concatenate([r.file + file_base[i] for i, r in enumerate(reps)])
+    all_offset = np.concatenate([r.offset for r in reps])
+    all_nbytes = np.concatenate([r.nbytes for r in reps])
+    all_crc_count = np.concatenate([r.crc_count for r in reps])
+    all_crc = np.concatenate([r.crc for r in reps])
+    crc_start = np.concatenate([[0], np.cumsum(all_crc_count)[:-1]])
+
+    rows = [row_base[plan.chunk_writer] + plan.chunk_slot]
+    tensors: dict[str, TensorRecord] = {}
+    for g, decl in enumerate(plan.tensors):
+        tensors[decl.name] = TensorRecord(
+            decl.dtype, decl.shape, plan.chunk_start[g], plan.layouts[g], reps[0].codec
+        )
+    next_chunk = plan.chunk_count
+    per_rank: dict[str, list[Entry]] = {}
+    objects: dict[str, ObjectRecord] = {
+        name: ObjectRecord(value=value) for name, value in local.values.items()
+    }
+    names = set(reps[0].rank_tensors) | set(reps[0].rank_values) | set(reps[0].rank_blob_names)
+    for r, rep in enumerate(reps):
+        mine = set(rep.rank_tensors) | set(rep.rank_values) | set(rep.rank_blob_names)
+        if mine != names:
+            raise SaveError(
+                f"per-rank entries differ between rank 0 and rank {r}: {sorted(names ^ mine)}"
+            )
+    for r, rep in enumerate(reps):
+        row = int(row_base[r]) + rep.n_global
+        for name, (dtype, shape) in rep.rank_tensors.items():
+            rows.append(np.array([row]))
+            layout = GridLayout(tuple((0,) for _ in shape))
+            per_rank.setdefault(name, [None] * world)[r] = TensorRecord(  # type: ignore[list-item]
+                dtype, shape, next_chunk, layout, rep.codec
+            )
+            next_chunk += 1
+            row += 1
+        for name, value in rep.rank_values.items():
+            per_rank.setdefault(name, [None] * world)[r] = ObjectRecord(value=value)  # type: ignore[list-item]
+        for name in [*rep.blob_names, *rep.rank_blob_names]:
+            c0, cn = int(crc_start[row]), int(all_crc_count[row])
+            ref = BlobRef(
+                int(all_file[row]), int(all_offset[row]), int(all_nbytes[row]),
+                tuple(int(x) for x in all_crc[c0 : c0 + cn]),
+            )  # fmt: skip
+            if name in rep.blob_names:
+                objects[name] = ObjectRecord(blob=ref)
+            else:
+                per_rank.setdefault(name, [None] * world)[r] = ObjectRecord(blob=ref)  # type: ignore[list-item]
+            row += 1
+    order = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    # crc runs of the chosen rows, in order
+    n_crc = all_crc_count[order]
+    starts = crc_start[order]
+    crc_idx = np.repeat(starts - np.concatenate([[0], np.cumsum(n_crc)[:-1]]), n_crc) + np.arange(
+        int(n_crc.sum())
+    )
+    table = ChunkTable(
+        all_file[order], all_offset[order], all_nbytes[order], all_crc[crc_idx], block
+    )
+    return Manifest(
+        world_size=world,
+        files=files,
+        chunks=table,
+        tensors=tensors,
+        objects=objects,
+        per_rank=per_rank,
+        metadata=dict(metadata or {}),
+    )
