@@ -31,11 +31,9 @@ def open_store(url: str | os.PathLike[str] | Store, **options: object) -> Store:
     target = KNOWN_BACKENDS.get(scheme)
     if target is None:
         # Anything fsspec knows about works through the generic adapter.
-        import fsspec.registry
+        from fsspec.registry import known_implementations, registry
 
-        if scheme not in fsspec.registry.known_implementations and scheme not in (
-            fsspec.registry.registry
-        ):
+        if scheme not in known_implementations and scheme not in registry:
             raise UnsupportedURLError(f"no storage backend for URL scheme {scheme!r} in {url!r}")
         from ckptstore.backends.fsspec_store import FsspecStore
 

@@ -43,4 +43,4 @@ def coalesce_gap_bytes() -> int:
 
 
 def plan_cache_size() -> int:
-    return _env_int("CKPTSTORE_PLAN_CACHE_SIZE", 4)
+    return _env_int("CKPTSTORE_PLAN_CACHE_SIZE", 8)

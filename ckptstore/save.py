@@ -180,6 +180,8 @@ def save(
     structure_key = local.rank_plan.structure_key() if local else -1
     if local is not None:
         cached = _PLAN_CACHE.get((group_key, structure_key))
+        if cached is not None:
+            _PLAN_CACHE.move_to_end((group_key, structure_key))
     my_plan_id = cached.plan_id if cached else -1
     exists = 0
     if coord.is_coordinator and not overwrite and error is None:

@@ -1,0 +1,204 @@
+"""Worker functions run on real ranks (spawned processes, gloo) by the distributed tests."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+import ckptstore as cs
+from ckptstore.errors import CkptStoreError
+from ckptstore.leaves import _dtensor_box
+
+LAYOUTS = ("row", "col", "mesh2x2", "sharded", "replicated")
+
+
+def global_state() -> dict[str, torch.Tensor]:
+    """Deterministic full tensors; shapes deliberately not divisible by 2, 3 or 4."""
+    g = torch.Generator().manual_seed(1234)
+    return {
+        "model.w0": torch.randn(37, 19, generator=g),
+        "model.w1": torch.randn(64, 48, generator=g).to(torch.bfloat16),
+        "model.emb": torch.randn(10, 7, generator=g, dtype=torch.float64),
+        "model.vec": torch.randint(-1000, 1000, (13,), generator=g, dtype=torch.int32),
+        "optim.state.0.exp_avg": torch.randn(37, 19, generator=g),
+        "optim.state.0.exp_avg_sq": torch.rand(37, 19, generator=g),
+    }
+
+
+def _mesh_and_placements(layout: str, world: int, ndim: int):
+    if layout == "mesh2x2":
+        mesh = init_device_mesh("cpu", (2, world // 2))
+        return mesh, ((Shard(0), Shard(1)) if ndim >= 2 else (Shard(0), Replicate()))
+    mesh = init_device_mesh("cpu", (world,))
+    if layout == "col" and ndim >= 2:
+        return mesh, (Shard(1),)
+    return mesh, (Shard(0),)
+
+
+def _sharded_rows(full: torch.Tensor, rank: int, world: int) -> cs.Sharded:
+    """Uneven row blocks cut the way a non-DTensor framework might (not torch.chunk)."""
+    n = full.shape[0]
+    cuts = [0] + [min(n, (i + 1) * (i + 2) * n // (world * (world + 1))) for i in range(world)]
+    cuts[-1] = n
+    lo, hi = cuts[rank], cuts[rank + 1]
+    return cs.Sharded(full[lo:hi].clone(), tuple(full.shape), (lo,) + (0,) * (full.dim() - 1))
+
+
+def make_leaf(full: torch.Tensor, layout: str, rank: int, world: int, zero: bool = False):
+    src = torch.zeros_like(full) if zero else full
+    if layout == "replicated":
+        return src.clone()
+    if layout == "sharded":
+        leaf = _sharded_rows(full, rank, world)
+        if zero:
+            leaf.local_tensor.zero_()
+        return leaf
+    mesh, placements = _mesh_and_placements(layout, world, full.dim())
+    return distribute_tensor(src, mesh, list(placements))
+
+
+def nest(flat: dict) -> dict:
+    out: dict = {}
+    for name, v in flat.items():
+        parts = name.split(".")
+        d = out
+        for p in parts[:-1]:
+            d = d.setdefault(int(p) if p.isdigit() else p, {})
+        d[int(parts[-1]) if parts[-1].isdigit() else parts[-1]] = v
+    return out
+
+
+def build_state(layout: str, rank: int, world: int, zero: bool = False) -> dict:
+    flat = {k: make_leaf(v, layout, rank, world, zero) for k, v in global_state().items()}
+    sd = nest(flat)
+    sd["model"]["bias"] = torch.zeros(1024) if zero else torch.arange(1024, dtype=torch.float32)
+    sd["model"]["scale"] = torch.tensor(0.0 if zero else 2.5)
+    sd["optim"]["state"][0]["step"] = torch.tensor(0.0 if zero else 17.0)
+    sd["optim"]["param_groups"] = [{"lr": 0.0 if zero else 1e-3, "betas": (0.9, 0.95), "params": [0]}]
+    sd["step"] = 0 if zero else 100
+    sd["rng"] = cs.PerRank(-1 if zero else rank * 11)
+    return sd
+
+
+def local_and_box(leaf):
+    if isinstance(leaf, DTensor):
+        return leaf.to_local(), _dtensor_box(leaf)
+    if isinstance(leaf, cs.Sharded):
+        return leaf.local_tensor, (leaf.offsets, tuple(leaf.local_tensor.shape))
+    return leaf, ((0,) * leaf.dim(), tuple(leaf.shape))
+
+
+def check_state(sd: dict, rank: int, world_saved: int, world: int) -> list[str]:
+    """Differences between a loaded state and the expected values (empty when all match)."""
+    bad = []
+    full = global_state()
+    for name, expected in full.items():
+        node = sd
+        for p in name.split("."):
+            node = node[int(p) if p.isdigit() else p]
+        local, (offs, shape) = local_and_box(node)
+        want = expected[tuple(slice(o, o + s) for o, s in zip(offs, shape, strict=True))]
+        if not torch.equal(local.view(torch.uint8) if local.dtype == torch.bool else local, want):
+            bad.append(f"{name} box {offs},{shape}")
+    if not torch.equal(sd["model"]["bias"], torch.arange(1024, dtype=torch.float32)):
+        bad.append("model.bias")
+    if sd["model"]["scale"].item() != 2.5 or sd["optim"]["state"][0]["step"].item() != 17.0:
+        bad.append("scalars")
+    if sd["optim"]["param_groups"] != [{"lr": 1e-3, "betas": (0.9, 0.95), "params": [0]}]:
+        bad.append(f"param_groups {sd['optim']['param_groups']}")
+    if sd["step"] != 100:
+        bad.append("step")
+    if world == world_saved and sd["rng"].value != rank * 11:
+        bad.append(f"rng {sd['rng'].value}")
+    return bad
+
+
+def save_layouts(rank: int, world: int, root: str) -> list[dict]:
+    infos = []
+    for layout in LAYOUTS:
+        if layout == "mesh2x2" and world % 2:
+            continue
+        info = cs.save(build_state(layout, rank, world), f"{root}/{layout}")
+        infos.append({"layout": layout, "bytes": info.rank_bytes_written, "cached": info.plan_cached})
+    # the same structure again: the plan comes from the cache on every rank
+    info = cs.save(build_state("row", rank, world), f"{root}/row-again")
+    infos.append({"layout": "row-again", "bytes": info.rank_bytes_written, "cached": info.plan_cached})
+    return infos
+
+
+def load_layouts(rank: int, world: int, root: str, saved_world: int) -> dict[str, list[str]]:
+    """Load every saved layout into every layout this world size can hold."""
+    problems: dict[str, list[str]] = {}
+    policy = "error" if world == saved_world else "wrap"
+    for src in LAYOUTS:
+        for dst in LAYOUTS:
+            if dst == "mesh2x2" and world % 2:
+                continue
+            sd = build_state(dst, rank, world, zero=True)
+            cs.load(sd, f"{root}/{src}", per_rank=policy)
+            bad = check_state(sd, rank, saved_world, world)
+            if world != saved_world and sd["rng"].value != (rank % saved_world) * 11:
+                bad.append(f"wrapped rng {sd['rng'].value}")
+            if bad:
+                problems[f"{src}->{dst}"] = bad
+    return problems
+
+
+def resize_policies(rank: int, world: int, root: str) -> dict[str, str]:
+    out = {}
+    sd = build_state("row", rank, world, zero=True)
+    try:
+        cs.load(sd, f"{root}/row")
+        out["error"] = "no error"
+    except CkptStoreError as exc:
+        out["error"] = type(exc).__name__
+    sd = build_state("row", rank, world, zero=True)
+    cs.load(sd, f"{root}/row", per_rank="keep")
+    out["keep"] = str(sd["rng"].value)
+    return out
+
+
+def save_replicated_only(rank: int, world: int, root: str) -> list[int]:
+    """Replicated plain tensors and a (Shard, Replicate) 2-D mesh: each byte is written once."""
+    torch.manual_seed(0)
+    sd = {f"r{i}": torch.full((1000 + i,), float(i)) for i in range(24)}
+    mesh = init_device_mesh("cpu", (2, world // 2))
+    sd["half"] = distribute_tensor(torch.arange(4000.0).reshape(100, 40), mesh, [Shard(0), Replicate()])
+    info = cs.save(sd, root)
+    return [info.rank_bytes_written, info.total_bytes]
+
+
+def bad_leaf_on_one_rank(rank: int, world: int, root: str) -> str:
+    sd = {"w": torch.ones(4), "obj": object() if rank == 1 else 3}
+    try:
+        cs.save(sd, root)
+    except CkptStoreError as exc:
+        return type(exc).__name__
+    return "saved"
+
+
+def mismatch_on_one_rank(rank: int, world: int, root: str) -> str:
+    sd = build_state("row", rank, world, zero=True)
+    if rank == 2:
+        sd["model"]["extra"] = torch.zeros(3)
+    try:
+        cs.load(sd, f"{root}/row")
+    except CkptStoreError as exc:
+        return type(exc).__name__
+    return "loaded"
+
+
+def inconsistent_shapes(rank: int, world: int, root: str) -> str:
+    sd = {"w": torch.ones(4 + (rank == 3))}
+    try:
+        cs.save(sd, root)
+    except CkptStoreError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "saved"
+
+
+def barrier_ok(rank: int, world: int) -> int:
+    dist.barrier()
+    return rank

@@ -1,0 +1,85 @@
+"""Save on 4 real ranks (gloo) and load on 1, 2, 3 and 4 ranks with every sharding."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import ckptstore as cs
+from ckptstore.testing.ranks import run_ranks
+from tests import dist_cases
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def saved_on_4(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("dist") / "ckpt")
+    infos = run_ranks(4, dist_cases.save_layouts, root)
+    return root, infos
+
+
+def test_second_save_with_same_structure_reuses_the_plan(saved_on_4) -> None:
+    _, infos = saved_on_4
+    for per_rank in infos:
+        by = {i["layout"]: i["cached"] for i in per_rank}
+        assert by["row"] is False
+        assert by["row-again"] is True
+
+
+def test_saved_world_size_and_layouts(saved_on_4) -> None:
+    root, _ = saved_on_4
+    ck = cs.open(f"{root}/mesh2x2")
+    assert ck.world_size == 4
+    w0 = ck.meta("model.w0")
+    assert w0.shape == (37, 19) and w0.chunks == 4 and w0.layout == "grid"
+    assert ck.meta("model.bias").chunks == 1  # replicated: one chunk, written once
+    sharded = ck.meta("model.w0") if False else cs.open(f"{root}/sharded").meta("model.w0")
+    assert sharded.chunks == 4
+
+
+@pytest.mark.parametrize("world", [4, 1, 2, 3])
+def test_load_every_layout_on_world(saved_on_4, world) -> None:
+    root, _ = saved_on_4
+    problems = run_ranks(world, dist_cases.load_layouts, root, 4)
+    assert problems == [{}] * world
+
+
+def test_per_rank_values_when_world_size_changes(saved_on_4) -> None:
+    root, _ = saved_on_4
+    out = run_ranks(2, dist_cases.resize_policies, root)
+    for r in out:
+        assert r["error"] == "WorldSizeMismatchError"
+        assert r["keep"] == "-1"
+
+
+def test_replicated_bytes_are_written_exactly_once(tmp_path) -> None:
+    root = str(tmp_path / "rep")
+    out = run_ranks(4, dist_cases.save_replicated_only, root)
+    unique = sum((1000 + i) * 4 for i in range(24)) + 4000 * 4
+    assert sum(o[0] for o in out) == unique
+    on_disk = sum(os.path.getsize(os.path.join(root, "data", f)) for f in os.listdir(f"{root}/data"))
+    assert on_disk == unique
+    # writers are balanced: no rank writes more than its fair share plus one chunk
+    assert max(o[0] for o in out) <= unique / 4 + 8000
+
+
+def test_bad_leaf_on_one_rank_fails_every_rank_without_commit(tmp_path) -> None:
+    root = str(tmp_path / "bad")
+    out = run_ranks(4, dist_cases.bad_leaf_on_one_rank, root)
+    assert out[1] == "PickleNotAllowedError"
+    assert all(o == "CollectiveError" for i, o in enumerate(out) if i != 1)
+    assert not os.path.exists(os.path.join(root, "manifest.json"))
+
+
+def test_load_mismatch_on_one_rank_fails_every_rank(saved_on_4) -> None:
+    root, _ = saved_on_4
+    out = run_ranks(4, dist_cases.mismatch_on_one_rank, root)
+    assert out[2] == "LoadMismatchError"
+    assert all(o == "CollectiveError" for i, o in enumerate(out) if i != 2)
+
+
+def test_ranks_disagreeing_on_a_shape_is_a_sharding_error(tmp_path) -> None:
+    out = run_ranks(4, dist_cases.inconsistent_shapes, str(tmp_path / "x"))
+    assert all(o.startswith("ShardingError") and "'w'" in o for o in out)
