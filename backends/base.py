@@ -84,7 +84,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def list(self, prefix: str = "") -> Iterator[str]:
-        """Every key that starts with ``prefix``, in no particular order."""
+        """Every key that starts with ``prefix``, in no particular order.
+
+        Note for implementers: include the temporary objects of writes that were never
+        committed, so that leftovers of a killed save can be seen and deleted.
+        """
 
     @abc.abstractmethod
     def delete(self, key: str) -> None:

@@ -88,7 +88,7 @@ class FsspecStore(Store):
             return
         for path in self.fs.find(self.root):
             key = path[len(self.root) :].lstrip("/")
-            if key.startswith(prefix) and ".tmp-" not in key.rsplit("/", 1)[-1]:
+            if key.startswith(prefix):
                 yield key
 
     def delete(self, key: str) -> None:

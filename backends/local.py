@@ -145,7 +145,9 @@ class LocalStore(Store):
             rel = os.path.relpath(dirpath, self.root)
             for name in files:
                 key = name if rel == "." else f"{rel}/{name}".replace(os.sep, "/")
-                if key.startswith(prefix) and not name.startswith(_TMP_MARK):
+                # In-progress writes (temp files) are listed too: leftovers of a killed
+                # save are visible, so they mark a checkpoint incomplete and can be deleted.
+                if key.startswith(prefix):
                     yield key
 
     def delete(self, key: str) -> None:

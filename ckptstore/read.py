@@ -90,8 +90,8 @@ def _split(overlap: Box, strides: tuple[int, ...], size: int, window: int) -> li
             parts: list[Box] = []
             for lo in range(0, extent, rows):
                 n = min(rows, extent - lo)
-                sub_offs = (*offs[:d], offs[d] + lo, *offs[d + 1:])
-                sub_shp = (*shp[:d], n, *shp[d + 1:])
+                sub_offs = (*offs[:d], offs[d] + lo, *offs[d + 1 :])
+                sub_shp = (*shp[:d], n, *shp[d + 1 :])
                 parts.extend(_split((sub_offs, sub_shp), strides, size, window))
             return parts
     return [overlap]
@@ -240,9 +240,11 @@ class ChunkReader:
         else:
             raw = buf
             lo = p.src_byte - group_start
+        # Copy bytes, not values: every dtype (float8, float4, complex32, ...) moves bit-exactly
+        # and no dtype kernel is involved. The trailing dim of ``size`` bytes keeps any
+        # destination strides valid.
         extent = sum((n - 1) * s for n, s in zip(p.src_shape, p.src_strides, strict=True)) + 1
-        src = torch.from_numpy(raw[lo : lo + extent * size])
-        if p.dtype != torch.uint8:
-            src = src.view(p.dtype)
-        src = src.as_strided(p.src_shape, p.src_strides) if p.src_shape else src.reshape(())
-        p.dest.copy_(src)
+        src = torch.from_numpy(raw[lo : lo + extent * size]).as_strided(
+            (*p.src_shape, size), (*(s * size for s in p.src_strides), 1)
+        )
+        p.dest.unsqueeze(-1).view(torch.uint8).copy_(src)

@@ -76,7 +76,9 @@ def build_state(layout: str, rank: int, world: int, zero: bool = False) -> dict:
     sd["model"]["bias"] = torch.zeros(1024) if zero else torch.arange(1024, dtype=torch.float32)
     sd["model"]["scale"] = torch.tensor(0.0 if zero else 2.5)
     sd["optim"]["state"][0]["step"] = torch.tensor(0.0 if zero else 17.0)
-    sd["optim"]["param_groups"] = [{"lr": 0.0 if zero else 1e-3, "betas": (0.9, 0.95), "params": [0]}]
+    sd["optim"]["param_groups"] = [
+        {"lr": 0.0 if zero else 1e-3, "betas": (0.9, 0.95), "params": [0]}
+    ]
     sd["step"] = 0 if zero else 100
     sd["rng"] = cs.PerRank(-1 if zero else rank * 11)
     return sd
@@ -121,10 +123,14 @@ def save_layouts(rank: int, world: int, root: str) -> list[dict]:
         if layout == "mesh2x2" and world % 2:
             continue
         info = cs.save(build_state(layout, rank, world), f"{root}/{layout}")
-        infos.append({"layout": layout, "bytes": info.rank_bytes_written, "cached": info.plan_cached})
+        infos.append(
+            {"layout": layout, "bytes": info.rank_bytes_written, "cached": info.plan_cached}
+        )
     # the same structure again: the plan comes from the cache on every rank
     info = cs.save(build_state("row", rank, world), f"{root}/row-again")
-    infos.append({"layout": "row-again", "bytes": info.rank_bytes_written, "cached": info.plan_cached})
+    infos.append(
+        {"layout": "row-again", "bytes": info.rank_bytes_written, "cached": info.plan_cached}
+    )
     return infos
 
 
@@ -165,7 +171,9 @@ def save_replicated_only(rank: int, world: int, root: str) -> list[int]:
     torch.manual_seed(0)
     sd = {f"r{i}": torch.full((1000 + i,), float(i)) for i in range(24)}
     mesh = init_device_mesh("cpu", (2, world // 2))
-    sd["half"] = distribute_tensor(torch.arange(4000.0).reshape(100, 40), mesh, [Shard(0), Replicate()])
+    sd["half"] = distribute_tensor(
+        torch.arange(4000.0).reshape(100, 40), mesh, [Shard(0), Replicate()]
+    )
     info = cs.save(sd, root)
     return [info.rank_bytes_written, info.total_bytes]
 

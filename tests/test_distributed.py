@@ -59,7 +59,9 @@ def test_replicated_bytes_are_written_exactly_once(tmp_path) -> None:
     out = run_ranks(4, dist_cases.save_replicated_only, root)
     unique = sum((1000 + i) * 4 for i in range(24)) + 4000 * 4
     assert sum(o[0] for o in out) == unique
-    on_disk = sum(os.path.getsize(os.path.join(root, "data", f)) for f in os.listdir(f"{root}/data"))
+    on_disk = sum(
+        os.path.getsize(os.path.join(root, "data", f)) for f in os.listdir(f"{root}/data")
+    )
     assert on_disk == unique
     # writers are balanced: no rank writes more than its fair share plus one chunk
     assert max(o[0] for o in out) <= unique / 4 + 8000

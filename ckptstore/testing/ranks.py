@@ -18,7 +18,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any) -> None:
+def _entry(
+    rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any
+) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
         LOCAL_RANK=str(rank), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
@@ -27,7 +29,9 @@ def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple
 
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+        dist.init_process_group(
+            "gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}"
+        )
         queue.put((rank, True, fn(rank, world, *args)))
     except BaseException:
         queue.put((rank, False, traceback.format_exc()))
@@ -49,7 +53,9 @@ def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 2
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue)) for r in range(world)]
+    procs = [
+        ctx.Process(target=_entry, args=(r, world, port, fn, args, queue)) for r in range(world)
+    ]
     for p in procs:
         p.start()
     results: dict[int, tuple[bool, Any]] = {}
@@ -65,9 +71,15 @@ def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 2
             try:
                 rank, ok, value = queue.get(timeout=min(remaining, 1.0))
             except queue_mod.Empty:
-                dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0) and i not in results]
+                dead = [
+                    i
+                    for i, p in enumerate(procs)
+                    if p.exitcode not in (None, 0) and i not in results
+                ]
                 if dead:
-                    raise RankFailure(f"ranks {dead} died (exit codes {[procs[i].exitcode for i in dead]})") from None
+                    raise RankFailure(
+                        f"ranks {dead} died (exit codes {[procs[i].exitcode for i in dead]})"
+                    ) from None
                 continue
             results[rank] = (ok, value)
     finally:

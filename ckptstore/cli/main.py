@@ -1,0 +1,167 @@
+"""``ckpt``: inspect and verify checkpoints from the shell.
+
+Exit codes: 0 success; 1 the checkpoint is damaged (verify found bad chunks); 2 usage
+error or the path holds no committed checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import sys
+from typing import Any
+
+from ckptstore.checkpoint import open_checkpoint
+from ckptstore.cli.format import human_bytes, table
+from ckptstore.errors import CkptStoreError, IncompleteCheckpointError
+from ckptstore.manifest import TensorRecord
+from ckptstore.verify import verify_checkpoint
+
+EXIT_OK, EXIT_DAMAGED, EXIT_USAGE = 0, 1, 2
+
+
+def _emit_error(args: argparse.Namespace, exc: CkptStoreError) -> int:
+    state = "incomplete" if isinstance(exc, IncompleteCheckpointError) else "error"
+    if getattr(args, "json", False):
+        print(json.dumps({"path": args.path, "state": state, "error": str(exc)}))
+    else:
+        print(f"ckpt: {args.path}: {state}: {exc}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    ck = open_checkpoint(args.path)
+    m = ck.manifest
+    tensors = []
+    for name, rec in m.tensors.items():
+        if args.tensors and not fnmatch.fnmatchcase(name, args.tensors):
+            continue
+        meta = ck.meta(name)
+        tensors.append(
+            {
+                "name": name, "dtype": rec.dtype, "shape": list(rec.shape), "chunks": meta.chunks,
+                "bytes": meta.nbytes, "stored_bytes": meta.stored_nbytes, "codec": rec.codec,
+                "layout": meta.layout,
+            }
+        )  # fmt: skip
+    objects = [
+        {"name": n, "pickled": o.blob is not None, **({} if o.blob else {"value": o.value})}
+        for n, o in m.objects.items()
+        if not args.tensors or fnmatch.fnmatchcase(n, args.tensors)
+    ]
+    per_rank = [
+        {
+            "name": n,
+            "ranks": len(es),
+            "kind": "tensor" if isinstance(es[0], TensorRecord) else "value",
+        }
+        for n, es in m.per_rank.items()
+    ]
+    summary: dict[str, Any] = {
+        "path": ck.url,
+        "state": "committed",
+        "format_version": m.format_version,
+        "world_size": m.world_size,
+        "created_unix": m.created_unix,
+        "tensors": tensors,
+        "objects": objects,
+        "per_rank": per_rank,
+        "totals": {
+            "tensors": len(m.tensors),
+            "chunks": len(m.chunks),
+            "bytes": m.total_tensor_bytes(),
+            "stored_bytes": m.stored_bytes(),
+            "files": len(m.files),
+        },
+        "metadata": m.metadata,
+    }
+    if args.json:
+        print(json.dumps(summary, default=str))
+        return EXIT_OK
+    print(f"checkpoint  {ck.url}")
+    print(f"state       committed (format v{m.format_version}), saved from {m.world_size} ranks")
+    t = summary["totals"]
+    print(
+        f"totals      {t['tensors']} tensors, {t['chunks']} chunks, {human_bytes(t['bytes'])} "
+        f"({human_bytes(t['stored_bytes'])} stored) in {t['files']} files"
+    )
+    if tensors:
+        rows = [
+            [
+                x["name"],
+                x["dtype"],
+                "x".join(map(str, x["shape"])) or "scalar",
+                str(x["chunks"]),
+                human_bytes(x["bytes"]),
+            ]
+            for x in tensors
+        ]
+        print()
+        print(table(rows, ["tensor", "dtype", "shape", "chunks", "bytes"]))
+    if objects:
+        print()
+        rows = [[o["name"], "pickled" if o["pickled"] else repr(o["value"])[:30]] for o in objects]
+        print(table(rows, ["object", "value"]))
+    if per_rank:
+        print()
+        print(
+            table(
+                [[p["name"], p["kind"], str(p["ranks"])] for p in per_rank],
+                ["per-rank entry", "kind", "ranks"],
+            )
+        )
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    ck = open_checkpoint(args.path)
+    report = verify_checkpoint(ck.store, ck.manifest, jobs=args.jobs)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "path": ck.url, "ok": report.ok, "chunks": report.chunks,
+                    "bytes": report.bytes_checked, "bad": [b.as_dict() for b in report.bad],
+                }
+            )
+        )  # fmt: skip
+    elif report.ok:
+        print(
+            f"ok: {report.chunks} chunks, {human_bytes(report.bytes_checked)} verified in {ck.url}"
+        )
+    else:
+        print(f"DAMAGED: {len(report.bad)} bad chunk(s) in {ck.url}")
+        for b in report.bad:
+            print(f"  {b.entry}: chunk {b.chunk} in {b.file} at byte {b.offset}: {b.problem}")
+    return EXIT_OK if report.ok else EXIT_DAMAGED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ckpt", description="Inspect and check ckptstore checkpoints."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="tensors, objects, totals and saved world size")
+    p.add_argument("path", help="checkpoint directory or URL")
+    p.add_argument("--tensors", metavar="GLOB", help="only entries whose name matches GLOB")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("verify", help="re-read every chunk and check its crc32c")
+    p.add_argument("path", help="checkpoint directory or URL")
+    p.add_argument("--jobs", type=int, default=4, help="parallel readers (default 4)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CkptStoreError as exc:
+        return _emit_error(args, exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

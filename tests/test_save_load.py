@@ -1,0 +1,304 @@
+"""Single-process behaviour of save / load / open: dtypes, values, errors, corruption."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import ckptstore as cs
+from ckptstore.dtypes import NAME_TO_DTYPE
+from ckptstore.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    ChecksumError,
+    IncompleteCheckpointError,
+    LoadMismatchError,
+    PickleNotAllowedError,
+    ShardingError,
+    StateDictError,
+)
+
+
+def random_of(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """Arbitrary bit patterns (NaN payloads, subnormals) for every dtype."""
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=g).bool()
+    nbytes = dtype.itemsize
+    raw = torch.randint(
+        0, 256, (*shape, nbytes) if shape else (nbytes,), generator=g, dtype=torch.uint8
+    )
+    return raw.view(dtype).reshape(shape)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    )
+
+
+@pytest.mark.parametrize("codec", [None, "zstd", "lz4"])
+def test_every_dtype_roundtrips_bit_exactly(tmp_path, codec) -> None:
+    names = sorted(NAME_TO_DTYPE)
+    sd = {n: random_of(NAME_TO_DTYPE[n], (5, 3), seed=i) for i, n in enumerate(names)}
+    sd["scalar_bf16"] = random_of(torch.bfloat16, (), seed=99)
+    cs.save(sd, tmp_path / "c", codec=codec)
+    out = {
+        k: torch.empty_like(v).fill_(0)
+        if v.dtype.itemsize > 1
+        else torch.zeros(v.shape, dtype=torch.uint8).view(v.dtype)
+        for k, v in sd.items()
+    }
+    cs.load(out, tmp_path / "c")
+    for k in sd:
+        assert same_bits(out[k], sd[k]), k
+    ck = cs.open(tmp_path / "c")
+    assert ck.meta("float8_e4m3fn").dtype == torch.float8_e4m3fn
+    assert same_bits(ck.read("complex64"), sd["complex64"])
+
+
+def test_plain_values_and_nesting(tmp_path) -> None:
+    sd = {
+        "a": {"b": [1, 2.5, "x", None, True, (1, (2, "z"))], "c": {}},
+        "empty": [],
+        "nan": float("inf"),
+    }
+    cs.save(sd, tmp_path / "c")
+    out = {"a": {"b": [0, 0, 0, 0, 0, 0], "c": {}}, "empty": [], "nan": 0}
+    cs.load(out, tmp_path / "c")
+    assert out == sd
+    ck = cs.open(tmp_path / "c")
+    assert sorted(ck.keys()) == ["a.b.0", "a.b.1", "a.b.2", "a.b.3", "a.b.4", "a.b.5", "nan"]
+    assert ck.read("a.b.5") == (1, (2, "z"))
+
+
+def test_read_regions(tmp_path) -> None:
+    w = torch.arange(40 * 30, dtype=torch.float32).reshape(40, 30)
+    cs.save({"w": w}, tmp_path / "c")
+    ck = cs.open(tmp_path / "c")
+    assert torch.equal(ck.read("w"), w)
+    assert torch.equal(ck.read("w", (slice(3, 9), slice(5, 7))), w[3:9, 5:7])
+    assert torch.equal(ck.read("w", (4,)), w[4])
+    assert torch.equal(ck.read("w", (-1, slice(None))), w[-1])
+    with pytest.raises(IndexError):
+        ck.read("w", (slice(0, 10, 2),))
+    with pytest.raises(KeyError, match="nope"):
+        ck.read("nope")
+
+
+def test_partial_region_reads_only_the_blocks_it_needs(tmp_path) -> None:
+    w = torch.randn(4096, 256)  # one 4 MiB chunk
+    cs.save({"w": w}, tmp_path / "c", checksum_block_bytes=256 * 1024)
+    dest = torch.zeros(64, 256)
+    info = cs.load({"w": cs.Sharded(dest, (4096, 256), (1024, 0))}, tmp_path / "c")
+    assert torch.equal(dest, w[1024:1088])
+    assert info.bytes_read <= 2 * 256 * 1024, info.bytes_read  # not the whole 4 MiB
+
+
+def test_load_checks_everything_before_writing_anything(tmp_path) -> None:
+    cs.save(
+        {"w": torch.ones(4, 4), "v": torch.ones(3), "i": torch.ones(2, dtype=torch.int64), "x": 1},
+        tmp_path / "c",
+    )
+    w, v = torch.zeros(4, 4), torch.zeros(3)
+    bad = {"w": w, "v": torch.zeros(5), "i": torch.zeros(2, dtype=torch.int32), "y": torch.zeros(1)}
+    with pytest.raises(LoadMismatchError) as err:
+        cs.load(bad, tmp_path / "c")
+    text = str(err.value)
+    for fragment in (
+        "v: the state_dict has float32[5], the checkpoint has float32[3]",
+        "i: the state_dict has int32[2], the checkpoint has int64[2]",
+        "y: missing from the checkpoint",
+        "x: in the checkpoint but not in the state_dict",
+    ):
+        assert fragment in text
+    assert len(err.value.problems) == 4
+    assert torch.equal(w, torch.zeros(4, 4)), (
+        "nothing may be written when the load fails its checks"
+    )
+    # strict=False tolerates missing and unexpected keys, never a wrong shape
+    part = {"w": w, "y": torch.zeros(1)}
+    cs.load(part, tmp_path / "c", strict=False)
+    assert torch.equal(w, torch.ones(4, 4))
+    with pytest.raises(LoadMismatchError):
+        cs.load({"v": v[:2]}, tmp_path / "c", strict=False)
+
+
+def test_pickle_needs_opt_in_on_save_and_load(tmp_path) -> None:
+    class Thing:
+        def __init__(self, x):
+            self.x = x
+
+        def __eq__(self, other):
+            return isinstance(other, Thing) and other.x == self.x
+
+    sd = {"obj": Thing(3), "w": torch.ones(2)}
+    with pytest.raises(PickleNotAllowedError, match="obj"):
+        cs.save(sd, tmp_path / "c")
+    assert not os.path.exists(tmp_path / "c" / "manifest.json")
+    cs.save({"obj": {1, 2}, "w": torch.ones(2)}, tmp_path / "c", allow_pickle=True)
+    out = {"obj": None, "w": torch.zeros(2)}
+    with pytest.raises(PickleNotAllowedError, match="allow_pickle"):
+        cs.load(out, tmp_path / "c")
+    assert out["obj"] is None and torch.equal(out["w"], torch.zeros(2))
+    cs.load(out, tmp_path / "c", allow_pickle=True)
+    assert out["obj"] == {1, 2}
+    with pytest.raises(PickleNotAllowedError):
+        cs.open(tmp_path / "c").read("obj")
+    assert cs.open(tmp_path / "c").read("obj", allow_pickle=True) == {1, 2}
+
+
+def test_existing_checkpoint_needs_overwrite_and_failed_overwrite_keeps_it(tmp_path) -> None:
+    cs.save({"w": torch.ones(3)}, tmp_path / "c")
+    with pytest.raises(CheckpointExistsError):
+        cs.save({"w": torch.zeros(3)}, tmp_path / "c")
+    with pytest.raises(PickleNotAllowedError):
+        cs.save({"w": torch.zeros(3), "o": object()}, tmp_path / "c", overwrite=True)
+    assert torch.equal(cs.open(tmp_path / "c").read("w"), torch.ones(3))
+    cs.save({"w": torch.full((3,), 7.0)}, tmp_path / "c", overwrite=True)
+    assert torch.equal(cs.open(tmp_path / "c").read("w"), torch.full((3,), 7.0))
+    assert len(os.listdir(tmp_path / "c" / "data")) == 1, "data of the replaced save is removed"
+
+
+def _data_file(path) -> str:
+    d = os.path.join(path, "data")
+    return os.path.join(d, sorted(os.listdir(d))[0])
+
+
+def test_flipped_byte_is_detected_and_never_reaches_a_tensor(tmp_path) -> None:
+    a, b = torch.randn(100), torch.randn(50)
+    cs.save({"a": a, "b": b}, tmp_path / "c")
+    path = _data_file(tmp_path / "c")
+    with open(path, "r+b") as f:  # "a" is written first: flip a byte inside it
+        f.seek(17)
+        byte = f.read(1)
+        f.seek(17)
+        f.write(bytes([byte[0] ^ 0x40]))
+    out = {"a": torch.zeros(100), "b": torch.zeros(50)}
+    with pytest.raises(ChecksumError, match="'a'") as err:
+        cs.load(out, tmp_path / "c")
+    assert err.value.bad == ["a"]
+    assert torch.equal(out["a"], torch.zeros(100))
+    with pytest.raises(ChecksumError):
+        cs.open(tmp_path / "c").read("a")
+    assert torch.equal(cs.open(tmp_path / "c").read("b"), b)
+
+
+def test_missing_and_incomplete_checkpoints_are_refused(tmp_path) -> None:
+    with pytest.raises(CheckpointNotFoundError):
+        cs.open(tmp_path / "nothing")
+    cs.save({"w": torch.ones(2)}, tmp_path / "c")
+    os.remove(tmp_path / "c" / "manifest.json")
+    with pytest.raises(IncompleteCheckpointError):
+        cs.open(tmp_path / "c")
+    with pytest.raises(IncompleteCheckpointError):
+        cs.load({"w": torch.zeros(2)}, tmp_path / "c")
+    # saving again over an incomplete checkpoint is allowed and cleans its leftovers
+    cs.save({"w": torch.ones(2)}, tmp_path / "c")
+    assert len(os.listdir(tmp_path / "c" / "data")) == 1
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "truncate",
+        "garbage",
+        "version",
+        "missing_key",
+        "bad_base64",
+        "crc_count",
+        "file_index",
+        "not_object",
+    ],
+)
+def test_damaged_manifest_is_a_typed_error(tmp_path, damage) -> None:
+    from ckptstore.errors import ManifestError
+
+    cs.save({"w": torch.ones(8), "x": 1}, tmp_path / "c")
+    mpath = tmp_path / "c" / "manifest.json"
+    raw = mpath.read_bytes()
+    doc = json.loads(raw)
+    if damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    elif damage == "garbage":
+        raw = b"\x00\xff" * 10
+    elif damage == "not_object":
+        raw = b"[1, 2]"
+    else:
+        if damage == "version":
+            doc["format_version"] = 99
+        elif damage == "missing_key":
+            del doc["chunks"]
+        elif damage == "bad_base64":
+            doc["chunks"]["offset"] = "!!notbase64!!"
+        elif damage == "crc_count":
+            doc["chunks"]["crc32c"] = ""
+        elif damage == "file_index":
+            doc["files"] = []
+        raw = json.dumps(doc).encode()
+    mpath.write_bytes(raw)
+    with pytest.raises(ManifestError):
+        cs.open(tmp_path / "c")
+    with pytest.raises(ManifestError):
+        cs.load({"w": torch.zeros(8), "x": 0}, tmp_path / "c")
+
+
+def test_other_stores_by_url(tmp_path) -> None:
+    sd = {"w": torch.randn(10, 10), "n": 3}
+    for url in ["memory://test-urls/c", f"file://{tmp_path}/f", f"local://{tmp_path}/l"]:
+        cs.save(sd, url)
+        out = {"w": torch.zeros(10, 10), "n": 0}
+        cs.load(out, url)
+        assert torch.equal(out["w"], sd["w"]) and out["n"] == 3, url
+
+
+def test_state_dict_errors(tmp_path) -> None:
+    with pytest.raises(StateDictError, match="outside"):
+        cs.Sharded(torch.zeros(3), (4,), (2,))
+    with pytest.raises(StateDictError):
+        cs.save({(1, 2): torch.zeros(1)}, tmp_path / "c")
+    with pytest.raises(StateDictError, match="same name"):
+        cs.save({"a.b": torch.zeros(1), "a": {"b": torch.zeros(1)}}, tmp_path / "c")
+    # a single process that declares only part of a tensor leaves a gap
+    with pytest.raises(ShardingError, match="gaps"):
+        cs.save({"w": cs.Sharded(torch.zeros(2, 4), (3, 4), (0, 0))}, tmp_path / "c")
+
+
+def test_per_rank_entries_single_process(tmp_path) -> None:
+    state = torch.get_rng_state()
+    cs.save({"rng": cs.PerRank(state), "pos": cs.PerRank(17)}, tmp_path / "c")
+    torch.rand(10)
+    out = {"rng": cs.PerRank(torch.zeros_like(state)), "pos": cs.PerRank(0)}
+    cs.load(out, tmp_path / "c")
+    assert torch.equal(out["rng"].value, state) and out["pos"].value == 17
+    ck = cs.open(tmp_path / "c")
+    assert ck.read("pos", rank=0) == 17
+    assert ck.meta("rng").per_rank
+
+
+def test_nn_module_and_optimizer_state_dicts(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    cs.save({"model": model.state_dict(), "optim": opt.state_dict()}, tmp_path / "c")
+    model2 = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=5.0)
+    model2(torch.randn(2, 8)).sum().backward()
+    opt2.step()
+    sd = {"model": model2.state_dict(), "optim": opt2.state_dict()}
+    cs.load(sd, tmp_path / "c")
+    opt2.load_state_dict(sd["optim"])
+    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert opt2.param_groups[0]["lr"] == 1e-3
+    assert torch.equal(
+        opt2.state[opt2.param_groups[0]["params"][0]]["exp_avg"],
+        opt.state[opt.param_groups[0]["params"][0]]["exp_avg"],
+    )
