@@ -33,16 +33,28 @@ class TensorDecl:
     itemsize: int
 
 
+def _digest(*parts: bytes) -> int:
+    h = hashlib.blake2b(digest_size=8)
+    for p in parts:
+        h.update(p)
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
 @dataclass
 class RankPlan:
     """What one rank holds: ``tensors[i]`` and the box of it held locally (row i).
 
-    Boxes are padded to ``ndim_max`` columns: offsets with 0, shapes with 1.
+    Boxes are padded to ``ndim_max`` columns: offsets with 0, shapes with 1. The two keys
+    are computed once, on the rank: ``decl_key`` digests the tensor declarations (equal on
+    all ranks of a pipeline stage, so the coordinator checks each distinct list once),
+    ``structure_key`` digests declarations and boxes (the plan cache key).
     """
 
     tensors: list[TensorDecl]
     offsets: np.ndarray
     shapes: np.ndarray
+    decl_key: int = 0
+    structure_key: int = 0
 
     @classmethod
     def build(cls, tensors: list[TensorDecl], boxes: list[Box]) -> RankPlan:
@@ -52,15 +64,10 @@ class RankPlan:
         for i, (offs, shp) in enumerate(boxes):
             offsets[i, : len(offs)] = offs
             shapes[i, : len(shp)] = shp
-        return cls(tensors, offsets, shapes)
-
-    def structure_key(self) -> int:
-        """A 63-bit digest of the structure (names, dtypes, shapes, boxes)."""
-        h = hashlib.blake2b(digest_size=8)
-        h.update(repr([(t.name, t.dtype, t.shape) for t in self.tensors]).encode())
-        h.update(self.offsets.tobytes())
-        h.update(self.shapes.tobytes())
-        return int.from_bytes(h.digest(), "little") >> 1
+        decl_bytes = repr([(t.name, t.dtype, t.shape) for t in tensors]).encode()
+        decl_key = _digest(decl_bytes)
+        structure_key = _digest(decl_bytes, offsets.tobytes(), shapes.tobytes())
+        return cls(tensors, offsets, shapes, decl_key, structure_key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,12 +160,14 @@ def plan_save(rank_plans: list[RankPlan]) -> GlobalPlan:
     """
     world = len(rank_plans)
     # -- one global id per tensor name, checking that every rank agrees on it --------------
+    # Ranks of one pipeline stage declare the same list: each distinct list is read once.
+    distinct: dict[int, tuple[int, list[TensorDecl]]] = {}
+    for rank, rp in enumerate(rank_plans):
+        distinct.setdefault(rp.decl_key, (rank, rp.tensors))
     decl_by_name: dict[str, TensorDecl] = {}
     first_rank: dict[str, int] = {}
-    gid_per_rank: list[np.ndarray] = []
-    for rank, rp in enumerate(rank_plans):
-        ids = np.empty(len(rp.tensors), dtype=np.int64)
-        for i, decl in enumerate(rp.tensors):
+    for rank, decls in distinct.values():
+        for decl in decls:
             seen = decl_by_name.get(decl.name)
             if seen is None:
                 decl_by_name[decl.name] = decl
@@ -169,13 +178,14 @@ def plan_save(rank_plans: list[RankPlan]) -> GlobalPlan:
                     f"{seen.dtype}{list(seen.shape)}, rank {rank} declares "
                     f"{decl.dtype}{list(decl.shape)}"
                 )
-            ids[i] = -1  # filled below once names are sorted
-        gid_per_rank.append(ids)
     names = sorted(decl_by_name)
     gid_of = {name: g for g, name in enumerate(names)}
     tensors = [decl_by_name[n] for n in names]
-    for rp, ids in zip(rank_plans, gid_per_rank, strict=True):
-        ids[:] = [gid_of[t.name] for t in rp.tensors]
+    ids_of_key = {
+        key: np.array([gid_of[t.name] for t in decls], dtype=np.int64)
+        for key, (_, decls) in distinct.items()
+    }
+    gid_per_rank = [ids_of_key[rp.decl_key] for rp in rank_plans]
 
     ndim = max((len(t.shape) for t in tensors), default=0)
     counts = [len(rp.tensors) for rp in rank_plans]
@@ -253,11 +263,8 @@ def plan_save(rank_plans: list[RankPlan]) -> GlobalPlan:
         slot[idx] = np.arange(len(idx))
         writes.append(w_local[idx])
 
-    h = hashlib.blake2b(digest_size=8)
-    for rp in rank_plans:
-        h.update(rp.structure_key().to_bytes(8, "little"))
     return GlobalPlan(
-        plan_id=int.from_bytes(h.digest(), "little") >> 1,
+        plan_id=_digest(np.array([rp.structure_key for rp in rank_plans], dtype=np.int64).tobytes()),
         tensors=tensors,
         chunk_start=t_start.tolist(),
         layouts=layouts,

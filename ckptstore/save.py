@@ -177,7 +177,7 @@ def save(
         error = exc
     group_key = id(process_group)
     cached = None
-    structure_key = local.rank_plan.structure_key() if local else -1
+    structure_key = local.rank_plan.structure_key if local else -1
     if local is not None:
         cached = _PLAN_CACHE.get((group_key, structure_key))
         if cached is not None:

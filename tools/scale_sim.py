@@ -1,0 +1,161 @@
+"""Planning at scale, simulated in one process: a Llama-3-405B-like job on up to 16,384 ranks.
+
+126 layers (hidden 16384, FFN 53248, 8 KV heads), vocab 128256; TP 8 x PP 16 x DP up to 128.
+Parameters (bf16) are TP-sharded (column- or row-parallel) and replicated across DP; the two
+Adam moments (fp32) are additionally sharded across DP (ZeRO-1). Every rank's declaration is
+built from the same chunk math DTensor uses (nested ``torch.chunk`` splits), then the real
+coordinator planning, manifest assembly and one rank's load planning run on it.
+
+Run: ``python tools/scale_sim.py [--ranks 8 128 1024 16384]`` (prints one JSON line per size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from ckptstore.manifest import ChunkTable, Manifest, TensorRecord
+from ckptstore.plan import RankPlan, TensorDecl, plan_save
+from ckptstore.read import Target, plan_reads
+
+LAYERS, HIDDEN, FFN, KV, VOCAB = 126, 16384, 53248, 1024, 128256
+TP = 8
+SIZES = {8: (1, 1), 128: (16, 1), 1024: (16, 8), 16384: (16, 128)}  # ranks -> (PP, DP)
+
+
+def chunk_range(size: int, parts: int, index: int) -> tuple[int, int]:
+    """[start, length) of piece ``index`` when ``torch.chunk`` splits ``size`` into ``parts``."""
+    step = -(-size // parts)
+    start = min(size, index * step)
+    return start, max(0, min(size, start + step) - start)
+
+
+def nested_box(shape, splits):
+    """Box after applying ``splits`` = [(dim, parts, index), ...] one after another."""
+    offs, shp = [0] * len(shape), list(shape)
+    for dim, parts, index in splits:
+        start, n = chunk_range(shp[dim], parts, index)
+        offs[dim] += start
+        shp[dim] = n
+    return tuple(offs), tuple(shp)
+
+
+def layer_params(layer: int) -> list[tuple[str, tuple[int, ...], int | None]]:
+    """(name, shape, TP shard dim or None for replicated) of one transformer layer."""
+    p = f"layers.{layer}."
+    return [
+        (p + "attention.wq", (HIDDEN, HIDDEN), 0),
+        (p + "attention.wk", (KV, HIDDEN), 0),
+        (p + "attention.wv", (KV, HIDDEN), 0),
+        (p + "attention.wo", (HIDDEN, HIDDEN), 1),
+        (p + "feed_forward.w1", (FFN, HIDDEN), 0),
+        (p + "feed_forward.w3", (FFN, HIDDEN), 0),
+        (p + "feed_forward.w2", (HIDDEN, FFN), 1),
+        (p + "attention_norm", (HIDDEN,), None),
+        (p + "ffn_norm", (HIDDEN,), None),
+    ]
+
+
+def stage_params(pp_rank: int, pp: int) -> list[tuple[str, tuple[int, ...], int | None]]:
+    layers = np.array_split(np.arange(LAYERS), pp)[pp_rank]
+    out = [q for layer in layers for q in layer_params(int(layer))]
+    if pp_rank == 0:
+        out.append(("tok_embeddings", (VOCAB, HIDDEN), 0))
+    if pp_rank == pp - 1:
+        out += [("norm", (HIDDEN,), None), ("output", (VOCAB, HIDDEN), 0)]
+    return out
+
+
+def rank_plan(rank: int, pp: int, dp: int, cache: dict) -> RankPlan:
+    tp_rank, rest = rank % TP, rank // TP
+    dp_rank, pp_rank = rest % dp, rest // dp
+    key = (pp_rank, tp_rank)
+    if key not in cache:
+        cache[key] = stage_params(pp_rank, pp)
+    decls, boxes = [], []
+    for name, shape, tp_dim in cache[key]:
+        tp_split = [(tp_dim, TP, tp_rank)] if tp_dim is not None else []
+        decls.append(TensorDecl("model." + name, "bfloat16", shape, 2))
+        boxes.append(nested_box(shape, tp_split))
+        for moment in ("exp_avg", "exp_avg_sq"):
+            decls.append(TensorDecl(f"optim.{moment}.{name}", "float32", shape, 4))
+            boxes.append(nested_box(shape, [*tp_split, (0, dp, dp_rank)]))
+    return RankPlan.build(decls, boxes)
+
+
+def simulate(ranks: int) -> dict[str, float | int]:
+    pp, dp = SIZES[ranks]
+    cache: dict = {}
+    t = time.perf_counter()
+    plans = [rank_plan(r, pp, dp, cache) for r in range(ranks)]
+    build_s = time.perf_counter() - t
+
+    t = time.perf_counter()
+    plan = plan_save(plans)
+    planning_s = time.perf_counter() - t
+
+    # The manifest the coordinator would commit: real layouts, a chunk table of the real
+    # size (offsets and checksums of a real save, here placeholders of the same width).
+    t = time.perf_counter()
+    n = plan.chunk_count
+    block = 4 << 20
+    nblocks = np.maximum(1, -(-plan.chunk_nbytes // block))
+    writer = plan.chunk_writer.astype(np.int64)
+    table = ChunkTable(
+        file=writer, offset=np.cumsum(plan.chunk_nbytes) - plan.chunk_nbytes,
+        nbytes=plan.chunk_nbytes, crc32c=np.arange(int(nblocks.sum()), dtype=np.uint32), block_bytes=block,
+    )  # fmt: skip
+    tensors = {
+        d.name: TensorRecord(d.dtype, d.shape, plan.chunk_start[g], plan.layouts[g])
+        for g, d in enumerate(plan.tensors)
+    }
+    files = [f"data/{r:05d}-0000000000-0.bin" for r in range(ranks)]
+    manifest = Manifest(ranks, files, table, tensors, {}, {})
+    data = manifest.to_json()
+    assemble_s = time.perf_counter() - t
+
+    t = time.perf_counter()
+    loaded = Manifest.from_json(data)
+    parse_s = time.perf_counter() - t
+
+    # One rank's load plan: the last rank (the output layer) re-loading its own shards.
+    me = plans[-1]
+    t = time.perf_counter()
+    targets = []
+    for i, decl in enumerate(me.tensors):
+        nd = len(decl.shape)
+        box = (tuple(int(x) for x in me.offsets[i, :nd]), tuple(int(x) for x in me.shapes[i, :nd]))
+        dest = torch.empty(box[1], dtype=torch.bfloat16 if decl.dtype == "bfloat16" else torch.float32, device="meta")
+        targets.append(Target(decl.name, loaded.tensors[decl.name], box, dest))
+    groups = plan_reads(loaded, targets, 64 << 20, 256 << 10)
+    load_plan_s = time.perf_counter() - t
+    return {
+        "case": "scale_sim",
+        "ranks": ranks,
+        "tensors": len(plan.tensors),
+        "declared_chunks": int(sum(len(p.tensors) for p in plans)),
+        "unique_chunks": n,
+        "manifest_bytes": len(data),
+        "manifest_mb": round(len(data) / 1e6, 2),
+        "coordinator_plan_s": round(planning_s, 3),
+        "manifest_assemble_s": round(assemble_s, 3),
+        "manifest_parse_s": round(parse_s, 3),
+        "rank_load_plan_ms": round(load_plan_s * 1000, 2),
+        "rank_read_requests": len(groups),
+        "sim_build_s": round(build_s, 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", type=int, nargs="+", default=sorted(SIZES), choices=sorted(SIZES))
+    for ranks in parser.parse_args().ranks:
+        print(json.dumps(simulate(ranks)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
