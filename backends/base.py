@@ -113,6 +113,15 @@ class Store(abc.ABC):
             )
         out[:] = data
 
+    def map(self, key: str) -> memoryview | None:
+        """A zero-copy view of the whole object, or None where the backend has none.
+
+        Note for implementers: only return a view whose bytes cannot change while it is
+        used (committed data files are never rewritten). The local store maps the file, so
+        reads verify checksums straight out of the page cache without a bounce copy.
+        """
+        return None
+
     def exists(self, key: str) -> bool:
         try:
             self.size(key)

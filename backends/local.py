@@ -7,6 +7,7 @@ commit, after ``fsync``; the directory itself is fsynced so the rename survives 
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import uuid
 from collections.abc import Iterator
@@ -105,6 +106,21 @@ class LocalStore(Store):
                 done += n
         finally:
             os.close(fd)
+
+    def map(self, key: str) -> memoryview | None:
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError):
+            raise KeyNotFoundError(f"{self.url}: no such file {key!r}") from None
+        try:
+            if os.fstat(fd).st_size == 0:
+                return memoryview(b"")
+            # A private writable mapping: tensors made over it are writable, and since
+            # nothing writes to it, no page is ever copied.
+            mapped = mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        return memoryview(mapped)
 
     def open_writer(self, key: str) -> StoreWriter:
         return _LocalWriter(self._path(key), self.durable)

@@ -28,13 +28,28 @@ def pack_bytes() -> int:
 
 
 def read_threads() -> int:
-    """Parallel reader threads per rank on load."""
-    return _env_int("CKPTSTORE_READ_THREADS", 4)
+    """Parallel reader threads per rank on load.
+
+    Default: the node's cores shared among its ranks (``LOCAL_WORLD_SIZE``, set by torchrun),
+    at least 1 and at most 8. Local reads are CPU-bound (checksum + copy), so more threads
+    than cores only add contention; remote stores (latency-bound) set their own.
+    """
+    local_ranks = max(1, _env_int("LOCAL_WORLD_SIZE", 1))
+    return _env_int("CKPTSTORE_READ_THREADS", max(1, min(8, (os.cpu_count() or 1) // local_ranks)))
+
+
+def manifest_broadcast_min_ranks() -> int:
+    """From this many ranks on, one rank reads the manifest and broadcasts it (local stores).
+
+    Below it every rank reads the manifest itself, which saves a collective. Remote stores
+    always broadcast, so that a large job does not fetch the same object once per rank.
+    """
+    return _env_int("CKPTSTORE_MANIFEST_BROADCAST_MIN_RANKS", 32)
 
 
 def read_window_bytes() -> int:
     """Largest single read; bigger regions are split (bounded memory on load)."""
-    return _env_int("CKPTSTORE_READ_WINDOW_BYTES", 64 * _MiB)
+    return _env_int("CKPTSTORE_READ_WINDOW_BYTES", 16 * _MiB)
 
 
 def coalesce_gap_bytes() -> int:

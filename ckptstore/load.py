@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ckptstore import knobs
 from ckptstore.backends.base import ByteRange, Store
 from ckptstore.checksum import block_crcs
 from ckptstore.coordinate import Coordinator
@@ -46,7 +47,12 @@ class LoadInfo:
 
 
 def fetch_manifest(store: Store, coord: Coordinator) -> Manifest:
-    """The coordinator reads the manifest once and broadcasts it; all ranks parse it."""
+    """The manifest on every rank: read by each rank from a local store in small jobs,
+    else read once by the coordinator and broadcast (all ranks parse the same bytes)."""
+    from ckptstore.backends.local import LocalStore
+
+    if isinstance(store, LocalStore) and coord.world_size < knobs.manifest_broadcast_min_ranks():
+        return Manifest.from_json(read_manifest_bytes(store), where=store.url)
     payload: Any = None
     if coord.is_coordinator:
         try:

@@ -237,6 +237,9 @@ def _fill_raw_nbytes(t: TensorRecord, nbytes: np.ndarray) -> None:
     n = t.chunk_count
     if n == 0:
         return
+    if n == 1:
+        nbytes[t.chunk_start] = math.prod(t.shape) * size
+        return
     if isinstance(t.layout, BoxLayout):
         vols = (
             np.prod(t.layout.shapes, axis=1) if t.layout.shapes.shape[1] else np.ones(n, np.int64)

@@ -359,6 +359,8 @@ def overlaps(layout: Layout, shape: tuple[int, ...], box: Box) -> list[tuple[int
     if any(s == 0 for s in shp) or any(s == 0 for s in shape):
         return []
     if isinstance(layout, GridLayout):
+        if all(len(st) == 1 for st in layout.starts):  # one chunk: the whole tensor
+            return [(0, ((0,) * nd, shape), box)]
         per_dim: list[list[tuple[int, int, int, int, int]]] = []
         for d in range(nd):
             starts = layout.starts[d]

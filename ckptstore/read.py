@@ -22,7 +22,7 @@ from ckptstore import codecs, knobs
 from ckptstore.backends.base import Store
 from ckptstore.checksum import crc32c
 from ckptstore.dtypes import dtype_from_name, itemsize
-from ckptstore.errors import ChecksumError
+from ckptstore.errors import ChecksumError, StoreError
 from ckptstore.manifest import Manifest, TensorRecord
 from ckptstore.plan import Box, overlaps
 
@@ -97,6 +97,15 @@ def _split(overlap: Box, strides: tuple[int, ...], size: int, window: int) -> li
     return [overlap]
 
 
+def _piece_order(p: _Piece) -> tuple[int, int]:
+    return p.file, p.start
+
+
+def _slices(box: Box, origin: tuple[int, ...]) -> tuple[slice, ...]:
+    """``box`` as slices of a tensor whose element 0 sits at ``origin``."""
+    return tuple(slice(a - o, a - o + n) for a, o, n in zip(box[0], origin, box[1], strict=True))
+
+
 def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int) -> list[_Group]:
     """Byte-range requests for ``targets``, grouped and coalesced per file."""
     table = manifest.chunks
@@ -115,15 +124,21 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
                 int(table.offset[chunk]),
                 int(table.nbytes[chunk]),
             )
+            whole = obox == cbox
+            if whole and not rec.codec and nbytes <= window:
+                # The common case (same sharding on save and load): the whole raw chunk.
+                dest = t.dest if t.box == cbox else t.dest[_slices(cbox, t.box[0])]
+                blocks = max(1, -(-nbytes // block))
+                pieces.append(
+                    _Piece(t.name, chunk, file, base, base + nbytes, 0, blocks, base, c_shape,
+                           strides, dest, dtype, None, nbytes, 0)
+                )  # fmt: skip
+                continue
             parts = [obox] if rec.codec else _split(obox, strides, size, window)
             for o_off, o_shape in parts:
                 rel = tuple(a - b for a, b in zip(o_off, c_off, strict=True))
                 first = sum(r * s for r, s in zip(rel, strides, strict=True))
-                d_sl = tuple(
-                    slice(a - b, a - b + n)
-                    for a, b, n in zip(o_off, t.box[0], o_shape, strict=True)
-                )
-                dest = t.dest[d_sl] if d_sl else t.dest
+                dest = t.dest[_slices((o_off, o_shape), t.box[0])] if t.box[1] else t.dest
                 if rec.codec:
                     blo, bhi, lo, hi = 0, max(1, math.ceil(nbytes / block)), 0, nbytes
                 else:
@@ -138,7 +153,7 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
                         rec.codec, math.prod(c_shape) * size, first,
                     )
                 )  # fmt: skip
-    pieces.sort(key=lambda p: (p.file, p.start))
+    pieces.sort(key=_piece_order)
     groups: list[_Group] = []
     for p in pieces:
         g = groups[-1] if groups else None
@@ -155,14 +170,28 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
     return groups
 
 
-class _ThreadBuffers(threading.local):
-    def __init__(self) -> None:
-        self.buf = np.empty(0, dtype=np.uint8)
+class _BufferPool:
+    """Bounce buffers reused across loads: fresh memory costs a page fault per 4 KiB."""
 
-    def get(self, n: int) -> np.ndarray:
-        if len(self.buf) < n:
-            self.buf = np.empty(max(n, 2 * len(self.buf)), dtype=np.uint8)
-        return self.buf[:n]
+    def __init__(self) -> None:
+        self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def acquire(self, n: int) -> np.ndarray:
+        with self._lock:
+            for i, buf in enumerate(self._free):
+                if len(buf) >= n:
+                    return self._free.pop(i)
+        return np.empty(n, dtype=np.uint8)
+
+    def release(self, buf: np.ndarray) -> None:
+        with self._lock:
+            self._free.append(buf)
+            self._free.sort(key=len)
+            del self._free[: max(0, len(self._free) - 2 * knobs.read_threads())]
+
+
+_POOL = _BufferPool()
 
 
 class ChunkReader:
@@ -173,7 +202,7 @@ class ChunkReader:
         self.manifest = manifest
         self.where = where
         self.threads = threads or knobs.read_threads()
-        self._buffers = _ThreadBuffers()
+        self._maps: dict[int, np.ndarray | None] = {}
         self.bytes_read = 0
         self.requests = 0
         self._lock = threading.Lock()
@@ -199,14 +228,39 @@ class ChunkReader:
             for f in [pool.submit(self._run, g) for g in groups]:
                 f.result()
 
+    def _mapped(self, file: int) -> np.ndarray | None:
+        with self._lock:
+            if file not in self._maps:
+                view = self.store.map(self.manifest.files[file])
+                self._maps[file] = None if view is None else np.frombuffer(view, dtype=np.uint8)
+            return self._maps[file]
+
     def _run(self, group: _Group) -> None:
-        table = self.manifest.chunks
-        block = table.block_bytes
-        buf = self._buffers.get(group.end - group.start)
-        self.store.read_into(self.manifest.files[group.file], group.start, memoryview(buf))
+        key = self.manifest.files[group.file]
+        mapped = self._mapped(group.file)
         with self._lock:
             self.bytes_read += group.end - group.start
             self.requests += 1
+        if mapped is not None:
+            if len(mapped) < group.end:
+                raise StoreError(
+                    f"{self.where}: data file {key} has {len(mapped)} bytes, the manifest "
+                    f"needs {group.end}: truncated?"
+                )
+            self._check_and_copy(group, mapped, 0)
+            return
+        buf = _POOL.acquire(group.end - group.start)
+        try:
+            view = buf[: group.end - group.start]
+            self.store.read_into(key, group.start, memoryview(view))
+            self._check_and_copy(group, view, group.start)
+        finally:
+            _POOL.release(buf)
+
+    def _check_and_copy(self, group: _Group, buf: np.ndarray, buf_start: int) -> None:
+        """Verify every block the pieces touch, then copy; ``buf[0]`` is file byte ``buf_start``."""
+        table = self.manifest.chunks
+        block = table.block_bytes
         checked: set[tuple[int, int]] = set()
         for p in group.pieces:
             base = int(table.offset[p.chunk])
@@ -215,8 +269,8 @@ class ChunkReader:
             for b in range(p.block_lo, p.block_hi):
                 if (p.chunk, b) in checked:
                     continue
-                lo = base + b * block - group.start
-                hi = base + min((b + 1) * block, nbytes) - group.start
+                lo = base + b * block - buf_start
+                hi = base + min((b + 1) * block, nbytes) - buf_start
                 found = crc32c(memoryview(buf[lo:hi]))
                 expected = int(table.crc32c[crc0 + b])
                 if found != expected:
@@ -228,7 +282,7 @@ class ChunkReader:
                         bad=[p.name],
                     )
                 checked.add((p.chunk, b))
-            self._copy(p, buf, group.start)
+            self._copy(p, buf, buf_start)
 
     @staticmethod
     def _copy(p: _Piece, buf: np.ndarray, group_start: int) -> None:

@@ -129,7 +129,11 @@ def simulate(ranks: int) -> dict[str, float | int]:
     for i, decl in enumerate(me.tensors):
         nd = len(decl.shape)
         box = (tuple(int(x) for x in me.offsets[i, :nd]), tuple(int(x) for x in me.shapes[i, :nd]))
-        dest = torch.empty(box[1], dtype=torch.bfloat16 if decl.dtype == "bfloat16" else torch.float32, device="meta")
+        dest = torch.empty(
+            box[1],
+            dtype=torch.bfloat16 if decl.dtype == "bfloat16" else torch.float32,
+            device="meta",
+        )
         targets.append(Target(decl.name, loaded.tensors[decl.name], box, dest))
     groups = plan_reads(loaded, targets, 64 << 20, 256 << 10)
     load_plan_s = time.perf_counter() - t
@@ -152,7 +156,9 @@ def simulate(ranks: int) -> dict[str, float | int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ranks", type=int, nargs="+", default=sorted(SIZES), choices=sorted(SIZES))
+    parser.add_argument(
+        "--ranks", type=int, nargs="+", default=sorted(SIZES), choices=sorted(SIZES)
+    )
     for ranks in parser.parse_args().ranks:
         print(json.dumps(simulate(ranks)), flush=True)
 
