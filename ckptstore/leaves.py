@@ -12,7 +12,6 @@ Dicts and lists are walked and their keys joined with ``.``; what remains is a l
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,7 +97,16 @@ class Leaf:
     value: Any
     global_shape: tuple[int, ...] = ()
     box: Box = ((), ())
-    set_value: Callable[[Any], None] | None = field(default=None, repr=False)
+    container: Any = field(default=None, repr=False)
+    """Where the leaf sits (its dict or list, or its PerRank wrapper), for :meth:`set_value`."""
+    key: Any = field(default=None, repr=False)
+
+    def set_value(self, new: Any) -> None:
+        """Replace this leaf in the caller's state_dict (plain values are not filled in place)."""
+        if isinstance(self.container, PerRank):
+            object.__setattr__(self.container, "value", new)
+        else:
+            self.container[self.key] = new
 
     @property
     def local(self) -> torch.Tensor:
@@ -114,6 +122,10 @@ def _dtensor_box(t: DTensor) -> Box:
 
 
 def _classify(name: str, value: Any, per_rank: bool) -> Leaf:
+    if type(value) is torch.Tensor:  # the common case, without the isinstance chain
+        shape = tuple(value.shape)
+        kind = "rank_tensor" if per_rank else "tensor"
+        return Leaf(name, kind, value, shape, ((0,) * len(shape), shape))
     if isinstance(value, DTensor):
         if per_rank:
             raise StateDictError(f"{name}: a DTensor cannot be PerRank")
@@ -132,33 +144,39 @@ def _classify(name: str, value: Any, per_rank: bool) -> Leaf:
     return Leaf(name, "rank_object" if per_rank else "object", value)
 
 
-def flatten(state_dict: Any, *, with_setters: bool = False) -> dict[str, Leaf]:
+def flatten(state_dict: Any) -> dict[str, Leaf]:
     """Named leaves of ``state_dict`` in traversal order.
 
     Args:
         state_dict: nested dicts and lists ending in leaves (see the module docstring).
-        with_setters: record, for each leaf, a function that replaces it in its container
-            (load uses this to put plain values back).
 
     Raises:
         StateDictError: two paths flatten to the same name, or a key is not a str/int.
     """
     leaves: dict[str, Leaf] = {}
 
-    def visit(prefix: str, value: Any, setter: Callable[[Any], None] | None) -> None:
+    def visit(prefix: str, value: Any, container: Any, key: Any) -> None:
+        if type(value) is torch.Tensor and prefix:  # fast path for the most common leaf
+            if prefix in leaves:
+                raise StateDictError(
+                    f"two entries of the state_dict flatten to the same name {prefix!r}"
+                )
+            shape = tuple(value.shape)
+            leaves[prefix] = Leaf(
+                prefix, "tensor", value, shape, ((0,) * len(shape), shape), container, key
+            )
+            return
         per_rank = isinstance(value, PerRank)
         inner = value.value if per_rank else value
         if isinstance(inner, dict) and not per_rank:
-            for key, child in inner.items():
-                if not isinstance(key, (str, int)) or isinstance(key, bool):
-                    raise StateDictError(f"{prefix or '<root>'}: key {key!r} is not a str or int")
-                name = f"{prefix}.{key}" if prefix else str(key)
-                visit(name, child, _item_setter(inner, key) if with_setters else None)
+            for k, child in inner.items():
+                if not isinstance(k, (str, int)) or isinstance(k, bool):
+                    raise StateDictError(f"{prefix or '<root>'}: key {k!r} is not a str or int")
+                visit(f"{prefix}.{k}" if prefix else str(k), child, inner, k)
             return
         if isinstance(inner, list) and not per_rank:
             for i, child in enumerate(inner):
-                name = f"{prefix}.{i}" if prefix else str(i)
-                visit(name, child, _item_setter(inner, i) if with_setters else None)
+                visit(f"{prefix}.{i}" if prefix else str(i), child, inner, i)
             return
         if not prefix:
             raise StateDictError("state_dict must be a dict (or list) of leaves")
@@ -167,24 +185,8 @@ def flatten(state_dict: Any, *, with_setters: bool = False) -> dict[str, Leaf]:
                 f"two entries of the state_dict flatten to the same name {prefix!r}"
             )
         leaf = _classify(prefix, inner, per_rank)
-        if per_rank and setter is not None:
-            setter = _per_rank_setter(value)
-        leaf.set_value = setter
+        leaf.container, leaf.key = (value, None) if per_rank else (container, key)
         leaves[prefix] = leaf
 
-    visit("", state_dict, None)
+    visit("", state_dict, None, None)
     return leaves
-
-
-def _item_setter(container: Any, key: Any) -> Callable[[Any], None]:
-    def set_item(new: Any) -> None:
-        container[key] = new
-
-    return set_item
-
-
-def _per_rank_setter(wrapper: PerRank) -> Callable[[Any], None]:
-    def set_inner(new: Any) -> None:
-        object.__setattr__(wrapper, "value", new)
-
-    return set_inner

@@ -20,7 +20,7 @@ from ckptstore import knobs
 from ckptstore.backends.base import ByteRange, Store
 from ckptstore.checksum import block_crcs
 from ckptstore.coordinate import Coordinator
-from ckptstore.dtypes import dtype_name
+from ckptstore.dtypes import DTYPE_TO_NAME, dtype_name
 from ckptstore.errors import (
     ChecksumError,
     CkptStoreError,
@@ -28,6 +28,7 @@ from ckptstore.errors import (
     PickleNotAllowedError,
     WorldSizeMismatchError,
 )
+from ckptstore.gcpause import gc_paused
 from ckptstore.leaves import Leaf, flatten
 from ckptstore.locate import read_manifest_bytes, store_for
 from ckptstore.manifest import Manifest, ObjectRecord, TensorRecord
@@ -85,11 +86,10 @@ def _describe(t: TensorRecord) -> str:
 
 
 def _check_tensor(leaf: Leaf, rec: TensorRecord, problems: list[str]) -> None:
+    if leaf.global_shape == rec.shape and DTYPE_TO_NAME.get(leaf.local.dtype) == rec.dtype:
+        return
     want = f"{dtype_name(leaf.local.dtype)}{list(leaf.global_shape)}"
-    if want != _describe(rec):
-        problems.append(
-            f"{leaf.name}: the state_dict has {want}, the checkpoint has {_describe(rec)}"
-        )
+    problems.append(f"{leaf.name}: the state_dict has {want}, the checkpoint has {_describe(rec)}")
 
 
 def load(
@@ -120,6 +120,30 @@ def load(
         LoadMismatchError: missing/unexpected keys, shape or dtype mismatches (all listed).
         ChecksumError: stored bytes do not match their crc32c (nothing bad is copied).
     """
+    with gc_paused():  # bulk object creation; see ckptstore.gcpause
+        return _load_impl(
+            state_dict,
+            path,
+            process_group=process_group,
+            strict=strict,
+            allow_pickle=allow_pickle,
+            per_rank=per_rank,
+            storage_options=storage_options,
+            read_threads=read_threads,
+        )
+
+
+def _load_impl(
+    state_dict: Any,
+    path: str | os.PathLike[str] | Store,
+    *,
+    process_group: torch.distributed.ProcessGroup | None = None,
+    strict: bool = True,
+    allow_pickle: bool = False,
+    per_rank: str = "error",
+    storage_options: dict[str, Any] | None = None,
+    read_threads: int | None = None,
+) -> LoadInfo:
     if per_rank not in PER_RANK_POLICIES:
         raise ValueError(f"per_rank must be one of {PER_RANK_POLICIES}, not {per_rank!r}")
     t0 = time.perf_counter()
@@ -141,14 +165,13 @@ def load(
     reader = ChunkReader(store, manifest, store.url, threads=read_threads)
     error = None
     try:
-        with torch.no_grad():
+        with torch.no_grad():  # destinations may be parameters that require grad
             reader.fill(targets)
         for leaf, rec in assignments:
             if rec.blob is not None:
                 value = pickle.loads(read_blob(store, manifest, leaf.name, rec))
             else:
                 value = rec.value
-            assert leaf.set_value is not None
             leaf.set_value(value)
     except CkptStoreError as exc:
         error = exc
@@ -177,7 +200,7 @@ def _match(
     allow_pickle: bool,
     per_rank: str,
 ) -> tuple[list[Target], list[tuple[Leaf, ObjectRecord]]]:
-    leaves = flatten(state_dict, with_setters=True)
+    leaves = flatten(state_dict)
     problems: list[str] = []
     targets: list[Target] = []
     assignments: list[tuple[Leaf, ObjectRecord]] = []
@@ -195,7 +218,7 @@ def _match(
                 )
                 continue
             _check_tensor(leaf, rec, problems)
-            targets.append(Target(name, rec, leaf.box, leaf.local.detach()))
+            targets.append(Target(name, rec, leaf.box, leaf.local))
         elif name in manifest.objects:
             obj = manifest.objects[name]
             if is_tensor:
@@ -226,7 +249,7 @@ def _match(
                     )
                     continue
                 box = ((0,) * len(entry.shape), entry.shape)
-                targets.append(Target(name, entry, box, leaf.local.detach()))
+                targets.append(Target(name, entry, box, leaf.local))
             else:
                 if entry.blob is not None and not allow_pickle:
                     pickled.append(name)

@@ -14,12 +14,14 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 
 from ckptstore.dtypes import NAME_TO_DTYPE, itemsize
 from ckptstore.errors import ManifestError
+from ckptstore.gcpause import gc_paused
 from ckptstore.plan import BoxLayout, GridLayout, Layout
 
 FORMAT_NAME = "ckptstore"
@@ -60,11 +62,19 @@ class ChunkTable:
     def __len__(self) -> int:
         return len(self.file)
 
+    @cached_property
+    def columns(self) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
+        """(file, offset, nbytes, crc_first, crc32c) as Python lists, for per-chunk loops."""
+        return (
+            self.file.tolist(), self.offset.tolist(), self.nbytes.tolist(),
+            self.crc_first.tolist(), self.crc32c.tolist(),
+        )  # fmt: skip
+
     def crc_range(self, chunk: int) -> tuple[int, int]:
         return int(self.crc_first[chunk]), int(self.crc_first[chunk + 1])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorRecord:
     dtype: str
     shape: tuple[int, ...]
@@ -74,7 +84,7 @@ class TensorRecord:
 
     @property
     def chunk_count(self) -> int:
-        if isinstance(self.layout, GridLayout) and any(s == 0 for s in self.shape):
+        if 0 in self.shape:
             return 0
         return self.layout.chunk_count()
 
@@ -124,6 +134,10 @@ class Manifest:
 
     # -- serialization ------------------------------------------------------------------
     def to_json(self) -> bytes:
+        with gc_paused():
+            return self._to_json()
+
+    def _to_json(self) -> bytes:
         has_codec = any(t.codec for t in self.tensors.values()) or any(
             isinstance(e, TensorRecord) and e.codec for es in self.per_rank.values() for e in es
         )
@@ -157,6 +171,11 @@ class Manifest:
     @classmethod
     def from_json(cls, data: bytes, where: str = "manifest") -> Manifest:
         """Parse and validate a manifest; any defect raises :class:`ManifestError`."""
+        with gc_paused():
+            return cls._from_json(data, where)
+
+    @classmethod
+    def _from_json(cls, data: bytes, where: str) -> Manifest:
         try:
             doc = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -255,10 +274,22 @@ def _fill_raw_nbytes(t: TensorRecord, nbytes: np.ndarray) -> None:
     nbytes[t.chunk_start : t.chunk_start + n] = vols * size
 
 
+_WHOLE: dict[int, GridLayout] = {}
+
+
+def whole_layout(ndim: int) -> GridLayout:
+    """The layout of a tensor saved as one chunk (shared instances: there are many)."""
+    layout = _WHOLE.get(ndim)
+    if layout is None:
+        layout = _WHOLE[ndim] = GridLayout(tuple((0,) for _ in range(ndim)))
+    return layout
+
+
 def _tensor_to_json(t: TensorRecord) -> dict[str, Any]:
-    out: dict[str, Any] = {"dtype": t.dtype, "shape": list(t.shape), "chunk_start": t.chunk_start}
+    out: dict[str, Any] = {"dtype": t.dtype, "shape": t.shape, "chunk_start": t.chunk_start}
     if isinstance(t.layout, GridLayout):
-        out["grid"] = [list(s) for s in t.layout.starts]
+        if any(len(s) != 1 for s in t.layout.starts):  # one whole chunk: "grid" is implied
+            out["grid"] = t.layout.starts
     else:
         out["boxes"] = {
             "count": len(t.layout.offsets),
@@ -271,12 +302,21 @@ def _tensor_to_json(t: TensorRecord) -> dict[str, Any]:
 
 
 def _tensor_from_json(v: dict[str, Any]) -> TensorRecord:
-    dtype = str(v["dtype"])
+    dtype = v["dtype"]
     if dtype not in NAME_TO_DTYPE:
         raise ManifestError(f"unknown dtype {dtype!r}")
-    shape = tuple(int(s) for s in v["shape"])
-    if any(s < 0 for s in shape):
-        raise ManifestError(f"negative dimension in shape {list(shape)}")
+    shape = tuple(v["shape"])
+    # sum() is a cheap check that every dimension is an int (a float or str would show)
+    if type(sum(shape, 0)) is not int or (shape and min(shape) < 0):
+        raise ManifestError(f"shape {list(shape)} is not a list of non-negative ints")
+    start = v["chunk_start"]
+    if type(start) is not int:
+        raise ManifestError(f"chunk_start {start!r} is not an int")
+    if "grid" not in v and "boxes" not in v:  # one whole chunk: by far the most common record
+        codec = v.get("codec")
+        return TensorRecord(
+            dtype, shape, start, whole_layout(len(shape)), str(codec) if codec else None
+        )
     layout: Layout
     if "grid" in v:
         starts = tuple(tuple(int(x) for x in s) for s in v["grid"])
@@ -296,7 +336,7 @@ def _tensor_from_json(v: dict[str, Any]) -> TensorRecord:
             _unpack(b["shapes"], "<i8").reshape(n, nd).astype(np.int64),
         )
     codec = v.get("codec")
-    return TensorRecord(dtype, shape, int(v["chunk_start"]), layout, str(codec) if codec else None)
+    return TensorRecord(dtype, shape, start, layout, str(codec) if codec else None)
 
 
 def encode_value(value: Any) -> Any:

@@ -264,7 +264,9 @@ def plan_save(rank_plans: list[RankPlan]) -> GlobalPlan:
         writes.append(w_local[idx])
 
     return GlobalPlan(
-        plan_id=_digest(np.array([rp.structure_key for rp in rank_plans], dtype=np.int64).tobytes()),
+        plan_id=_digest(
+            np.array([rp.structure_key for rp in rank_plans], dtype=np.int64).tobytes()
+        ),
         tensors=tensors,
         chunk_start=t_start.tolist(),
         layouts=layouts,
@@ -356,7 +358,7 @@ def overlaps(layout: Layout, shape: tuple[int, ...], box: Box) -> list[tuple[int
     """Saved chunks that intersect ``box``: (chunk index in the tensor, chunk box, intersection)."""
     offs, shp = box
     nd = len(shape)
-    if any(s == 0 for s in shp) or any(s == 0 for s in shape):
+    if 0 in shp or 0 in shape:
         return []
     if isinstance(layout, GridLayout):
         if all(len(st) == 1 for st in layout.starts):  # one chunk: the whole tensor

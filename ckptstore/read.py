@@ -10,6 +10,7 @@ is copied into a destination tensor.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ from ckptstore.backends.base import Store
 from ckptstore.checksum import crc32c
 from ckptstore.dtypes import dtype_from_name, itemsize
 from ckptstore.errors import ChecksumError, StoreError
-from ckptstore.manifest import Manifest, TensorRecord
+from ckptstore.manifest import Manifest, TensorRecord, whole_layout
 from ckptstore.plan import Box, overlaps
 
 
@@ -54,6 +55,7 @@ class _Piece:
     codec: str | None = None
     raw_nbytes: int = 0
     src_elem_in_raw: int = 0  # decoded chunks: element offset inside the raw chunk
+    dest_ptr: int = 0  # set when the piece is one contiguous run into contiguous host memory
 
 
 @dataclass
@@ -110,28 +112,42 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
     """Byte-range requests for ``targets``, grouped and coalesced per file."""
     table = manifest.chunks
     block = table.block_bytes
+    files, offsets, sizes = table.columns[:3]
     pieces: list[_Piece] = []
     for t in targets:
         rec = t.record
+        shape = rec.shape
+        if (
+            rec.layout is whole_layout(len(shape))
+            and rec.codec is None
+            and t.box[1] == shape
+            and 0 < sizes[rec.chunk_start] <= window
+        ):
+            # Fast path: the whole tensor is one raw chunk (small and replicated tensors).
+            chunk = rec.chunk_start
+            base, nbytes, dest = offsets[chunk], sizes[chunk], t.dest
+            ptr = dest.data_ptr() if dest.device.type == "cpu" and dest.is_contiguous() else 0
+            pieces.append(
+                _Piece(t.name, chunk, files[chunk], base, base + nbytes, 0, -(-nbytes // block),
+                       base, shape, _c_strides(shape), dest, dest.dtype, None, nbytes, 0, ptr)
+            )  # fmt: skip
+            continue
         size = itemsize(rec.dtype)
         dtype = dtype_from_name(rec.dtype)
         for index, cbox, obox in overlaps(rec.layout, rec.shape, t.box):
             chunk = rec.chunk_start + index
             c_off, c_shape = cbox
             strides = _c_strides(c_shape)
-            file, base, nbytes = (
-                int(table.file[chunk]),
-                int(table.offset[chunk]),
-                int(table.nbytes[chunk]),
-            )
+            file, base, nbytes = files[chunk], offsets[chunk], sizes[chunk]
             whole = obox == cbox
             if whole and not rec.codec and nbytes <= window:
                 # The common case (same sharding on save and load): the whole raw chunk.
                 dest = t.dest if t.box == cbox else t.dest[_slices(cbox, t.box[0])]
                 blocks = max(1, -(-nbytes // block))
+                ptr = dest.data_ptr() if dest.is_contiguous() and dest.device.type == "cpu" else 0
                 pieces.append(
                     _Piece(t.name, chunk, file, base, base + nbytes, 0, blocks, base, c_shape,
-                           strides, dest, dtype, None, nbytes, 0)
+                           strides, dest, dtype, None, nbytes, 0, ptr)
                 )  # fmt: skip
                 continue
             parts = [obox] if rec.codec else _split(obox, strides, size, window)
@@ -261,31 +277,35 @@ class ChunkReader:
         """Verify every block the pieces touch, then copy; ``buf[0]`` is file byte ``buf_start``."""
         table = self.manifest.chunks
         block = table.block_bytes
+        _, offsets, sizes, crc_first, crcs = table.columns
+        view = memoryview(buf)
         checked: set[tuple[int, int]] = set()
         for p in group.pieces:
-            base = int(table.offset[p.chunk])
-            nbytes = int(table.nbytes[p.chunk])
-            crc0 = int(table.crc_first[p.chunk])
+            chunk = p.chunk
+            base, nbytes, crc0 = offsets[chunk], sizes[chunk], crc_first[chunk]
             for b in range(p.block_lo, p.block_hi):
-                if (p.chunk, b) in checked:
-                    continue
+                if p.block_hi - p.block_lo > 1 or len(group.pieces) > 1:
+                    if (chunk, b) in checked:
+                        continue
+                    checked.add((chunk, b))
                 lo = base + b * block - buf_start
                 hi = base + min((b + 1) * block, nbytes) - buf_start
-                found = crc32c(memoryview(buf[lo:hi]))
-                expected = int(table.crc32c[crc0 + b])
-                if found != expected:
+                found = crc32c(view[lo:hi])
+                if found != crcs[crc0 + b]:
                     raise ChecksumError(
-                        f"{self.where}: checksum mismatch in tensor {p.name!r}, chunk {p.chunk}, "
+                        f"{self.where}: checksum mismatch in tensor {p.name!r}, chunk {chunk}, "
                         f"block {b} (file {self.manifest.files[p.file]}, bytes {base + b * block}"
-                        f"..{base + min((b + 1) * block, nbytes)}): expected crc32c {expected:#010x}, "
-                        f"found {found:#010x}",
+                        f"..{base + min((b + 1) * block, nbytes)}): expected crc32c "
+                        f"{crcs[crc0 + b]:#010x}, found {found:#010x}",
                         bad=[p.name],
                     )
-                checked.add((p.chunk, b))
             self._copy(p, buf, buf_start)
 
     @staticmethod
     def _copy(p: _Piece, buf: np.ndarray, group_start: int) -> None:
+        if p.dest_ptr:  # a plain memcpy, no tensor objects (tens of thousands of small tensors)
+            ctypes.memmove(p.dest_ptr, buf.ctypes.data + p.src_byte - group_start, p.raw_nbytes)
+            return
         size = p.dtype.itemsize
         if p.codec:
             stored = buf[p.start - group_start : p.end - group_start]

@@ -31,6 +31,7 @@ from ckptstore.errors import (
     SaveError,
     StateDictError,
 )
+from ckptstore.gcpause import gc_paused
 from ckptstore.leaves import Leaf, flatten
 from ckptstore.locate import store_for
 from ckptstore.manifest import (
@@ -155,6 +156,34 @@ def save(
         files_per_rank: data files (and writer threads) per rank.
         checksum_block_bytes: bytes covered by each crc32c.
     """
+    with gc_paused():  # bulk object creation; see ckptstore.gcpause
+        return _save_impl(
+            state_dict,
+            path,
+            process_group=process_group,
+            overwrite=overwrite,
+            codec=codec,
+            allow_pickle=allow_pickle,
+            metadata=metadata,
+            files_per_rank=files_per_rank,
+            checksum_block_bytes=checksum_block_bytes,
+            storage_options=storage_options,
+        )
+
+
+def _save_impl(
+    state_dict: Any,
+    path: str | os.PathLike[str] | Store,
+    *,
+    process_group: torch.distributed.ProcessGroup | None = None,
+    overwrite: bool = False,
+    codec: str | None = None,
+    allow_pickle: bool = False,
+    metadata: dict[str, Any] | None = None,
+    files_per_rank: int | None = None,
+    checksum_block_bytes: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> SaveInfo:
     t0 = time.perf_counter()
     coord = Coordinator(process_group)
     store = store_for(path, storage_options)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 
@@ -13,12 +15,23 @@ def host_contiguous(tensor: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
+_PyBUF_READ = 0x100
+_memory_view = ctypes.pythonapi.PyMemoryView_FromMemory
+_memory_view.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)
+_memory_view.restype = ctypes.py_object
+
+
 def as_bytes(tensor: torch.Tensor) -> memoryview:
-    """The bytes of a CPU contiguous tensor, without a copy."""
-    flat = tensor.reshape(-1)
-    if flat.dtype != torch.uint8:
-        flat = flat.view(torch.uint8)
-    return memoryview(flat.numpy()).cast("B")
+    """The bytes of a CPU contiguous tensor, without a copy.
+
+    The view points at the tensor's memory: the caller keeps the tensor alive while the
+    view is used. (A ctypes view costs a fraction of the torch/numpy view calls, which
+    matters when a state_dict holds tens of thousands of small tensors.)
+    """
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
+        return memoryview(b"")
+    return _memory_view(tensor.data_ptr(), nbytes, _PyBUF_READ)
 
 
 def from_bytes(buffer: memoryview | bytearray, dtype: torch.dtype, count: int) -> torch.Tensor:
