@@ -241,7 +241,7 @@ def main() -> int:
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     scratch = tempfile.mkdtemp(prefix="ckptstore-bench-", dir=args.dir or os.path.abspath(args.out))
-    sink = open(os.path.join(args.out, "results.jsonl"), "a")
+    sink = open(os.path.join(args.out, "results.jsonl"), "a")  # noqa: SIM115 - closed in finally
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     emit(
         {
