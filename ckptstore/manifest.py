@@ -22,7 +22,7 @@ import numpy as np
 from ckptstore.dtypes import NAME_TO_DTYPE, itemsize
 from ckptstore.errors import ManifestError
 from ckptstore.gcpause import gc_paused
-from ckptstore.plan import BoxLayout, GridLayout, Layout
+from ckptstore.plan import BoxLayout, GridLayout, Layout, whole_layout
 
 FORMAT_NAME = "ckptstore"
 FORMAT_VERSION = 1
@@ -272,17 +272,6 @@ def _fill_raw_nbytes(t: TensorRecord, nbytes: np.ndarray) -> None:
         for sizes in per_dim:
             vols = np.outer(vols, sizes).ravel()
     nbytes[t.chunk_start : t.chunk_start + n] = vols * size
-
-
-_WHOLE: dict[int, GridLayout] = {}
-
-
-def whole_layout(ndim: int) -> GridLayout:
-    """The layout of a tensor saved as one chunk (shared instances: there are many)."""
-    layout = _WHOLE.get(ndim)
-    if layout is None:
-        layout = _WHOLE[ndim] = GridLayout(tuple((0,) for _ in range(ndim)))
-    return layout
 
 
 def _tensor_to_json(t: TensorRecord) -> dict[str, Any]:

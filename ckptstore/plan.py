@@ -15,6 +15,7 @@ import bisect
 import hashlib
 import itertools
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -23,9 +24,8 @@ from ckptstore.errors import ShardingError
 Box = tuple[tuple[int, ...], tuple[int, ...]]
 
 
-@dataclass(frozen=True, slots=True)
-class TensorDecl:
-    """A global tensor as one rank sees it."""
+class TensorDecl(NamedTuple):
+    """A global tensor as one rank sees it (a tuple: cheap to build, compare and pickle)."""
 
     name: str
     dtype: str
@@ -50,7 +50,7 @@ class RankPlan:
     ``structure_key`` digests declarations and boxes (the plan cache key).
     """
 
-    tensors: list[TensorDecl]
+    tensors: list[TensorDecl] | None  # None in transit when another rank sent the same list
     offsets: np.ndarray
     shapes: np.ndarray
     decl_key: int = 0
@@ -106,6 +106,16 @@ class BoxLayout:
 
 
 Layout = GridLayout | BoxLayout
+
+_WHOLE: dict[int, GridLayout] = {}
+
+
+def whole_layout(ndim: int) -> GridLayout:
+    """The layout of a tensor stored as one chunk (shared instances: there are many)."""
+    layout = _WHOLE.get(ndim)
+    if layout is None:
+        layout = _WHOLE[ndim] = GridLayout(tuple((0,) for _ in range(ndim)))
+    return layout
 
 
 def layout_boxes(layout: Layout, shape: tuple[int, ...]) -> list[Box]:
@@ -228,8 +238,19 @@ def plan_save(rank_plans: list[RankPlan]) -> GlobalPlan:
 
     # -- layouts, and a check that each tensor's chunks tile it exactly ---------------------
     t_start = np.searchsorted(u_gid, np.arange(len(tensors) + 1))
-    layouts: list[Layout] = []
+    # Tensors held whole (replicated or unsharded) are one chunk: no per-tensor work for them.
+    full_shapes = np.ones((len(tensors), ndim), dtype=np.int64)
     for g, decl in enumerate(tensors):
+        full_shapes[g, : len(decl.shape)] = decl.shape
+    whole_row = np.all(u_off == 0, axis=1) & np.all(u_shp == full_shapes[u_gid], axis=1)
+    single = (np.diff(t_start) == 1) & np.append(whole_row, False)[
+        np.minimum(t_start[:-1], len(u_gid))
+    ]
+    layouts: list[Layout] = []
+    for g, (decl, is_whole) in enumerate(zip(tensors, single.tolist(), strict=True)):
+        if is_whole:
+            layouts.append(whole_layout(len(decl.shape)))
+            continue
         a, b = int(t_start[g]), int(t_start[g + 1])
         layouts.append(_layout_of(decl, u_off[a:b], u_shp[a:b]))
 

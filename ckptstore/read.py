@@ -24,8 +24,8 @@ from ckptstore.backends.base import Store
 from ckptstore.checksum import crc32c
 from ckptstore.dtypes import dtype_from_name, itemsize
 from ckptstore.errors import ChecksumError, StoreError
-from ckptstore.manifest import Manifest, TensorRecord, whole_layout
-from ckptstore.plan import Box, overlaps
+from ckptstore.manifest import Manifest, TensorRecord
+from ckptstore.plan import Box, overlaps, whole_layout
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,12 +58,18 @@ class _Piece:
     dest_ptr: int = 0  # set when the piece is one contiguous run into contiguous host memory
 
 
+_Simple = tuple[int, int, int, int, int, str]
+"""A whole one-block raw chunk copied into contiguous host memory: the fast path for the
+tens of thousands of small tensors of a large model (file, start, end, chunk, dest_ptr, name)."""
+
+
 @dataclass
 class _Group:
     file: int
     start: int
     end: int
     pieces: list[_Piece] = field(default_factory=list)
+    simple: list[_Simple] = field(default_factory=list)
 
 
 def _c_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -99,8 +105,8 @@ def _split(overlap: Box, strides: tuple[int, ...], size: int, window: int) -> li
     return [overlap]
 
 
-def _piece_order(p: _Piece) -> tuple[int, int]:
-    return p.file, p.start
+def _span_order(span: tuple) -> tuple[int, int]:
+    return span[0], span[1]
 
 
 def _slices(box: Box, origin: tuple[int, ...]) -> tuple[slice, ...]:
@@ -114,6 +120,7 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
     block = table.block_bytes
     files, offsets, sizes = table.columns[:3]
     pieces: list[_Piece] = []
+    simple: list[_Simple] = []
     for t in targets:
         rec = t.record
         shape = rec.shape
@@ -127,6 +134,9 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
             chunk = rec.chunk_start
             base, nbytes, dest = offsets[chunk], sizes[chunk], t.dest
             ptr = dest.data_ptr() if dest.device.type == "cpu" and dest.is_contiguous() else 0
+            if ptr and nbytes <= block:
+                simple.append((files[chunk], base, base + nbytes, chunk, ptr, t.name))
+                continue
             pieces.append(
                 _Piece(t.name, chunk, files[chunk], base, base + nbytes, 0, -(-nbytes // block),
                        base, shape, _c_strides(shape), dest, dest.dtype, None, nbytes, 0, ptr)
@@ -169,20 +179,25 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
                         rec.codec, math.prod(c_shape) * size, first,
                     )
                 )  # fmt: skip
-    pieces.sort(key=_piece_order)
+    spans = [(p.file, p.start, p.end, p) for p in pieces] + [(q[0], q[1], q[2], q) for q in simple]
+    spans.sort(key=_span_order)
     groups: list[_Group] = []
-    for p in pieces:
-        g = groups[-1] if groups else None
+    g: _Group | None = None
+    for file, start, end, item in spans:
         if (
-            g
-            and g.file == p.file
-            and p.start - g.end <= gap
-            and max(g.end, p.end) - g.start <= window
+            g is not None
+            and g.file == file
+            and start - g.end <= gap
+            and max(g.end, end) - g.start <= window
         ):
-            g.end = max(g.end, p.end)
-            g.pieces.append(p)
+            g.end = max(g.end, end)
         else:
-            groups.append(_Group(p.file, p.start, p.end, [p]))
+            g = _Group(file, start, end)
+            groups.append(g)
+        if type(item) is tuple:
+            g.simple.append(item)
+        else:
+            g.pieces.append(item)
     return groups
 
 
@@ -279,6 +294,17 @@ class ChunkReader:
         block = table.block_bytes
         _, offsets, sizes, crc_first, crcs = table.columns
         view = memoryview(buf)
+        address = buf.ctypes.data - buf_start
+        for _, start, end, chunk, ptr, name in group.simple:
+            found = crc32c(view[start - buf_start : end - buf_start])
+            if found != crcs[crc_first[chunk]]:
+                raise ChecksumError(
+                    f"{self.where}: checksum mismatch in tensor {name!r}, chunk {chunk} "
+                    f"(file {self.manifest.files[group.file]}, bytes {start}..{end}): expected "
+                    f"crc32c {crcs[crc_first[chunk]]:#010x}, found {found:#010x}",
+                    bad=[name],
+                )
+            ctypes.memmove(ptr, address + start, end - start)
         checked: set[tuple[int, int]] = set()
         for p in group.pieces:
             chunk = p.chunk

@@ -9,6 +9,7 @@ of chunk indexes, one broadcast of the commit result.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import time
@@ -236,11 +237,21 @@ def _save_impl(
         assert cached is not None
         writes, global_plan = cached.writes, cached.global_plan
     else:
-        rank_plans = coord.gather(local.rank_plan)
+        # Ranks of one pipeline stage declare the same tensors: only the first rank with a
+        # given declaration list sends it (an all_gather of 8-byte keys decides which).
+        decl_keys = coord.all_gather(local.rank_plan.decl_key)
+        first_with = {key: r for r, key in reversed(list(enumerate(decl_keys)))}
+        mine = local.rank_plan
+        if first_with[mine.decl_key] != coord.rank:
+            mine = dataclasses.replace(mine, tensors=None)
+        rank_plans = coord.gather(mine)
         replies: list[Any] | None = None
         global_plan = None
         if coord.is_coordinator:
             assert rank_plans is not None
+            for rp in rank_plans:
+                if rp.tensors is None:
+                    rp.tensors = rank_plans[first_with[rp.decl_key]].tensors
             try:
                 global_plan = plan_save(rank_plans)
                 replies = [(global_plan.plan_id, w) for w in global_plan.writes]
