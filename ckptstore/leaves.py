@@ -84,7 +84,7 @@ def is_plain(value: Any) -> bool:
     return False
 
 
-@dataclass
+@dataclass(slots=True)
 class Leaf:
     """One named leaf of a flattened state_dict.
 

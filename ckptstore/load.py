@@ -207,18 +207,23 @@ def _match(
     pickled: list[str] = []
     resized = manifest.world_size != coord.world_size
     resized_keys: list[str] = []
+    tensors = manifest.tensors
     for name, leaf in leaves.items():
-        is_tensor = leaf.kind in ("tensor", "rank_tensor")
-        if name in manifest.tensors:
-            rec = manifest.tensors[name]
-            if not is_tensor:
-                problems.append(
-                    f"{name}: the state_dict has a {type(leaf.value).__name__}, "
-                    f"the checkpoint has tensor {_describe(rec)}"
-                )
-                continue
-            _check_tensor(leaf, rec, problems)
-            targets.append(Target(name, rec, leaf.box, leaf.local))
+        kind = leaf.kind
+        rec = tensors.get(name)
+        if rec is not None and (kind == "tensor" or kind == "rank_tensor"):  # the common case
+            local = leaf.local
+            if leaf.global_shape != rec.shape or DTYPE_TO_NAME.get(local.dtype) != rec.dtype:
+                _check_tensor(leaf, rec, problems)
+            else:
+                targets.append(Target(name, rec, leaf.box, local))
+            continue
+        is_tensor = kind in ("tensor", "rank_tensor")
+        if rec is not None:
+            problems.append(
+                f"{name}: the state_dict has a {type(leaf.value).__name__}, "
+                f"the checkpoint has tensor {_describe(rec)}"
+            )
         elif name in manifest.objects:
             obj = manifest.objects[name]
             if is_tensor:

@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -74,8 +74,9 @@ class ChunkTable:
         return int(self.crc_first[chunk]), int(self.crc_first[chunk + 1])
 
 
-@dataclass(frozen=True, slots=True)
-class TensorRecord:
+class TensorRecord(NamedTuple):
+    """One tensor of the manifest (a tuple: manifests hold tens of thousands of these)."""
+
     dtype: str
     shape: tuple[int, ...]
     chunk_start: int

@@ -15,6 +15,7 @@ import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,8 +29,7 @@ from ckptstore.manifest import Manifest, TensorRecord
 from ckptstore.plan import Box, overlaps, whole_layout
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
+class Target(NamedTuple):
     """Fill ``dest`` (shape = ``box`` shape) with region ``box`` of tensor ``name``."""
 
     name: str
