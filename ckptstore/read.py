@@ -56,11 +56,14 @@ class _Piece:
     raw_nbytes: int = 0
     src_elem_in_raw: int = 0  # decoded chunks: element offset inside the raw chunk
     dest_ptr: int = 0  # set when the piece is one contiguous run into contiguous host memory
+    chunk_base: int = 0  # the chunk's offset in its file, size and first checksum index
+    chunk_nbytes: int = 0
+    crc0: int = 0
 
 
-_Simple = tuple[int, int, int, int, int, str]
-"""A whole one-block raw chunk copied into contiguous host memory: the fast path for the
-tens of thousands of small tensors of a large model (file, start, end, chunk, dest_ptr, name)."""
+_Simple = tuple[int, int, int, int, int, str, int]
+"""A whole one-block raw chunk copied into contiguous host memory: the fast path for the tens
+of thousands of small tensors of a large model (file, start, end, crc32c, dest_ptr, name, chunk)."""
 
 
 @dataclass
@@ -118,7 +121,11 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
     """Byte-range requests for ``targets``, grouped and coalesced per file."""
     table = manifest.chunks
     block = table.block_bytes
-    files, offsets, sizes = table.columns[:3]
+    if len(table) <= 16 * len(targets) + 4096:  # most of the table: Python lists are faster
+        files, offsets, sizes, crc_first, crcs = table.columns
+    else:  # a few chunks of a huge table (one rank of many): index the arrays directly
+        files, offsets, sizes = table.file, table.offset, table.nbytes
+        crc_first, crcs = table.crc_first, table.crc32c
     pieces: list[_Piece] = []
     simple: list[_Simple] = []
     for t in targets:
@@ -132,14 +139,18 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
         ):
             # Fast path: the whole tensor is one raw chunk (small and replicated tensors).
             chunk = rec.chunk_start
-            base, nbytes, dest = offsets[chunk], sizes[chunk], t.dest
+            base, nbytes, dest = int(offsets[chunk]), int(sizes[chunk]), t.dest
             ptr = dest.data_ptr() if dest.device.type == "cpu" and dest.is_contiguous() else 0
+            crc0 = int(crc_first[chunk])
             if ptr and nbytes <= block:
-                simple.append((files[chunk], base, base + nbytes, chunk, ptr, t.name))
+                simple.append(
+                    (int(files[chunk]), base, base + nbytes, int(crcs[crc0]), ptr, t.name, chunk)
+                )
                 continue
             pieces.append(
-                _Piece(t.name, chunk, files[chunk], base, base + nbytes, 0, -(-nbytes // block),
-                       base, shape, _c_strides(shape), dest, dest.dtype, None, nbytes, 0, ptr)
+                _Piece(t.name, chunk, int(files[chunk]), base, base + nbytes, 0, -(-nbytes // block),
+                       base, shape, _c_strides(shape), dest, dest.dtype, None, nbytes, 0, ptr,
+                       base, nbytes, crc0)
             )  # fmt: skip
             continue
         size = itemsize(rec.dtype)
@@ -148,16 +159,16 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
             chunk = rec.chunk_start + index
             c_off, c_shape = cbox
             strides = _c_strides(c_shape)
-            file, base, nbytes = files[chunk], offsets[chunk], sizes[chunk]
-            whole = obox == cbox
-            if whole and not rec.codec and nbytes <= window:
+            file, base, nbytes = int(files[chunk]), int(offsets[chunk]), int(sizes[chunk])
+            crc0 = int(crc_first[chunk])
+            if obox == cbox and not rec.codec and nbytes <= window:
                 # The common case (same sharding on save and load): the whole raw chunk.
                 dest = t.dest if t.box == cbox else t.dest[_slices(cbox, t.box[0])]
                 blocks = max(1, -(-nbytes // block))
                 ptr = dest.data_ptr() if dest.is_contiguous() and dest.device.type == "cpu" else 0
                 pieces.append(
                     _Piece(t.name, chunk, file, base, base + nbytes, 0, blocks, base, c_shape,
-                           strides, dest, dtype, None, nbytes, 0, ptr)
+                           strides, dest, dtype, None, nbytes, 0, ptr, base, nbytes, crc0)
                 )  # fmt: skip
                 continue
             parts = [obox] if rec.codec else _split(obox, strides, size, window)
@@ -176,7 +187,7 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
                     _Piece(
                         t.name, chunk, file, base + lo, base + hi, blo, bhi,
                         base + first * size, o_shape, strides, dest, dtype,
-                        rec.codec, math.prod(c_shape) * size, first,
+                        rec.codec, math.prod(c_shape) * size, first, 0, base, nbytes, crc0,
                     )
                 )  # fmt: skip
     spans = [(p.file, p.start, p.end, p) for p in pieces] + [(q[0], q[1], q[2], q) for q in simple]
@@ -292,40 +303,44 @@ class ChunkReader:
         """Verify every block the pieces touch, then copy; ``buf[0]`` is file byte ``buf_start``."""
         table = self.manifest.chunks
         block = table.block_bytes
-        _, offsets, sizes, crc_first, crcs = table.columns
         view = memoryview(buf)
         address = buf.ctypes.data - buf_start
-        for _, start, end, chunk, ptr, name in group.simple:
+        for _, start, end, expected, ptr, name, chunk in group.simple:
             found = crc32c(view[start - buf_start : end - buf_start])
-            if found != crcs[crc_first[chunk]]:
-                raise ChecksumError(
-                    f"{self.where}: checksum mismatch in tensor {name!r}, chunk {chunk} "
-                    f"(file {self.manifest.files[group.file]}, bytes {start}..{end}): expected "
-                    f"crc32c {crcs[crc_first[chunk]]:#010x}, found {found:#010x}",
-                    bad=[name],
-                )
+            if found != expected:
+                self._mismatch(name, chunk, group.file, start, end, expected, found)
             ctypes.memmove(ptr, address + start, end - start)
         checked: set[tuple[int, int]] = set()
         for p in group.pieces:
-            chunk = p.chunk
-            base, nbytes, crc0 = offsets[chunk], sizes[chunk], crc_first[chunk]
             for b in range(p.block_lo, p.block_hi):
-                if p.block_hi - p.block_lo > 1 or len(group.pieces) > 1:
-                    if (chunk, b) in checked:
-                        continue
-                    checked.add((chunk, b))
-                lo = base + b * block - buf_start
-                hi = base + min((b + 1) * block, nbytes) - buf_start
-                found = crc32c(view[lo:hi])
-                if found != crcs[crc0 + b]:
-                    raise ChecksumError(
-                        f"{self.where}: checksum mismatch in tensor {p.name!r}, chunk {chunk}, "
-                        f"block {b} (file {self.manifest.files[p.file]}, bytes {base + b * block}"
-                        f"..{base + min((b + 1) * block, nbytes)}): expected crc32c "
-                        f"{crcs[crc0 + b]:#010x}, found {found:#010x}",
-                        bad=[p.name],
-                    )
+                if (p.chunk, b) in checked:
+                    continue
+                checked.add((p.chunk, b))
+                lo = p.chunk_base + b * block
+                hi = p.chunk_base + min((b + 1) * block, p.chunk_nbytes)
+                found = crc32c(view[lo - buf_start : hi - buf_start])
+                expected = int(table.crc32c[p.crc0 + b])
+                if found != expected:
+                    self._mismatch(p.name, p.chunk, group.file, lo, hi, expected, found, b)
             self._copy(p, buf, buf_start)
+
+    def _mismatch(
+        self,
+        name: str,
+        chunk: int,
+        file: int,
+        lo: int,
+        hi: int,
+        expected: int,
+        found: int,
+        block: int = 0,
+    ) -> None:
+        raise ChecksumError(
+            f"{self.where}: checksum mismatch in tensor {name!r}, chunk {chunk}, block {block} "
+            f"(file {self.manifest.files[file]}, bytes {lo}..{hi}): expected crc32c "
+            f"{expected:#010x}, found {found:#010x}",
+            bad=[name],
+        )
 
     @staticmethod
     def _copy(p: _Piece, buf: np.ndarray, group_start: int) -> None:
