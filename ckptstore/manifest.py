@@ -159,7 +159,7 @@ class Manifest:
             "byte_order": "little",
             "files": self.files,
             "chunks": chunks,
-            "tensors": {name: _tensor_to_json(t) for name, t in self.tensors.items()},
+            "tensors": _tensor_table_to_json(self.tensors),
             "objects": {name: _object_to_json(o) for name, o in self.objects.items()},
             "per_rank": {
                 name: [_entry_to_json(e) for e in entries]
@@ -213,7 +213,7 @@ def _manifest_from_doc(doc: Any, where: str) -> Manifest:
     file_col = _unpack(c["file"], "<u4").astype(np.int64)
     offset_col = _unpack(c["offset"], "<u8").astype(np.int64)
     crcs = _unpack(c["crc32c"], "<u4")
-    tensors = {str(k): _tensor_from_json(v) for k, v in doc["tensors"].items()}
+    tensors = _tensor_table_from_json(doc["tensors"])
     per_rank = {str(k): [_entry_from_json(e) for e in v] for k, v in doc["per_rank"].items()}
     if "nbytes" in c:
         nbytes = _unpack(c["nbytes"], "<u8").astype(np.int64)
@@ -273,6 +273,57 @@ def _fill_raw_nbytes(t: TensorRecord, nbytes: np.ndarray) -> None:
         for sizes in per_dim:
             vols = np.outer(vols, sizes).ravel()
     nbytes[t.chunk_start : t.chunk_start + n] = vols * size
+
+
+def _tensor_table_to_json(tensors: dict[str, TensorRecord]) -> dict[str, Any]:
+    """The tensor table as parallel columns (a manifest may hold tens of thousands of tensors:
+    columns are several times faster to write and parse than one object per tensor)."""
+    records = list(tensors.values())
+    special: dict[str, dict[str, Any]] = {}
+    for i, t in enumerate(records):
+        if t.codec is not None or t.layout is not whole_layout(len(t.shape)):
+            extra = _tensor_to_json(t)
+            for key in ("dtype", "shape", "chunk_start"):
+                del extra[key]
+            if extra:
+                special[str(i)] = extra
+    return {
+        "names": list(tensors),
+        "dtypes": [t.dtype for t in records],
+        "shapes": [t.shape for t in records],
+        "chunk_starts": [t.chunk_start for t in records],
+        "layouts": special,
+    }
+
+
+def _tensor_table_from_json(doc: dict[str, Any]) -> dict[str, TensorRecord]:
+    names, dtypes, shapes, starts = doc["names"], doc["dtypes"], doc["shapes"], doc["chunk_starts"]
+    special = doc["layouts"]
+    if not len(names) == len(dtypes) == len(shapes) == len(starts):
+        raise ManifestError("tensor table columns have different lengths")
+    unknown = set(dtypes) - NAME_TO_DTYPE.keys()
+    if unknown:
+        raise ManifestError(f"unknown dtype(s) {sorted(map(str, unknown))}")
+    if len(set(names)) != len(names):
+        raise ManifestError("duplicate tensor names")
+    out: dict[str, TensorRecord] = {}
+    for i, (name, dtype, shape, start) in enumerate(
+        zip(names, dtypes, shapes, starts, strict=True)
+    ):
+        extra = special.get(str(i)) if special else None
+        if extra is not None:
+            out[name] = _tensor_from_json(
+                {"dtype": dtype, "shape": shape, "chunk_start": start, **extra}
+            )
+            continue
+        shape = tuple(shape)
+        # sum() is a cheap check that every dimension is an int (a float or str would show)
+        if type(sum(shape, 0)) is not int or (shape and min(shape) < 0) or type(start) is not int:
+            raise ManifestError(
+                f"tensor {name!r}: malformed shape {list(shape)} or chunk_start {start!r}"
+            )
+        out[name] = TensorRecord(dtype, shape, start, whole_layout(len(shape)), None)
+    return out
 
 
 def _tensor_to_json(t: TensorRecord) -> dict[str, Any]:

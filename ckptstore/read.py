@@ -128,27 +128,28 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
         crc_first, crcs = table.crc_first, table.crc32c
     pieces: list[_Piece] = []
     simple: list[_Simple] = []
+    whole_of = [whole_layout(n) for n in range(8)]
     for t in targets:
-        rec = t.record
+        name, rec, box, dest = t
         shape = rec.shape
         if (
-            rec.layout is whole_layout(len(shape))
-            and rec.codec is None
-            and t.box[1] == shape
+            rec.codec is None
+            and box[1] == shape
+            and len(shape) < 8
+            and rec.layout is whole_of[len(shape)]
             and 0 < sizes[rec.chunk_start] <= window
         ):
             # Fast path: the whole tensor is one raw chunk (small and replicated tensors).
             chunk = rec.chunk_start
-            base, nbytes, dest = int(offsets[chunk]), int(sizes[chunk]), t.dest
-            ptr = dest.data_ptr() if dest.device.type == "cpu" and dest.is_contiguous() else 0
-            crc0 = int(crc_first[chunk])
+            base, nbytes, crc0 = int(offsets[chunk]), int(sizes[chunk]), int(crc_first[chunk])
+            ptr = dest.data_ptr() if dest.is_cpu and dest.is_contiguous() else 0
             if ptr and nbytes <= block:
                 simple.append(
-                    (int(files[chunk]), base, base + nbytes, int(crcs[crc0]), ptr, t.name, chunk)
+                    (int(files[chunk]), base, base + nbytes, int(crcs[crc0]), ptr, name, chunk)
                 )
                 continue
             pieces.append(
-                _Piece(t.name, chunk, int(files[chunk]), base, base + nbytes, 0, -(-nbytes // block),
+                _Piece(name, chunk, int(files[chunk]), base, base + nbytes, 0, -(-nbytes // block),
                        base, shape, _c_strides(shape), dest, dest.dtype, None, nbytes, 0, ptr,
                        base, nbytes, crc0)
             )  # fmt: skip
@@ -165,7 +166,7 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
                 # The common case (same sharding on save and load): the whole raw chunk.
                 dest = t.dest if t.box == cbox else t.dest[_slices(cbox, t.box[0])]
                 blocks = max(1, -(-nbytes // block))
-                ptr = dest.data_ptr() if dest.is_contiguous() and dest.device.type == "cpu" else 0
+                ptr = dest.data_ptr() if dest.is_cpu and dest.is_contiguous() else 0
                 pieces.append(
                     _Piece(t.name, chunk, file, base, base + nbytes, 0, blocks, base, c_shape,
                            strides, dest, dtype, None, nbytes, 0, ptr, base, nbytes, crc0)
@@ -190,25 +191,26 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
                         rec.codec, math.prod(c_shape) * size, first, 0, base, nbytes, crc0,
                     )
                 )  # fmt: skip
-    spans = [(p.file, p.start, p.end, p) for p in pieces] + [(q[0], q[1], q[2], q) for q in simple]
+    spans = [(p.file, p.start, p.end, p) for p in pieces]
+    spans += [(q[0], q[1], q[2], q) for q in simple]
     spans.sort(key=_span_order)
     groups: list[_Group] = []
-    g: _Group | None = None
+    g_file, g_start, g_end = -1, 0, 0
+    g_simple: list[_Simple] = []
+    g_pieces: list[_Piece] = []
     for file, start, end, item in spans:
-        if (
-            g is not None
-            and g.file == file
-            and start - g.end <= gap
-            and max(g.end, end) - g.start <= window
-        ):
-            g.end = max(g.end, end)
-        else:
-            g = _Group(file, start, end)
-            groups.append(g)
+        if file != g_file or start - g_end > gap or max(g_end, end) - g_start > window:
+            if g_file >= 0:
+                groups.append(_Group(g_file, g_start, g_end, g_pieces, g_simple))
+            g_file, g_start, g_end, g_pieces, g_simple = file, start, end, [], []
+        elif end > g_end:
+            g_end = end
         if type(item) is tuple:
-            g.simple.append(item)
+            g_simple.append(item)
         else:
-            g.pieces.append(item)
+            g_pieces.append(item)
+    if g_file >= 0:
+        groups.append(_Group(g_file, g_start, g_end, g_pieces, g_simple))
     return groups
 
 

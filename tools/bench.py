@@ -259,7 +259,7 @@ def main() -> int:
         for workload in args.workloads:
             root = os.path.join(scratch, workload)
             os.makedirs(root)
-            repeats = 3 if workload == "large" else 1
+            repeats = 3
             per_rank = run_ranks(4, save_and_load, workload, root, repeats, timeout=1800)
             r = {k: max(p[k] for p in per_rank) for k in per_rank[0]}
             emit(
