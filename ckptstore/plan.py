@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import itertools
+import pickle
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -59,12 +60,15 @@ class RankPlan:
     @classmethod
     def build(cls, tensors: list[TensorDecl], boxes: list[Box]) -> RankPlan:
         ndim = max((len(t.shape) for t in tensors), default=0)
-        offsets = np.zeros((len(tensors), ndim), dtype=np.int64)
-        shapes = np.ones((len(tensors), ndim), dtype=np.int64)
-        for i, (offs, shp) in enumerate(boxes):
-            offsets[i, : len(offs)] = offs
-            shapes[i, : len(shp)] = shp
-        decl_bytes = repr([(t.name, t.dtype, t.shape) for t in tensors]).encode()
+        if all(len(t.shape) == ndim for t in tensors):
+            offs_rows: list = [b[0] for b in boxes]
+            shape_rows: list = [b[1] for b in boxes]
+        else:  # pad to ndim columns: offsets with 0, shapes with 1
+            offs_rows = [o + (0,) * (ndim - len(o)) for o, _ in boxes]
+            shape_rows = [s + (1,) * (ndim - len(s)) for _, s in boxes]
+        offsets = np.array(offs_rows, dtype=np.int64).reshape(len(tensors), ndim)
+        shapes = np.array(shape_rows, dtype=np.int64).reshape(len(tensors), ndim)
+        decl_bytes = pickle.dumps([tuple(t) for t in tensors], protocol=4)
         decl_key = _digest(decl_bytes)
         structure_key = _digest(decl_bytes, offsets.tobytes(), shapes.tobytes())
         return cls(tensors, offsets, shapes, decl_key, structure_key)

@@ -306,12 +306,14 @@ class ChunkReader:
         table = self.manifest.chunks
         block = table.block_bytes
         view = memoryview(buf)
-        address = buf.ctypes.data - buf_start
-        for _, start, end, expected, ptr, name, chunk in group.simple:
-            found = crc32c(view[start - buf_start : end - buf_start])
-            if found != expected:
-                self._mismatch(name, chunk, group.file, start, end, expected, found)
-            ctypes.memmove(ptr, address + start, end - start)
+        address = buf.ctypes.data
+        check, move = crc32c, ctypes.memmove  # locals: this loop runs once per small tensor
+        for item in group.simple:
+            lo, hi = item[1] - buf_start, item[2] - buf_start
+            if check(view[lo:hi]) != item[3]:
+                found = check(view[lo:hi])
+                self._mismatch(item[5], item[6], group.file, item[1], item[2], item[3], found)
+            move(item[4], address + lo, hi - lo)
         checked: set[tuple[int, int]] = set()
         for p in group.pieces:
             for b in range(p.block_lo, p.block_hi):

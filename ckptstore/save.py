@@ -392,7 +392,6 @@ def _commit(
             store.write(MANIFEST_KEY, data)
         else:
             store.write_if_absent(MANIFEST_KEY, data)
-        store.sync()
     except KeyExistsError:
         return CheckpointExistsError(f"{store.url}: another save committed this checkpoint first")
     except Exception as exc:
