@@ -136,9 +136,6 @@ class Store(abc.ABC):
             self.delete(key)
         return len(keys)
 
-    def sync(self) -> None:  # noqa: B027 - a no-op is right for most backends
-        """Make committed writes durable where the backend batches that (e.g. directory fsync)."""
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
 

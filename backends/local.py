@@ -169,9 +169,3 @@ class LocalStore(Store):
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(key))
-
-    def sync(self) -> None:
-        if not self.durable or not os.path.isdir(self.root):
-            return
-        for dirpath, _dirs, _files in os.walk(self.root):
-            _fsync_dir(dirpath)

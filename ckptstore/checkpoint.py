@@ -11,7 +11,7 @@ import torch
 
 from ckptstore.backends.base import Store
 from ckptstore.dtypes import dtype_from_name
-from ckptstore.errors import CkptStoreError, PickleNotAllowedError
+from ckptstore.errors import PickleNotAllowedError
 from ckptstore.load import read_blob
 from ckptstore.locate import read_manifest, store_for
 from ckptstore.manifest import Manifest, ObjectRecord, TensorRecord
@@ -158,8 +158,4 @@ def open_checkpoint(
         CheckpointNotFoundError / IncompleteCheckpointError / ManifestError.
     """
     store = store_for(path, storage_options)
-    try:
-        manifest = read_manifest(store)
-    except CkptStoreError:
-        raise
-    return Checkpoint(store, manifest)
+    return Checkpoint(store, read_manifest(store))

@@ -109,17 +109,6 @@ class GridLayout:
             n *= len(s)
         return n
 
-    def is_regular(self, shape: tuple[int, ...]) -> bool:
-        """Equal chunk sizes along each dim (last may be short): what zarr calls regular."""
-        for starts, size in zip(self.starts, shape, strict=True):
-            if len(starts) > 1:
-                step = starts[1] - starts[0]
-                if any(b - a != step for a, b in itertools.pairwise(starts)):
-                    return False
-                if size - starts[-1] > step:
-                    return False
-        return True
-
 
 @dataclass(frozen=True, slots=True)
 class BoxLayout:
@@ -145,24 +134,6 @@ def whole_layout(ndim: int) -> GridLayout:
     return layout
 
 
-def layout_boxes(layout: Layout, shape: tuple[int, ...]) -> list[Box]:
-    """Every chunk's box, in manifest order."""
-    if isinstance(layout, BoxLayout):
-        nd = len(shape)
-        return [
-            (tuple(int(x) for x in o[:nd]), tuple(int(x) for x in s[:nd]))
-            for o, s in zip(layout.offsets, layout.shapes, strict=True)
-        ]
-    extents = [
-        [(a, (starts[i + 1] if i + 1 < len(starts) else size) - a) for i, a in enumerate(starts)]
-        for starts, size in zip(layout.starts, shape, strict=True)
-    ]
-    return [
-        (tuple(c[0] for c in cell), tuple(c[1] for c in cell))
-        for cell in itertools.product(*extents)
-    ]
-
-
 @dataclass
 class GlobalPlan:
     """The coordinator's view of one save structure; cached while the structure holds.
@@ -183,9 +154,6 @@ class GlobalPlan:
     @property
     def chunk_count(self) -> int:
         return len(self.chunk_writer)
-
-    def bytes_per_rank(self) -> np.ndarray:
-        return np.bincount(self.chunk_writer, weights=self.chunk_nbytes, minlength=len(self.writes))
 
 
 def plan_save(rank_plans: list[RankPlan]) -> GlobalPlan:
@@ -378,28 +346,6 @@ def _layout_of(decl: TensorDecl, offs: np.ndarray, shps: np.ndarray) -> Layout:
                 f"{offs[j, :nd].tolist()} overlap without being identical"
             )
     return BoxLayout(offs[:, :nd].copy(), shps[:, :nd].copy())
-
-
-def chunk_box(layout: Layout, shape: tuple[int, ...], index: int) -> Box:
-    """The box of chunk ``index`` (manifest order) of a tensor."""
-    if isinstance(layout, BoxLayout):
-        nd = len(shape)
-        return (
-            tuple(int(x) for x in layout.offsets[index, :nd]),
-            tuple(int(x) for x in layout.shapes[index, :nd]),
-        )
-    coords = []
-    for starts in reversed(layout.starts):
-        index, i = divmod(index, len(starts))
-        coords.append(i)
-    coords.reverse()
-    offs, shp = [], []
-    for d, i in enumerate(coords):
-        starts = layout.starts[d]
-        end = starts[i + 1] if i + 1 < len(starts) else shape[d]
-        offs.append(starts[i])
-        shp.append(end - starts[i])
-    return tuple(offs), tuple(shp)
 
 
 def overlaps(layout: Layout, shape: tuple[int, ...], box: Box) -> list[tuple[int, Box, Box]]:

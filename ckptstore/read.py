@@ -214,6 +214,9 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
     return groups
 
 
+_WORDS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 class _BufferPool:
     """Bounce buffers reused across loads: fresh memory costs a page fault per 4 KiB."""
 
@@ -359,11 +362,19 @@ class ChunkReader:
         else:
             raw = buf
             lo = p.src_byte - group_start
-        # Copy bytes, not values: every dtype (float8, float4, complex32, ...) moves bit-exactly
-        # and no dtype kernel is involved. The trailing dim of ``size`` bytes keeps any
-        # destination strides valid.
+        # Copy bits, not values: both sides are viewed as integers of the element's width, so
+        # every dtype (float8, float4, complex32, ...) moves bit-exactly through torch's
+        # well-vectorized integer copy kernels, whatever the strides.
         extent = sum((n - 1) * s for n, s in zip(p.src_shape, p.src_strides, strict=True)) + 1
-        src = torch.from_numpy(raw[lo : lo + extent * size]).as_strided(
-            (*p.src_shape, size), (*(s * size for s in p.src_strides), 1)
-        )
-        p.dest.unsqueeze(-1).view(torch.uint8).copy_(src)
+        raw_t = torch.from_numpy(raw[lo : lo + extent * size])
+        word = _WORDS.get(size)
+        if word is not None:
+            src = raw_t.view(word).as_strided(p.src_shape, p.src_strides)
+            dest = p.dest if p.dest.dtype == word else p.dest.view(word)
+        else:  # 16-byte elements (complex128): two int64 words each
+            lanes = size // 8
+            src = raw_t.view(torch.int64).as_strided(
+                (*p.src_shape, lanes), (*(s * lanes for s in p.src_strides), 1)
+            )
+            dest = p.dest.unsqueeze(-1).view(torch.int64)
+        dest.copy_(src)

@@ -32,9 +32,3 @@ def as_bytes(tensor: torch.Tensor) -> memoryview:
     if nbytes == 0:
         return memoryview(b"")
     return _memory_view(tensor.data_ptr(), nbytes, _PyBUF_READ)
-
-
-def from_bytes(buffer: memoryview | bytearray, dtype: torch.dtype, count: int) -> torch.Tensor:
-    """A 1-D tensor of ``count`` elements of ``dtype`` over ``buffer`` (shares memory)."""
-    raw = torch.frombuffer(buffer, dtype=torch.uint8, count=count * dtype.itemsize)
-    return raw if dtype == torch.uint8 else raw.view(dtype)
