@@ -319,6 +319,18 @@ class ChunkReader:
             move(item[4], address + lo, hi - lo)
         checked: set[tuple[int, int]] = set()
         for p in group.pieces:
+            if p.dest_ptr and p.start == p.chunk_base:
+                # A whole raw chunk into contiguous memory: verify and copy block by block, so
+                # the copy reads each block while it is still in cache from its checksum.
+                for b in range(p.block_lo, p.block_hi):
+                    lo = p.chunk_base + b * block
+                    hi = p.chunk_base + min((b + 1) * block, p.chunk_nbytes)
+                    found = crc32c(view[lo - buf_start : hi - buf_start])
+                    expected = int(table.crc32c[p.crc0 + b])
+                    if found != expected:
+                        self._mismatch(p.name, p.chunk, group.file, lo, hi, expected, found, b)
+                    move(p.dest_ptr + lo - p.chunk_base, address + lo - buf_start, hi - lo)
+                continue
             for b in range(p.block_lo, p.block_hi):
                 if (p.chunk, b) in checked:
                     continue
