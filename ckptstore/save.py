@@ -127,6 +127,48 @@ def _prepare(leaves: dict[str, Leaf], is_coordinator: bool, allow_pickle: bool) 
     return _Local(tensor_leaves, plan, rank_tensors, values, rank_values, blobs, rank_blobs)
 
 
+@dataclass
+class SaveOptions:
+    """Options of one save (see :func:`save` for their meaning)."""
+
+    overwrite: bool = False
+    codec: str | None = None
+    allow_pickle: bool = False
+    metadata: dict[str, Any] | None = None
+    files_per_rank: int | None = None
+    checksum_block_bytes: int | None = None
+    storage_options: dict[str, Any] | None = None
+
+    @property
+    def block(self) -> int:
+        return self.checksum_block_bytes or knobs.checksum_block_bytes()
+
+
+@dataclass
+class PlannedSave:
+    """A save after its foreground collectives: what this rank writes, ready to stage/write."""
+
+    store: Store
+    options: SaveOptions
+    rank: int
+    world_size: int
+    local: _Local
+    writes: np.ndarray
+    global_plan: GlobalPlan | None
+    plan_cached: bool
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def tensors_to_write(self) -> list[torch.Tensor]:
+        """This rank's tensors in write order: its planned chunks, then per-rank tensors."""
+        leaves = self.local.tensor_leaves
+        return [leaves[i].local for i in self.writes.tolist()] + [
+            leaf.local for leaf in self.local.rank_tensors
+        ]
+
+    def blobs(self) -> list[bytes]:
+        return [*self.local.blobs.values(), *self.local.rank_blobs.values()]
+
+
 def save(
     state_dict: Any,
     path: str | os.PathLike[str] | Store,
@@ -157,55 +199,58 @@ def save(
         files_per_rank: data files (and writer threads) per rank.
         checksum_block_bytes: bytes covered by each crc32c.
     """
+    options = SaveOptions(
+        overwrite,
+        codec,
+        allow_pickle,
+        metadata,
+        files_per_rank,
+        checksum_block_bytes,
+        storage_options,
+    )
+    coord = Coordinator(process_group)
     with gc_paused():  # bulk object creation; see ckptstore.gcpause
-        return _save_impl(
-            state_dict,
-            path,
-            process_group=process_group,
-            overwrite=overwrite,
-            codec=codec,
-            allow_pickle=allow_pickle,
-            metadata=metadata,
-            files_per_rank=files_per_rank,
-            checksum_block_bytes=checksum_block_bytes,
-            storage_options=storage_options,
-        )
+        planned = plan_save_collective(state_dict, path, coord, options, id(process_group))
+        t = time.perf_counter()
+        keep_alive = [host_contiguous(x) for x in planned.tensors_to_write()]
+        items = [WriteItem(as_bytes(x), codec) for x in keep_alive]
+        items += [WriteItem(memoryview(b)) for b in planned.blobs()]
+        result, error = write_planned(planned, items)
+        del keep_alive
+        planned.seconds["write"] = time.perf_counter() - t
+        return commit_collective(planned, result, error, coord)
 
 
-def _save_impl(
+def plan_save_collective(
     state_dict: Any,
     path: str | os.PathLike[str] | Store,
-    *,
-    process_group: torch.distributed.ProcessGroup | None = None,
-    overwrite: bool = False,
-    codec: str | None = None,
-    allow_pickle: bool = False,
-    metadata: dict[str, Any] | None = None,
-    files_per_rank: int | None = None,
-    checksum_block_bytes: int | None = None,
-    storage_options: dict[str, Any] | None = None,
-) -> SaveInfo:
+    coord: Coordinator,
+    options: SaveOptions,
+    group_key: int,
+) -> PlannedSave:
+    """The foreground part of a save: flatten, agree, plan (or reuse the cached plan).
+
+    Collectives on ``coord``: one all_reduce; on a plan-cache miss an all_gather of
+    declaration keys, a gather and a scatter. Raises on every rank if any rank failed.
+    """
     t0 = time.perf_counter()
-    coord = Coordinator(process_group)
-    store = store_for(path, storage_options)
-    block = checksum_block_bytes or knobs.checksum_block_bytes()
-    if codec is not None:
+    store = store_for(path, options.storage_options)
+    if options.codec is not None:
         from ckptstore.codecs import get_codec
 
-        get_codec(codec)
+        get_codec(options.codec)
 
-    # -- phase 1: prepare locally, then one all_reduce decides what happens --------------
+    # -- one all_reduce decides: plan cache hit everywhere? checkpoint exists? any error? ---
     local: _Local | None = None
     error: BaseException | None = None
     try:
-        local = _prepare(flatten(state_dict), coord.is_coordinator, allow_pickle)
-        if metadata is not None:
+        local = _prepare(flatten(state_dict), coord.is_coordinator, options.allow_pickle)
+        if options.metadata is not None:
             import json
 
-            json.dumps(metadata)
+            json.dumps(options.metadata)
     except (CkptStoreError, TypeError, ValueError) as exc:
         error = exc
-    group_key = id(process_group)
     cached = None
     structure_key = local.rank_plan.structure_key if local else -1
     if local is not None:
@@ -214,7 +259,7 @@ def _save_impl(
             _PLAN_CACHE.move_to_end((group_key, structure_key))
     my_plan_id = cached.plan_id if cached else -1
     exists = 0
-    if coord.is_coordinator and not overwrite and error is None:
+    if coord.is_coordinator and not options.overwrite and error is None:
         exists = int(store.exists(MANIFEST_KEY))
     hi, neg_lo, exists, failed = coord.max_ints(
         [my_plan_id, -my_plan_id, exists, int(error is not None)]
@@ -232,7 +277,7 @@ def _save_impl(
     plan_cached = hi == -neg_lo and hi >= 0
     t_plan = time.perf_counter()
 
-    # -- phase 2: plan (only when some rank's structure changed) ---------------------------
+    # -- plan, only when some rank's structure changed --------------------------------------
     if plan_cached:
         assert cached is not None
         writes, global_plan = cached.writes, cached.global_plan
@@ -264,70 +309,69 @@ def _save_impl(
         _PLAN_CACHE[(group_key, structure_key)] = _CachedPlan(plan_id, writes, global_plan)
         while len(_PLAN_CACHE) > knobs.plan_cache_size():
             _PLAN_CACHE.popitem(last=False)
-    t_write = time.perf_counter()
+    t_end = time.perf_counter()
+    return PlannedSave(
+        store, options, coord.rank, coord.world_size, local, writes, global_plan, plan_cached,
+        {"prepare": t_plan - t0, "plan": t_end - t_plan},
+    )  # fmt: skip
 
-    # -- phase 3: write this rank's chunks, per-rank tensors and blobs ----------------------
-    result: WriteResult | None = None
-    error = None
+
+def write_planned(
+    planned: PlannedSave, items: list[WriteItem]
+) -> tuple[WriteResult | None, BaseException | None]:
+    """Write this rank's items (no collective); an error is returned, to be reported at commit."""
     try:
-        keep_alive: list[torch.Tensor] = []
-        items: list[WriteItem] = []
-        for i in writes.tolist():
-            t = host_contiguous(local.tensor_leaves[i].local)
-            keep_alive.append(t)
-            items.append(WriteItem(as_bytes(t), codec))
-        for leaf in local.rank_tensors:
-            t = host_contiguous(leaf.local)
-            keep_alive.append(t)
-            items.append(WriteItem(as_bytes(t), codec))
-        blob_items = [*local.blobs.values(), *local.rank_blobs.values()]
-        items += [WriteItem(memoryview(b)) for b in blob_items]
         result = write_items(
-            store,
+            planned.store,
             items,
-            rank=coord.rank,
-            files=files_per_rank or knobs.files_per_rank(),
-            block_bytes=block,
+            rank=planned.rank,
+            files=planned.options.files_per_rank or knobs.files_per_rank(),
+            block_bytes=planned.options.block,
             pack_bytes=knobs.pack_bytes(),
         )
-        del keep_alive
     except Exception as exc:  # reported to the coordinator, which aborts the commit
-        error = exc
-    t_commit = time.perf_counter()
+        return None, exc
+    return result, None
 
-    # -- phase 4: gather indexes, commit on the coordinator, tell everyone ----------------
+
+def commit_collective(
+    planned: PlannedSave,
+    result: WriteResult | None,
+    error: BaseException | None,
+    coord: Coordinator,
+) -> SaveInfo:
+    """Gather chunk indexes, commit on the coordinator, tell everyone (a gather + a broadcast)."""
+    t = time.perf_counter()
+    local, options = planned.local, planned.options
     report = (
-        _RankReport.of(result, local, codec) if result is not None else None,
+        _RankReport.of(result, local, options.codec) if result is not None else None,
         None if error is None else f"{type(error).__name__}: {error}",
     )
     reports = coord.gather(report)
     outcome: Any = None
     if coord.is_coordinator:
-        assert reports is not None and global_plan is not None
+        assert reports is not None and planned.global_plan is not None
         outcome = _commit(
-            store, reports, global_plan, local, codec, block, overwrite, metadata, coord
-        )
+            planned.store, reports, planned.global_plan, local, options.block,
+            options.overwrite, options.metadata,
+        )  # fmt: skip
     outcome = coord.broadcast(outcome)
     if isinstance(outcome, BaseException):
         if error is not None:
             raise error
         raise outcome
-    t_end = time.perf_counter()
+    seconds = dict(planned.seconds)
+    seconds["commit"] = time.perf_counter() - t
+    seconds["total"] = sum(seconds.values())
     return SaveInfo(
-        path=store.url,
-        world_size=coord.world_size,
+        path=planned.store.url,
+        world_size=planned.world_size,
         tensors=outcome["tensors"],
         total_bytes=outcome["total_bytes"],
         rank_bytes_written=result.bytes_written if result else 0,
         files=outcome["files"],
-        plan_cached=plan_cached,
-        seconds={
-            "prepare": t_plan - t0,
-            "plan": t_write - t_plan,
-            "write": t_commit - t_write,
-            "commit": t_end - t_commit,
-            "total": t_end - t0,
-        },
+        plan_cached=planned.plan_cached,
+        seconds=seconds,
     )
 
 
@@ -375,11 +419,9 @@ def _commit(
     reports: list[tuple[_RankReport | None, str | None]],
     plan: GlobalPlan,
     local: _Local,
-    codec: str | None,
     block: int,
     overwrite: bool,
     metadata: dict[str, Any] | None,
-    coord: Coordinator,
 ) -> Any:
     """Build and commit the manifest (coordinator only); returns a summary or an exception."""
     failed = [f"rank {r}: {msg}" for r, (_, msg) in enumerate(reports) if msg is not None]
