@@ -7,6 +7,7 @@
 """
 
 from ckptstore import errors
+from ckptstore.async_save import AsyncSaveHandle, async_save
 from ckptstore.checkpoint import Checkpoint, ObjectMeta, TensorMeta
 from ckptstore.checkpoint import open_checkpoint as open
 from ckptstore.leaves import PerRank, Sharded
@@ -16,6 +17,7 @@ from ckptstore.save import SaveInfo, save
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncSaveHandle",
     "Checkpoint",
     "LoadInfo",
     "ObjectMeta",
@@ -23,6 +25,7 @@ __all__ = [
     "SaveInfo",
     "Sharded",
     "TensorMeta",
+    "async_save",
     "errors",
     "load",
     "open",

@@ -330,7 +330,12 @@ def write_planned(
             pack_bytes=knobs.pack_bytes(),
         )
     except Exception as exc:  # reported to the coordinator, which aborts the commit
-        return None, exc
+        error = SaveError(
+            f"{planned.store.url}: rank {planned.rank} could not write its data: "
+            f"{type(exc).__name__}: {exc}"
+        )
+        error.__cause__ = exc
+        return None, error
     return result, None
 
 

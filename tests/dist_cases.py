@@ -210,3 +210,54 @@ def inconsistent_shapes(rank: int, world: int, root: str) -> str:
 def barrier_ok(rank: int, world: int) -> int:
     dist.barrier()
     return rank
+
+
+def async_saves(rank: int, world: int, root: str, persist: str) -> dict:
+    """Three async saves of a changing sharded state; each checkpoint holds its own step."""
+    import ckptstore as cs
+
+    mesh = init_device_mesh("cpu", (world,))
+    w = distribute_tensor(torch.zeros(64, 32), mesh, [Shard(0)])
+    stalls, ptrs, infos = [], [], []
+    for step in range(3):
+        w.to_local().fill_(float(step))
+        handle = cs.async_save(
+            {"w": w, "step": step, "rng": cs.PerRank(rank)}, f"{root}/s{step}", persist=persist
+        )
+        w.to_local().fill_(-1.0)  # changing the tensor after return must not affect the save
+        stalls.append(handle.stall_seconds)
+        infos.append(handle)
+    results = [h.wait() for h in infos]
+    for step in range(3):
+        dest = distribute_tensor(torch.zeros(64, 32), mesh, [Shard(0)])
+        sd = {"w": dest, "step": -1, "rng": cs.PerRank(-1)}
+        cs.load(sd, f"{root}/s{step}")
+        assert torch.equal(dest.to_local(), torch.full_like(dest.to_local(), float(step))), step
+        assert sd["step"] == step and sd["rng"].value == rank
+    return {"stalls": stalls, "cached": [r.plan_cached for r in results], "ptrs": ptrs}
+
+
+def async_failure_everywhere(rank: int, world: int, root: str) -> list[str]:
+    """A write that fails on one rank fails the save on every rank, via wait() or the next call."""
+    import os
+
+    import ckptstore as cs
+
+    if rank == 1:  # a file where the data directory should be: this rank's write fails
+        os.makedirs(f"{root}/bad", exist_ok=True)
+    dist.barrier()
+    if rank == 1:
+        with open(f"{root}/bad/data", "w") as f:
+            f.write("not a directory")
+    dist.barrier()
+    out = []
+    handle = cs.async_save({"w": torch.ones(8) * rank}, f"{root}/bad")
+    try:
+        handle.wait()
+        out.append("saved")
+    except CkptStoreError as exc:
+        out.append(type(exc).__name__)
+    # already reported through wait(): the next save goes ahead
+    cs.async_save({"w": torch.ones(8)}, f"{root}/good").wait()
+    out.append("next ok")
+    return out

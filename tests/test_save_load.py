@@ -63,7 +63,11 @@ def test_every_dtype_roundtrips_bit_exactly(tmp_path, codec) -> None:
     # strided regions (not whole chunks) go through the general copy path
     for k in names:
         assert same_bits(ck.read(k, (slice(1, 4), slice(1, 3))), sd[k][1:4, 1:3].contiguous()), k
-        dest = torch.zeros(5, 2, dtype=torch.uint8).view(sd[k].dtype) if sd[k].dtype.itemsize == 1 else None
+        dest = (
+            torch.zeros(5, 2, dtype=torch.uint8).view(sd[k].dtype)
+            if sd[k].dtype.itemsize == 1
+            else None
+        )
         if dest is not None:  # a non-contiguous destination: a column block of a wider tensor
             wide = torch.zeros(5, 4, dtype=torch.uint8).view(sd[k].dtype)
             cs.load({k: cs.Sharded(wide[:, 1:3], (5, 3), (0, 1))}, tmp_path / "c", strict=False)

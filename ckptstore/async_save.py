@@ -1,0 +1,232 @@
+"""``async_save``: the training loop waits only for a host copy of what this rank writes.
+
+Foreground (the caller's thread, the training's process group): flatten, the plan collectives
+(one all_reduce in steady state), and the copy of this rank's chunks into a reused staging
+buffer. Background (one worker thread per process): writing, checksumming, and the commit
+collectives -- on a dedicated gloo group created once, never on the training's group.
+
+At most one save is in flight: ``async_save`` first waits for the previous one to finish
+(backpressure), and raises its error if it failed and nobody has seen that error yet.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ckptstore.backends.base import Store
+from ckptstore.coordinate import Coordinator
+from ckptstore.gcpause import gc_paused
+from ckptstore.save import (
+    PlannedSave,
+    SaveInfo,
+    SaveOptions,
+    commit_collective,
+    plan_save_collective,
+    write_planned,
+)
+from ckptstore.staging import StagedTensors, StagingPool
+from ckptstore.tensor_bytes import as_bytes
+from ckptstore.write import WriteItem
+
+PERSIST_MODES = ("thread", "process")
+
+
+class AsyncSaveHandle:
+    """The part of an :func:`async_save` that goes on in the background."""
+
+    def __init__(self, future: Future, staged: StagedTensors, path: str, stall: float) -> None:
+        self._future = future
+        self._staged = staged
+        self.path = path
+        self.stall_seconds = stall
+        """How long the caller was blocked by :func:`async_save`."""
+        self._reported = False
+
+    def staged(self) -> None:
+        """Wait until the device -> host copies are complete (with ``stage_async=True``).
+
+        Call it before changing the saved tensors (e.g. before the optimizer step).
+        """
+        self._staged.wait_copies()
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self, timeout: float | None = None) -> SaveInfo:
+        """The same :class:`SaveInfo` as :func:`ckptstore.save`; raises what went wrong."""
+        try:
+            return self._future.result(timeout)
+        except BaseException:
+            if self._future.done():
+                self._reported = True
+            raise
+
+    def _unreported_error(self) -> BaseException | None:
+        if self._reported or not self._future.done():
+            return None
+        exc = self._future.exception()
+        if exc is not None:
+            self._reported = True
+        return exc
+
+
+class _AsyncState:
+    """Per-process machinery, created on first use."""
+
+    def __init__(self) -> None:
+        self.pool = StagingPool(slots=1)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptstore-async")
+        self.groups: dict[int, Any] = {}
+        self.last: AsyncSaveHandle | None = None
+        self.lock = threading.Lock()
+        atexit.register(self.finish_at_exit)
+
+    def background_group(self, process_group: Any) -> Any:
+        """A gloo group with the same ranks as ``process_group``, created once (a collective)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        key = id(process_group)
+        if key not in self.groups:
+            ranks = (
+                dist.get_process_group_ranks(process_group) if process_group is not None else None
+            )
+            self.groups[key] = dist.new_group(ranks=ranks, backend="gloo")
+        return self.groups[key]
+
+    def finish_at_exit(self) -> None:
+        handle = self.last
+        if handle is None or handle._reported:
+            self.pool.close()
+            return
+        try:
+            handle.wait(timeout=float(os.environ.get("CKPTSTORE_EXIT_WAIT_S", "600")))
+        except BaseException as exc:  # an exit hook can only report
+            print(
+                f"ckptstore: the asynchronous save to {handle.path} did not complete: "
+                f"{type(exc).__name__}: {exc}",
+                file=sys.stderr,
+            )
+        self.pool.close()
+
+
+_STATE: _AsyncState | None = None
+
+
+def _state() -> _AsyncState:
+    global _STATE
+    if _STATE is None:
+        _STATE = _AsyncState()
+    return _STATE
+
+
+def raise_pending_error() -> None:
+    """Raise the error of the last asynchronous save if it failed and was never reported."""
+    state = _STATE
+    if state is not None and state.last is not None:
+        exc = state.last._unreported_error()
+        if exc is not None:
+            raise exc
+
+
+def wait_pending(timeout: float | None = None) -> SaveInfo | None:
+    """Wait for the asynchronous save in flight, if any; raises its error."""
+    state = _STATE
+    if state is None or state.last is None:
+        return None
+    return state.last.wait(timeout)
+
+
+def async_save(
+    state_dict: Any,
+    path: str | os.PathLike[str] | Store,
+    *,
+    process_group: torch.distributed.ProcessGroup | None = None,
+    persist: str = "thread",
+    stage_async: bool = False,
+    overwrite: bool = False,
+    codec: str | None = None,
+    allow_pickle: bool = False,
+    metadata: dict[str, Any] | None = None,
+    files_per_rank: int | None = None,
+    checksum_block_bytes: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> AsyncSaveHandle:
+    """Start saving ``state_dict``; return once this rank's data is copied to host memory.
+
+    A collective like :func:`ckptstore.save` (same options). After it returns the caller may
+    change its tensors; the write, the checksums and the commit continue in the background.
+    The first call also creates a dedicated gloo group (a collective over the whole world).
+
+    Args:
+        persist: ``"thread"`` (default) writes from a background thread of this process;
+            ``"process"`` hands the staged bytes to a helper process (no GIL contention with
+            the training loop).
+        stage_async: for CUDA tensors, return as soon as the device -> host copies are
+            enqueued; call ``handle.staged()`` before changing the tensors.
+
+    Returns:
+        An :class:`AsyncSaveHandle`; ``wait()`` returns the :class:`SaveInfo` or raises.
+    """
+    if persist not in PERSIST_MODES:
+        raise ValueError(f"persist must be one of {PERSIST_MODES}, not {persist!r}")
+    t0 = time.perf_counter()
+    state = _state()
+    with state.lock:
+        previous = state.last
+        if previous is not None:
+            previous._future.exception()  # backpressure: wait for the save in flight
+            error = previous._unreported_error()
+            if error is not None:  # a failure nobody has seen yet is raised here
+                raise error
+        options = SaveOptions(
+            overwrite, codec, allow_pickle, metadata, files_per_rank, checksum_block_bytes,
+            storage_options,
+        )  # fmt: skip
+        coord = Coordinator(process_group)
+        background = state.background_group(process_group)
+        with gc_paused():
+            planned = plan_save_collective(state_dict, path, coord, options, id(process_group))
+            t_staging = time.perf_counter()
+            staged = state.pool.stage(
+                planned.tensors_to_write(), wait_device=not stage_async, shared=persist == "process"
+            )
+        planned.seconds["stage"] = time.perf_counter() - t_staging
+        stall = time.perf_counter() - t0
+        future = state.executor.submit(_persist, state, planned, staged, background, persist)
+        handle = AsyncSaveHandle(future, staged, planned.store.url, stall)
+        state.last = handle
+        return handle
+
+
+def _persist(
+    state: _AsyncState,
+    planned: PlannedSave,
+    staged: StagedTensors,
+    background: Any,
+    persist: str,
+) -> SaveInfo:
+    t = time.perf_counter()
+    try:
+        staged.wait_copies()
+        if persist == "process":
+            from ckptstore.persist_process import write_in_helper
+
+            result, error = write_in_helper(planned, staged, state.pool.segment_name(staged.buffer))
+        else:
+            codec = planned.options.codec
+            items = [WriteItem(as_bytes(v), codec) for v in staged.views]
+            items += [WriteItem(memoryview(b)) for b in planned.blobs()]
+            result, error = write_planned(planned, items)
+    finally:
+        state.pool.release(staged.buffer)
+    planned.seconds["write"] = time.perf_counter() - t
+    return commit_collective(planned, result, error, Coordinator(background))

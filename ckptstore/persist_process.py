@@ -1,0 +1,128 @@
+"""Writing staged bytes from a helper process (``async_save(persist="process")``).
+
+The helper is started once per training process with ``python -m ckptstore.persist_process``
+(no re-import of the training script), reads the staged bytes from a shared-memory segment,
+writes and checksums the data files, and sends back where each chunk went. Checksumming and
+writing then never hold the training process's GIL. The commit stays in the training process.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+import subprocess
+import sys
+import threading
+from multiprocessing import resource_tracker, shared_memory
+from typing import Any, BinaryIO
+
+import torch
+
+from ckptstore.errors import SaveError
+from ckptstore.save import PlannedSave
+from ckptstore.staging import StagedTensors
+from ckptstore.write import WriteResult
+
+_HEADER = struct.Struct("<Q")
+
+
+def _send(stream: BinaryIO, obj: Any) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_HEADER.pack(len(data)) + data)
+    stream.flush()
+
+
+def _recv(stream: BinaryIO) -> Any:
+    head = stream.read(_HEADER.size)
+    if len(head) < _HEADER.size:
+        raise EOFError("helper pipe closed")
+    (n,) = _HEADER.unpack(head)
+    # Messages on this pipe come from this package's own helper (parent <-> child), never
+    # from a checkpoint.
+    return pickle.loads(stream.read(n))
+
+
+class _Helper:
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ckptstore.persist_process"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        self.lock = threading.Lock()
+
+    def call(self, request: dict[str, Any]) -> Any:
+        with self.lock:
+            assert self.proc.stdin is not None and self.proc.stdout is not None
+            _send(self.proc.stdin, request)
+            return _recv(self.proc.stdout)
+
+
+_HELPER: _Helper | None = None
+
+
+def write_in_helper(
+    planned: PlannedSave, staged: StagedTensors, segment: str
+) -> tuple[WriteResult | None, BaseException | None]:
+    """Have the helper write this rank's staged items; errors come back as values."""
+    global _HELPER
+    url = planned.store.url
+    if url.startswith("memory://"):
+        return None, SaveError(f"{url}: persist='process' needs a store another process can reach")
+    if _HELPER is None or _HELPER.proc.poll() is not None:
+        _HELPER = _Helper()
+    base = staged.buffer.data_ptr()
+    request = {
+        "segment": segment,
+        "spans": [(v.data_ptr() - base, v.numel()) for v in staged.views],
+        "blobs": planned.blobs(),
+        "url": url,
+        "storage_options": planned.options.storage_options or {},
+        "rank": planned.rank,
+        "files": planned.options.files_per_rank,
+        "block": planned.options.block,
+        "codec": planned.options.codec,
+    }
+    try:
+        status, value = _HELPER.call(request)
+    except (OSError, EOFError) as exc:
+        return None, SaveError(f"{url}: the writer helper process failed: {exc}")
+    if status == "ok":
+        return value, None
+    return None, SaveError(f"{url}: writing in the helper process failed: {value}")
+
+
+def _serve(inp: BinaryIO, out: BinaryIO) -> None:
+    from ckptstore import knobs
+    from ckptstore.backends.registry import open_store
+    from ckptstore.tensor_bytes import as_bytes
+    from ckptstore.write import WriteItem, write_items
+
+    while True:
+        try:
+            req = _recv(inp)
+        except EOFError:
+            return
+        try:
+            segment = shared_memory.SharedMemory(name=req["segment"])
+            # The segment belongs to the training process: this process must not unlink it.
+            resource_tracker.unregister(segment._name, "shared_memory")  # type: ignore[attr-defined]
+            try:
+                buf = torch.frombuffer(segment.buf, dtype=torch.uint8)
+                items = [WriteItem(as_bytes(buf[o : o + n]), req["codec"]) for o, n in req["spans"]]
+                items += [WriteItem(memoryview(b)) for b in req["blobs"]]
+                result = write_items(
+                    open_store(req["url"], **req["storage_options"]), items, rank=req["rank"],
+                    files=req["files"] or knobs.files_per_rank(), block_bytes=req["block"],
+                    pack_bytes=knobs.pack_bytes(),
+                )  # fmt: skip
+                del items, buf
+            finally:
+                segment.close()
+            _send(out, ("ok", result))
+        except Exception as exc:
+            _send(out, ("error", f"{type(exc).__name__}: {exc}"))
+
+
+if __name__ == "__main__":
+    _serve(sys.stdin.buffer, sys.stdout.buffer)
