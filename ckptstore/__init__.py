@@ -12,13 +12,31 @@ from ckptstore.checkpoint import Checkpoint, ObjectMeta, TensorMeta
 from ckptstore.checkpoint import open_checkpoint as open
 from ckptstore.leaves import PerRank, Sharded
 from ckptstore.load import LoadInfo, load
+from ckptstore.manager import CheckpointManager
+from ckptstore.policies import (
+    AnyOf,
+    EveryNSeconds,
+    EveryNSteps,
+    KeepAll,
+    KeepAny,
+    KeepEvery,
+    KeepLast,
+)
 from ckptstore.save import SaveInfo, save
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnyOf",
     "AsyncSaveHandle",
     "Checkpoint",
+    "CheckpointManager",
+    "EveryNSeconds",
+    "EveryNSteps",
+    "KeepAll",
+    "KeepAny",
+    "KeepEvery",
+    "KeepLast",
     "LoadInfo",
     "ObjectMeta",
     "PerRank",

@@ -261,3 +261,42 @@ def async_failure_everywhere(rank: int, world: int, root: str) -> list[str]:
     cs.async_save({"w": torch.ones(8)}, f"{root}/good").wait()
     out.append("next ok")
     return out
+
+
+def _fsdp_model(world: int):
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def _train_step(model, optim, step: int) -> float:
+    g = torch.Generator().manual_seed(step)
+    x = torch.randn(8, 16, generator=g) + 0.01 * torch.rand(8, 16)  # uses the global RNG too
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    optim.step()
+    optim.zero_grad()
+    return float(loss)
+
+
+def train_with_manager(rank: int, world: int, root: str, start_steps: int, end_step: int) -> dict:
+    """Train to ``end_step``, resuming from ``root`` if it holds a checkpoint."""
+    import ckptstore as cs
+
+    model, optim = _fsdp_model(world)
+    state = {"model": model, "optim": optim, "meta": {"note": "x"}}
+    torch.manual_seed(1000 + rank)  # per-rank RNG streams
+    with cs.CheckpointManager(root, every_n_steps=start_steps, keep=2) as mgr:
+        resumed = mgr.restore(state) or 0
+        losses = [_train_step(model, optim, step) for step in range(resumed + 1, end_step + 1)]
+        if resumed == 0:
+            mgr.maybe_save(start_steps, state) if end_step == start_steps else None
+    params = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    return {"resumed": resumed, "losses": losses, "params": params, "rand": torch.rand(3)}

@@ -137,11 +137,43 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_DAMAGED
 
 
+def cmd_ls(args: argparse.Namespace) -> int:
+    import datetime
+
+    from ckptstore.catalog import scan
+
+    entries = scan(args.root, details=True)
+    if args.json:
+        print(json.dumps([e.__dict__ for e in entries]))
+        return EXIT_OK
+    if not entries:
+        print(f"no checkpoints under {args.root}")
+        return EXIT_OK
+    rows = []
+    for e in entries:
+        when = (
+            datetime.datetime.fromtimestamp(e.created_unix, datetime.timezone.utc).strftime(
+                "%Y-%m-%d %H:%M:%S"
+            )
+            if e.created_unix
+            else "-"
+        )
+        size = human_bytes(e.bytes) if e.bytes is not None else "-"
+        ranks = str(e.world_size) if e.world_size else "-"
+        rows.append([str(e.step), when, size, ranks, e.state])
+    print(table(rows, ["step", "time (UTC)", "size", "ranks", "state"]))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ckpt", description="Inspect and check ckptstore checkpoints."
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("ls", help="checkpoints under a root: step, time, size, state")
+    p.add_argument("root", help="directory or URL holding step_<N> checkpoints")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_ls)
     p = sub.add_parser("inspect", help="tensors, objects, totals and saved world size")
     p.add_argument("path", help="checkpoint directory or URL")
     p.add_argument("--tensors", metavar="GLOB", help="only entries whose name matches GLOB")

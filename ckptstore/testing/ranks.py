@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from collections.abc import Callable
@@ -32,7 +33,9 @@ def _entry(
         dist.init_process_group(
             "gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}"
         )
-        queue.put((rank, True, fn(rank, world, *args)))
+        # Results travel by value (plain pickle): tensors shared through file descriptors
+        # would vanish with the process that returned them.
+        queue.put((rank, True, pickle.dumps(fn(rank, world, *args))))
     except BaseException:
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -91,4 +94,5 @@ def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 2
     failures = [f"--- rank {r} ---\n{v}" for r, (ok, v) in sorted(results.items()) if not ok]
     if failures:
         raise RankFailure("\n".join(failures))
-    return [results[r][1] for r in range(world)]
+    # The payloads come from processes this function just started, never from a checkpoint.
+    return [pickle.loads(results[r][1]) for r in range(world)]

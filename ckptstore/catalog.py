@@ -1,0 +1,88 @@
+"""The checkpoints under a root: ``<root>/step_<NNNNNNNN>/``, committed or not."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import dataclass
+
+from ckptstore.backends.base import Store
+from ckptstore.backends.local import LocalStore
+from ckptstore.backends.registry import open_store
+from ckptstore.errors import CkptStoreError
+from ckptstore.manifest import MANIFEST_KEY, Manifest
+
+_STEP_DIR = re.compile(r"^step_(\d+)/")
+
+
+def step_dir(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def join(root: str, child: str) -> str:
+    return f"{root.rstrip('/')}/{child}"
+
+
+@dataclass(frozen=True)
+class CheckpointEntry:
+    step: int
+    path: str
+    state: str
+    """``committed`` (a manifest exists) or ``incomplete`` (data without a manifest)."""
+    created_unix: float | None = None
+    bytes: int | None = None
+    world_size: int | None = None
+
+
+def scan(root: str | Store, *, details: bool = False) -> list[CheckpointEntry]:
+    """Every step directory under ``root``, ascending; ``details`` reads each manifest."""
+    store = open_store(root)
+    base = store.url
+    seen: dict[int, bool] = {}
+    for key in store.list(""):
+        m = _STEP_DIR.match(key)
+        if m:
+            step = int(m.group(1))
+            committed = key == f"{m.group(0)}{MANIFEST_KEY}"
+            seen[step] = seen.get(step, False) or committed
+    entries = []
+    for step in sorted(seen):
+        path = join(base, step_dir(step))
+        if not seen[step]:
+            entries.append(CheckpointEntry(step, path, "incomplete"))
+            continue
+        if not details:
+            entries.append(CheckpointEntry(step, path, "committed"))
+            continue
+        try:
+            manifest = Manifest.from_json(
+                store.read(f"{step_dir(step)}/{MANIFEST_KEY}"), where=path
+            )
+            entries.append(
+                CheckpointEntry(
+                    step,
+                    path,
+                    "committed",
+                    manifest.created_unix,
+                    manifest.stored_bytes(),
+                    manifest.world_size,
+                )
+            )
+        except CkptStoreError:
+            entries.append(CheckpointEntry(step, path, "corrupt"))
+    return entries
+
+
+def delete_checkpoint(root: str | Store, step: int) -> None:
+    """Remove one checkpoint: the manifest first (it stops existing), then its data."""
+    store = open_store(root)
+    prefix = f"{step_dir(step)}/"
+    store.delete(prefix + MANIFEST_KEY)
+    for key in list(store.list(prefix)):
+        store.delete(key)
+    if isinstance(store, LocalStore):  # directories are local-filesystem bookkeeping
+        top = os.path.join(store.root, step_dir(step))
+        for dirpath, _dirs, _files in sorted(os.walk(top), key=lambda w: -len(w[0])):
+            with contextlib.suppress(OSError):
+                os.rmdir(dirpath)

@@ -1,0 +1,116 @@
+"""CheckpointManager: cadence, retention, resume (also resharded), RNG, ckpt ls."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import ckptstore as cs
+from ckptstore.cli.main import main as ckpt_main
+from ckptstore.testing.ranks import run_ranks
+from tests import dist_cases
+
+
+def _model_and_optim(seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def _step(model, optim) -> None:
+    model(torch.randn(4, 8)).sum().backward()
+    optim.step()
+    optim.zero_grad()
+
+
+def test_cadence_retention_and_listing(tmp_path, capsys) -> None:
+    model, optim = _model_and_optim()
+    state = {"model": model, "optim": optim, "epoch": 1}
+    with cs.CheckpointManager(
+        str(tmp_path), every_n_steps=3, keep=cs.KeepAny((cs.KeepLast(2), cs.KeepEvery(6)))
+    ) as mgr:
+        saved = [
+            s for s in range(1, 16) if (_step(model, optim) or True) and mgr.maybe_save(s, state)
+        ]
+    assert saved == [3, 6, 9, 12, 15]
+    assert mgr.steps() == [6, 12, 15] and mgr.latest_step() == 15
+    assert len(mgr.history) == 5 and all(h["stall_s"] >= 0 for h in mgr.history)
+    (tmp_path / "step_00000099" / "data").mkdir(parents=True)
+    (tmp_path / "step_00000099" / "data" / "00000-x-0.bin").write_bytes(b"partial")
+    assert mgr.steps() == [6, 12, 15], "an incomplete checkpoint is invisible"
+    assert ckpt_main(["ls", str(tmp_path), "--json"]) == 0
+    listed = {e["step"]: e["state"] for e in json.loads(capsys.readouterr().out)}
+    assert listed == {6: "committed", 12: "committed", 15: "committed", 99: "incomplete"}
+
+
+def test_restore_models_optimizers_values_and_rng(tmp_path) -> None:
+    model, optim = _model_and_optim()
+    for _ in range(3):
+        _step(model, optim)
+    state = {"model": model, "optim": optim, "epoch": 7, "buffer": torch.arange(5.0)}
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    mgr = cs.CheckpointManager(str(tmp_path), async_save=False)
+    mgr.save(3, state)
+    expected_rand = (torch.rand(4), random.random(), np.random.rand())
+
+    model2, optim2 = _model_and_optim(seed=1)
+    optim2.param_groups[0]["lr"] = 0.5
+    state2 = {"model": model2, "optim": optim2, "epoch": 0, "buffer": torch.zeros(5)}
+    torch.manual_seed(123)
+    assert cs.CheckpointManager(str(tmp_path)).restore(state2) == 3
+    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert optim2.param_groups[0]["lr"] == 1e-2
+    s1 = optim.state[next(iter(model.parameters()))]
+    s2 = optim2.state[next(iter(model2.parameters()))]
+    assert torch.equal(s1["exp_avg"], s2["exp_avg"]) and torch.equal(s1["step"], s2["step"])
+    assert state2["epoch"] == 7 and torch.equal(state2["buffer"], torch.arange(5.0))
+    assert torch.equal(torch.rand(4), expected_rand[0])
+    assert random.random() == expected_rand[1] and np.random.rand() == expected_rand[2]
+
+
+def test_restore_without_checkpoint_returns_none(tmp_path) -> None:
+    model, optim = _model_and_optim()
+    assert (
+        cs.CheckpointManager(str(tmp_path / "empty")).restore({"model": model, "optim": optim})
+        is None
+    )
+
+
+def test_same_world_size_resume_matches_an_uninterrupted_run(tmp_path) -> None:
+    full = run_ranks(2, dist_cases.train_with_manager, str(tmp_path / "a"), 3, 6)
+    # interrupted: train to step 3 (saving there), then new processes resume and go to 6
+    first = run_ranks(2, dist_cases.train_with_manager, str(tmp_path / "b"), 3, 3)
+    resumed = run_ranks(2, dist_cases.train_with_manager, str(tmp_path / "b"), 3, 6)
+    assert [r["resumed"] for r in first] == [0, 0] and [r["resumed"] for r in resumed] == [3, 3]
+    for a, b in zip(full, resumed, strict=True):
+        assert a["losses"][3:] == b["losses"]
+        for k in a["params"]:
+            assert torch.equal(a["params"][k], b["params"][k]), k
+        assert torch.equal(a["rand"], b["rand"]), "per-rank RNG streams continue exactly"
+
+
+def test_resume_on_fewer_ranks_reshards_model_and_optimizer(tmp_path) -> None:
+    run_ranks(2, dist_cases.train_with_manager, str(tmp_path), 3, 3)
+    saved = cs.open(str(tmp_path / "step_00000003"))
+    one = run_ranks(1, dist_cases.train_with_manager, str(tmp_path), 3, 3)[0]
+    assert one["resumed"] == 3
+    for k, v in one["params"].items():
+        assert torch.equal(v, saved.read(f"model.{k}")), k
+
+
+def test_time_based_policy_and_errors(tmp_path) -> None:
+    mgr = cs.CheckpointManager(str(tmp_path), every_n_seconds=3600, async_save=False)
+    state = {"w": torch.ones(2)}
+    assert mgr.maybe_save(1, state) is True  # first call: nothing saved yet
+    assert mgr.maybe_save(2, state) is False
+    with pytest.raises(ValueError, match="reserved"):
+        mgr.save(3, {"_ckptstore": 1})
+    with pytest.raises(cs.errors.CheckpointNotFoundError):
+        mgr.restore(state, step=42)
