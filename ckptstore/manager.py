@@ -124,6 +124,15 @@ class CheckpointManager:
         """Wait for the save in flight (raises its error) and apply retention."""
         self._finish_pending()
 
+    def poll(self) -> bool:
+        """Finish the save in flight if it is done (record it, apply retention); never blocks.
+
+        Returns whether a save is still in flight.
+        """
+        if self._pending is not None and self._pending[1].done():
+            self._finish_pending()
+        return self._pending is not None
+
     def _finish_pending(self) -> None:
         if self._pending is None:
             return
