@@ -229,7 +229,7 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description="ckptstore vs torch DCP")
     parser.add_argument(
-        "--workloads", nargs="+", default=["large", "small"], choices=list(WORKLOADS)
+        "--workloads", nargs="*", default=["large", "small"], choices=list(WORKLOADS)
     )
     parser.add_argument(
         "--dir", default=None, help="scratch directory (default: a temp dir next to the repo)"
@@ -237,6 +237,7 @@ def main() -> int:
     parser.add_argument(
         "--no-sim", action="store_true", help="skip the 16,384-rank planning simulation"
     )
+    parser.add_argument("--no-async", action="store_true", help="skip the asynchronous-save cases")
     parser.add_argument("--out", default="bench-out", help="where results.jsonl is appended")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -311,6 +312,10 @@ def main() -> int:
                 emit(case("small_save_steady", r["cs_save_steady"], r["dcp_save"], 20.0), sink)
                 emit(case("small_load", r["cs_load"], r["dcp_load"], 40.0), sink)
             shutil.rmtree(root, ignore_errors=True)
+        if not args.no_async:
+            import bench_async
+
+            bench_async.run(scratch, emit, sink)
         if not args.no_sim:
             import scale_sim
 
