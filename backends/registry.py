@@ -12,6 +12,7 @@ from ckptstore.errors import UnsupportedURLError
 KNOWN_BACKENDS: dict[str, tuple[str, str | None]] = {
     "file": ("ckptstore.backends.local:LocalStore", None),
     "memory": ("ckptstore.backends.memory:MemoryStore", None),
+    "s3": ("ckptstore.backends.s3:S3Store", "boto3"),
 }
 
 

@@ -1,0 +1,270 @@
+"""S3 (and S3-compatible) object storage through boto3.
+
+``s3://bucket/prefix``. Endpoint, region and credentials come from boto3's standard chain
+(``AWS_ENDPOINT_URL``, profiles, environment) unless given as options; credentials are never
+logged or written anywhere by ckptstore.
+
+- Large objects: multipart upload, parts uploaded in parallel (``part_bytes``, ``concurrency``);
+  an upload that fails is aborted, so no orphaned parts are left behind.
+- Reads: ranged GETs; a body cut short is retried, so a truncated read never passes.
+- Retries with backoff and jitter on 503 SlowDown, 500s, throttling and connection errors
+  (botocore's ``standard`` mode, bounded by ``max_attempts``).
+- Commit without rename: ``write_if_absent`` is ``PutObject`` with ``If-None-Match: *``; two
+  writers of one key can never both succeed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ckptstore.backends.base import ByteRange, Store, StoreWriter
+from ckptstore.errors import KeyExistsError, KeyNotFoundError, StoreError
+
+_MiB = 1 << 20
+
+
+def _code(exc: Exception) -> str:
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+
+class _MultipartWriter(StoreWriter):
+    """Buffers ``part_bytes`` at a time; parts go up in parallel; visible only on commit."""
+
+    def __init__(self, store: S3Store, key: str) -> None:
+        self._store, self._key = store, store._key(key)
+        self._buf = bytearray()
+        self._upload_id: str | None = None
+        self._parts: dict[int, str] = {}
+        self._futures: list[Any] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def write(self, data: memoryview | bytes) -> None:
+        self._buf += memoryview(data).cast("B")
+        part = self._store.part_bytes
+        while len(self._buf) >= part:
+            chunk = bytes(self._buf[:part])
+            del self._buf[:part]
+            self._submit(chunk)
+
+    def _submit(self, chunk: bytes) -> None:
+        s = self._store
+        if self._upload_id is None:
+            self._upload_id = s.client.create_multipart_upload(Bucket=s.bucket, Key=self._key)[
+                "UploadId"
+            ]
+            self._pool = ThreadPoolExecutor(s.concurrency, thread_name_prefix="ckptstore-s3-upload")
+        number = len(self._futures) + 1
+        assert self._pool is not None
+        # Bound memory: at most ``concurrency`` parts wait in the queue.
+        while sum(not f.done() for f in self._futures) >= 2 * s.concurrency:
+            time.sleep(0.001)
+        self._futures.append(self._pool.submit(self._upload_part, number, chunk))
+
+    def _upload_part(self, number: int, chunk: bytes) -> None:
+        s = self._store
+        reply = s.client.upload_part(
+            Bucket=s.bucket, Key=self._key, UploadId=self._upload_id, PartNumber=number, Body=chunk
+        )
+        with self._lock:
+            self._parts[number] = reply["ETag"]
+
+    def commit(self) -> None:
+        s = self._store
+        try:
+            if self._upload_id is None:  # small object: one PUT
+                s.client.put_object(Bucket=s.bucket, Key=self._key, Body=bytes(self._buf))
+                return
+            if self._buf:
+                self._submit(bytes(self._buf))
+                self._buf = bytearray()
+            for f in self._futures:
+                f.result()
+            parts = [{"PartNumber": n, "ETag": self._parts[n]} for n in sorted(self._parts)]
+            s.client.complete_multipart_upload(
+                Bucket=s.bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
+                MultipartUpload={"Parts": parts},
+            )
+        except Exception as exc:
+            self.abort()
+            raise StoreError(f"{s.url}: upload of {self._key!r} failed: {exc}") from exc
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+
+    def abort(self) -> None:
+        s = self._store
+        self._buf = bytearray()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._upload_id is not None:
+            with contextlib.suppress(Exception):  # best effort: a lifecycle rule catches the rest
+                s.client.abort_multipart_upload(
+                    Bucket=s.bucket, Key=self._key, UploadId=self._upload_id
+                )
+            self._upload_id = None
+
+
+class S3Store(Store):
+    """Objects under ``s3://bucket/prefix``.
+
+    Args:
+        location: ``bucket/prefix`` (the part after ``s3://``).
+        endpoint_url, region_name, aws_access_key_id, aws_secret_access_key: override boto3's
+            standard configuration chain.
+        part_bytes: multipart part size (default 8 MiB).
+        concurrency: parallel part uploads / ranged GETs per writer or reader (default 8).
+        max_attempts: attempts per request, with exponential backoff and jitter (default 8).
+        create_bucket: create the bucket if it does not exist (for tests and demos).
+    """
+
+    def __init__(
+        self,
+        location: str,
+        *,
+        endpoint_url: str | None = None,
+        region_name: str | None = None,
+        aws_access_key_id: str | None = None,
+        aws_secret_access_key: str | None = None,
+        part_bytes: int = 8 * _MiB,
+        concurrency: int = 8,
+        max_attempts: int = 8,
+        create_bucket: bool = False,
+        client: Any = None,
+    ) -> None:
+        import boto3
+        from botocore.config import Config
+
+        bucket, _, prefix = location.partition("/")
+        if not bucket:
+            raise StoreError(f"s3://{location}: no bucket name")
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self.part_bytes = max(5 * _MiB, part_bytes)
+        self.concurrency = concurrency
+        self.max_attempts = max_attempts
+        if client is None:
+            config = Config(
+                retries={"max_attempts": max_attempts, "mode": "standard"},
+                max_pool_connections=max(10, 2 * concurrency),
+                connect_timeout=10,
+                read_timeout=60,
+            )
+            client = boto3.session.Session().client(
+                "s3", endpoint_url=endpoint_url, region_name=region_name or "us-east-1",
+                aws_access_key_id=aws_access_key_id, aws_secret_access_key=aws_secret_access_key,
+                config=config,
+            )  # fmt: skip
+        self.client = client
+        if create_bucket:
+            try:
+                self.client.head_bucket(Bucket=bucket)
+            except Exception:
+                self.client.create_bucket(Bucket=bucket)
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _retrying_read(self, key: str, byte_range: ByteRange | None) -> bytes:
+        """GET with retries of body errors too (a cut connection, a short body)."""
+        full = self._key(key)
+        delay = 0.05
+        for attempt in range(self.max_attempts):
+            try:
+                kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": full}
+                if byte_range is not None:
+                    if byte_range.length == 0:
+                        return b""
+                    kwargs["Range"] = f"bytes={byte_range.start}-{byte_range.end - 1}"
+                reply = self.client.get_object(**kwargs)
+                data = reply["Body"].read()
+                expected = reply.get("ContentLength")
+                if expected is not None and len(data) != expected:
+                    raise StoreError(f"short body: {len(data)} of {expected} bytes")
+                return data
+            except Exception as exc:
+                if _code(exc) in ("NoSuchKey", "404", "NotFound"):
+                    raise KeyNotFoundError(f"{self.url}: no such key {key!r}") from None
+                if _code(exc) == "InvalidRange":
+                    return b""
+                if attempt == self.max_attempts - 1:
+                    raise StoreError(
+                        f"{self.url}: reading {key!r} failed after {self.max_attempts} attempts: {exc}"
+                    ) from exc
+                time.sleep(delay * (1 + random.random()))
+                delay = min(delay * 2, 2.0)
+        raise AssertionError("unreachable")
+
+    def read(self, key: str, byte_range: ByteRange | None = None) -> bytes:
+        return self._retrying_read(key, byte_range)
+
+    def read_into(self, key: str, offset: int, out: memoryview) -> None:
+        view = memoryview(out).cast("B")
+        n = len(view)
+        if n <= self.part_bytes:
+            data = self._retrying_read(key, ByteRange(offset, offset + n))
+            if len(data) != n:
+                raise StoreError(f"{self.url}/{key}: wanted {n} bytes at {offset}, got {len(data)}")
+            view[:] = data
+            return
+        spans = [(lo, min(lo + self.part_bytes, n)) for lo in range(0, n, self.part_bytes)]
+
+        def fetch(span: tuple[int, int]) -> None:
+            lo, hi = span
+            data = self._retrying_read(key, ByteRange(offset + lo, offset + hi))
+            if len(data) != hi - lo:
+                raise StoreError(f"{self.url}/{key}: short read at {offset + lo}")
+            view[lo:hi] = data
+
+        with ThreadPoolExecutor(
+            min(self.concurrency, len(spans)), thread_name_prefix="ckptstore-s3-get"
+        ) as pool:
+            list(pool.map(fetch, spans))
+
+    def open_writer(self, key: str) -> StoreWriter:
+        return _MultipartWriter(self, key)
+
+    def write_if_absent(self, key: str, data: bytes) -> None:
+        try:
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=bytes(data), IfNoneMatch="*"
+            )
+        except Exception as exc:
+            if _code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                raise KeyExistsError(f"{self.url}: {key!r} already exists") from None
+            raise StoreError(f"{self.url}: conditional put of {key!r} failed: {exc}") from exc
+
+    def size(self, key: str) -> int:
+        try:
+            return int(
+                self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"]
+            )
+        except Exception as exc:
+            if _code(exc) in ("404", "NoSuchKey", "NotFound"):
+                raise KeyNotFoundError(f"{self.url}: no such key {key!r}") from None
+            raise StoreError(f"{self.url}: HEAD {key!r} failed: {exc}") from exc
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        base = f"{self.prefix}/" if self.prefix else ""
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=base + prefix):
+            for obj in page.get("Contents", []):
+                yield obj["Key"][len(base) :]
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = list(self.list(prefix))
+        for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = [{"Key": self._key(k)} for k in keys[i : i + 1000]]
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+        return len(keys)
