@@ -30,7 +30,10 @@ _MiB = 1 << 20
 
 
 def _code(exc: Exception) -> str:
-    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+    response = getattr(exc, "response", None)  # only botocore ClientErrors carry one
+    if not isinstance(response, dict):
+        return ""
+    return str(response.get("Error", {}).get("Code", ""))
 
 
 class _MultipartWriter(StoreWriter):

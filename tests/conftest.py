@@ -8,7 +8,6 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory):
     """One real S3 server (SeaweedFS) for the whole test session."""
