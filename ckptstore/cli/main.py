@@ -14,7 +14,7 @@ from typing import Any
 
 from ckptstore.checkpoint import open_checkpoint
 from ckptstore.cli.format import human_bytes, table
-from ckptstore.errors import CkptStoreError, IncompleteCheckpointError
+from ckptstore.errors import ChecksumError, CkptStoreError, IncompleteCheckpointError
 from ckptstore.manifest import TensorRecord
 from ckptstore.verify import verify_checkpoint
 
@@ -23,11 +23,12 @@ EXIT_OK, EXIT_DAMAGED, EXIT_USAGE = 0, 1, 2
 
 def _emit_error(args: argparse.Namespace, exc: CkptStoreError) -> int:
     state = "incomplete" if isinstance(exc, IncompleteCheckpointError) else "error"
+    where = getattr(args, "path", None) or getattr(args, "root", None) or getattr(args, "src", "")
     if getattr(args, "json", False):
-        print(json.dumps({"path": args.path, "state": state, "error": str(exc)}))
+        print(json.dumps({"path": where, "state": state, "error": str(exc)}))
     else:
-        print(f"ckpt: {args.path}: {state}: {exc}", file=sys.stderr)
-    return EXIT_USAGE
+        print(f"ckpt: {where}: {state}: {exc}", file=sys.stderr)
+    return EXIT_DAMAGED if isinstance(exc, ChecksumError) else EXIT_USAGE
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -165,6 +166,19 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_cp(args: argparse.Namespace) -> int:
+    from ckptstore.copy import copy_checkpoint
+
+    info = copy_checkpoint(args.src, args.dst, jobs=args.jobs, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps(info.__dict__))
+    else:
+        print(
+            f"copied {info.files} files, {human_bytes(info.bytes)}: {info.src} -> {info.dst} (verified)"
+        )
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ckpt", description="Inspect and check ckptstore checkpoints."
@@ -174,6 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("root", help="directory or URL holding step_<N> checkpoints")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_ls)
+    p = sub.add_parser(
+        "cp", help="copy a committed checkpoint to another store, verified, manifest last"
+    )
+    p.add_argument("src", help="checkpoint directory or URL to copy")
+    p.add_argument("dst", help="destination directory or URL")
+    p.add_argument("--jobs", type=int, default=8, help="files copied in parallel (default 8)")
+    p.add_argument("--overwrite", action="store_true", help="replace a committed checkpoint at DST")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_cp)
     p = sub.add_parser("inspect", help="tensors, objects, totals and saved world size")
     p.add_argument("path", help="checkpoint directory or URL")
     p.add_argument("--tensors", metavar="GLOB", help="only entries whose name matches GLOB")

@@ -1,0 +1,82 @@
+"""Copying a committed checkpoint between stores or tiers (``ckpt cp``).
+
+Data files are streamed in parallel (``jobs`` at a time, in pieces of ``piece_bytes``), every
+chunk is then verified against its crc32c at the destination, and the manifest is written
+last, atomically: an interrupted or failed copy leaves no checkpoint at the destination.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from ckptstore.backends.base import ByteRange, Store
+from ckptstore.errors import CheckpointExistsError, ChecksumError, KeyExistsError
+from ckptstore.locate import read_manifest_bytes, store_for
+from ckptstore.manifest import MANIFEST_KEY, Manifest
+from ckptstore.verify import verify_checkpoint
+
+
+@dataclass(frozen=True)
+class CopyInfo:
+    src: str
+    dst: str
+    files: int
+    bytes: int
+
+
+def copy_checkpoint(
+    src: str | os.PathLike[str] | Store,
+    dst: str | os.PathLike[str] | Store,
+    *,
+    jobs: int = 8,
+    overwrite: bool = False,
+    piece_bytes: int = 16 << 20,
+    src_options: dict[str, Any] | None = None,
+    dst_options: dict[str, Any] | None = None,
+) -> CopyInfo:
+    """Copy the committed checkpoint at ``src`` to ``dst``; returns what was copied.
+
+    Raises:
+        CheckpointExistsError: ``dst`` already holds a committed checkpoint (and not overwrite).
+        ChecksumError: a chunk does not match its checksum at the destination (the copied
+            files are removed; no manifest is written).
+    """
+    source = store_for(src, src_options)
+    target = store_for(dst, dst_options)
+    raw = read_manifest_bytes(source)
+    manifest = Manifest.from_json(raw, where=source.url)
+    if not overwrite and target.exists(MANIFEST_KEY):
+        raise CheckpointExistsError(f"{target.url}: a committed checkpoint is already there")
+
+    def copy_file(key: str) -> int:
+        size = source.size(key)
+        with target.open_writer(key) as writer:
+            for lo in range(0, size, piece_bytes):
+                writer.write(source.read(key, ByteRange(lo, min(lo + piece_bytes, size))))
+        return size
+
+    with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="ckptstore-copy") as pool:
+        sizes = list(pool.map(copy_file, manifest.files))
+    report = verify_checkpoint(target, manifest, jobs=jobs)
+    if not report.ok:
+        for key in manifest.files:
+            target.delete(key)
+        bad = sorted({b.entry for b in report.bad})
+        raise ChecksumError(
+            f"copy {source.url} -> {target.url}: {len(report.bad)} chunk(s) fail their checksum "
+            f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); nothing was committed",
+            bad=bad,
+        )
+    try:
+        if overwrite:
+            target.write(MANIFEST_KEY, raw)
+        else:
+            target.write_if_absent(MANIFEST_KEY, raw)
+    except KeyExistsError:
+        raise CheckpointExistsError(
+            f"{target.url}: another writer committed a checkpoint first"
+        ) from None
+    return CopyInfo(source.url, target.url, len(manifest.files), sum(sizes))
