@@ -152,17 +152,13 @@ def async_save(
     process_group: torch.distributed.ProcessGroup | None = None,
     persist: str = "thread",
     stage_async: bool = False,
-    overwrite: bool = False,
-    codec: str | None = None,
-    allow_pickle: bool = False,
-    metadata: dict[str, Any] | None = None,
-    files_per_rank: int | None = None,
-    checksum_block_bytes: int | None = None,
-    storage_options: dict[str, Any] | None = None,
+    **options: Any,
 ) -> AsyncSaveHandle:
     """Start saving ``state_dict``; return once this rank's data is copied to host memory.
 
-    A collective like :func:`ckptstore.save` (same options). After it returns the caller may
+    A collective like :func:`ckptstore.save`, with the same ``**options`` (``overwrite``,
+    ``codec``, ``allow_pickle``, ``metadata``, ``files_per_rank``, ``checksum_block_bytes``,
+    ``storage_options``). After it returns the caller may
     change its tensors; the write, the checksums and the commit continue in the background.
     The first call also creates a dedicated gloo group (a collective over the whole world).
 
@@ -187,14 +183,11 @@ def async_save(
             error = previous._unreported_error()
             if error is not None:  # a failure nobody has seen yet is raised here
                 raise error
-        options = SaveOptions(
-            overwrite, codec, allow_pickle, metadata, files_per_rank, checksum_block_bytes,
-            storage_options,
-        )  # fmt: skip
+        save_options = SaveOptions(**options)  # a TypeError names an unknown option
         coord = Coordinator(process_group)
         background = state.background_group(process_group)
         with gc_paused():
-            planned = plan_save_collective(state_dict, path, coord, options, id(process_group))
+            planned = plan_save_collective(state_dict, path, coord, save_options, id(process_group))
             t_staging = time.perf_counter()
             staged = state.pool.stage(
                 planned.tensors_to_write(), wait_device=not stage_async, shared=persist == "process"

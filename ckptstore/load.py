@@ -28,7 +28,7 @@ from ckptstore.errors import (
     PickleNotAllowedError,
     WorldSizeMismatchError,
 )
-from ckptstore.gcpause import gc_paused
+from ckptstore.gcpause import with_gc_paused
 from ckptstore.leaves import Leaf, flatten
 from ckptstore.locate import read_manifest_bytes, store_for
 from ckptstore.manifest import Manifest, ObjectRecord, TensorRecord
@@ -92,6 +92,7 @@ def _check_tensor(leaf: Leaf, rec: TensorRecord, problems: list[str]) -> None:
     problems.append(f"{leaf.name}: the state_dict has {want}, the checkpoint has {_describe(rec)}")
 
 
+@with_gc_paused  # bulk object creation; see ckptstore.gcpause
 def load(
     state_dict: Any,
     path: str | os.PathLike[str] | Store,
@@ -120,30 +121,6 @@ def load(
         LoadMismatchError: missing/unexpected keys, shape or dtype mismatches (all listed).
         ChecksumError: stored bytes do not match their crc32c (nothing bad is copied).
     """
-    with gc_paused():  # bulk object creation; see ckptstore.gcpause
-        return _load_impl(
-            state_dict,
-            path,
-            process_group=process_group,
-            strict=strict,
-            allow_pickle=allow_pickle,
-            per_rank=per_rank,
-            storage_options=storage_options,
-            read_threads=read_threads,
-        )
-
-
-def _load_impl(
-    state_dict: Any,
-    path: str | os.PathLike[str] | Store,
-    *,
-    process_group: torch.distributed.ProcessGroup | None = None,
-    strict: bool = True,
-    allow_pickle: bool = False,
-    per_rank: str = "error",
-    storage_options: dict[str, Any] | None = None,
-    read_threads: int | None = None,
-) -> LoadInfo:
     if per_rank not in PER_RANK_POLICIES:
         raise ValueError(f"per_rank must be one of {PER_RANK_POLICIES}, not {per_rank!r}")
     t0 = time.perf_counter()

@@ -306,8 +306,6 @@ class ChunkReader:
 
     def _check_and_copy(self, group: _Group, buf: np.ndarray, buf_start: int) -> None:
         """Verify every block the pieces touch, then copy; ``buf[0]`` is file byte ``buf_start``."""
-        table = self.manifest.chunks
-        block = table.block_bytes
         view = memoryview(buf)
         address = buf.ctypes.data
         check, move = crc32c, ctypes.memmove  # locals: this loop runs once per small tensor
@@ -323,25 +321,27 @@ class ChunkReader:
                 # A whole raw chunk into contiguous memory: verify and copy block by block, so
                 # the copy reads each block while it is still in cache from its checksum.
                 for b in range(p.block_lo, p.block_hi):
-                    lo = p.chunk_base + b * block
-                    hi = p.chunk_base + min((b + 1) * block, p.chunk_nbytes)
-                    found = crc32c(view[lo - buf_start : hi - buf_start])
-                    expected = int(table.crc32c[p.crc0 + b])
-                    if found != expected:
-                        self._mismatch(p.name, p.chunk, group.file, lo, hi, expected, found, b)
+                    lo, hi = self._verify_block(p, b, view, buf_start, group.file)
                     move(p.dest_ptr + lo - p.chunk_base, address + lo - buf_start, hi - lo)
                 continue
             for b in range(p.block_lo, p.block_hi):
-                if (p.chunk, b) in checked:
-                    continue
-                checked.add((p.chunk, b))
-                lo = p.chunk_base + b * block
-                hi = p.chunk_base + min((b + 1) * block, p.chunk_nbytes)
-                found = crc32c(view[lo - buf_start : hi - buf_start])
-                expected = int(table.crc32c[p.crc0 + b])
-                if found != expected:
-                    self._mismatch(p.name, p.chunk, group.file, lo, hi, expected, found, b)
+                if (p.chunk, b) not in checked:
+                    checked.add((p.chunk, b))
+                    self._verify_block(p, b, view, buf_start, group.file)
             self._copy(p, buf, buf_start)
+
+    def _verify_block(
+        self, p: _Piece, b: int, view: memoryview, buf_start: int, file: int
+    ) -> tuple[int, int]:
+        """Check block ``b`` of ``p``'s chunk; returns its file byte range."""
+        block = self.manifest.chunks.block_bytes
+        lo = p.chunk_base + b * block
+        hi = p.chunk_base + min((b + 1) * block, p.chunk_nbytes)
+        found = crc32c(view[lo - buf_start : hi - buf_start])
+        expected = int(self.manifest.chunks.crc32c[p.crc0 + b])
+        if found != expected:
+            self._mismatch(p.name, p.chunk, file, lo, hi, expected, found, b)
+        return lo, hi
 
     def _mismatch(
         self,
