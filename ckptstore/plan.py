@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import heapq
 import itertools
 import pickle
 from dataclasses import dataclass, field
@@ -234,9 +235,9 @@ def plan_save(rank_plans: list[RankPlan]) -> GlobalPlan:
     # -- layouts, and a check that each tensor's chunks tile it exactly ---------------------
     t_start = np.searchsorted(u_gid, np.arange(len(tensors) + 1))
     # Tensors held whole (replicated or unsharded) are one chunk: no per-tensor work for them.
-    full_shapes = np.ones((len(tensors), ndim), dtype=np.int64)
-    for g, decl in enumerate(tensors):
-        full_shapes[g, : len(decl.shape)] = decl.shape
+    full_shapes = np.array(
+        [t.shape + (1,) * (ndim - len(t.shape)) for t in tensors], dtype=np.int64
+    ).reshape(len(tensors), ndim)
     whole_row = np.all(u_off == 0, axis=1) & np.all(u_shp == full_shapes[u_gid], axis=1)
     single = (np.diff(t_start) == 1) & np.append(whole_row, False)[
         np.minimum(t_start[:-1], len(u_gid))
@@ -256,17 +257,30 @@ def plan_save(rank_plans: list[RankPlan]) -> GlobalPlan:
     load = load.astype(np.int64).tolist()
     multi = np.flatnonzero(replicas > 1)
     multi = multi[np.argsort(-u_nbytes[multi], kind="stable")]
+    everywhere = multi[replicas[multi] == world]
+    partial = multi[replicas[multi] < world]
+    # Held by every rank (replicated tensors): a heap finds the least-loaded rank in O(log W).
+    heap = [(load[r], r) for r in range(world)]
+    heapq.heapify(heap)
+    for u, nb in zip(everywhere.tolist(), u_nbytes[everywhere].tolist(), strict=True):
+        least, r = heapq.heappop(heap)
+        writer[u] = r
+        heapq.heappush(heap, (least + nb, r))
+    for least, r in heap:
+        load[r] = least
     rank_list = rank_col.tolist()
     for u, s, e, nb in zip(
-        multi.tolist(), group_start[multi].tolist(), group_end[multi].tolist(),
-        u_nbytes[multi].tolist(), strict=True,
+        partial.tolist(), group_start[partial].tolist(), group_end[partial].tolist(),
+        u_nbytes[partial].tolist(), strict=True,
     ):  # fmt: skip
         best = min(rank_list[s:e], key=load.__getitem__)
         writer[u] = best
         load[best] += nb
-    # the writer's own row for each chunk: the first row of the group held by the writer
+    # The writer's own row for each chunk. Rows of a group are in rank order (the sort is
+    # stable over rank-major rows), so where every rank holds the chunk, rank r is row r.
     writer_row = group_start.copy()
-    for u in multi.tolist():
+    writer_row[everywhere] = group_start[everywhere] + writer[everywhere]
+    for u in partial.tolist():
         s, e = int(group_start[u]), int(group_end[u])
         writer_row[u] = s + rank_list[s:e].index(int(writer[u]))
     w_local = local_col[writer_row]
