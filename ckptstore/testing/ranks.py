@@ -24,7 +24,8 @@ def _entry(
 ) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+        LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
     )  # fmt: skip
     import torch
 
