@@ -82,6 +82,7 @@ def write_in_helper(
         "files": planned.options.files_per_rank,
         "block": planned.options.block,
         "codec": planned.options.codec,
+        "spread": planned.options.spread_prefixes,
     }
     try:
         status, value = _HELPER.call(request)
@@ -114,7 +115,7 @@ def _serve(inp: BinaryIO, out: BinaryIO) -> None:
                 result = write_items(
                     open_store(req["url"], **req["storage_options"]), items, rank=req["rank"],
                     files=req["files"] or knobs.files_per_rank(), block_bytes=req["block"],
-                    pack_bytes=knobs.pack_bytes(),
+                    pack_bytes=knobs.pack_bytes(), spread=req["spread"],
                 )  # fmt: skip
                 del items, buf
             finally:

@@ -117,6 +117,7 @@ class SaveOptions:
     files_per_rank: int | None = None
     checksum_block_bytes: int | None = None
     storage_options: dict[str, Any] | None = None
+    spread_prefixes: int = 0
 
     @property
     def block(self) -> int:
@@ -160,6 +161,7 @@ def save(
     files_per_rank: int | None = None,
     checksum_block_bytes: int | None = None,
     storage_options: dict[str, Any] | None = None,
+    spread_prefixes: int = 0,
 ) -> SaveInfo:
     """Save ``state_dict`` from every rank of ``process_group`` as one checkpoint at ``path``.
 
@@ -177,15 +179,18 @@ def save(
         metadata: a JSON-able dict stored in the manifest.
         files_per_rank: data files (and writer threads) per rank.
         checksum_block_bytes: bytes covered by each crc32c.
+        spread_prefixes: spread data files over this many key prefixes (object stores limit
+            request rates per prefix); 0 keeps them all under ``data/``.
     """
     options = SaveOptions(
-        overwrite,
-        codec,
-        allow_pickle,
-        metadata,
-        files_per_rank,
-        checksum_block_bytes,
-        storage_options,
+        overwrite=overwrite,
+        codec=codec,
+        allow_pickle=allow_pickle,
+        metadata=metadata,
+        files_per_rank=files_per_rank,
+        checksum_block_bytes=checksum_block_bytes,
+        storage_options=storage_options,
+        spread_prefixes=spread_prefixes,
     )
     coord = Coordinator(process_group)
     with gc_paused():  # bulk object creation; see ckptstore.gcpause
@@ -307,6 +312,7 @@ def write_planned(
             files=planned.options.files_per_rank or knobs.files_per_rank(),
             block_bytes=planned.options.block,
             pack_bytes=knobs.pack_bytes(),
+            spread=planned.options.spread_prefixes,
         )
     except Exception as exc:  # reported to the coordinator, which aborts the commit
         error = SaveError(

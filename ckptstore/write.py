@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ckptstore import codecs
 from ckptstore.backends.base import Store, StoreWriter
-from ckptstore.checksum import block_crcs
+from ckptstore.checksum import block_crcs, crc32c
 from ckptstore.manifest import DATA_PREFIX
 
 
@@ -93,6 +93,14 @@ def _split_by_bytes(items: list[WriteItem], parts: int) -> list[list[int]]:
     return [r for r in runs if r]
 
 
+def data_key(name: str, spread: int = 0) -> str:
+    """The key of a data file; with ``spread`` > 1 files are spread over that many prefixes
+    (``data/<2 hex digits>/...``): object stores limit request rates per prefix."""
+    if spread > 1:
+        return f"{DATA_PREFIX}{crc32c(name.encode()) % spread:02x}/{name}"
+    return f"{DATA_PREFIX}{name}"
+
+
 def write_items(
     store: Store,
     items: list[WriteItem],
@@ -101,6 +109,7 @@ def write_items(
     files: int,
     block_bytes: int,
     pack_bytes: int,
+    spread: int = 0,
 ) -> WriteResult:
     """Write ``items`` into ``files`` new data files (in parallel), durable on return."""
     result = WriteResult()
@@ -108,7 +117,7 @@ def write_items(
         return result
     tag = uuid.uuid4().hex[:10]
     runs = _split_by_bytes(items, files)
-    result.files = [f"{DATA_PREFIX}{rank:05d}-{tag}-{i}.bin" for i in range(len(runs))]
+    result.files = [data_key(f"{rank:05d}-{tag}-{i}.bin", spread) for i in range(len(runs))]
     written: list[WrittenChunk | None] = [None] * len(items)
 
     def write_run(file_index: int) -> int:

@@ -87,3 +87,17 @@ def test_two_writers_of_one_manifest_exactly_one_wins(seaweed) -> None:
         t.join()
     assert len(wins) == 1 and len(losses) == 5
     assert store.read("manifest.json") == f"writer {wins[0]}".encode()
+
+
+def test_data_files_spread_over_prefixes(seaweed) -> None:
+    opts = seaweed.options()
+    store = new_store(seaweed)
+    url = f"s3://{store.bucket}/{store.prefix}"
+    sd = {f"w{i}": torch.randn(64, 64) for i in range(8)}
+    info = cs.save(sd, url, storage_options=opts, spread_prefixes=16, files_per_rank=4)
+    keys = list(store.list("data/"))
+    assert len(keys) == info.files == 4
+    assert all(k.count("/") == 2 and len(k.split("/")[1]) == 2 for k in keys), keys
+    out = {k: torch.zeros(64, 64) for k in sd}
+    cs.load(out, url, storage_options=opts)
+    assert all(torch.equal(out[k], sd[k]) for k in sd)
