@@ -8,7 +8,8 @@ writing then never hold the training process's GIL. The commit stays in the trai
 
 from __future__ import annotations
 
-import pickle
+import base64
+import json
 import struct
 import subprocess
 import sys
@@ -21,13 +22,14 @@ import torch
 from ckptstore.errors import SaveError
 from ckptstore.save import PlannedSave
 from ckptstore.staging import StagedTensors
-from ckptstore.write import WriteResult
+from ckptstore.write import WriteResult, WrittenChunk
 
 _HEADER = struct.Struct("<Q")
 
 
 def _send(stream: BinaryIO, obj: Any) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    """One length-prefixed JSON message (plain data only: no pickle on this pipe)."""
+    data = json.dumps(obj).encode()
     stream.write(_HEADER.pack(len(data)) + data)
     stream.flush()
 
@@ -37,9 +39,20 @@ def _recv(stream: BinaryIO) -> Any:
     if len(head) < _HEADER.size:
         raise EOFError("helper pipe closed")
     (n,) = _HEADER.unpack(head)
-    # Messages on this pipe come from this package's own helper (parent <-> child), never
-    # from a checkpoint.
-    return pickle.loads(stream.read(n))
+    return json.loads(stream.read(n))
+
+
+def _result_to_json(result: WriteResult) -> dict[str, Any]:
+    return {
+        "files": result.files,
+        "chunks": [[c.file, c.offset, c.nbytes, list(c.crc32c)] for c in result.chunks],
+        "bytes_written": result.bytes_written,
+    }
+
+
+def _result_from_json(doc: dict[str, Any]) -> WriteResult:
+    chunks = [WrittenChunk(f, o, n, tuple(crcs)) for f, o, n, crcs in doc["chunks"]]
+    return WriteResult(doc["files"], chunks, doc["bytes_written"])
 
 
 class _Helper:
@@ -75,7 +88,7 @@ def write_in_helper(
     request = {
         "segment": segment,
         "spans": [(v.data_ptr() - base, v.numel()) for v in staged.views],
-        "blobs": planned.blobs(),
+        "blobs": [base64.b64encode(b).decode("ascii") for b in planned.blobs()],
         "url": url,
         "storage_options": planned.options.storage_options or {},
         "rank": planned.rank,
@@ -89,7 +102,7 @@ def write_in_helper(
     except (OSError, EOFError) as exc:
         return None, SaveError(f"{url}: the writer helper process failed: {exc}")
     if status == "ok":
-        return value, None
+        return _result_from_json(value), None
     return None, SaveError(f"{url}: writing in the helper process failed: {value}")
 
 
@@ -111,7 +124,7 @@ def _serve(inp: BinaryIO, out: BinaryIO) -> None:
             try:
                 buf = torch.frombuffer(segment.buf, dtype=torch.uint8)
                 items = [WriteItem(as_bytes(buf[o : o + n]), req["codec"]) for o, n in req["spans"]]
-                items += [WriteItem(memoryview(b)) for b in req["blobs"]]
+                items += [WriteItem(memoryview(base64.b64decode(b))) for b in req["blobs"]]
                 result = write_items(
                     open_store(req["url"], **req["storage_options"]), items, rank=req["rank"],
                     files=req["files"] or knobs.files_per_rank(), block_bytes=req["block"],
@@ -120,7 +133,7 @@ def _serve(inp: BinaryIO, out: BinaryIO) -> None:
                 del items, buf
             finally:
                 segment.close()
-            _send(out, ("ok", result))
+            _send(out, ("ok", _result_to_json(result)))
         except Exception as exc:
             _send(out, ("error", f"{type(exc).__name__}: {exc}"))
 
