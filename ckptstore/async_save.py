@@ -34,8 +34,6 @@ from ckptstore.save import (
     write_planned,
 )
 from ckptstore.staging import StagedTensors, StagingPool
-from ckptstore.tensor_bytes import as_bytes
-from ckptstore.write import WriteItem
 
 PERSIST_MODES = ("thread", "process")
 
@@ -215,10 +213,7 @@ def _persist(
 
             result, error = write_in_helper(planned, staged, state.pool.segment_name(staged.buffer))
         else:
-            codec = planned.options.codec
-            items = [WriteItem(as_bytes(v), codec) for v in staged.views]
-            items += [WriteItem(memoryview(b)) for b in planned.blobs()]
-            result, error = write_planned(planned, items)
+            result, error = write_planned(planned, planned.write_items(staged.views))
     finally:
         state.pool.release(staged.buffer)
     planned.seconds["write"] = time.perf_counter() - t

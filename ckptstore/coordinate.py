@@ -81,9 +81,12 @@ class Coordinator:
     def agree(self, error: BaseException | None) -> None:
         """Raise on every rank if any rank failed: the local error where there is one,
         else a :class:`CollectiveError` naming each failing rank and its message."""
-        flags = self.max_ints([1 if error is not None else 0])
-        if not flags[0]:
-            return
+        if self.max_ints([1 if error is not None else 0])[0]:
+            self.raise_failures(error)
+
+    def raise_failures(self, error: BaseException | None) -> None:
+        """Once every rank knows some rank failed: share the messages, then raise the local
+        error where there is one, else a :class:`CollectiveError` (a collective)."""
         messages = self.all_gather(
             f"{type(error).__name__}: {error}" if error is not None else None
         )

@@ -317,7 +317,7 @@ class ChunkReader:
             move(item[4], address + lo, hi - lo)
         checked: set[tuple[int, int]] = set()
         for p in group.pieces:
-            if p.dest_ptr and p.start == p.chunk_base:
+            if p.dest_ptr:
                 # A whole raw chunk into contiguous memory: verify and copy block by block, so
                 # the copy reads each block while it is still in cache from its checksum.
                 for b in range(p.block_lo, p.block_hi):
@@ -363,9 +363,6 @@ class ChunkReader:
 
     @staticmethod
     def _copy(p: _Piece, buf: np.ndarray, group_start: int) -> None:
-        if p.dest_ptr:  # a plain memcpy, no tensor objects (tens of thousands of small tensors)
-            ctypes.memmove(p.dest_ptr, buf.ctypes.data + p.src_byte - group_start, p.raw_nbytes)
-            return
         size = p.dtype.itemsize
         if p.codec:
             stored = buf[p.start - group_start : p.end - group_start]

@@ -23,7 +23,7 @@ import torch
 from ckptstore import knobs
 from ckptstore.backends.base import Store
 from ckptstore.commit import SaveInfo, commit_collective
-from ckptstore.coordinate import CollectiveError, Coordinator
+from ckptstore.coordinate import Coordinator
 from ckptstore.dtypes import dtype_name
 from ckptstore.errors import (
     CheckpointExistsError,
@@ -148,6 +148,13 @@ class PlannedSave:
     def blobs(self) -> list[bytes]:
         return [*self.local.blobs.values(), *self.local.rank_blobs.values()]
 
+    def write_items(self, host_tensors: list[torch.Tensor]) -> list[WriteItem]:
+        """Write items for ``host_tensors`` (CPU, contiguous, in :meth:`tensors_to_write`
+        order) followed by the pickled blobs; the caller keeps the tensors alive."""
+        codec = self.options.codec
+        items = [WriteItem(as_bytes(t), codec) for t in host_tensors]
+        return items + [WriteItem(memoryview(b)) for b in self.blobs()]
+
 
 def save(
     state_dict: Any,
@@ -197,9 +204,7 @@ def save(
         planned = plan_save_collective(state_dict, path, coord, options, id(process_group))
         t = time.perf_counter()
         keep_alive = [host_contiguous(x) for x in planned.tensors_to_write()]
-        items = [WriteItem(as_bytes(x), codec) for x in keep_alive]
-        items += [WriteItem(memoryview(b)) for b in planned.blobs()]
-        result, error = write_planned(planned, items)
+        result, error = write_planned(planned, planned.write_items(keep_alive))
         del keep_alive
         planned.seconds["write"] = time.perf_counter() - t
         return commit_collective(planned, result, error, coord)
@@ -249,10 +254,7 @@ def plan_save_collective(
         [my_plan_id, -my_plan_id, exists, int(error is not None)]
     )
     if failed:
-        coord_messages = coord.all_gather(f"{type(error).__name__}: {error}" if error else None)
-        if error is not None:
-            raise error
-        raise CollectiveError(coord_messages)
+        coord.raise_failures(error)
     if exists:
         raise CheckpointExistsError(
             f"{store.url}: a committed checkpoint is already there; pass overwrite=True to replace it"
