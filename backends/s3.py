@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ckptstore.backends.base import ByteRange, Store, StoreWriter
+from ckptstore.backends.throttle import Throttle
 from ckptstore.errors import KeyExistsError, KeyNotFoundError, StoreError
 
 _MiB = 1 << 20
@@ -72,9 +73,14 @@ class _MultipartWriter(StoreWriter):
 
     def _upload_part(self, number: int, chunk: bytes) -> None:
         s = self._store
-        reply = s.client.upload_part(
-            Bucket=s.bucket, Key=self._key, UploadId=self._upload_id, PartNumber=number, Body=chunk
-        )
+        with s.throttle.request(len(chunk)):
+            reply = s.client.upload_part(
+                Bucket=s.bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
+                PartNumber=number,
+                Body=chunk,
+            )
         with self._lock:
             self._parts[number] = reply["ETag"]
 
@@ -82,7 +88,8 @@ class _MultipartWriter(StoreWriter):
         s = self._store
         try:
             if self._upload_id is None:  # small object: one PUT
-                s.client.put_object(Bucket=s.bucket, Key=self._key, Body=bytes(self._buf))
+                with s.throttle.request(len(self._buf)):
+                    s.client.put_object(Bucket=s.bucket, Key=self._key, Body=bytes(self._buf))
                 return
             if self._buf:
                 self._submit(bytes(self._buf))
@@ -127,6 +134,9 @@ class S3Store(Store):
         concurrency: parallel part uploads / ranged GETs per writer or reader (default 8).
         max_attempts: attempts per request, with exponential backoff and jitter (default 8).
         create_bucket: create the bucket if it does not exist (for tests and demos).
+        max_concurrent_uploads: burst control -- at most this many PUT requests in flight
+            from this store at once (all its writers together).
+        max_upload_bytes_per_second: burst control -- average upload bandwidth cap.
     """
 
     def __init__(
@@ -141,6 +151,8 @@ class S3Store(Store):
         concurrency: int = 8,
         max_attempts: int = 8,
         create_bucket: bool = False,
+        max_concurrent_uploads: int | None = None,
+        max_upload_bytes_per_second: float | None = None,
         client: Any = None,
     ) -> None:
         import boto3
@@ -154,6 +166,7 @@ class S3Store(Store):
         self.part_bytes = max(5 * _MiB, part_bytes)
         self.concurrency = concurrency
         self.max_attempts = max_attempts
+        self.throttle = Throttle(max_concurrent_uploads, max_upload_bytes_per_second)
         if client is None:
             config = Config(
                 retries={"max_attempts": max_attempts, "mode": "standard"},

@@ -8,6 +8,7 @@
 
 from ckptstore import errors
 from ckptstore.async_save import AsyncSaveHandle, async_save
+from ckptstore.backends.tiered import TieredStore as Tiered
 from ckptstore.checkpoint import Checkpoint, ObjectMeta, TensorMeta
 from ckptstore.checkpoint import open_checkpoint as open
 from ckptstore.leaves import PerRank, Sharded
@@ -22,6 +23,7 @@ from ckptstore.policies import (
     KeepEvery,
     KeepLast,
 )
+from ckptstore.replicate import ReplicationHandle, ReplicationInfo, replicate
 from ckptstore.save import SaveInfo, save
 
 __version__ = "0.1.0"
@@ -40,12 +42,16 @@ __all__ = [
     "LoadInfo",
     "ObjectMeta",
     "PerRank",
+    "ReplicationHandle",
+    "ReplicationInfo",
     "SaveInfo",
     "Sharded",
     "TensorMeta",
+    "Tiered",
     "async_save",
     "errors",
     "load",
     "open",
+    "replicate",
     "save",
 ]

@@ -31,6 +31,7 @@ from ckptstore.save import (
     SaveOptions,
     commit_collective,
     plan_save_collective,
+    replication_group_for,
     write_planned,
 )
 from ckptstore.staging import StagedTensors, StagingPool
@@ -143,6 +144,13 @@ def wait_pending(timeout: float | None = None) -> SaveInfo | None:
     return state.last.wait(timeout)
 
 
+def wait_pending_quietly() -> None:
+    """Wait for the save in flight without raising (exit hooks)."""
+    state = _STATE
+    if state is not None and state.last is not None:
+        state.last._future.exception()
+
+
 def async_save(
     state_dict: Any,
     path: str | os.PathLike[str] | Store,
@@ -184,8 +192,10 @@ def async_save(
         save_options = SaveOptions(**options)  # a TypeError names an unknown option
         coord = Coordinator(process_group)
         background = state.background_group(process_group)
+        replication_group = replication_group_for(path, process_group)
         with gc_paused():
             planned = plan_save_collective(state_dict, path, coord, save_options, id(process_group))
+            planned.replication_group = replication_group
             t_staging = time.perf_counter()
             staged = state.pool.stage(
                 planned.tensors_to_write(), wait_device=not stage_async, shared=persist == "process"

@@ -86,3 +86,61 @@ def delete_checkpoint(root: str | Store, step: int) -> None:
         for dirpath, _dirs, _files in sorted(os.walk(top), key=lambda w: -len(w[0])):
             with contextlib.suppress(OSError):
                 os.rmdir(dirpath)
+
+
+@dataclass(frozen=True)
+class TieredEntry:
+    """One step's state on each tier (see ``ckptstore.tier_state``)."""
+
+    step: int
+    local: str
+    """``committed``, ``writing`` (data without a manifest) or ``absent``."""
+    remote: str
+    """``replicated``, ``replicating``, ``failed``, ``writing`` or ``absent``."""
+    created_unix: float | None = None
+    bytes: int | None = None
+    world_size: int | None = None
+    error: str | None = None
+
+
+_LOCAL_STATE = {"committed": "committed", "incomplete": "writing", "corrupt": "corrupt"}
+
+
+def scan_tiers(remote_root: str | Store, local_root: str | Store | None) -> list[TieredEntry]:
+    """Every step under either root, with its state per tier (reads each manifest once)."""
+    from ckptstore.tier_state import read_tier_state
+
+    remote = {e.step: e for e in scan(remote_root, details=True)}
+    local = {e.step: e for e in scan(local_root, details=True)} if local_root is not None else {}
+    local_store = open_store(local_root) if local_root is not None else None
+    out = []
+    for step in sorted(set(remote) | set(local)):
+        r, lo = remote.get(step), local.get(step)
+        recorded = None
+        if lo is not None and local_store is not None:
+            recorded = read_tier_state(_child(local_store, step))
+        if r is not None and r.state == "committed":
+            remote_state = "replicated"
+        elif recorded is not None and recorded.state in ("replicating", "failed"):
+            remote_state = recorded.state
+        elif r is not None:
+            remote_state = "writing"
+        else:
+            remote_state = "absent"
+        best = r if r is not None and r.state == "committed" else lo
+        out.append(
+            TieredEntry(
+                step,
+                _LOCAL_STATE.get(lo.state, lo.state) if lo is not None else "absent",
+                remote_state,
+                best.created_unix if best else None,
+                best.bytes if best else None,
+                best.world_size if best else None,
+                recorded.error if recorded is not None and remote_state == "failed" else None,
+            )
+        )
+    return out
+
+
+def _child(store: Store, step: int) -> Store:
+    return open_store(join(store.url, step_dir(step)))

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ckptstore.backends.base import Store
+from ckptstore.backends.tiered import TieredStore
 from ckptstore.coordinate import Coordinator
 from ckptstore.dtypes import dtype_name
 from ckptstore.errors import CheckpointExistsError, KeyExistsError, SaveError
@@ -28,6 +29,7 @@ from ckptstore.plan import GlobalPlan, GridLayout
 from ckptstore.write import WriteResult
 
 if TYPE_CHECKING:
+    from ckptstore.replicate import ReplicationHandle
     from ckptstore.save import PlannedSave, _Local
 
 
@@ -43,6 +45,9 @@ class SaveInfo:
     files: int
     plan_cached: bool
     seconds: dict[str, float] = field(default_factory=dict)
+    replication: ReplicationHandle | None = None
+    """For a :class:`~ckptstore.Tiered` path: the background copy to the shared tier
+    (``wait()``, ``done()``, ``state``); the save itself returned after the tier-0 commit."""
 
 
 def commit_collective(
@@ -71,6 +76,9 @@ def commit_collective(
         if error is not None:
             raise error
         raise outcome
+    replication = None
+    if isinstance(planned.store, TieredStore):
+        replication = _commit_tier0_and_replicate(planned, outcome["manifest"], coord)
     seconds = dict(planned.seconds)
     seconds["commit"] = time.perf_counter() - t
     seconds["total"] = sum(seconds.values())
@@ -83,6 +91,38 @@ def commit_collective(
         files=outcome["files"],
         plan_cached=planned.plan_cached,
         seconds=seconds,
+        replication=replication,
+    )
+
+
+def _commit_tier0_and_replicate(
+    planned: PlannedSave, manifest_bytes: bytes, coord: Coordinator
+) -> ReplicationHandle:
+    """Put the committed manifest on every node's local tier, then queue the upload."""
+    import warnings
+
+    from ckptstore.replicate import replicator
+    from ckptstore.tier_state import REPLICATING, TierState, write_tier_state
+
+    store = planned.store
+    assert isinstance(store, TieredStore)
+    if not coord.is_coordinator:  # the coordinator's node has it already
+        try:
+            if planned.options.overwrite:
+                store.local.write(MANIFEST_KEY, manifest_bytes)
+            elif not store.local.exists(MANIFEST_KEY):
+                store.local.write_if_absent(MANIFEST_KEY, manifest_bytes)
+        except KeyExistsError:
+            pass  # another rank of this node wrote the same manifest
+        except Exception as exc:  # the checkpoint is committed; this node's copy is not
+            warnings.warn(
+                f"{store.local.url}: could not write the local manifest ({exc}); this node's "
+                "tier-0 copy will be loadable once replicated",
+                stacklevel=2,
+            )
+    write_tier_state(store.local, TierState(store.remote.url, REPLICATING))
+    return replicator().submit(
+        store, manifest_bytes, planned.replication_group, planned.options.overwrite
     )
 
 
@@ -151,13 +191,15 @@ def _commit(
         return SaveError(f"{store.url}: commit failed: {type(exc).__name__}: {exc}")
     # Data files that the committed manifest does not name (killed or replaced saves) go.
     live = set(manifest.files)
-    for key in list(store.list(DATA_PREFIX)):
+    primary = store.local if isinstance(store, TieredStore) else store
+    for key in list(primary.list(DATA_PREFIX)):
         if key not in live:
-            store.delete(key)
+            primary.delete(key)
     return {
         "tensors": len(manifest.tensors),
         "total_bytes": manifest.total_tensor_bytes(),
         "files": len(manifest.files),
+        "manifest": data if isinstance(store, TieredStore) else None,
     }
 
 

@@ -84,3 +84,11 @@ class WorldSizeMismatchError(CkptStoreError):
 
 class SaveError(CkptStoreError):
     """A save failed on some rank; the checkpoint was not committed."""
+
+
+class ReplicationError(CkptStoreError):
+    """Copying a checkpoint from the local tier to the shared tier failed.
+
+    The local (tier-0) checkpoint is intact and loadable; the replication can be retried
+    (``CheckpointManager.replicate()``, ``ckptstore.replicate`` or ``ckpt cp``).
+    """

@@ -18,6 +18,7 @@ import torch
 
 from ckptstore import knobs
 from ckptstore.backends.base import ByteRange, Store
+from ckptstore.backends.tiered import TieredStore
 from ckptstore.checksum import block_crcs
 from ckptstore.coordinate import Coordinator
 from ckptstore.dtypes import DTYPE_TO_NAME, dtype_name
@@ -45,6 +46,8 @@ class LoadInfo:
     bytes_read: int
     read_requests: int
     seconds: dict[str, float]
+    bytes_by_tier: dict[str, int] | None = None
+    """For a :class:`~ckptstore.Tiered` path: bytes this rank read from each tier."""
 
 
 def fetch_manifest(store: Store, coord: Coordinator) -> Manifest:
@@ -126,6 +129,7 @@ def load(
     t0 = time.perf_counter()
     coord = Coordinator(process_group)
     store = store_for(path, storage_options)
+    tier_bytes_before = dict(store.bytes_read) if isinstance(store, TieredStore) else None
     manifest = fetch_manifest(store, coord)
     t_manifest = time.perf_counter()
 
@@ -154,6 +158,9 @@ def load(
         error = exc
     coord.agree(error)
     t_end = time.perf_counter()
+    by_tier = None
+    if isinstance(store, TieredStore) and tier_bytes_before is not None:
+        by_tier = {k: v - tier_bytes_before.get(k, 0) for k, v in store.bytes_read.items()}
     return LoadInfo(
         path=store.url,
         saved_world_size=manifest.world_size,
@@ -166,6 +173,7 @@ def load(
             "read": t_end - t_plan,
             "total": t_end - t0,
         },
+        bytes_by_tier=by_tier,
     )
 
 

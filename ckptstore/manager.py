@@ -7,6 +7,12 @@
         mgr.maybe_save(step, state)         # cheap unless the policy says "now"
     mgr.close()
 
+With ``local_dir`` the manager saves through the tiered store: each checkpoint is committed
+on the node-local directory first (the loop's exposure to failure is short), then copied to
+``root`` (e.g. ``s3://bucket/run42``) in the background; restores read every byte from the
+fastest tier that holds it. Retention applies per tier (``keep`` for ``root``, ``keep_local``
+for the local directory, which never drops a checkpoint that is not yet replicated).
+
 ``state`` maps names to tensors, DTensors, plain values, nn.Modules, optimizers and any
 *Stateful* object (``state_dict()`` / ``load_state_dict()``). Modules and optimizers go
 through ``torch.distributed.checkpoint.state_dict`` (FSDP2 / DTensor aware), so that an
@@ -17,15 +23,19 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from typing import Any
 
 import torch
 
 from ckptstore import catalog, rng
 from ckptstore.async_save import AsyncSaveHandle, async_save, raise_pending_error
+from ckptstore.backends.base import Store
+from ckptstore.backends.registry import open_store
+from ckptstore.backends.tiered import TieredStore
 from ckptstore.coordinate import Coordinator
-from ckptstore.errors import CheckpointNotFoundError
-from ckptstore.load import load
+from ckptstore.errors import CheckpointNotFoundError, CkptStoreError
+from ckptstore.load import LoadInfo, load
 from ckptstore.policies import (
     EveryNSeconds,
     EveryNSteps,
@@ -34,7 +44,9 @@ from ckptstore.policies import (
     RetentionPolicy,
     SavePolicy,
 )
+from ckptstore.replicate import ReplicationHandle, replicate
 from ckptstore.save import SaveInfo, save
+from ckptstore.tier_state import REPLICATED, read_tier_state
 
 RESERVED = "_ckptstore"
 
@@ -58,6 +70,10 @@ class CheckpointManager:
             checkpoints, manifest first, and never the newest one.
         async_save: save in the background (the loop waits only for a host copy).
         process_group: the group the saves and loads are collective over.
+        local_dir: this node's local directory (tier 0); ``root`` becomes the shared tier.
+        keep_local: retention on ``local_dir`` (an int or a policy; default: the newest 2).
+        storage_options: backend options for ``root`` (e.g. the S3 endpoint, and
+            ``max_concurrent_uploads`` / ``max_upload_bytes_per_second`` for burst control).
         **save_options: passed to :func:`ckptstore.save` / :func:`ckptstore.async_save`.
     """
 
@@ -71,9 +87,17 @@ class CheckpointManager:
         keep: int | RetentionPolicy | None = None,
         async_save: bool = True,
         process_group: torch.distributed.ProcessGroup | None = None,
+        local_dir: str | None = None,
+        keep_local: int | RetentionPolicy | None = 2,
+        storage_options: dict[str, Any] | None = None,
         **save_options: Any,
     ) -> None:
         self.root = str(root)
+        self.local_dir = None if local_dir is None else str(local_dir)
+        self.storage_options = dict(storage_options or {})
+        self.local_retention: RetentionPolicy = (
+            KeepLast(keep_local) if isinstance(keep_local, int) else (keep_local or KeepAll())
+        )
         if save_policy is None:
             if every_n_seconds is not None:
                 save_policy = EveryNSeconds(every_n_seconds)
@@ -92,6 +116,37 @@ class CheckpointManager:
         self._last_time: float | None = None
         self.history: list[dict[str, float]] = []
         """One record per finished save: step, stall (s), background (s), bytes."""
+        self.replications: dict[int, ReplicationHandle] = {}
+        """Background copies to ``root`` (with ``local_dir``), by step."""
+        self.replication_errors: list[tuple[int, str]] = []
+        """(step, message) of every replication that failed (the local copy stays usable)."""
+        self.last_load: LoadInfo | None = None
+        """What the last :meth:`restore` read (``bytes_by_tier`` with ``local_dir``)."""
+        self._root_store_cache: Store | None = None
+
+    @property
+    def tiered(self) -> bool:
+        return self.local_dir is not None
+
+    def _root_store(self) -> Store:
+        if self._root_store_cache is None:
+            self._root_store_cache = open_store(self.root, **self.storage_options)
+        return self._root_store_cache
+
+    def _path(self, step: int) -> str | TieredStore:
+        remote = catalog.join(self.root, catalog.step_dir(step))
+        if self.local_dir is None:
+            return remote
+        return TieredStore(
+            catalog.join(self.local_dir, catalog.step_dir(step)),
+            remote,
+            remote_options=self.storage_options,
+        )
+
+    def _path_options(self) -> dict[str, Any]:
+        if self.tiered or not self.storage_options:
+            return {}
+        return {"storage_options": self.storage_options}
 
     # -- saving -------------------------------------------------------------------------
     def maybe_save(self, step: int, state: dict[str, Any]) -> bool:
@@ -108,14 +163,16 @@ class CheckpointManager:
         """Save ``state`` as checkpoint ``step`` now (asynchronously if configured)."""
         self._finish_pending()
         raise_pending_error()
+        self._collect_replications()
         sd = self._state_dict(state, step, for_load=False)
-        path = catalog.join(self.root, catalog.step_dir(step))
+        path = self._path(step)
+        options = {**self.save_options, **self._path_options()}
         t = time.perf_counter()
         if self.async_save:
-            handle = async_save(sd, path, process_group=self.process_group, **self.save_options)
+            handle = async_save(sd, path, process_group=self.process_group, **options)
             self._pending = (step, handle)
         else:
-            info = save(sd, path, process_group=self.process_group, **self.save_options)
+            info = save(sd, path, process_group=self.process_group, **options)
             self._record(step, time.perf_counter() - t, info)
             self._apply_retention()
         self._last_step, self._last_time = step, time.monotonic()
@@ -143,6 +200,8 @@ class CheckpointManager:
         self._apply_retention()
 
     def _record(self, step: int, stall: float, info: SaveInfo) -> None:
+        if info.replication is not None:
+            self.replications[step] = info.replication
         background = info.seconds.get("write", 0.0) + info.seconds.get("commit", 0.0)
         self.history.append(
             {
@@ -153,25 +212,118 @@ class CheckpointManager:
             }
         )
 
+    def _collect_replications(self) -> None:
+        """Note replications that finished since the last call (errors become warnings)."""
+        for step, handle in list(self.replications.items()):
+            if not handle.done():
+                continue
+            error = handle.error()
+            if error is not None:
+                self.replication_errors.append((step, str(error)))
+                warnings.warn(f"checkpoint {step}: {error}", stacklevel=3)
+            del self.replications[step]
+
+    def wait_replicated(self, timeout: float | None = None) -> dict[int, str]:
+        """Wait for the save in flight and every background copy to ``root``.
+
+        Returns the final state per step that was replicating (``replicated`` or ``failed``);
+        failures are also in :attr:`replication_errors`. Applies retention afterwards.
+        """
+        self._finish_pending()
+        states = {}
+        for step, handle in list(self.replications.items()):
+            with contextlib.suppress(CkptStoreError):
+                handle.wait(timeout)
+            states[step] = handle.state
+        self._collect_replications()
+        self._apply_retention()
+        return states
+
+    def replicate(self) -> list[int]:
+        """Copy every local checkpoint that is not yet on ``root`` there now (a collective).
+
+        For retrying failed uploads on demand. Returns the steps replicated.
+        """
+        if self.local_dir is None:
+            return []
+        self.wait_replicated()
+        mine = [
+            e.step for e in self.checkpoints() if e.local == "committed" and e.remote != REPLICATED
+        ]
+        everyone = self._coord.gather(mine)
+        common = None
+        if self._coord.is_coordinator:
+            assert everyone is not None
+            common = sorted(set.intersection(*(set(x) for x in everyone)))
+        steps: list[int] = self._coord.broadcast(common)
+        for step in steps:
+            path = self._path(step)
+            assert isinstance(path, TieredStore)
+            replicate(path, process_group=self.process_group)
+        self._apply_retention()
+        return steps
+
     def _apply_retention(self) -> None:
+        if self.local_dir is not None:
+            self._apply_local_retention()
         if not self._coord.is_coordinator:
             return
-        committed = self.steps()
+        root = self._root_store()
+        committed = [e.step for e in catalog.scan(root) if e.state == "committed"]
         if not committed:
             return
         keep = self.retention.keep(committed) | {committed[-1]}  # never the newest
         for step in committed:
             if step not in keep:
-                catalog.delete_checkpoint(self.root, step)
+                catalog.delete_checkpoint(root, step)
+
+    def _apply_local_retention(self) -> None:
+        """Every rank trims its node's directory (idempotent when ranks share a node); a
+        checkpoint that is not replicated yet is never deleted from the local tier."""
+        assert self.local_dir is not None
+        local = [e.step for e in catalog.scan(self.local_dir) if e.state == "committed"]
+        if not local:
+            return
+        keep = self.local_retention.keep(local) | {local[-1]}
+        for step in local:
+            if step in keep:
+                continue
+            record = read_tier_state(
+                open_store(catalog.join(self.local_dir, catalog.step_dir(step)))
+            )
+            if record is not None and record.state == REPLICATED:
+                with contextlib.suppress(OSError, CkptStoreError):
+                    catalog.delete_checkpoint(self.local_dir, step)
 
     # -- listing ------------------------------------------------------------------------
     def steps(self) -> list[int]:
-        """Committed steps, ascending (a checkpoint being written is not among them)."""
-        return [e.step for e in catalog.scan(self.root) if e.state == "committed"]
+        """Restorable steps, ascending: committed on ``root`` or (tiered) on this node's
+        local directory. A checkpoint being written is not among them."""
+        steps = {e.step for e in catalog.scan(self._root_store()) if e.state == "committed"}
+        if self.local_dir is not None:
+            steps |= {e.step for e in catalog.scan(self.local_dir) if e.state == "committed"}
+        return sorted(steps)
 
     def latest_step(self) -> int | None:
         steps = self.steps()
         return steps[-1] if steps else None
+
+    def checkpoints(self) -> list[catalog.TieredEntry]:
+        """Every step with its state per tier (``local`` is ``absent`` without local_dir)."""
+        return catalog.scan_tiers(self._root_store(), self.local_dir)
+
+    def _agreed_steps(self) -> list[int]:
+        """Steps every rank can restore: on ``root``, or in the local tier of every node."""
+        remote = {e.step for e in catalog.scan(self._root_store()) if e.state == "committed"}
+        if self.local_dir is None:
+            return sorted(remote)
+        local = {e.step for e in catalog.scan(self.local_dir) if e.state == "committed"}
+        everyone = self._coord.gather(sorted(local))
+        agreed = None
+        if self._coord.is_coordinator:
+            assert everyone is not None
+            agreed = sorted(remote | set.intersection(*(set(x) for x in everyone)))
+        return self._coord.broadcast(agreed)
 
     # -- restoring ------------------------------------------------------------------------
     def restore(
@@ -184,16 +336,19 @@ class CheckpointManager:
         are restored when the world size is unchanged.
         """
         self._finish_pending()
+        available = self._agreed_steps()
         if step is None:
-            step = self.latest_step()
-            if step is None:
+            if not available:
                 return None
-        elif step not in self.steps():
+            step = available[-1]
+        elif step not in available:
             raise CheckpointNotFoundError(f"{self.root}: no committed checkpoint for step {step}")
-        path = catalog.join(self.root, catalog.step_dir(step))
+        path = self._path(step)
         sd = self._state_dict(state, step, for_load=True)
         load_options.setdefault("per_rank", "keep")
-        info = load(sd, path, process_group=self.process_group, **load_options)
+        options = {**self._path_options(), **load_options}
+        info = load(sd, path, process_group=self.process_group, **options)
+        self.last_load = info
         self._apply(state, sd)
         if info.saved_world_size == self._coord.world_size:
             rng.restore(sd[RESERVED]["rng"])
@@ -201,7 +356,10 @@ class CheckpointManager:
         return step
 
     def close(self) -> None:
+        """Finish the save in flight and (with ``local_dir``) its copy to ``root``."""
         self._finish_pending()
+        if self.local_dir is not None:
+            self.wait_replicated()
 
     def __enter__(self) -> CheckpointManager:
         return self

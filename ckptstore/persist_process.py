@@ -79,7 +79,12 @@ def write_in_helper(
 ) -> tuple[WriteResult | None, BaseException | None]:
     """Have the helper write this rank's staged items; errors come back as values."""
     global _HELPER
-    url = planned.store.url
+    from ckptstore.backends.tiered import TieredStore
+
+    store = planned.store
+    if isinstance(store, TieredStore):  # data goes to the local tier; the rest stays here
+        store = store.local
+    url = store.url
     if url.startswith("memory://"):
         return None, SaveError(f"{url}: persist='process' needs a store another process can reach")
     if _HELPER is None or _HELPER.proc.poll() is not None:
@@ -90,7 +95,9 @@ def write_in_helper(
         "spans": [(v.data_ptr() - base, v.numel()) for v in staged.views],
         "blobs": [base64.b64encode(b).decode("ascii") for b in planned.blobs()],
         "url": url,
-        "storage_options": planned.options.storage_options or {},
+        "storage_options": {}
+        if store is not planned.store
+        else planned.options.storage_options or {},
         "rank": planned.rank,
         "files": planned.options.files_per_rank,
         "block": planned.options.block,

@@ -15,7 +15,7 @@ import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from ckptstore import codecs, knobs
 from ckptstore.backends.base import Store
 from ckptstore.checksum import crc32c
 from ckptstore.dtypes import dtype_from_name, itemsize
-from ckptstore.errors import ChecksumError, StoreError
+from ckptstore.errors import ChecksumError, KeyNotFoundError, StoreError
 from ckptstore.manifest import Manifest, TensorRecord
 from ckptstore.plan import Box, overlaps, whole_layout
 
@@ -288,18 +288,33 @@ class ChunkReader:
         with self._lock:
             self.bytes_read += group.end - group.start
             self.requests += 1
-        if mapped is not None:
-            if len(mapped) < group.end:
-                raise StoreError(
-                    f"{self.where}: data file {key} has {len(mapped)} bytes, the manifest "
-                    f"needs {group.end}: truncated?"
-                )
-            self._check_and_copy(group, mapped, 0)
-            return
+        fallback = getattr(self.store, "fallback", None)  # a tiered store's remote tier
+        try:
+            if mapped is not None:
+                if len(mapped) < group.end:
+                    raise StoreError(
+                        f"{self.where}: data file {key} has {len(mapped)} bytes, the manifest "
+                        f"needs {group.end}: truncated?"
+                    )
+                self._check_and_copy(group, mapped, 0)
+                if fallback is not None:
+                    self.store.count_mapped(group.end - group.start)  # type: ignore[attr-defined]
+                return
+            self._read_and_copy(group, key, self.store.read_into)
+        except (ChecksumError, StoreError) as exc:
+            if fallback is None:
+                raise
+            # The fast tier's copy is bad or short: take these bytes from the shared tier.
+            try:
+                self._read_and_copy(group, key, fallback)
+            except KeyNotFoundError:
+                raise exc from None
+
+    def _read_and_copy(self, group: _Group, key: str, read_into: Any) -> None:
         buf = _POOL.acquire(group.end - group.start)
         try:
             view = buf[: group.end - group.start]
-            self.store.read_into(key, group.start, memoryview(view))
+            read_into(key, group.start, memoryview(view))
             self._check_and_copy(group, view, group.start)
         finally:
             _POOL.release(buf)

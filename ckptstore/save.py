@@ -22,6 +22,7 @@ import torch
 
 from ckptstore import knobs
 from ckptstore.backends.base import Store
+from ckptstore.backends.tiered import TieredStore
 from ckptstore.commit import SaveInfo, commit_collective
 from ckptstore.coordinate import Coordinator
 from ckptstore.dtypes import dtype_name
@@ -137,6 +138,8 @@ class PlannedSave:
     global_plan: GlobalPlan | None
     plan_cached: bool
     seconds: dict[str, float] = field(default_factory=dict)
+    replication_group: Any = None
+    """The dedicated group replication to a shared tier runs its collectives on."""
 
     def tensors_to_write(self) -> list[torch.Tensor]:
         """This rank's tensors in write order: its planned chunks, then per-rank tensors."""
@@ -200,14 +203,25 @@ def save(
         spread_prefixes=spread_prefixes,
     )
     coord = Coordinator(process_group)
+    group = replication_group_for(path, process_group)
     with gc_paused():  # bulk object creation; see ckptstore.gcpause
         planned = plan_save_collective(state_dict, path, coord, options, id(process_group))
+        planned.replication_group = group
         t = time.perf_counter()
         keep_alive = [host_contiguous(x) for x in planned.tensors_to_write()]
         result, error = write_planned(planned, planned.write_items(keep_alive))
         del keep_alive
         planned.seconds["write"] = time.perf_counter() - t
         return commit_collective(planned, result, error, coord)
+
+
+def replication_group_for(path: Any, process_group: Any) -> Any:
+    """For a tiered path: the replication group (created once, a collective); else None."""
+    if not isinstance(path, TieredStore):
+        return None
+    from ckptstore.replicate import replicator
+
+    return replicator().group_for(process_group)
 
 
 def plan_save_collective(

@@ -101,6 +101,12 @@ def data_key(name: str, spread: int = 0) -> str:
     return f"{DATA_PREFIX}{name}"
 
 
+def writer_rank(key: str) -> int | None:
+    """The rank that wrote data file ``key`` (its name starts with the rank), or None."""
+    head = key.rsplit("/", 1)[-1].split("-", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
 def write_items(
     store: Store,
     items: list[WriteItem],

@@ -17,6 +17,39 @@ from dataclasses import dataclass, field
 FAULTS = ("pass", "503", "500", "drop", "slow", "truncate")
 
 
+@dataclass(frozen=True)
+class RequestRecord:
+    start: float
+    end: float
+    method: str
+    path: str
+    body_bytes: int
+
+
+def peak_in_flight(requests: list[RequestRecord], method: str = "PUT") -> int:
+    """The most requests of ``method`` that were in flight at one moment."""
+    events = sorted(
+        [(r.start, 1) for r in requests if r.method == method]
+        + [(r.end, -1) for r in requests if r.method == method]
+    )
+    peak = now = 0
+    for _, delta in events:
+        now += delta
+        peak = max(peak, now)
+    return peak
+
+
+def peak_rate(requests: list[RequestRecord], window: float = 0.1, method: str = "PUT") -> float:
+    """The most requests of ``method`` started within any ``window`` seconds, per second."""
+    starts = sorted(r.start for r in requests if r.method == method)
+    best, lo = 0, 0
+    for hi, t in enumerate(starts):
+        while t - starts[lo] > window:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best / window
+
+
 @dataclass
 class FaultPlan:
     """``rule(method, path, n)`` -> a fault name; ``n`` counts requests from 0."""
@@ -98,6 +131,7 @@ class _Handler(socketserver.StreamRequestHandler):
                 self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # the client waits for it
                 self.wfile.flush()
             body = _read_body(self.rfile, headers)
+            started = time.monotonic()
             fault = server.plan.next(method, path)
             if fault == "drop":
                 return
@@ -132,6 +166,7 @@ class _Handler(socketserver.StreamRequestHandler):
                 return  # close mid-body
             self.wfile.write(resp_head + resp_body)
             self.wfile.flush()
+            server.record(RequestRecord(started, time.monotonic(), method, path, len(body)))
 
 
 class FaultProxy(socketserver.ThreadingTCPServer):
@@ -145,7 +180,14 @@ class FaultProxy(socketserver.ThreadingTCPServer):
         self.upstream = upstream
         self.plan = plan or FaultPlan()
         self.endpoint = f"http://127.0.0.1:{self.server_address[1]}"
+        self.requests: list[RequestRecord] = []
+        """Every request passed upstream: start/end (monotonic), method, path, body bytes."""
+        self._log_lock = threading.Lock()
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    def record(self, request: RequestRecord) -> None:
+        with self._log_lock:
+            self.requests.append(request)
 
     def __enter__(self) -> FaultProxy:
         self._thread.start()

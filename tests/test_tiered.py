@@ -1,0 +1,175 @@
+"""The tiered store against a real S3 server: tier-0 commit, background replication, reads
+from the fastest tier with fallback, simulated nodes losing their local disk, failed uploads
+that leave tier 0 intact, burst control, and the manager's per-tier retention."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+
+import pytest
+import torch
+
+import ckptstore as cs
+from ckptstore.backends.s3 import S3Store
+from ckptstore.errors import ReplicationError
+from ckptstore.testing.faultproxy import FaultPlan, FaultProxy, peak_in_flight
+from ckptstore.testing.ranks import run_ranks
+from ckptstore.testing.seaweed import S3_PORT
+from tests import tiered_cases
+
+
+def _bucket(seaweed) -> str:
+    bucket = f"tier-{uuid.uuid4().hex[:10]}"
+    S3Store(bucket, create_bucket=True, **seaweed.options())
+    return bucket
+
+
+def _state() -> dict:
+    g = torch.Generator().manual_seed(7)
+    return {"w": torch.randn(1500, 2000, generator=g), "b": torch.arange(10), "step": 5}
+
+
+def _zeros() -> dict:
+    return {"w": torch.zeros(1500, 2000), "b": torch.zeros(10, dtype=torch.int64), "step": 0}
+
+
+def _data_file(local_dir) -> str:
+    data = os.path.join(local_dir, "data")
+    return os.path.join(data, sorted(os.listdir(data))[0])
+
+
+def test_save_commits_locally_then_replicates_and_loads_from_either_tier(seaweed, tmp_path) -> None:
+    remote = f"s3://{_bucket(seaweed)}/run/step5"
+    path = cs.Tiered(local=tmp_path / "nvme", remote=remote, remote_options=seaweed.options())
+    sd = _state()
+    info = cs.save(sd, path)
+    assert (tmp_path / "nvme" / "manifest.json").exists()  # committed on tier 0 at return
+    replicated = info.replication.wait(timeout=60)
+    assert replicated.files == 1 and replicated.bytes > sd["w"].nbytes
+    assert info.replication.state == "replicated"
+    record = json.loads((tmp_path / "nvme" / "replication.json").read_text())
+    assert record["state"] == "replicated" and record["remote"] == remote
+
+    out = _zeros()
+    loaded = cs.load(out, path)
+    assert torch.equal(out["w"], sd["w"]) and out["step"] == 5
+    assert loaded.bytes_by_tier["remote"] == 0 and loaded.bytes_by_tier["local"] > 0
+
+    # The shared tier alone holds a complete, identical checkpoint.
+    out = _zeros()
+    cs.load(out, remote, storage_options=seaweed.options())
+    assert torch.equal(out["w"], sd["w"]) and torch.equal(out["b"], sd["b"])
+
+
+def test_a_corrupt_local_byte_is_read_from_the_shared_tier(seaweed, tmp_path) -> None:
+    remote = f"s3://{_bucket(seaweed)}/step1"
+    path = cs.Tiered(local=tmp_path / "nvme", remote=remote, remote_options=seaweed.options())
+    sd = _state()
+    cs.save(sd, path).replication.wait(timeout=60)
+    with open(_data_file(tmp_path / "nvme"), "r+b") as f:  # a bit flips on the local disk
+        f.seek(1_000_000)
+        byte = f.read(1)
+        f.seek(1_000_000)
+        f.write(bytes([byte[0] ^ 0x40]))
+    out = _zeros()
+    info = cs.load(
+        out, cs.Tiered(local=tmp_path / "nvme", remote=remote, remote_options=seaweed.options())
+    )
+    assert torch.equal(out["w"], sd["w"])
+    assert info.bytes_by_tier["remote"] > 0
+
+
+def test_nodes_that_lose_their_local_tier_restore_from_s3(seaweed, tmp_path) -> None:
+    remote = f"s3://{_bucket(seaweed)}/run/step1"
+    opts = seaweed.options()
+    nodes = str(tmp_path / "nodes")
+    saved = run_ranks(4, tiered_cases.save_on_nodes, nodes, remote, opts, 2)
+    assert [s["state"] for s in saved] == ["replicated"] * 4
+    assert all(s["files"] == 1 for s in saved)
+    # each node holds its own ranks' files and the manifest
+    for node in ("node0", "node1"):
+        names = os.listdir(os.path.join(nodes, node, "step1", "data"))
+        assert len(names) == 2 and (tmp_path / "nodes" / node / "step1" / "manifest.json").exists()
+
+    shutil.rmtree(os.path.join(nodes, "node1"))  # node 1 was replaced
+    out = run_ranks(4, tiered_cases.load_on_nodes, nodes, remote, opts, 2, "row")
+    assert all(o["problems"] == [] for o in out), out
+    # node 0's ranks read their own shards locally (replicated tensors written by node 1's
+    # ranks come from S3); node 1's ranks read everything from S3
+    assert all(o["by_tier"]["local"] > 0 for o in out[:2]), out
+    assert all(o["by_tier"]["local"] == 0 and o["by_tier"]["remote"] > 0 for o in out[2:]), out
+
+    # resharded onto 2 ranks of node 0 with another layout: node 1's files come from S3
+    out = run_ranks(2, tiered_cases.load_on_nodes, nodes, remote, opts, 2, "col")
+    assert all(o["problems"] == [] for o in out), out
+    assert all(o["by_tier"]["local"] > 0 and o["by_tier"]["remote"] > 0 for o in out)
+
+
+def test_failed_upload_leaves_tier0_usable_and_is_retried_on_demand(
+    seaweed, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setenv("CKPTSTORE_REPLICATION_RETRIES", "0")
+    bucket = _bucket(seaweed)
+    remote = f"s3://{bucket}/step1"
+    every_put_fails = FaultPlan(rule=lambda m, p, n: "503" if m == "PUT" else "pass")
+    sd = _state()
+    with FaultProxy(("127.0.0.1", S3_PORT), every_put_fails) as proxy:
+        opts = {**seaweed.options(proxy.endpoint), "max_attempts": 2}
+        path = cs.Tiered(local=tmp_path / "nvme", remote=remote, remote_options=opts)
+        info = cs.save(sd, path)
+        with pytest.raises(ReplicationError, match="local checkpoint is intact"):
+            info.replication.wait(timeout=60)
+    assert info.replication.state == "failed"
+    record = json.loads((tmp_path / "nvme" / "replication.json").read_text())
+    assert record["state"] == "failed" and "SlowDown" in record["error"], record
+    store = S3Store(f"{bucket}/step1", **seaweed.options())
+    assert not store.exists("manifest.json")
+    assert store.client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+    direct = cs.Tiered(local=tmp_path / "nvme", remote=remote, remote_options=seaweed.options())
+    out = _zeros()
+    cs.load(out, direct)  # tier 0 is intact and loadable
+    assert torch.equal(out["w"], sd["w"])
+
+    again = cs.replicate(direct)  # on demand, once the store is reachable again
+    assert again.files == 1
+    out = _zeros()
+    cs.load(out, remote, storage_options=seaweed.options())
+    assert torch.equal(out["w"], sd["w"])
+    assert json.loads((tmp_path / "nvme" / "replication.json").read_text())["state"] == "replicated"
+
+
+def test_burst_control_caps_requests_in_flight(seaweed, tmp_path) -> None:
+    remote = f"s3://{_bucket(seaweed)}"
+    g = torch.Generator().manual_seed(3)
+    sd = {"w": torch.randn(12 << 20, generator=g)}  # 48 MiB: ten 5 MiB parts
+    peaks = {}
+    for cap in (None, 2):
+        with FaultProxy(("127.0.0.1", S3_PORT)) as proxy:
+            opts = {**seaweed.options(proxy.endpoint), "part_bytes": 5 << 20, "concurrency": 8}
+            if cap:
+                opts["max_concurrent_uploads"] = cap
+            path = cs.Tiered(
+                local=tmp_path / f"nvme{cap}", remote=f"{remote}/cap{cap}", remote_options=opts
+            )
+            cs.save(sd, path).replication.wait(timeout=120)
+            peaks[cap] = peak_in_flight(proxy.requests, "PUT")
+    assert peaks[2] <= 2 < peaks[None], peaks
+
+
+def test_manager_keeps_per_tier_retention_and_restores_without_local(seaweed, tmp_path) -> None:
+    remote = f"s3://{_bucket(seaweed)}/run42"
+    opts = seaweed.options()
+    nodes = str(tmp_path / "nodes")
+    out = run_ranks(2, tiered_cases.manager_run, nodes, remote, opts, 1, 4)
+    # keep=2 on S3, keep_local=1 on each node; older ones are gone from both tiers
+    for rank in out:
+        assert rank["tiers"] == {3: ("absent", "replicated"), 4: ("committed", "replicated")}
+    shutil.rmtree(os.path.join(nodes, "node1"))
+    restored = run_ranks(2, tiered_cases.manager_restore, nodes, remote, opts, 1)
+    assert [r["step"] for r in restored] == [4, 4]
+    assert [r["w"] for r in restored] == [4.0, 4.0]
+    assert restored[0]["by_tier"]["remote"] == 0 and restored[1]["by_tier"]["local"] == 0

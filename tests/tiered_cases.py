@@ -1,0 +1,69 @@
+"""Worker functions for the tiered-store tests: ranks grouped into simulated nodes, each
+node with its own local directory (tier 0) and one shared S3 bucket behind them."""
+
+from __future__ import annotations
+
+import ckptstore as cs
+from tests.dist_cases import build_state, check_state
+
+
+def tiered_path(nodes_root: str, remote: str, opts: dict, rank: int, per_node: int) -> cs.Tiered:
+    return cs.Tiered(
+        local=f"{nodes_root}/node{rank // per_node}/step1", remote=remote, remote_options=opts
+    )
+
+
+def save_on_nodes(
+    rank: int, world: int, nodes_root: str, remote: str, opts: dict, per_node: int
+) -> dict:
+    path = tiered_path(nodes_root, remote, opts, rank, per_node)
+    info = cs.save(build_state("row", rank, world), path)
+    assert info.replication is not None
+    replicated = info.replication.wait(timeout=120)
+    return {"files": replicated.files, "bytes": replicated.bytes, "state": info.replication.state}
+
+
+def load_on_nodes(
+    rank: int, world: int, nodes_root: str, remote: str, opts: dict, per_node: int, layout: str
+) -> dict:
+    path = tiered_path(nodes_root, remote, opts, rank, per_node)
+    sd = build_state(layout, rank, world, zero=True)
+    info = cs.load(sd, path, per_rank="wrap")
+    return {"problems": check_state(sd, rank, 4, world), "by_tier": info.bytes_by_tier}
+
+
+def manager_run(
+    rank: int, world: int, nodes_root: str, remote: str, opts: dict, per_node: int, steps: int
+) -> dict:
+    """Train-like loop: save every step through the tiered manager, then list the tiers."""
+    import torch
+
+    local_dir = f"{nodes_root}/node{rank // per_node}"
+    state = {"w": torch.zeros(64, 64), "step": 0}
+    with cs.CheckpointManager(
+        remote, local_dir=local_dir, keep=2, keep_local=1, storage_options=opts
+    ) as mgr:
+        start = mgr.restore(state) or 0
+        for step in range(start + 1, start + steps + 1):
+            state["w"].fill_(float(step))
+            state["step"] = step
+            mgr.maybe_save(step, state)
+        mgr.wait_replicated()
+        torch.distributed.barrier()  # the coordinator's retention is done on every rank's view
+        return {
+            "start": start,
+            "tiers": {e.step: (e.local, e.remote) for e in mgr.checkpoints()},
+            "w": float(state["w"][0, 0]),
+        }
+
+
+def manager_restore(
+    rank: int, world: int, nodes_root: str, remote: str, opts: dict, per_node: int
+) -> dict:
+    import torch
+
+    local_dir = f"{nodes_root}/node{rank // per_node}"
+    state = {"w": torch.zeros(64, 64), "step": 0}
+    with cs.CheckpointManager(remote, local_dir=local_dir, storage_options=opts) as mgr:
+        step = mgr.restore(state)
+        return {"step": step, "w": float(state["w"][0, 0]), "by_tier": mgr.last_load.bytes_by_tier}
