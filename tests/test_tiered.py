@@ -173,3 +173,37 @@ def test_manager_keeps_per_tier_retention_and_restores_without_local(seaweed, tm
     assert [r["step"] for r in restored] == [4, 4]
     assert [r["w"] for r in restored] == [4.0, 4.0]
     assert restored[0]["by_tier"]["remote"] == 0 and restored[1]["by_tier"]["local"] == 0
+
+
+def test_ckpt_ls_shows_the_state_on_each_tier(seaweed, tmp_path, monkeypatch, capsys) -> None:
+    from ckptstore.cli.main import main
+
+    bucket = _bucket(seaweed)
+    remote = f"s3://{bucket}/run"
+    local = str(tmp_path / "nvme")
+    mgr = cs.CheckpointManager(
+        remote, local_dir=local, keep_local=1, async_save=False, storage_options=seaweed.options()
+    )
+    state = {"w": torch.ones(256, 256)}
+    for step in (10, 20):
+        mgr.save(step, state)
+    assert mgr.wait_replicated() == {20: "replicated"} or mgr.replication_errors == []
+    mgr.close()
+
+    opts = seaweed.options()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", opts["endpoint_url"])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", opts["aws_access_key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", opts["aws_secret_access_key"])
+    assert main(["ls", remote, "--local", local, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["step"], r["local"], r["remote"]) for r in rows] == [
+        (10, "absent", "replicated"),
+        (20, "committed", "replicated"),
+    ]
+    assert main(["ls", remote, "--local", local]) == 0
+    text = capsys.readouterr().out
+    assert "local" in text and "remote" in text and "replicated" in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert main(["ls", local]) == 0
+    text = capsys.readouterr().out
+    assert "replication" in text.splitlines()[0] and "replicated" in text.splitlines()[2]

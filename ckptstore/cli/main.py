@@ -138,32 +138,73 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_DAMAGED
 
 
-def cmd_ls(args: argparse.Namespace) -> int:
+def _when(created: float | None) -> str:
     import datetime
 
-    from ckptstore.catalog import scan
+    if not created:
+        return "-"
+    return datetime.datetime.fromtimestamp(created, datetime.timezone.utc).strftime(
+        "%Y-%m-%d %H:%M:%S"
+    )
 
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from ckptstore.catalog import scan, scan_tiers
+
+    if args.local:
+        tiers = scan_tiers(args.root, args.local)
+        if args.json:
+            print(json.dumps([e.__dict__ for e in tiers]))
+            return EXIT_OK
+        if not tiers:
+            print(f"no checkpoints under {args.root} or {args.local}")
+            return EXIT_OK
+        rows = [
+            [
+                str(e.step), _when(e.created_unix),
+                human_bytes(e.bytes) if e.bytes is not None else "-",
+                str(e.world_size or "-"), e.local, e.remote,
+            ]
+            for e in tiers
+        ]  # fmt: skip
+        print(table(rows, ["step", "time (UTC)", "size", "ranks", "local", "remote"]))
+        failed = [e for e in tiers if e.error]
+        for e in failed:
+            print(f"step {e.step}: replication failed: {e.error}")
+        return EXIT_OK
     entries = scan(args.root, details=True)
+    replication = _recorded_replication(args.root, [e.step for e in entries])
     if args.json:
-        print(json.dumps([e.__dict__ for e in entries]))
+        print(json.dumps([{**e.__dict__, "replication": replication.get(e.step)} for e in entries]))
         return EXIT_OK
     if not entries:
         print(f"no checkpoints under {args.root}")
         return EXIT_OK
     rows = []
     for e in entries:
-        when = (
-            datetime.datetime.fromtimestamp(e.created_unix, datetime.timezone.utc).strftime(
-                "%Y-%m-%d %H:%M:%S"
-            )
-            if e.created_unix
-            else "-"
-        )
         size = human_bytes(e.bytes) if e.bytes is not None else "-"
         ranks = str(e.world_size) if e.world_size else "-"
-        rows.append([str(e.step), when, size, ranks, e.state])
-    print(table(rows, ["step", "time (UTC)", "size", "ranks", "state"]))
+        row = [str(e.step), _when(e.created_unix), size, ranks, e.state]
+        if replication:
+            row.append(replication.get(e.step, "-"))
+        rows.append(row)
+    header = ["step", "time (UTC)", "size", "ranks", "state"]
+    print(table(rows, header + (["replication"] if replication else [])))
     return EXIT_OK
+
+
+def _recorded_replication(root: str, steps: list[int]) -> dict[int, str]:
+    """For a local tier: each step's replication state as recorded next to its manifest."""
+    from ckptstore.backends.registry import open_store
+    from ckptstore.catalog import join, step_dir
+    from ckptstore.tier_state import read_tier_state
+
+    out = {}
+    for step in steps:
+        record = read_tier_state(open_store(join(root, step_dir(step))))
+        if record is not None:
+            out[step] = record.state
+    return out
 
 
 def cmd_cp(args: argparse.Namespace) -> int:
@@ -184,8 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ckpt", description="Inspect and check ckptstore checkpoints."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("ls", help="checkpoints under a root: step, time, size, state")
+    p = sub.add_parser("ls", help="checkpoints under a root: step, time, size, state per tier")
     p.add_argument("root", help="directory or URL holding step_<N> checkpoints")
+    p.add_argument(
+        "--local",
+        metavar="DIR",
+        help="this node's local tier of the same checkpoints: show the state on each tier",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_ls)
     p = sub.add_parser(
