@@ -64,6 +64,10 @@ class Store(abc.ABC):
     """Byte storage behind a URL. Implementations live in ``ckptstore.backends``."""
 
     url: str
+    read_window_bytes: int | None = None
+    """The read size this backend is fastest with (readers split large regions into reads
+    of this size); None: the reader's default. Object stores set it so that one read keeps
+    all their parallel ranged GETs busy."""
 
     # -- the core every backend implements ---------------------------------------------
     @abc.abstractmethod

@@ -50,12 +50,20 @@ class _MultipartWriter(StoreWriter):
         self._lock = threading.Lock()
 
     def write(self, data: memoryview | bytes) -> None:
-        self._buf += memoryview(data).cast("B")
+        view = memoryview(data).cast("B")
         part = self._store.part_bytes
-        while len(self._buf) >= part:
-            chunk = bytes(self._buf[:part])
-            del self._buf[:part]
-            self._submit(chunk)
+        if self._buf:  # top up the partial part first
+            take = min(part - len(self._buf), len(view))
+            self._buf += view[:take]
+            view = view[take:]
+            if len(self._buf) == part:
+                self._submit(bytes(self._buf))
+                self._buf = bytearray()
+        while len(view) >= part:  # whole parts straight from the caller's memory: one copy
+            self._submit(bytes(view[:part]))
+            view = view[part:]
+        if view:
+            self._buf += view
 
     def _submit(self, chunk: bytes) -> None:
         s = self._store
@@ -123,6 +131,48 @@ class _MultipartWriter(StoreWriter):
             self._upload_id = None
 
 
+_CLIENTS: dict[tuple, Any] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def _shared_client(
+    endpoint_url: str | None,
+    region_name: str,
+    access_key: str | None,
+    secret_key: str | None,
+    max_attempts: int,
+    pool: int,
+) -> Any:
+    """One boto3 client per configuration and process: creating a client costs tens of
+    milliseconds, and a shared one keeps its connections open between checkpoints.
+    (boto3 clients are thread-safe; the key holds the credentials only in memory.)"""
+    import os
+
+    import boto3
+    from botocore.config import Config
+
+    key = (
+        endpoint_url, region_name, access_key, secret_key, max_attempts, pool,
+        os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_ACCESS_KEY_ID"),
+        os.environ.get("AWS_PROFILE"), os.getpid(),
+    )  # fmt: skip
+    with _CLIENTS_LOCK:
+        client = _CLIENTS.get(key)
+        if client is None:
+            config = Config(
+                retries={"max_attempts": max_attempts, "mode": "standard"},
+                max_pool_connections=pool,
+                connect_timeout=10,
+                read_timeout=60,
+            )
+            client = boto3.session.Session().client(
+                "s3", endpoint_url=endpoint_url, region_name=region_name,
+                aws_access_key_id=access_key, aws_secret_access_key=secret_key, config=config,
+            )  # fmt: skip
+            _CLIENTS[key] = client
+        return client
+
+
 class S3Store(Store):
     """Objects under ``s3://bucket/prefix``.
 
@@ -155,9 +205,6 @@ class S3Store(Store):
         max_upload_bytes_per_second: float | None = None,
         client: Any = None,
     ) -> None:
-        import boto3
-        from botocore.config import Config
-
         bucket, _, prefix = location.partition("/")
         if not bucket:
             raise StoreError(f"s3://{location}: no bucket name")
@@ -166,18 +213,12 @@ class S3Store(Store):
         self.part_bytes = max(5 * _MiB, part_bytes)
         self.concurrency = concurrency
         self.max_attempts = max_attempts
+        self.read_window_bytes = self.part_bytes * max(1, concurrency)
         self.throttle = Throttle(max_concurrent_uploads, max_upload_bytes_per_second)
         if client is None:
-            config = Config(
-                retries={"max_attempts": max_attempts, "mode": "standard"},
-                max_pool_connections=max(10, 2 * concurrency),
-                connect_timeout=10,
-                read_timeout=60,
-            )
-            client = boto3.session.Session().client(
-                "s3", endpoint_url=endpoint_url, region_name=region_name or "us-east-1",
-                aws_access_key_id=aws_access_key_id, aws_secret_access_key=aws_secret_access_key,
-                config=config,
+            client = _shared_client(
+                endpoint_url, region_name or "us-east-1", aws_access_key_id,
+                aws_secret_access_key, max_attempts, max(10, 2 * concurrency),
             )  # fmt: skip
         self.client = client
         if create_bucket:
@@ -189,8 +230,12 @@ class S3Store(Store):
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def _retrying_read(self, key: str, byte_range: ByteRange | None) -> bytes:
-        """GET with retries of body errors too (a cut connection, a short body)."""
+    def _get(self, key: str, byte_range: ByteRange | None, into: memoryview | None) -> Any:
+        """One GET with retries, body errors included (a cut connection, a short body).
+
+        With ``into`` the body is read straight into it (no intermediate bytes object) and
+        the number of bytes is returned; otherwise the bytes.
+        """
         full = self._key(key)
         delay = 0.05
         for attempt in range(self.max_attempts):
@@ -198,19 +243,32 @@ class S3Store(Store):
                 kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": full}
                 if byte_range is not None:
                     if byte_range.length == 0:
-                        return b""
+                        return 0 if into is not None else b""
                     kwargs["Range"] = f"bytes={byte_range.start}-{byte_range.end - 1}"
                 reply = self.client.get_object(**kwargs)
-                data = reply["Body"].read()
                 expected = reply.get("ContentLength")
-                if expected is not None and len(data) != expected:
-                    raise StoreError(f"short body: {len(data)} of {expected} bytes")
-                return data
+                body = reply["Body"]
+                if into is None:
+                    data = body.read()
+                    got = len(data)
+                else:
+                    if expected is not None and expected > len(into):
+                        raise StoreError(f"{expected} bytes do not fit in {len(into)}")
+                    got = 0
+                    while got < len(into):
+                        n = body.readinto(into[got:])
+                        if not n:
+                            break
+                        got += n
+                    body.close()
+                if expected is not None and got != expected:
+                    raise StoreError(f"short body: {got} of {expected} bytes")
+                return got if into is not None else data
             except Exception as exc:
                 if _code(exc) in ("NoSuchKey", "404", "NotFound"):
                     raise KeyNotFoundError(f"{self.url}: no such key {key!r}") from None
                 if _code(exc) == "InvalidRange":
-                    return b""
+                    return 0 if into is not None else b""
                 if attempt == self.max_attempts - 1:
                     raise StoreError(
                         f"{self.url}: reading {key!r} failed after {self.max_attempts} attempts: {exc}"
@@ -220,26 +278,25 @@ class S3Store(Store):
         raise AssertionError("unreachable")
 
     def read(self, key: str, byte_range: ByteRange | None = None) -> bytes:
-        return self._retrying_read(key, byte_range)
+        return self._get(key, byte_range, None)
 
     def read_into(self, key: str, offset: int, out: memoryview) -> None:
         view = memoryview(out).cast("B")
         n = len(view)
-        if n <= self.part_bytes:
-            data = self._retrying_read(key, ByteRange(offset, offset + n))
-            if len(data) != n:
-                raise StoreError(f"{self.url}/{key}: wanted {n} bytes at {offset}, got {len(data)}")
-            view[:] = data
-            return
         spans = [(lo, min(lo + self.part_bytes, n)) for lo in range(0, n, self.part_bytes)]
 
         def fetch(span: tuple[int, int]) -> None:
             lo, hi = span
-            data = self._retrying_read(key, ByteRange(offset + lo, offset + hi))
-            if len(data) != hi - lo:
-                raise StoreError(f"{self.url}/{key}: short read at {offset + lo}")
-            view[lo:hi] = data
+            got = self._get(key, ByteRange(offset + lo, offset + hi), view[lo:hi])
+            if got != hi - lo:
+                raise StoreError(
+                    f"{self.url}/{key}: wanted {hi - lo} bytes at {offset + lo}, got {got}"
+                )
 
+        if len(spans) <= 1:
+            for span in spans:
+                fetch(span)
+            return
         with ThreadPoolExecutor(
             min(self.concurrency, len(spans)), thread_name_prefix="ckptstore-s3-get"
         ) as pool:

@@ -45,6 +45,7 @@ class TieredStore(Store):
         self.local = open_store(local, **(local_options or {}))
         self.remote = open_store(remote, **(remote_options or {}))
         self.url = f"tiered(local={self.local.url}, remote={self.remote.url})"
+        self.read_window_bytes = self.remote.read_window_bytes or self.local.read_window_bytes
         self._lock = threading.Lock()
         self.bytes_read: dict[str, int] = {LOCAL: 0, REMOTE: 0}
 

@@ -22,7 +22,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ckptstore import knobs
 from ckptstore.backends.base import Store
+from ckptstore.backends.tiered import TieredStore
 from ckptstore.coordinate import Coordinator
 from ckptstore.gcpause import gc_paused
 from ckptstore.save import (
@@ -35,6 +37,7 @@ from ckptstore.save import (
     write_planned,
 )
 from ckptstore.staging import StagedTensors, StagingPool
+from ckptstore.write import plan_files
 
 PERSIST_MODES = ("thread", "process")
 
@@ -216,6 +219,7 @@ def _persist(
     persist: str,
 ) -> SaveInfo:
     t = time.perf_counter()
+    upload = None
     try:
         staged.wait_copies()
         if persist == "process":
@@ -223,8 +227,26 @@ def _persist(
 
             result, error = write_in_helper(planned, staged, state.pool.segment_name(staged.buffer))
         else:
-            result, error = write_planned(planned, planned.write_items(staged.views))
+            items = planned.write_items(staged.views)
+            file_plan = None
+            if isinstance(planned.store, TieredStore) and not planned.options.codec:
+                # The shared tier gets the same bytes straight from the staging buffer while
+                # tier 0 is written; the buffer is released once both are done.
+                from ckptstore.replicate import start_streamed_upload
+
+                file_plan = plan_files(
+                    items, rank=planned.rank,
+                    files=planned.options.files_per_rank or knobs.files_per_rank(),
+                    spread=planned.options.spread_prefixes,
+                )  # fmt: skip
+                upload = start_streamed_upload(planned.store, items, file_plan)
+                planned.streamed_upload = upload
+            result, error = write_planned(planned, items, file_plan)
     finally:
-        state.pool.release(staged.buffer)
+        if upload is None:
+            state.pool.release(staged.buffer)
+        else:
+            buffer = staged.buffer
+            upload.add_done_callback(lambda _f: state.pool.release(buffer))
     planned.seconds["write"] = time.perf_counter() - t
     return commit_collective(planned, result, error, Coordinator(background))

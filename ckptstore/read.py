@@ -260,7 +260,7 @@ class ChunkReader:
         groups = plan_reads(
             self.manifest,
             targets,
-            window or knobs.read_window_bytes(),
+            window or self.store.read_window_bytes or knobs.read_window_bytes(),
             knobs.coalesce_gap_bytes() if gap is None else gap,
         )
         if not groups:

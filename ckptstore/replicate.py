@@ -40,7 +40,7 @@ from ckptstore.errors import (
 )
 from ckptstore.manifest import MANIFEST_KEY, Manifest
 from ckptstore.tier_state import FAILED, REPLICATED, REPLICATING, TierState, write_tier_state
-from ckptstore.write import writer_rank
+from ckptstore.write import FilePlan, WriteItem, stream_items, writer_rank
 
 _PIECE = 16 << 20
 
@@ -104,9 +104,12 @@ def replicate_collective(
     *,
     overwrite: bool = False,
     attempt: int = 1,
+    streamed: Future | None = None,
 ) -> ReplicationInfo:
     """Upload this rank's files, commit the manifest on the remote tier (a gather + a broadcast).
 
+    ``streamed``: the upload of this rank's files that an async save started from its staging
+    buffer; files it delivered are not uploaded again (if it failed, they are, from tier 0).
     Raises :class:`ReplicationError` on every rank if any rank's upload or the commit failed.
     """
     t = time.perf_counter()
@@ -115,8 +118,17 @@ def replicate_collective(
     uploaded, nbytes, error = 0, 0, None
     try:
         manifest = Manifest.from_json(manifest_bytes, where=local.url)
+        delivered: set[str] = set()
+        if streamed is not None:
+            try:
+                delivered = set(streamed.result())
+            except Exception:  # fall back to uploading from the local tier
+                delivered = set()
         for f in files_of_rank(manifest, coord.rank):
-            nbytes += upload_file(local, remote, manifest, f)
+            key = manifest.files[f]
+            nbytes += (
+                local.size(key) if key in delivered else upload_file(local, remote, manifest, f)
+            )
             uploaded += 1
     except Exception as exc:  # reported to the coordinator, which does not commit
         error = f"{type(exc).__name__}: {exc}"
@@ -193,6 +205,7 @@ class _Job:
     overwrite: bool
     future: Future
     attempts: int = 0
+    streamed: Future | None = None
 
 
 def _retries() -> int:
@@ -221,9 +234,14 @@ class Replicator:
         return self._groups[key]
 
     def submit(
-        self, tiered: TieredStore, manifest_bytes: bytes, group: Any, overwrite: bool
+        self,
+        tiered: TieredStore,
+        manifest_bytes: bytes,
+        group: Any,
+        overwrite: bool,
+        streamed: Future | None = None,
     ) -> ReplicationHandle:
-        job = _Job(tiered, manifest_bytes, group, overwrite, Future())
+        job = _Job(tiered, manifest_bytes, group, overwrite, Future(), streamed=streamed)
         with self._lock:
             self._last = self._executor.submit(self._run, job)
         return ReplicationHandle(job.future, tiered.remote.url)
@@ -238,10 +256,11 @@ class Replicator:
 
     def _attempt(self, job: _Job) -> None:
         job.attempts += 1
+        streamed, job.streamed = job.streamed, None  # a retry uploads from tier 0
         try:
             info = replicate_collective(
                 job.tiered, job.manifest_bytes, Coordinator(job.group),
-                overwrite=job.overwrite, attempt=job.attempts,
+                overwrite=job.overwrite, attempt=job.attempts, streamed=streamed,
             )  # fmt: skip
         except BaseException as exc:
             if job.attempts <= _retries():
@@ -267,6 +286,19 @@ class Replicator:
             self.wait_all(float(os.environ.get("CKPTSTORE_EXIT_WAIT_S", "600")))
         except BaseException as exc:  # an exit hook can only report
             print(f"ckptstore: replication did not finish: {exc}", file=sys.stderr)
+
+
+_UPLOADER: ThreadPoolExecutor | None = None
+
+
+def start_streamed_upload(tiered: TieredStore, items: list[WriteItem], plan: FilePlan) -> Future:
+    """Upload ``plan``'s files to the shared tier from ``items`` (the staging buffer's bytes)
+    on this process's upload thread; a Future of the keys written."""
+    global _UPLOADER
+    with _REPLICATOR_LOCK:
+        if _UPLOADER is None:
+            _UPLOADER = ThreadPoolExecutor(1, thread_name_prefix="ckptstore-stream-upload")
+    return _UPLOADER.submit(stream_items, tiered.remote, items, plan)
 
 
 _REPLICATOR: Replicator | None = None

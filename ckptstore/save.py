@@ -14,6 +14,7 @@ import os
 import pickle
 import time
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +42,7 @@ from ckptstore.manifest import (
 )
 from ckptstore.plan import GlobalPlan, RankPlan, TensorDecl, plan_save
 from ckptstore.tensor_bytes import as_bytes, host_contiguous
-from ckptstore.write import WriteItem, WriteResult, write_items
+from ckptstore.write import FilePlan, WriteItem, WriteResult, write_items
 
 
 @dataclass
@@ -140,6 +141,9 @@ class PlannedSave:
     seconds: dict[str, float] = field(default_factory=dict)
     replication_group: Any = None
     """The dedicated group replication to a shared tier runs its collectives on."""
+    streamed_upload: Future | None = None
+    """Tiered async saves: this rank's data files going to the shared tier straight from
+    the staging buffer while tier 0 is written (a Future of the keys uploaded)."""
 
     def tensors_to_write(self) -> list[torch.Tensor]:
         """This rank's tensors in write order: its planned chunks, then per-rank tensors."""
@@ -317,7 +321,7 @@ def plan_save_collective(
 
 
 def write_planned(
-    planned: PlannedSave, items: list[WriteItem]
+    planned: PlannedSave, items: list[WriteItem], file_plan: FilePlan | None = None
 ) -> tuple[WriteResult | None, BaseException | None]:
     """Write this rank's items (no collective); an error is returned, to be reported at commit."""
     try:
@@ -329,6 +333,7 @@ def write_planned(
             block_bytes=planned.options.block,
             pack_bytes=knobs.pack_bytes(),
             spread=planned.options.spread_prefixes,
+            plan=file_plan,
         )
     except Exception as exc:  # reported to the coordinator, which aborts the commit
         error = SaveError(

@@ -107,6 +107,23 @@ def writer_rank(key: str) -> int | None:
     return int(head) if head.isdigit() else None
 
 
+@dataclass(frozen=True)
+class FilePlan:
+    """Which items go to which new data file: ``runs[i]`` are the item indices of ``keys[i]``."""
+
+    keys: list[str]
+    runs: list[list[int]]
+
+
+def plan_files(items: list[WriteItem], *, rank: int, files: int, spread: int = 0) -> FilePlan:
+    """Split ``items`` into about equal-sized runs, one new data file each."""
+    if not items:
+        return FilePlan([], [])
+    tag = uuid.uuid4().hex[:10]
+    runs = _split_by_bytes(items, files)
+    return FilePlan([data_key(f"{rank:05d}-{tag}-{i}.bin", spread) for i in range(len(runs))], runs)
+
+
 def write_items(
     store: Store,
     items: list[WriteItem],
@@ -116,14 +133,15 @@ def write_items(
     block_bytes: int,
     pack_bytes: int,
     spread: int = 0,
+    plan: FilePlan | None = None,
 ) -> WriteResult:
     """Write ``items`` into ``files`` new data files (in parallel), durable on return."""
     result = WriteResult()
     if not items:
         return result
-    tag = uuid.uuid4().hex[:10]
-    runs = _split_by_bytes(items, files)
-    result.files = [data_key(f"{rank:05d}-{tag}-{i}.bin", spread) for i in range(len(runs))]
+    plan = plan or plan_files(items, rank=rank, files=files, spread=spread)
+    runs = plan.runs
+    result.files = list(plan.keys)
     written: list[WrittenChunk | None] = [None] * len(items)
 
     def write_run(file_index: int) -> int:
@@ -145,3 +163,15 @@ def write_items(
     result.chunks = [w for w in written if w is not None]
     result.bytes_written = sum(sizes)
     return result
+
+
+def stream_items(store: Store, items: list[WriteItem], plan: FilePlan) -> list[str]:
+    """Write the raw bytes of ``plan``'s files to ``store`` (no codec, no checksums: the
+    same bytes as :func:`write_items` lays out). Returns the keys written."""
+    if any(item.codec for item in items):
+        raise ValueError("stream_items writes raw bytes; items with a codec cannot be streamed")
+    for key, run in zip(plan.keys, plan.runs, strict=True):
+        with store.open_writer(key) as writer:
+            for idx in run:
+                writer.write(items[idx].data)
+    return list(plan.keys)

@@ -207,3 +207,19 @@ def test_ckpt_ls_shows_the_state_on_each_tier(seaweed, tmp_path, monkeypatch, ca
     assert main(["ls", local]) == 0
     text = capsys.readouterr().out
     assert "replication" in text.splitlines()[0] and "replicated" in text.splitlines()[2]
+
+
+def test_async_save_streams_to_s3_from_the_staging_buffer(seaweed, tmp_path) -> None:
+    remote = f"s3://{_bucket(seaweed)}/step1"
+    path = cs.Tiered(local=tmp_path / "nvme", remote=remote, remote_options=seaweed.options())
+    sd = _state()
+    expected = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in sd.items()}
+    handle = cs.async_save(sd, path)
+    sd["w"].zero_()  # the caller may change its tensors once async_save returns
+    info = handle.wait(timeout=60)
+    replicated = info.replication.wait(timeout=60)
+    assert replicated.files == 1
+    out = _zeros()
+    cs.load(out, remote, storage_options=seaweed.options())
+    assert torch.equal(out["w"], expected["w"]) and torch.equal(out["b"], expected["b"])
+    assert sorted(cs.open(remote, storage_options=seaweed.options()).keys()) == sorted(expected)
