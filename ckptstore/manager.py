@@ -313,17 +313,36 @@ class CheckpointManager:
         return catalog.scan_tiers(self._root_store(), self.local_dir)
 
     def _agreed_steps(self) -> list[int]:
-        """Steps every rank can restore: on ``root``, or in the local tier of every node."""
-        remote = {e.step for e in catalog.scan(self._root_store()) if e.state == "committed"}
+        """Steps every rank can restore: committed on ``root``, or complete (manifest and
+        every data file) in the local tier of every rank -- a node's local tier holds only
+        its own ranks' files, so a multi-node job restores local-only checkpoints once they
+        are replicated (the usual case a few seconds after the save)."""
         if self.local_dir is None:
-            return sorted(remote)
-        local = {e.step for e in catalog.scan(self.local_dir) if e.state == "committed"}
-        everyone = self._coord.gather(sorted(local))
+            return [e.step for e in catalog.scan(self._root_store()) if e.state == "committed"]
+        complete = [
+            e.step
+            for e in catalog.scan(self.local_dir)
+            if e.state == "committed" and self._complete_locally(e.step)
+        ]
+        everyone = self._coord.gather(complete)
         agreed = None
-        if self._coord.is_coordinator:
+        if self._coord.is_coordinator:  # one listing of the shared tier, not one per rank
             assert everyone is not None
+            remote = {e.step for e in catalog.scan(self._root_store()) if e.state == "committed"}
             agreed = sorted(remote | set.intersection(*(set(x) for x in everyone)))
         return self._coord.broadcast(agreed)
+
+    def _complete_locally(self, step: int) -> bool:
+        from ckptstore.locate import read_manifest
+
+        assert self.local_dir is not None
+        store = open_store(catalog.join(self.local_dir, catalog.step_dir(step)))
+        try:
+            files = read_manifest(store).files
+        except CkptStoreError:
+            return False
+        present = set(store.list("data/"))
+        return all(f in present for f in files)
 
     # -- restoring ------------------------------------------------------------------------
     def restore(

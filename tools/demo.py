@@ -2,10 +2,14 @@
 
 Part 1 saves a sharded training state on 4 ranks and restores it on 2 with resharding.
 Part 2 trains a small transformer LM with FSDP2 on 4 ranks (torchrun, gloo), checkpointing
-asynchronously through CheckpointManager, kills one rank with SIGKILL mid-training, restarts
-on 2 ranks, restores the latest committed checkpoint (resharded) and continues; it prints
-each save's stall and background time, the resume step and the loss around the crash, and
-writes demo-out/training.png.
+asynchronously through CheckpointManager into the tiered store: two simulated nodes of 2
+ranks, each with its own local directory (tier 0), and an embedded S3 server (SeaweedFS on
+127.0.0.1) behind them. It kills one rank with SIGKILL mid-training, deletes node 1's local
+tier (the node was "replaced"), restarts on 2 ranks, restores the latest checkpoint
+(resharded; node 1's share comes from S3, node 0's from its local disk, and it prints which
+bytes came from which tier) and continues; it prints each save's stall and background time,
+the resume step and the loss around the crash, lists the checkpoints per tier, and writes
+demo-out/training.png.
 
 Real processes (torch.multiprocessing, gloo, CPU). Ranks 0-3 hold a small transformer-like
 state sharded row-wise (DTensor Shard(0)) with AdamW-like moments, replicated norms, a step
@@ -141,21 +145,51 @@ def _torchrun(nproc: int, *args: str) -> int:
 
 
 def train_across_a_crash(steps: int = 30, every: int = 5, kill_at: int = 23) -> int:
-    """Train on 4 ranks, SIGKILL one rank, resume on 2 ranks from the latest checkpoint."""
+    """Start the embedded S3 server, then train, crash, lose a node's disk and resume."""
+    import uuid
+
+    from ckptstore.backends.s3 import S3Store
+    from ckptstore.testing.seaweed import SeaweedServer
+
+    print("== start the embedded S3 server (SeaweedFS on 127.0.0.1)")
+    server = SeaweedServer(os.path.join(OUT, "seaweed"))
+    try:
+        opts = server.options()
+        bucket = f"demo-{uuid.uuid4().hex[:8]}"
+        S3Store(bucket, create_bucket=True, **opts)
+        os.environ.update(
+            AWS_ENDPOINT_URL=opts["endpoint_url"],
+            AWS_ACCESS_KEY_ID=opts["aws_access_key_id"],
+            AWS_SECRET_ACCESS_KEY=opts["aws_secret_access_key"],
+        )
+        return _train_tiered(f"s3://{bucket}/run", steps, every, kill_at)
+    finally:
+        server.stop()
+
+
+def _train_tiered(root: str, steps: int, every: int, kill_at: int) -> int:
+    """Train on 4 ranks, SIGKILL one rank, drop node 1's disk, resume on 2 ranks."""
     import json
 
-    root, events = os.path.join(OUT, "run"), os.path.join(OUT, "events.jsonl")
+    events, nvme = os.path.join(OUT, "events.jsonl"), os.path.join(OUT, "nvme")
+    tiers = ["--local-root", nvme, "--node-size", "2"]
     print(
-        f"== train on 4 ranks (FSDP2, AdamW), async checkpoint every {every} steps; "
-        f"rank 1 is SIGKILLed at step {kill_at}"
+        f"== train on 4 ranks = 2 nodes (FSDP2, AdamW), async checkpoint every {every} steps to "
+        f"{nvme}/node<n> then {root}; rank 1 is SIGKILLed at step {kill_at}"
     )
     code = _torchrun(4, "--root", root, "--steps", str(steps), "--every", str(every),
-                     "--kill-at", str(kill_at), "--events", events)  # fmt: skip
+                     "--kill-at", str(kill_at), "--events", events, *tiers)  # fmt: skip
     print(f"   torchrun exited with {code} (a rank was killed)")
-    print("== restart on 2 ranks: restore the latest committed checkpoint (resharded), go on")
+    print("== checkpoints per tier, as node 0 sees them")
+    ckpt = os.path.join(os.path.dirname(sys.executable), "ckpt")
+    subprocess.run([ckpt, "ls", root, "--local", os.path.join(nvme, "node0")], check=True)
+    shutil.rmtree(os.path.join(nvme, "node1"))
+    print("== node 1 is replaced: its local tier is gone")
+    print("== restart on 2 ranks (node 0): restore the latest checkpoint (resharded), go on")
     code = _torchrun(
-        2, "--root", root, "--steps", str(steps), "--every", str(every), "--events", events
-    )
+        2, "--root", root, "--steps", str(steps), "--every", str(every), "--events", events,
+        *tiers,
+    )  # fmt: skip
     if code != 0:
         print("demo FAILED: the resumed run did not finish")
         return 1
@@ -178,7 +212,8 @@ def train_across_a_crash(steps: int = 30, every: int = 5, kill_at: int = 23) -> 
         )
     _plot(records, kill_at, resumed, os.path.join(OUT, "training.png"))
     print(f"   plot: {os.path.join(OUT, 'training.png')}")
-    subprocess.run([os.path.join(os.path.dirname(sys.executable), "ckpt"), "ls", root], check=True)
+    print("== checkpoints per tier at the end")
+    subprocess.run([ckpt, "ls", root, "--local", os.path.join(nvme, "node0")], check=True)
     return 0
 
 

@@ -1,7 +1,13 @@
 """A small transformer language model trained with FSDP2 on CPU ranks, checkpointed by
 CheckpointManager. Launched by tools/demo.py through torchrun (see there).
 
-    torchrun --nproc-per-node 4 tools/train_demo.py --root demo-out/run --steps 40 [--kill-at 23] --events FILE
+    torchrun --nproc-per-node 4 tools/train_demo.py --root demo-out/run --steps 40 \
+        [--kill-at 23] --events FILE [--local-root DIR --node-size 2]
+
+With ``--local-root`` checkpoints go through the tiered store: ranks are grouped into
+simulated nodes of ``--node-size`` ranks, node ``n`` writes to ``DIR/node<n>`` (tier 0) and
+``--root`` (e.g. ``s3://bucket/run``, endpoint and credentials from the environment) is the
+shared tier the checkpoints are replicated to in the background.
 """
 
 from __future__ import annotations
@@ -79,6 +85,8 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=5)
     parser.add_argument("--kill-at", type=int, default=None)
     parser.add_argument("--events", required=True)
+    parser.add_argument("--local-root", default=None)
+    parser.add_argument("--node-size", type=int, default=2)
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -98,9 +106,16 @@ def main() -> None:
     state = {"model": model, "optim": optim}
     log = open(args.events, "a") if rank == 0 else None  # noqa: SIM115 - closed at the end
 
-    mgr = cs.CheckpointManager(args.root, every_n_steps=args.every, keep=3)
+    local_dir = None
+    if args.local_root:
+        local_dir = os.path.join(args.local_root, f"node{rank // args.node_size}")
+    mgr = cs.CheckpointManager(
+        args.root, every_n_steps=args.every, keep=3, local_dir=local_dir, keep_local=2
+    )
     t = time.perf_counter()
     resumed = mgr.restore(state) or 0
+    if resumed and local_dir is not None:
+        _report_tiers(mgr, rank, world)
     if rank == 0:
         params = sum(p.numel() for p in model.parameters())
         how = (
@@ -154,6 +169,25 @@ def main() -> None:
                 log.write(json.dumps({"event": "save", "world": world, **h}) + "\n")
         log.close()
     dist.destroy_process_group()
+
+
+def _report_tiers(mgr: cs.CheckpointManager, rank: int, world: int) -> None:
+    """Print, per simulated node, how many restored bytes came from each tier."""
+    assert mgr.last_load is not None and mgr.last_load.bytes_by_tier is not None
+    mine = torch.tensor(
+        [mgr.last_load.bytes_by_tier["local"], mgr.last_load.bytes_by_tier["remote"]],
+        dtype=torch.int64,
+    )
+    every = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    if rank == 0:
+        for r, t in enumerate(every):
+            local, remote = (int(x) for x in t.tolist())
+            print(
+                f"[{world} ranks]   rank {r} restored {local / 2**20:6.2f} MiB from its node's "
+                f"local tier, {remote / 2**20:6.2f} MiB from S3",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
