@@ -5,7 +5,9 @@ Workloads (4 ranks, gloo, CPU, real processes):
   small -- 20,000 replicated 4 KiB tensors plus 64 MiB sharded
 Cases: save (first and steady state), load into existing tensors, reshard load Shard(0)->Shard(1)
 on 4 ranks and 4->2 ranks; plus the disk's fsync'd sequential write bandwidth, measured in the
-same run, and the 16,384-rank planning simulation (tools/scale_sim.py).
+same run, the asynchronous-save cases (tools/bench_async.py), the tiered store against plain
+boto3 on a local SeaweedFS (tools/bench_tiered.py) and the 16,384-rank planning simulation
+(tools/scale_sim.py).
 
 Run: ``make bench`` or ``python tools/bench.py [--workloads large small] [--no-sim]``.
 Prints one JSON line per case; also appends them to ``bench-out/results.jsonl``.
@@ -238,6 +240,9 @@ def main() -> int:
         "--no-sim", action="store_true", help="skip the 16,384-rank planning simulation"
     )
     parser.add_argument("--no-async", action="store_true", help="skip the asynchronous-save cases")
+    parser.add_argument(
+        "--no-s3", action="store_true", help="skip the tiered-store / S3 cases (SeaweedFS)"
+    )
     parser.add_argument("--out", default="bench-out", help="where results.jsonl is appended")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -316,6 +321,10 @@ def main() -> int:
             import bench_async
 
             bench_async.run(scratch, emit, sink)
+        if not args.no_s3:
+            import bench_tiered
+
+            bench_tiered.run(os.path.join(scratch, "tiered"), emit, sink)
         if not args.no_sim:
             import scale_sim
 
