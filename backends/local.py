@@ -125,6 +125,12 @@ class LocalStore(Store):
     def open_writer(self, key: str) -> StoreWriter:
         return _LocalWriter(self._path(key), self.durable)
 
+    def write_volatile(self, key: str, data: bytes) -> None:
+        """Replace ``key`` atomically (temp file + rename) without fsync: for bookkeeping
+        that may be lost in a crash, never for checkpoint data or manifests."""
+        with _LocalWriter(self._path(key), durable=False) as writer:
+            writer.write(data)
+
     def write_if_absent(self, key: str, data: bytes) -> None:
         path = self._path(key)
         directory = os.path.dirname(path)

@@ -114,7 +114,8 @@ def replicate_collective(
     """
     t = time.perf_counter()
     local, remote = tiered.local, tiered.remote
-    write_tier_state(local, TierState(remote.url, REPLICATING, attempts=attempt))
+    if attempt > 1:  # the tier-0 commit recorded the first attempt
+        write_tier_state(local, TierState(remote.url, REPLICATING, attempts=attempt))
     uploaded, nbytes, error = 0, 0, None
     try:
         manifest = Manifest.from_json(manifest_bytes, where=local.url)
