@@ -175,11 +175,16 @@ def _commit_remote(
 
 
 class ReplicationHandle:
-    """The background replication of one checkpoint."""
+    """The background replication of one checkpoint (its latest attempt: a failed job that
+    a later retry replicates becomes ``replicated``)."""
 
-    def __init__(self, future: Future, remote: str) -> None:
-        self._future = future
+    def __init__(self, job: _Job, remote: str) -> None:
+        self._job = job
         self.remote = remote
+
+    @property
+    def _future(self) -> Future:
+        return self._job.future
 
     def done(self) -> bool:
         return self._future.done()
@@ -245,7 +250,7 @@ class Replicator:
         job = _Job(tiered, manifest_bytes, group, overwrite, Future(), streamed=streamed)
         with self._lock:
             self._last = self._executor.submit(self._run, job)
-        return ReplicationHandle(job.future, tiered.remote.url)
+        return ReplicationHandle(job, tiered.remote.url)
 
     def _run(self, job: _Job) -> None:
         # Earlier failures first: every rank saw the same failures (the outcome was

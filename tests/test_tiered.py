@@ -223,3 +223,25 @@ def test_async_save_streams_to_s3_from_the_staging_buffer(seaweed, tmp_path) -> 
     cs.load(out, remote, storage_options=seaweed.options())
     assert torch.equal(out["w"], expected["w"]) and torch.equal(out["b"], expected["b"])
     assert sorted(cs.open(remote, storage_options=seaweed.options()).keys()) == sorted(expected)
+
+
+def test_a_failed_replication_is_retried_before_the_next_one(seaweed, tmp_path) -> None:
+    bucket = _bucket(seaweed)
+    failing = {"on": True}
+    plan = FaultPlan(rule=lambda m, p, n: "503" if failing["on"] and m == "PUT" else "pass")
+    with FaultProxy(("127.0.0.1", S3_PORT), plan) as proxy:
+        opts = {**seaweed.options(proxy.endpoint), "max_attempts": 2}
+        first = cs.save(
+            _state(), cs.Tiered(tmp_path / "a", f"s3://{bucket}/a", remote_options=opts)
+        )
+        with pytest.raises(ReplicationError):
+            first.replication.wait(timeout=60)
+        failing["on"] = False  # the store recovers
+        second = cs.save(
+            _state(), cs.Tiered(tmp_path / "b", f"s3://{bucket}/b", remote_options=opts)
+        )
+        second.replication.wait(timeout=60)
+    assert first.replication.state == "replicated"  # retried before the second job
+    assert first.replication.wait(timeout=1).files == 1
+    for name in ("a", "b"):
+        assert S3Store(f"{bucket}/{name}", **seaweed.options()).exists("manifest.json")
