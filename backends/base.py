@@ -22,6 +22,16 @@ from ckptstore.errors import KeyExistsError, KeyNotFoundError
 
 
 @dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """One stored object as a listing sees it."""
+
+    key: str
+    size: int
+    modified_unix: float | None
+    """Last modification time; None where the backend cannot tell."""
+
+
+@dataclass(frozen=True, slots=True)
 class ByteRange:
     """A half-open range of bytes ``[start, end)`` inside one stored object."""
 
@@ -133,6 +143,18 @@ class Store(abc.ABC):
             return False
         return True
 
+    def list_details(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Like :meth:`list`, with sizes and modification times (for garbage collection).
+
+        Note for implementers: the default asks :meth:`size` per key and knows no times;
+        backends whose listings carry both should override it.
+        """
+        for key in self.list(prefix):
+            try:
+                yield ObjectInfo(key, self.size(key), None)
+            except KeyNotFoundError:
+                continue
+
     def delete_prefix(self, prefix: str) -> int:
         """Delete every key under ``prefix``; returns how many were deleted."""
         keys = list(self.list(prefix))
@@ -144,4 +166,4 @@ class Store(abc.ABC):
         return f"{type(self).__name__}({self.url!r})"
 
 
-__all__ = ["ByteRange", "KeyExistsError", "KeyNotFoundError", "Store", "StoreWriter"]
+__all__ = ["ByteRange", "KeyExistsError", "KeyNotFoundError", "ObjectInfo", "Store", "StoreWriter"]

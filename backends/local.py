@@ -12,7 +12,7 @@ import os
 import uuid
 from collections.abc import Iterator
 
-from ckptstore.backends.base import ByteRange, Store, StoreWriter
+from ckptstore.backends.base import ByteRange, ObjectInfo, Store, StoreWriter
 from ckptstore.errors import KeyExistsError, KeyNotFoundError, StoreError
 
 _TMP_MARK = ".tmp-"
@@ -171,6 +171,14 @@ class LocalStore(Store):
                 # save are visible, so they mark a checkpoint incomplete and can be deleted.
                 if key.startswith(prefix):
                     yield key
+
+    def list_details(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        for key in self.list(prefix):
+            try:
+                st = os.stat(self._path(key))
+            except FileNotFoundError:
+                continue
+            yield ObjectInfo(key, st.st_size, st.st_mtime)
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):

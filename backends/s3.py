@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ckptstore.backends.base import ByteRange, Store, StoreWriter
+from ckptstore.backends.base import ByteRange, ObjectInfo, Store, StoreWriter
 from ckptstore.backends.throttle import Throttle
 from ckptstore.errors import KeyExistsError, KeyNotFoundError, StoreError
 
@@ -331,6 +331,18 @@ class S3Store(Store):
         for page in paginator.paginate(Bucket=self.bucket, Prefix=base + prefix):
             for obj in page.get("Contents", []):
                 yield obj["Key"][len(base) :]
+
+    def list_details(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        base = f"{self.prefix}/" if self.prefix else ""
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=base + prefix):
+            for obj in page.get("Contents", []):
+                modified = obj.get("LastModified")
+                yield ObjectInfo(
+                    obj["Key"][len(base) :],
+                    int(obj.get("Size", 0)),
+                    modified.timestamp() if modified is not None else None,
+                )
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))

@@ -92,3 +92,7 @@ class ReplicationError(CkptStoreError):
     The local (tier-0) checkpoint is intact and loadable; the replication can be retried
     (``CheckpointManager.replicate()``, ``ckptstore.replicate`` or ``ckpt cp``).
     """
+
+
+class ConversionError(CkptStoreError):
+    """An export or import cannot represent something (a dtype, a layout, a file's content)."""

@@ -90,6 +90,10 @@ class TensorRecord(NamedTuple):
         return self.layout.chunk_count()
 
     @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * itemsize(self.dtype)
 

@@ -1,4 +1,5 @@
-"""``ckpt``: inspect and verify checkpoints from the shell.
+"""``ckpt``: list, inspect, verify, compare, copy, reshard, export, import and collect
+checkpoints from the shell.
 
 Exit codes: 0 success; 1 the checkpoint is damaged (verify found bad chunks); 2 usage
 error or the path holds no committed checkpoint.
@@ -87,7 +88,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"totals      {t['tensors']} tensors, {t['chunks']} chunks, {human_bytes(t['bytes'])} "
         f"({human_bytes(t['stored_bytes'])} stored) in {t['files']} files"
     )
-    if tensors:
+    if tensors and args.tree:
+        print()
+        print(_tree(tensors))
+    elif tensors:
         rows = [
             [
                 x["name"],
@@ -95,11 +99,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 "x".join(map(str, x["shape"])) or "scalar",
                 str(x["chunks"]),
                 human_bytes(x["bytes"]),
+                x["codec"] or "-",
             ]
             for x in tensors
         ]
         print()
-        print(table(rows, ["tensor", "dtype", "shape", "chunks", "bytes"]))
+        print(table(rows, ["tensor", "dtype", "shape", "chunks", "bytes", "codec"], max_first=34))
     if objects:
         print()
         rows = [[o["name"], "pickled" if o["pickled"] else repr(o["value"])[:30]] for o in objects]
@@ -115,9 +120,47 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _tree(tensors: list[dict[str, Any]]) -> str:
+    """Tensors as a tree of their dotted names, with sizes summed per subtree."""
+    root: dict[str, Any] = {}
+    for x in tensors:
+        node = root
+        for part in x["name"].split("."):
+            node = node.setdefault(part, {})
+        node[""] = x
+    lines: list[str] = []
+
+    def size(node: dict[str, Any]) -> int:
+        return sum(v["bytes"] if k == "" else size(v) for k, v in node.items())
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        children = sorted(
+            (k for k in node if k), key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k)
+        )
+        for i, key in enumerate(children):
+            last = i == len(children) - 1
+            child = node[key]
+            branch = "└─ " if last else "├─ "
+            leaf = child.get("")
+            if leaf is not None and len(child) == 1:
+                shape = "x".join(map(str, leaf["shape"])) or "scalar"
+                label = f"{key}  {leaf['dtype']} {shape}  {human_bytes(leaf['bytes'])}"
+            else:
+                label = f"{key}/  {human_bytes(size(child))}"
+            lines.append((prefix + branch + label)[:80])
+            walk({k: v for k, v in child.items() if k}, prefix + ("   " if last else "│  "))
+
+    walk(root, "")
+    return "\n".join(lines)
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
+    from ckptstore.cli.progress import Progress
+
     ck = open_checkpoint(args.path)
-    report = verify_checkpoint(ck.store, ck.manifest, jobs=args.jobs)
+    progress = Progress("verify", ck.manifest.stored_bytes(), enabled=not args.json)
+    report = verify_checkpoint(ck.store, ck.manifest, jobs=args.jobs, progress=progress)
+    progress.close()
     if args.json:
         print(
             json.dumps(
@@ -220,6 +263,117 @@ def cmd_cp(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_diff(args: argparse.Namespace) -> int:
+    from ckptstore.diff import diff_checkpoints
+
+    report = diff_checkpoints(args.a, args.b, tensors=args.tensors, atol=args.atol)
+    if args.json:
+        print(json.dumps({"a": report.a, "b": report.b, "same": report.same,
+                          "entries": [e.__dict__ for e in report.entries]}))  # fmt: skip
+        return EXIT_OK if report.same else EXIT_DAMAGED
+    differing = [e for e in report.entries if e.status not in ("equal", "close")]
+    close = [e for e in report.entries if e.status == "close"]
+    equal = len(report.entries) - len(differing) - len(close)
+    print(f"a: {report.a}\nb: {report.b}")
+    if differing or close:
+        rows = []
+        for e in differing + close:
+            detail = e.how if e.max_abs is None else (
+                f"max abs {e.max_abs:.3g}, max rel {e.max_rel:.3g}, {e.mismatched} elements"
+            )  # fmt: skip
+            rows.append([e.name, e.status, detail])
+        print()
+        print(table(rows, ["entry", "status", "detail"], max_first=36))
+    print(f"\n{equal} equal, {len(close)} within atol, {len(differing)} different")
+    return EXIT_OK if report.same else EXIT_DAMAGED
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ckptstore.checkpoint import open_checkpoint
+    from ckptstore.cli.progress import Progress
+    from ckptstore.export import export_checkpoint
+
+    total = open_checkpoint(args.path).manifest.total_tensor_bytes()
+    progress = Progress("export", total, enabled=not args.json)
+    info = export_checkpoint(
+        args.path, args.out, format=args.format, tensors=args.tensors, dtype=args.dtype,
+        max_shard_bytes=parse_size(args.max_shard_size), max_memory=parse_size(args.max_memory),
+        progress=progress,
+    )  # fmt: skip
+    progress.close()
+    if args.json:
+        print(json.dumps(info.__dict__))
+    else:
+        print(
+            f"exported {info.tensors} tensors, {human_bytes(info.bytes)} as {info.format} to "
+            f"{info.out} ({len(info.files)} file(s))"
+        )
+        if info.skipped:
+            print(f"not exported (not tensors of the model): {', '.join(info.skipped[:8])}"
+                  + (" ..." if len(info.skipped) > 8 else ""))  # fmt: skip
+    return EXIT_OK
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from ckptstore.importer import import_checkpoint
+
+    info = import_checkpoint(args.src, args.dst, kind=args.kind, trust=args.trust,
+                             overwrite=args.overwrite)  # fmt: skip
+    if args.json:
+        print(json.dumps(info.__dict__))
+    else:
+        print(
+            f"imported {info.tensors} tensors, {human_bytes(info.bytes)} from a {info.kind} "
+            f"checkpoint: {info.src} -> {info.dst}"
+        )
+    return EXIT_OK
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from ckptstore.gc import delete_garbage, find_garbage, parse_duration
+
+    try:
+        older = parse_duration(args.older_than)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    items = find_garbage(args.root, older_than=older)
+    freed = delete_garbage(args.root, items) if args.apply else 0
+    if args.json:
+        print(json.dumps({"root": args.root, "applied": args.apply, "freed_bytes": freed,
+                          "items": [{"kind": i.kind, "where": i.where, "bytes": i.bytes,
+                                     "age_s": i.age_s} for i in items]}))  # fmt: skip
+        return EXIT_OK
+    if not items:
+        print(f"nothing to collect under {args.root} (older than {args.older_than})")
+        return EXIT_OK
+    rows = [
+        [i.where, i.kind, human_bytes(i.bytes), f"{i.age_s / 3600:.1f} h" if i.age_s else "-"]
+        for i in items
+    ]
+    print(table(rows, ["path", "kind", "size", "age"], max_first=48))
+    total = sum(i.bytes for i in items)
+    if args.apply:
+        print(f"deleted {len(items)} item(s), {human_bytes(freed)} freed")
+    else:
+        print(f"{len(items)} item(s), {human_bytes(total)}: dry run, nothing deleted (--apply)")
+    return EXIT_OK
+
+
+def parse_size(text: str) -> int:
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*", text.lower())
+    if not m:
+        raise UsageError(f"not a size: {text!r} (use e.g. 512MB, 5GB, 1GiB)")
+    unit = (m.group(2) or "b").rstrip("b").rstrip("i") or "b"
+    scale = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+class UsageError(CkptStoreError):
+    """A command-line argument is not acceptable."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ckpt", description="Inspect and check ckptstore checkpoints."
@@ -246,8 +400,49 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="tensors, objects, totals and saved world size")
     p.add_argument("path", help="checkpoint directory or URL")
     p.add_argument("--tensors", metavar="GLOB", help="only entries whose name matches GLOB")
+    p.add_argument("--tree", action="store_true", help="tensors as a tree of their dotted names")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("diff", help="which tensors differ between two checkpoints")
+    p.add_argument("a", help="first checkpoint")
+    p.add_argument("b", help="second checkpoint")
+    p.add_argument("--tensors", metavar="GLOB", help="only entries whose name matches GLOB")
+    p.add_argument("--atol", type=float, default=0.0, help="differences up to this count as close")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_diff)
+    p = sub.add_parser(
+        "export", help="consolidated tensors as safetensors, one torch.save file, or zarr v3"
+    )
+    p.add_argument("path", help="checkpoint directory or URL")
+    p.add_argument("out", help="output directory (safetensors, zarr) or file (torch)")
+    p.add_argument("--format", required=True, choices=["safetensors", "torch", "zarr"])
+    p.add_argument("--tensors", metavar="GLOB", help="only tensors whose name matches GLOB")
+    p.add_argument("--dtype", help="cast floating-point tensors: bf16, fp16, fp32")
+    p.add_argument("--max-shard-size", default="5GB", help="safetensors file size limit (5GB)")
+    p.add_argument("--max-memory", default="256MB", help="largest region held in memory (256MB)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser(
+        "import", help="a torch DCP directory, torch.save file or safetensors into a checkpoint"
+    )
+    p.add_argument("src", help="DCP directory, .pt file, .safetensors file/directory/index")
+    p.add_argument("dst", help="new checkpoint directory or URL")
+    p.add_argument("--kind", choices=["dcp", "torch", "safetensors"], help="default: detected")
+    p.add_argument(
+        "--trust", action="store_true",
+        help="read pickled metadata (DCP's .metadata is a pickle: only for trusted sources)",
+    )  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace a committed checkpoint at DST")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_import)
+    p = sub.add_parser(
+        "gc", help="incomplete checkpoints and unreferenced files under a root (dry run)"
+    )
+    p.add_argument("root", help="directory or URL (a CheckpointManager root or one checkpoint)")
+    p.add_argument("--older-than", default="1h", help="leave younger things alone (default 1h)")
+    p.add_argument("--apply", action="store_true", help="delete what is listed")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_gc)
     p = sub.add_parser("verify", help="re-read every chunk and check its crc32c")
     p.add_argument("path", help="checkpoint directory or URL")
     p.add_argument("--jobs", type=int, default=4, help="parallel readers (default 4)")

@@ -1,0 +1,135 @@
+"""Finding and removing what no checkpoint needs: incomplete checkpoints (a save that never
+committed), data files a committed manifest does not name (leftovers of killed or replaced
+saves), and temporary files of interrupted writes.
+
+Two steps on purpose: :func:`find_garbage` lists, :func:`delete_garbage` deletes exactly the
+listed keys and nothing else. Anything younger than ``older_than`` seconds is left alone: it
+may belong to a save still in progress. Objects whose age the backend cannot tell count as
+young unless ``older_than`` is 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from ckptstore.backends.base import ObjectInfo, Store
+from ckptstore.backends.registry import open_store
+from ckptstore.errors import CkptStoreError
+from ckptstore.manifest import DATA_PREFIX, MANIFEST_KEY, Manifest
+
+_STEP = re.compile(r"^(step_\d+)/")
+_TEMP_MARK = ".tmp-"
+
+
+@dataclass(frozen=True)
+class GarbageItem:
+    kind: str
+    """``incomplete`` (a step without a manifest), ``orphan`` (a data file the manifest does
+    not name) or ``temp`` (a temporary file of an interrupted write)."""
+    where: str
+    """The step directory or file, relative to the root."""
+    keys: tuple[str, ...] = field(repr=False)
+    bytes: int
+    age_s: float | None
+
+
+def _age(objs: list[ObjectInfo], now: float) -> float | None:
+    times = [o.modified_unix for o in objs]
+    if not times or any(t is None for t in times):
+        return None
+    return now - max(t for t in times if t is not None)
+
+
+def _old_enough(age: float | None, older_than: float) -> bool:
+    return older_than <= 0 or (age is not None and age >= older_than)
+
+
+def find_garbage(
+    root: str | os.PathLike[str] | Store, *, older_than: float = 3600.0, **storage_options
+) -> list[GarbageItem]:
+    """What under ``root`` (a CheckpointManager root, or one checkpoint) no checkpoint needs."""
+    store = open_store(root, **storage_options)
+    now = time.time()
+    groups: dict[str, list[ObjectInfo]] = defaultdict(list)
+    for obj in store.list_details(""):
+        m = _STEP.match(obj.key)
+        groups[m.group(1) + "/" if m else ""].append(obj)
+    items: list[GarbageItem] = []
+    for prefix, objs in sorted(groups.items()):
+        keys = {o.key for o in objs}
+        if prefix and prefix + MANIFEST_KEY not in keys:
+            if any(o.key.startswith(prefix + DATA_PREFIX) or _TEMP_MARK in o.key for o in objs):
+                age = _age(objs, now)
+                if _old_enough(age, older_than):
+                    items.append(GarbageItem(
+                        "incomplete", prefix.rstrip("/"), tuple(sorted(keys)),
+                        sum(o.size for o in objs), age,
+                    ))  # fmt: skip
+            continue
+        if not prefix and MANIFEST_KEY not in keys:  # a root that is not itself a checkpoint
+            items += _temps(objs, now, older_than)
+            continue
+        try:
+            manifest = Manifest.from_json(store.read(prefix + MANIFEST_KEY), where=store.url)
+        except CkptStoreError:
+            continue  # a corrupt manifest is for a human to look at, not for gc
+        live = {prefix + f for f in manifest.files}
+        for o in objs:
+            if (
+                o.key.startswith(prefix + DATA_PREFIX)
+                and o.key not in live
+                and _TEMP_MARK not in o.key
+            ):
+                age = _age([o], now)
+                if _old_enough(age, older_than):
+                    items.append(GarbageItem("orphan", o.key, (o.key,), o.size, age))
+        items += _temps(objs, now, older_than)
+    return items
+
+
+def _temps(objs: list[ObjectInfo], now: float, older_than: float) -> list[GarbageItem]:
+    out = []
+    for o in objs:
+        if _TEMP_MARK in o.key.rsplit("/", 1)[-1]:
+            age = _age([o], now)
+            if _old_enough(age, older_than):
+                out.append(GarbageItem("temp", o.key, (o.key,), o.size, age))
+    return out
+
+
+def delete_garbage(
+    root: str | os.PathLike[str] | Store, items: list[GarbageItem], **storage_options
+) -> int:
+    """Delete exactly the keys of ``items``; returns the bytes freed."""
+    store = open_store(root, **storage_options)
+    freed = 0
+    for item in items:
+        for key in item.keys:
+            store.delete(key)
+        freed += item.bytes
+    from ckptstore.backends.local import LocalStore
+
+    if isinstance(store, LocalStore):  # empty directories are local-filesystem bookkeeping
+        for item in items:
+            if item.kind == "incomplete":
+                _remove_empty_dirs(os.path.join(store.root, item.where))
+    return freed
+
+
+def _remove_empty_dirs(top: str) -> None:
+    for dirpath, _dirs, _files in sorted(os.walk(top), key=lambda w: -len(w[0])):
+        with contextlib.suppress(OSError):
+            os.rmdir(dirpath)
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``15m``, ``2h``, ``7d`` or plain seconds -> seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not m:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 15m, 2h, 7d)")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
