@@ -145,6 +145,18 @@ class Checkpoint:
             out = out.squeeze(d)
         return out
 
+    def zarr(self, tensors: list[str] | None = None, *, strict: bool = True) -> Any:
+        """A read-only zarr v3 group over this checkpoint, without copying data.
+
+        Tensors saved as a regular grid of chunks are arrays named like the checkpoint's
+        entries; bfloat16 / float8 are their raw bits (see ``ckptstore.zarr_view``). With
+        ``strict`` a tensor that cannot be viewed raises ``ConversionError``; otherwise it
+        is left out and listed in the group attribute ``ckptstore.not_viewable``.
+        """
+        from ckptstore.zarr_view import open_zarr
+
+        return open_zarr(self, tensors, strict)
+
     def __repr__(self) -> str:
         return f"Checkpoint({self.url!r}, tensors={len(self.manifest.tensors)}, world_size={self.world_size})"
 

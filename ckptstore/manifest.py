@@ -369,7 +369,10 @@ def _tensor_from_json(v: dict[str, Any]) -> TensorRecord:
             raise ManifestError(
                 f"grid has {len(starts)} dims, shape {list(shape)} has {len(shape)}"
             )
+        empty = 0 in shape  # no elements: no chunks, whatever the other dims
         for s, dim in zip(starts, shape, strict=True):
+            if empty and not s:
+                continue
             if dim and (not s or s[0] != 0 or list(s) != sorted(set(s)) or s[-1] >= dim):
                 raise ManifestError(f"grid starts {list(s)} do not partition a dimension of {dim}")
         layout = GridLayout(starts)

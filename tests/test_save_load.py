@@ -314,3 +314,20 @@ def test_nn_module_and_optimizer_state_dicts(tmp_path) -> None:
         opt2.state[opt2.param_groups[0]["params"][0]]["exp_avg"],
         opt.state[opt.param_groups[0]["params"][0]]["exp_avg"],
     )
+
+
+def test_tensors_without_elements_roundtrip(tmp_path) -> None:
+    sd = {
+        "rows0": torch.zeros(0, 3),
+        "cols0": torch.zeros(4, 0, dtype=torch.int64),
+        "e": torch.zeros(0),
+    }
+    cs.save(sd, tmp_path / "c")
+    out = {
+        "rows0": torch.ones(0, 3),
+        "cols0": torch.ones(4, 0, dtype=torch.int64),
+        "e": torch.ones(0),
+    }
+    cs.load(out, tmp_path / "c")
+    ck = cs.open(tmp_path / "c")
+    assert [tuple(ck.read(k).shape) for k in ("rows0", "cols0", "e")] == [(0, 3), (4, 0), (0,)]

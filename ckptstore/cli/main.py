@@ -359,6 +359,30 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_reshard(args: argparse.Namespace) -> int:
+    from ckptstore.checkpoint import open_checkpoint
+    from ckptstore.cli.progress import Progress
+    from ckptstore.reshard import reshard_checkpoint
+
+    total = open_checkpoint(args.src).manifest.total_tensor_bytes()
+    progress = Progress("reshard", total, enabled=not args.json)
+    info = reshard_checkpoint(
+        args.src, args.dst, world_size=args.world_size, placements=args.placement,
+        max_memory=parse_size(args.max_memory), overwrite=args.overwrite, progress=progress,
+    )  # fmt: skip
+    progress.close()
+    if args.json:
+        print(json.dumps(info.__dict__))
+        return EXIT_OK
+    print(
+        f"resharded for {info.world_size} ranks: {info.sharded} sharded, {info.replicated} "
+        f"replicated tensors, {human_bytes(info.bytes)}: {info.src} -> {info.dst}"
+    )
+    if info.dropped:
+        print(f"per-rank entries not carried over (world size changed): {', '.join(info.dropped)}")
+    return EXIT_OK
+
+
 def parse_size(text: str) -> int:
     import re
 
@@ -376,7 +400,7 @@ class UsageError(CkptStoreError):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ckpt", description="Inspect and check ckptstore checkpoints."
+        prog="ckpt", description="List, inspect, verify, compare, copy, reshard, export, import and collect ckptstore checkpoints."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("ls", help="checkpoints under a root: step, time, size, state per tier")
@@ -410,6 +434,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=0.0, help="differences up to this count as close")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_diff)
+    p = sub.add_parser("reshard", help="rewrite a checkpoint for N ranks: sequential reads on load")
+    p.add_argument("src", help="checkpoint directory or URL")
+    p.add_argument("dst", help="new checkpoint directory or URL")
+    p.add_argument("--world-size", type=int, required=True, help="ranks of the loading job")
+    p.add_argument(
+        "--placement", action="append", default=[], metavar="GLOB=shard(d)|replicate",
+        help="placement of matching tensors (first match wins; default shard(0) where dim 0 "
+        "has at least N rows, else replicate); repeatable",
+    )  # fmt: skip
+    p.add_argument("--max-memory", default="256MB", help="largest region held in memory (256MB)")
+    p.add_argument("--overwrite", action="store_true", help="replace a committed checkpoint at DST")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_reshard)
     p = sub.add_parser(
         "export", help="consolidated tensors as safetensors, one torch.save file, or zarr v3"
     )
