@@ -400,7 +400,8 @@ class UsageError(CkptStoreError):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ckpt", description="List, inspect, verify, compare, copy, reshard, export, import and collect ckptstore checkpoints."
+        prog="ckpt",
+        description="List, inspect, verify, compare, copy, reshard, export, import and collect ckptstore checkpoints.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("ls", help="checkpoints under a root: step, time, size, state per tier")
