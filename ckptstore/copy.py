@@ -8,6 +8,7 @@ last, atomically: an interrupted or failed copy leaves no checkpoint at the dest
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ def copy_checkpoint(
     piece_bytes: int = 16 << 20,
     src_options: dict[str, Any] | None = None,
     dst_options: dict[str, Any] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> CopyInfo:
     """Copy the committed checkpoint at ``src`` to ``dst``; returns what was copied.
 
@@ -55,7 +57,10 @@ def copy_checkpoint(
         size = source.size(key)
         with target.open_writer(key) as writer:
             for lo in range(0, size, piece_bytes):
-                writer.write(source.read(key, ByteRange(lo, min(lo + piece_bytes, size))))
+                piece = source.read(key, ByteRange(lo, min(lo + piece_bytes, size)))
+                writer.write(piece)
+                if progress:
+                    progress(len(piece))
         return size
 
     with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="ckptstore-copy") as pool:

@@ -251,9 +251,17 @@ def _recorded_replication(root: str, steps: list[int]) -> dict[int, str]:
 
 
 def cmd_cp(args: argparse.Namespace) -> int:
+    from ckptstore.checkpoint import open_checkpoint
+    from ckptstore.cli.progress import Progress
     from ckptstore.copy import copy_checkpoint
 
-    info = copy_checkpoint(args.src, args.dst, jobs=args.jobs, overwrite=args.overwrite)
+    progress = Progress(
+        "copy", open_checkpoint(args.src).manifest.stored_bytes(), enabled=not args.json
+    )
+    info = copy_checkpoint(
+        args.src, args.dst, jobs=args.jobs, overwrite=args.overwrite, progress=progress
+    )
+    progress.close()
     if args.json:
         print(json.dumps(info.__dict__))
     else:
@@ -279,11 +287,11 @@ def cmd_diff(args: argparse.Namespace) -> int:
         rows = []
         for e in differing + close:
             detail = e.how if e.max_abs is None else (
-                f"max abs {e.max_abs:.3g}, max rel {e.max_rel:.3g}, {e.mismatched} elements"
+                f"abs {e.max_abs:.3g} rel {e.max_rel:.3g} n={e.mismatched}"
             )  # fmt: skip
-            rows.append([e.name, e.status, detail])
+            rows.append([e.name, e.status, detail[:40]])
         print()
-        print(table(rows, ["entry", "status", "detail"], max_first=36))
+        print(table(rows, ["entry", "status", "detail"], max_first=28))
     print(f"\n{equal} equal, {len(close)} within atol, {len(differing)} different")
     return EXIT_OK if report.same else EXIT_DAMAGED
 
