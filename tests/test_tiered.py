@@ -245,3 +245,31 @@ def test_a_failed_replication_is_retried_before_the_next_one(seaweed, tmp_path) 
     assert first.replication.wait(timeout=1).files == 1
     for name in ("a", "b"):
         assert S3Store(f"{bucket}/{name}", **seaweed.options()).exists("manifest.json")
+
+
+def test_manager_reports_a_failed_upload_and_replicates_on_demand(seaweed, tmp_path) -> None:
+    bucket = _bucket(seaweed)
+    failing = {"on": True}
+    plan = FaultPlan(rule=lambda m, p, n: "503" if failing["on"] and m == "PUT" else "pass")
+    with FaultProxy(("127.0.0.1", S3_PORT), plan) as proxy:
+        opts = {**seaweed.options(proxy.endpoint), "max_attempts": 2}
+        mgr = cs.CheckpointManager(
+            f"s3://{bucket}/run", local_dir=str(tmp_path / "nvme"), async_save=False,
+            keep_local=1, storage_options=opts,
+        )  # fmt: skip
+        state = {"w": torch.full((64, 64), 7.0)}
+        mgr.save(7, state)
+        with pytest.warns(UserWarning, match="replication failed"):
+            assert mgr.wait_replicated() == {7: "failed"}
+        assert [s for s, _ in mgr.replication_errors] == [7]
+        assert [(e.step, e.local, e.remote) for e in mgr.checkpoints()] == [
+            (7, "committed", "failed")
+        ]
+        out = {"w": torch.zeros(64, 64)}
+        assert mgr.restore(out) == 7 and out["w"][0, 0] == 7.0  # tier 0 is usable
+        failing["on"] = False
+        assert mgr.replicate() == [7]
+        assert [(e.step, e.local, e.remote) for e in mgr.checkpoints()] == [
+            (7, "committed", "replicated")
+        ]
+        mgr.close()

@@ -88,6 +88,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"totals      {t['tensors']} tensors, {t['chunks']} chunks, {human_bytes(t['bytes'])} "
         f"({human_bytes(t['stored_bytes'])} stored) in {t['files']} files"
     )
+    whole = sum(1 for x in tensors if x["chunks"] <= 1)
+    grid = sum(1 for x in tensors if x["chunks"] > 1 and x["layout"] == "grid")
+    boxes = len(tensors) - whole - grid
+    print(f"layout      {whole} whole, {grid} on a chunk grid, {boxes} as free boxes")
     if tensors and args.tree:
         print()
         print(_tree(tensors))
