@@ -38,7 +38,7 @@ from ckptstore.errors import (
     KeyExistsError,
     ReplicationError,
 )
-from ckptstore.manifest import MANIFEST_KEY, Manifest
+from ckptstore.manifest import DATA_PREFIX, MANIFEST_KEY, Manifest
 from ckptstore.tier_state import FAILED, REPLICATED, REPLICATING, TierState, write_tier_state
 from ckptstore.write import FilePlan, WriteItem, stream_items, writer_rank
 
@@ -93,8 +93,15 @@ def upload_file(local: Store, remote: Store, manifest: Manifest, file: int) -> i
     return len(view)
 
 
-def files_of_rank(manifest: Manifest, rank: int) -> list[int]:
-    return [i for i, key in enumerate(manifest.files) if writer_rank(key) == rank]
+def files_of_rank(manifest: Manifest, rank: int, world: int) -> list[int]:
+    """The files this rank uploads: those written by ranks ``rank``, ``rank + world``, ...
+    (its own in the job that saved; a smaller job shares the saved ranks' files out)."""
+    out = []
+    for i, key in enumerate(manifest.files):
+        writer = writer_rank(key)
+        if writer is not None and writer % world == rank:
+            out.append(i)
+    return out
 
 
 def replicate_collective(
@@ -125,11 +132,14 @@ def replicate_collective(
                 delivered = set(streamed.result())
             except Exception:  # fall back to uploading from the local tier
                 delivered = set()
-        for f in files_of_rank(manifest, coord.rank):
+        for f in files_of_rank(manifest, coord.rank, coord.world_size):
             key = manifest.files[f]
-            nbytes += (
-                local.size(key) if key in delivered else upload_file(local, remote, manifest, f)
-            )
+            if key in delivered:
+                nbytes += local.size(key)
+            elif local.exists(key):
+                nbytes += upload_file(local, remote, manifest, f)
+            else:
+                continue  # another node's file: the commit check says if it is missing
             uploaded += 1
     except Exception as exc:  # reported to the coordinator, which does not commit
         error = f"{type(exc).__name__}: {exc}"
@@ -155,6 +165,16 @@ def _commit_remote(
     failed = [f"rank {r}: {m}" for r, m in enumerate(reports) if m is not None]
     if failed:
         return "; ".join(failed)
+    try:  # data first, manifest last: every file the manifest names must be there, whole
+        missing = _missing_on_remote(remote, Manifest.from_json(manifest_bytes))
+    except Exception as exc:
+        return f"could not list the shared tier: {type(exc).__name__}: {exc}"
+    if missing:
+        return (
+            f"{len(missing)} data file(s) are not on the shared tier ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}): were they written by ranks that are not "
+            "part of this job?"
+        )
     try:
         if overwrite:
             remote.write(MANIFEST_KEY, manifest_bytes)
@@ -172,6 +192,16 @@ def _commit_remote(
     except Exception as exc:
         return f"commit of the manifest failed: {type(exc).__name__}: {exc}"
     return None
+
+
+def _missing_on_remote(remote: Store, manifest: Manifest) -> list[str]:
+    """Files the manifest names that the remote tier lacks or holds too short."""
+    table = manifest.chunks
+    needed = np.zeros(len(manifest.files), dtype=np.int64)
+    if len(table):
+        np.maximum.at(needed, table.file, table.offset + table.nbytes)
+    sizes = {o.key: o.size for o in remote.list_details(DATA_PREFIX)}
+    return [key for i, key in enumerate(manifest.files) if sizes.get(key, -1) < int(needed[i])]
 
 
 class ReplicationHandle:

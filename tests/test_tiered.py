@@ -273,3 +273,25 @@ def test_manager_reports_a_failed_upload_and_replicates_on_demand(seaweed, tmp_p
             (7, "committed", "replicated")
         ]
         mgr.close()
+
+
+def test_replicate_from_a_smaller_job_commits_only_when_every_file_is_there(
+    seaweed, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setenv("CKPTSTORE_REPLICATION_RETRIES", "0")
+    refuse = FaultPlan(rule=lambda m, p, n: "503" if m == "PUT" else "pass")
+    one_node, two_nodes = f"s3://{_bucket(seaweed)}/a", f"s3://{_bucket(seaweed)}/b"
+    with FaultProxy(("127.0.0.1", S3_PORT), refuse) as proxy:
+        opts = {**seaweed.options(proxy.endpoint), "max_attempts": 1}
+        for remote, per_node, nodes in ((one_node, 2, "a"), (two_nodes, 1, "b")):
+            errors = run_ranks(2, tiered_cases.save_failing_replication, str(tmp_path / nodes),
+                               remote, opts, per_node)  # fmt: skip
+            assert all("replication failed" in e for e in errors)
+    direct = seaweed.options()
+    # Two ranks saved on node 0: a one-process job there holds every file and replicates.
+    ok = cs.replicate(cs.Tiered(tmp_path / "a/node0/step1", one_node, remote_options=direct))
+    assert ok.files == 2
+    # Ranks on two nodes: node 0 alone lacks rank 1's files, so nothing may be committed.
+    with pytest.raises(ReplicationError, match="not on the shared tier"):
+        cs.replicate(cs.Tiered(tmp_path / "b/node0/step1", two_nodes, remote_options=direct))
+    assert not S3Store(two_nodes[5:], **seaweed.options()).exists("manifest.json")

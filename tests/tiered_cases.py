@@ -67,3 +67,17 @@ def manager_restore(
     with cs.CheckpointManager(remote, local_dir=local_dir, storage_options=opts) as mgr:
         step = mgr.restore(state)
         return {"step": step, "w": float(state["w"][0, 0]), "by_tier": mgr.last_load.bytes_by_tier}
+
+
+def save_failing_replication(
+    rank: int, world: int, nodes_root: str, remote: str, opts: dict, per_node: int
+) -> str:
+    """A tiered save whose upload fails (the proxy refuses PUTs); returns the error."""
+    path = tiered_path(nodes_root, remote, opts, rank, per_node)
+    info = cs.save(build_state("row", rank, world), path)
+    assert info.replication is not None
+    try:
+        info.replication.wait(timeout=120)
+    except cs.errors.ReplicationError as exc:
+        return str(exc)
+    return "replicated"
