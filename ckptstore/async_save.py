@@ -26,6 +26,7 @@ from ckptstore import knobs
 from ckptstore.backends.base import Store
 from ckptstore.backends.tiered import TieredStore
 from ckptstore.coordinate import Coordinator
+from ckptstore.errors import SaveError
 from ckptstore.gcpause import gc_paused
 from ckptstore.save import (
     PlannedSave,
@@ -220,6 +221,7 @@ def _persist(
 ) -> SaveInfo:
     t = time.perf_counter()
     upload = None
+    result, error = None, None
     try:
         staged.wait_copies()
         if persist == "process":
@@ -242,6 +244,9 @@ def _persist(
                 upload = start_streamed_upload(planned.store, items, file_plan)
                 planned.streamed_upload = upload
             result, error = write_planned(planned, items, file_plan)
+    except Exception as exc:  # still join the commit collective, or the other ranks would hang
+        error = SaveError(f"{planned.store.url}: rank {planned.rank}: {type(exc).__name__}: {exc}")
+        error.__cause__ = exc
     finally:
         if upload is None:
             state.pool.release(staged.buffer)

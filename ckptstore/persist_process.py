@@ -8,7 +8,9 @@ writing then never hold the training process's GIL. The commit stays in the trai
 
 from __future__ import annotations
 
+import atexit
 import base64
+import contextlib
 import json
 import struct
 import subprocess
@@ -63,6 +65,21 @@ class _Helper:
             stdout=subprocess.PIPE,
         )
         self.lock = threading.Lock()
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """End the helper: closing its stdin makes it exit; wait for it briefly."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                assert self.proc.stdin is not None
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
     def call(self, request: dict[str, Any]) -> Any:
         with self.lock:

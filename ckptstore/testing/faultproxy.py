@@ -118,6 +118,12 @@ _ERROR_BODY = {
 
 class _Handler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
+        try:
+            self._serve()
+        except (TimeoutError, ConnectionError):
+            return  # an idle keep-alive connection timed out, or the client went away
+
+    def _serve(self) -> None:
         server: FaultProxy = self.server  # type: ignore[assignment]
         self.connection.settimeout(60)
         while True:
