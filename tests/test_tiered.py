@@ -209,12 +209,13 @@ def test_ckpt_ls_shows_the_state_on_each_tier(seaweed, tmp_path, monkeypatch, ca
     assert "replication" in text.splitlines()[0] and "replicated" in text.splitlines()[2]
 
 
-def test_async_save_streams_to_s3_from_the_staging_buffer(seaweed, tmp_path) -> None:
+@pytest.mark.parametrize("codec", [None, "zstd"])  # compressed chunks go up from tier 0
+def test_async_save_to_the_tiered_store(seaweed, tmp_path, codec) -> None:
     remote = f"s3://{_bucket(seaweed)}/step1"
     path = cs.Tiered(local=tmp_path / "nvme", remote=remote, remote_options=seaweed.options())
     sd = _state()
     expected = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in sd.items()}
-    handle = cs.async_save(sd, path)
+    handle = cs.async_save(sd, path, codec=codec)
     sd["w"].zero_()  # the caller may change its tensors once async_save returns
     info = handle.wait(timeout=60)
     replicated = info.replication.wait(timeout=60)
