@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import crc32c as _crc32c
 import numpy as np
 
 from ckptstore import knobs
@@ -82,11 +83,19 @@ def shard_starts(n: int, world: int) -> list[int]:
 
 
 class _ChunkWriter:
-    """Appends chunks to one data file, with a crc32c per checksum block of each chunk."""
+    """Appends chunks to one data file, with a crc32c per checksum block of each chunk.
+
+    A chunk arrives in pieces of any size (``begin``, ``add``..., ``end``); the running crc
+    is cut at block boundaries, so the result matches what a save would have recorded.
+    """
 
     def __init__(self, writer: StoreWriter, file_index: int, block: int) -> None:
         self.writer, self.file, self.block = writer, file_index, block
         self.offset = 0
+        self.start = 0
+        self.crcs: list[int] = []
+        self.crc = 0
+        self.in_block = 0
 
     def begin(self) -> None:
         self.start, self.crcs, self.crc, self.in_block = self.offset, [], 0, 0
@@ -96,7 +105,7 @@ class _ChunkWriter:
         self.offset += len(data)
         while data:
             take = min(self.block - self.in_block, len(data))
-            self.crc = crc32c_append(self.crc, data[:take])
+            self.crc = _crc32c.crc32c(data[:take], self.crc)
             self.in_block += take
             data = data[take:]
             if self.in_block == self.block:
@@ -104,15 +113,10 @@ class _ChunkWriter:
                 self.crc, self.in_block = 0, 0
 
     def end(self) -> tuple[int, int, int, list[int]]:
+        """(file, offset, nbytes, block crcs) of the chunk just written."""
         if self.in_block or not self.crcs:
             self.crcs.append(self.crc)
         return self.file, self.start, self.offset - self.start, self.crcs
-
-
-def crc32c_append(value: int, data: memoryview) -> int:
-    import crc32c as _crc
-
-    return _crc.crc32c(data, value)
 
 
 @dataclass

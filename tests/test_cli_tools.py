@@ -263,3 +263,18 @@ def test_the_commands_against_s3(sharded, seaweed, tmp_path, monkeypatch, capsys
     doc = _json(capsys)
     assert [(i["kind"], i["where"]) for i in doc["items"]] == [("incomplete", "step_00000102")]
     assert [e.step for e in cs.catalog.scan(store)] == [100, 101]
+
+
+def test_reshard_checksums_cut_at_block_boundaries(tmp_path, monkeypatch) -> None:
+    from ckptstore.reshard import reshard_checkpoint
+    from ckptstore.verify import verify_checkpoint
+
+    sd = {"w": torch.randn(50, 30), "b": torch.randn(7, 3).to(torch.bfloat16), "n": 4}
+    cs.save(sd, tmp_path / "a")
+    monkeypatch.setenv("CKPTSTORE_CHECKSUM_BLOCK_BYTES", "100")  # blocks split every chunk
+    reshard_checkpoint(tmp_path / "a", tmp_path / "b", world_size=3, max_memory=64)
+    ck = cs.open(tmp_path / "b")
+    assert ck.manifest.chunks.block_bytes == 100 and len(ck.manifest.chunks.crc32c) > 20
+    assert verify_checkpoint(ck.store, ck.manifest).ok
+    assert torch.equal(ck.read("w"), sd["w"]) and torch.equal(ck.read("b"), sd["b"])
+    assert ck.read("w", (slice(20, 40), slice(3, 9))).equal(sd["w"][20:40, 3:9])
