@@ -23,7 +23,8 @@ from ckptstore.policies import (
     KeepEvery,
     KeepLast,
 )
-from ckptstore.replicate import ReplicationHandle, ReplicationInfo, replicate
+from ckptstore.replicate import ReplicationInfo
+from ckptstore.replicator import ReplicationHandle, replicate
 from ckptstore.save import SaveInfo, save
 
 __version__ = "0.1.0"

@@ -234,7 +234,7 @@ def _persist(
             if isinstance(planned.store, TieredStore) and not planned.options.codec:
                 # The shared tier gets the same bytes straight from the staging buffer while
                 # tier 0 is written; the buffer is released once both are done.
-                from ckptstore.replicate import start_streamed_upload
+                from ckptstore.replicator import start_streamed_upload
 
                 file_plan = plan_files(
                     items, rank=planned.rank,

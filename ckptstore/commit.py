@@ -29,7 +29,7 @@ from ckptstore.plan import GlobalPlan, GridLayout
 from ckptstore.write import WriteResult
 
 if TYPE_CHECKING:
-    from ckptstore.replicate import ReplicationHandle
+    from ckptstore.replicator import ReplicationHandle
     from ckptstore.save import PlannedSave, _Local
 
 
@@ -101,7 +101,7 @@ def _commit_tier0_and_replicate(
     """Put the committed manifest on every node's local tier, then queue the upload."""
     import warnings
 
-    from ckptstore.replicate import replicator
+    from ckptstore.replicator import replicator
     from ckptstore.tier_state import REPLICATING, TierState, write_tier_state
 
     store = planned.store

@@ -44,7 +44,7 @@ from ckptstore.policies import (
     RetentionPolicy,
     SavePolicy,
 )
-from ckptstore.replicate import ReplicationHandle, replicate
+from ckptstore.replicator import ReplicationHandle, replicate
 from ckptstore.save import SaveInfo, save
 from ckptstore.tier_state import REPLICATED, read_tier_state
 

@@ -6,26 +6,18 @@ disk never reaches the shared tier -- then one gather tells the coordinator, whi
 the same manifest on the shared tier with create-if-absent. One broadcast tells every rank,
 and each node records the outcome in its local ``replication.json``.
 
-Uploads run on one background thread per process and their collectives on a dedicated gloo
-group (never the training's group, never the async-save group). Jobs run in submission
-order on every rank, so their collectives line up. A failed job leaves the local checkpoint
-intact; it is retried before the next job (up to ``CKPTSTORE_REPLICATION_RETRIES`` times)
-or on demand with :func:`replicate`.
+This module is the work of one replication (uploads, checks, the remote commit); the
+background thread, its dedicated group, retries and handles are in ``ckptstore.replicator``.
 """
 
 from __future__ import annotations
 
-import atexit
-import os
-import sys
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch.distributed as dist
 
 from ckptstore.backends.base import Store
 from ckptstore.backends.tiered import TieredStore
@@ -40,7 +32,7 @@ from ckptstore.errors import (
 )
 from ckptstore.manifest import DATA_PREFIX, MANIFEST_KEY, Manifest
 from ckptstore.tier_state import FAILED, REPLICATED, REPLICATING, TierState, write_tier_state
-from ckptstore.write import FilePlan, WriteItem, stream_items, writer_rank
+from ckptstore.write import writer_rank
 
 _PIECE = 16 << 20
 
@@ -202,183 +194,3 @@ def _missing_on_remote(remote: Store, manifest: Manifest) -> list[str]:
         np.maximum.at(needed, table.file, table.offset + table.nbytes)
     sizes = {o.key: o.size for o in remote.list_details(DATA_PREFIX)}
     return [key for i, key in enumerate(manifest.files) if sizes.get(key, -1) < int(needed[i])]
-
-
-class ReplicationHandle:
-    """The background replication of one checkpoint (its latest attempt: a failed job that
-    a later retry replicates becomes ``replicated``)."""
-
-    def __init__(self, job: _Job, remote: str) -> None:
-        self._job = job
-        self.remote = remote
-
-    @property
-    def _future(self) -> Future:
-        return self._job.future
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    @property
-    def state(self) -> str:
-        if not self._future.done():
-            return REPLICATING
-        return FAILED if self._future.exception() is not None else REPLICATED
-
-    def wait(self, timeout: float | None = None) -> ReplicationInfo:
-        """Block until replicated; raises :class:`ReplicationError` if it failed."""
-        return self._future.result(timeout)
-
-    def error(self) -> BaseException | None:
-        return self._future.exception() if self._future.done() else None
-
-
-@dataclass
-class _Job:
-    tiered: TieredStore
-    manifest_bytes: bytes
-    group: Any
-    overwrite: bool
-    future: Future
-    attempts: int = 0
-    streamed: Future | None = None
-
-
-def _retries() -> int:
-    return int(os.environ.get("CKPTSTORE_REPLICATION_RETRIES", "3"))
-
-
-class Replicator:
-    """One per process: a worker thread, a gloo group per process group, the failed jobs."""
-
-    def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptstore-replicate")
-        self._groups: dict[int, Any] = {}
-        self._failed: list[_Job] = []
-        self._lock = threading.Lock()
-        self._last: Future | None = None
-        atexit.register(self._finish_at_exit)
-
-    def group_for(self, process_group: Any) -> Any:
-        """A dedicated gloo group over ``process_group``'s ranks (a collective the first time)."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return None
-        key = id(process_group)
-        if key not in self._groups:
-            ranks = dist.get_process_group_ranks(process_group) if process_group else None
-            self._groups[key] = dist.new_group(ranks=ranks, backend="gloo")
-        return self._groups[key]
-
-    def submit(
-        self,
-        tiered: TieredStore,
-        manifest_bytes: bytes,
-        group: Any,
-        overwrite: bool,
-        streamed: Future | None = None,
-    ) -> ReplicationHandle:
-        job = _Job(tiered, manifest_bytes, group, overwrite, Future(), streamed=streamed)
-        with self._lock:
-            self._last = self._executor.submit(self._run, job)
-        return ReplicationHandle(job, tiered.remote.url)
-
-    def _run(self, job: _Job) -> None:
-        # Earlier failures first: every rank saw the same failures (the outcome was
-        # broadcast), so every rank retries the same jobs in the same order.
-        retry, self._failed = self._failed, []
-        for old in retry:
-            self._attempt(old)
-        self._attempt(job)
-
-    def _attempt(self, job: _Job) -> None:
-        job.attempts += 1
-        streamed, job.streamed = job.streamed, None  # a retry uploads from tier 0
-        try:
-            info = replicate_collective(
-                job.tiered, job.manifest_bytes, Coordinator(job.group),
-                overwrite=job.overwrite, attempt=job.attempts, streamed=streamed,
-            )  # fmt: skip
-        except BaseException as exc:
-            if job.attempts <= _retries():
-                self._failed.append(job)
-            if not job.future.done():
-                job.future.set_exception(exc)
-            return
-        if job.future.done():  # a retry succeeded: a fresh future tells new waiters
-            job.future = Future()
-        job.future.set_result(info)
-
-    def wait_all(self, timeout: float | None = None) -> None:
-        with self._lock:
-            last = self._last
-        if last is not None:
-            last.result(timeout)
-
-    def _finish_at_exit(self) -> None:
-        from ckptstore.async_save import wait_pending_quietly
-
-        try:
-            wait_pending_quietly()
-            self.wait_all(float(os.environ.get("CKPTSTORE_EXIT_WAIT_S", "600")))
-        except BaseException as exc:  # an exit hook can only report
-            print(f"ckptstore: replication did not finish: {exc}", file=sys.stderr)
-
-
-_UPLOADER: ThreadPoolExecutor | None = None
-
-
-def start_streamed_upload(tiered: TieredStore, items: list[WriteItem], plan: FilePlan) -> Future:
-    """Upload ``plan``'s files to the shared tier from ``items`` (the staging buffer's bytes)
-    on this process's upload thread; a Future of the keys written."""
-    global _UPLOADER
-    with _REPLICATOR_LOCK:
-        if _UPLOADER is None:
-            _UPLOADER = ThreadPoolExecutor(1, thread_name_prefix="ckptstore-stream-upload")
-    return _UPLOADER.submit(stream_items, tiered.remote, items, plan)
-
-
-_REPLICATOR: Replicator | None = None
-_REPLICATOR_LOCK = threading.Lock()
-
-
-def replicator() -> Replicator:
-    global _REPLICATOR
-    with _REPLICATOR_LOCK:
-        if _REPLICATOR is None:
-            _REPLICATOR = Replicator()
-        return _REPLICATOR
-
-
-def replicate(
-    path: TieredStore,
-    *,
-    process_group: Any = None,
-    overwrite: bool = False,
-) -> ReplicationInfo:
-    """Replicate a tier-0 checkpoint to its remote tier now (a collective; on demand).
-
-    Every rank uploads the files it wrote (it must run on the ranks -- or at least the
-    nodes -- that saved it); already replicated checkpoints return at once.
-    """
-    coord = Coordinator(process_group)
-    error: BaseException | None = None
-    data = b""
-    try:
-        data = path.local.read(MANIFEST_KEY)
-    except CkptStoreError as exc:
-        error = ReplicationError(f"{path.local.url}: no committed local checkpoint: {exc}")
-    coord.agree(error)
-    done = 0
-    if coord.is_coordinator and not overwrite:
-        try:
-            done = int(path.remote.read(MANIFEST_KEY) == data)
-        except CkptStoreError:
-            done = 0
-    if coord.max_ints([done])[0]:
-        write_tier_state(path.local, TierState(path.remote.url, REPLICATED))
-        return ReplicationInfo(path.remote.url, 0, 0, 0.0)
-    group = replicator().group_for(process_group)
-    # Run on the replication thread so that it queues behind background jobs in flight.
-    job = _Job(path, data, group, overwrite, Future())
-    replicator()._executor.submit(replicator()._attempt, job).result()
-    return job.future.result()

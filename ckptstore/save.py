@@ -223,7 +223,7 @@ def replication_group_for(path: Any, process_group: Any) -> Any:
     """For a tiered path: the replication group (created once, a collective); else None."""
     if not isinstance(path, TieredStore):
         return None
-    from ckptstore.replicate import replicator
+    from ckptstore.replicator import replicator
 
     return replicator().group_for(process_group)
 
