@@ -296,3 +296,25 @@ def test_replicate_from_a_smaller_job_commits_only_when_every_file_is_there(
     with pytest.raises(ReplicationError, match="not on the shared tier"):
         cs.replicate(cs.Tiered(tmp_path / "b/node0/step1", two_nodes, remote_options=direct))
     assert not S3Store(two_nodes[5:], **seaweed.options()).exists("manifest.json")
+
+
+def test_a_failed_streamed_upload_falls_back_to_tier0(seaweed, tmp_path) -> None:
+    refused: list[str] = []
+
+    def first_multipart_start_fails(method: str, path: str, n: int) -> str:
+        if method == "POST" and "uploads" in path and not refused:
+            refused.append(path)
+            return "500"
+        return "pass"
+
+    remote = f"s3://{_bucket(seaweed)}/step1"
+    with FaultProxy(("127.0.0.1", S3_PORT), FaultPlan(rule=first_multipart_start_fails)) as proxy:
+        opts = {**seaweed.options(proxy.endpoint), "max_attempts": 1}
+        path = cs.Tiered(local=tmp_path / "nvme", remote=remote, remote_options=opts)
+        sd = _state()  # 12 MB: a multipart upload
+        info = cs.async_save(sd, path).wait(timeout=60)
+        assert info.replication.wait(timeout=60).files == 1
+    assert len(refused) == 1  # the streamed upload failed; the replication re-sent from tier 0
+    out = _zeros()
+    cs.load(out, remote, storage_options=seaweed.options())
+    assert torch.equal(out["w"], sd["w"])
