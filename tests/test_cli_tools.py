@@ -278,3 +278,27 @@ def test_reshard_checksums_cut_at_block_boundaries(tmp_path, monkeypatch) -> Non
     assert verify_checkpoint(ck.store, ck.manifest).ok
     assert torch.equal(ck.read("w"), sd["w"]) and torch.equal(ck.read("b"), sd["b"])
     assert ck.read("w", (slice(20, 40), slice(3, 9))).equal(sd["w"][20:40, 3:9])
+
+
+def test_bad_input_gets_a_clear_error_and_exit_code_2(tmp_path, capsys) -> None:
+    ck = str(tmp_path / "c")
+    cs.save({"z": torch.zeros(4, dtype=torch.complex128), "w": torch.ones(3, 2)}, ck)
+    cases = [
+        (["export", ck, str(tmp_path / "o"), "--format", "safetensors"], "'z'"),
+        (["export", ck, str(tmp_path / "o"), "--format", "zarr", "--dtype", "fp8"], "--dtype"),
+        (["export", ck, str(tmp_path / "o"), "--format", "torch", "--tensors", "nope*"], "nope"),
+        (["reshard", ck, str(tmp_path / "r"), "--world-size", "2", "--placement", "w=split"],
+         "shard(d)"),
+        (["reshard", ck, str(tmp_path / "r"), "--world-size", "2", "--placement", "w=shard(5)"],
+         "'w'"),
+        (["gc", str(tmp_path), "--older-than", "soon"], "duration"),
+        (["import", str(tmp_path / "missing.pt"), str(tmp_path / "i")], "missing.pt"),
+        (["diff", ck, str(tmp_path / "absent")], "absent"),
+        (["export", ck, str(tmp_path / "o"), "--format", "torch", "--max-memory", "lots"],
+         "size"),
+    ]  # fmt: skip
+    for argv, named in cases:
+        assert ckpt(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert named in err, (argv, err)
+    assert not os.path.exists(tmp_path / "r" / "manifest.json")
