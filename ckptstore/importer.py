@@ -5,8 +5,9 @@ or safetensors files (one file, a directory, or a Hugging Face ``*.index.json``)
 - ``torch.save``: ``torch.load(weights_only=True, mmap=True)`` -- tensors and plain values
   only, no arbitrary code.
 - DCP: its ``.metadata`` file is a pickle, so reading it can run code; the caller must opt in
-  (``trust=True``, ``ckpt import --trust``). Entries DCP stored as pickled bytes become plain
-  values, or pickled objects in the new checkpoint when they are not plain.
+  (``trust=True``, ``ckpt import --trust``). Tensors are read in batches of bounded size.
+  Entries DCP stored as pickled bytes become plain values, or pickled objects in the new
+  checkpoint when they are not plain.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from ckptstore.backends.base import Store
 from ckptstore.errors import ConversionError, PickleNotAllowedError
 from ckptstore.safetensors_format import read_header
-from ckptstore.save import save
+from ckptstore.stream_writer import StreamingWriter
 
 KINDS = ("dcp", "torch", "safetensors")
 
@@ -96,8 +97,9 @@ def load_safetensors(src: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_dcp(src: str, trust: bool) -> dict[str, Any]:
-    """A DCP checkpoint's entries by their flattened names (needs ``trust``: pickled metadata)."""
+def _dcp_batches(src: str, trust: bool, max_memory: int):
+    """A DCP checkpoint's entries, a batch of at most ``max_memory`` tensor bytes at a time
+    (needs ``trust``: its metadata is a pickle)."""
     if not trust:
         raise PickleNotAllowedError(
             f"{src}: a torch DCP checkpoint's .metadata is a Python pickle, which can run code "
@@ -106,33 +108,37 @@ def load_dcp(src: str, trust: bool) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
-    reader = dcp.FileSystemReader(src)
-    metadata = reader.read_metadata()
-    sd: dict[str, Any] = {}
+    metadata = dcp.FileSystemReader(src).read_metadata()
+    batch: dict[str, Any] = {}
+    size = 0
+    values: dict[str, Any] = {}
     for fqn, meta in metadata.state_dict_metadata.items():
-        if isinstance(meta, TensorStorageMetadata):
-            sd[fqn] = torch.empty(meta.size, dtype=meta.properties.dtype)
-        elif isinstance(meta, BytesStorageMetadata):
-            sd[fqn] = None  # replaced by the unpickled object
-    dcp.load(sd, storage_reader=reader, no_dist=True)
-    return sd
+        if isinstance(meta, BytesStorageMetadata):
+            values[fqn] = None  # replaced by the unpickled object
+            continue
+        if not isinstance(meta, TensorStorageMetadata):
+            continue
+        nbytes = torch.Size(meta.size).numel() * meta.properties.dtype.itemsize
+        if batch and size + nbytes > max_memory:
+            dcp.load(batch, storage_reader=dcp.FileSystemReader(src), no_dist=True)
+            yield batch
+            batch, size = {}, 0
+        batch[fqn] = torch.empty(meta.size, dtype=meta.properties.dtype)
+        size += nbytes
+    if batch:
+        dcp.load(batch, storage_reader=dcp.FileSystemReader(src), no_dist=True)
+        yield batch
+    if values:
+        dcp.load(values, storage_reader=dcp.FileSystemReader(src), no_dist=True)
+        yield values
 
 
-def _nest(flat: dict[str, Any]) -> dict[str, Any]:
-    """Dotted names -> nested dicts, so the new checkpoint has the same flattened names."""
-    out: dict[str, Any] = {}
-    for name, value in flat.items():
-        node = out
-        parts = name.split(".")
-        for p in parts[:-1]:
-            child = node.setdefault(p, {})
-            if not isinstance(child, dict):
-                raise ConversionError(f"entry {name!r} clashes with entry {p!r}")
-            node = child
-        if parts[-1] in node:
-            raise ConversionError(f"entry {name!r} clashes with another entry")
-        node[parts[-1]] = value
-    return out
+def _flat_entries(tree: Any):
+    """(dotted name, tensor or value) of a nested dict/list as torch.load returns it."""
+    from ckptstore.leaves import flatten
+
+    for leaf in flatten(tree).values():
+        yield leaf.name, leaf.value
 
 
 def import_checkpoint(
@@ -142,28 +148,52 @@ def import_checkpoint(
     kind: str | None = None,
     trust: bool = False,
     overwrite: bool = False,
+    max_memory: int = 1 << 30,
     storage_options: dict[str, Any] | None = None,
 ) -> ImportInfo:
-    """Write the checkpoint at ``src`` (another tool's) as a ckptstore checkpoint at ``dst``."""
+    """Write the checkpoint at ``src`` (another tool's) as a ckptstore checkpoint at ``dst``.
+
+    Entries are written one by one as they are read (safetensors and torch.save files through
+    memory maps; DCP in batches of at most ``max_memory`` bytes), so a checkpoint larger than
+    memory can be imported. The result is committed only once everything is written.
+    """
     kind = kind or detect(src)
     if kind not in KINDS:
         raise ConversionError(f"unknown source kind {kind!r}; use one of {KINDS}")
-    allow_pickle = False
-    if kind == "safetensors":
-        state: dict[str, Any] = _nest(load_safetensors(src))
-    elif kind == "dcp":
-        state = _nest(load_dcp(src, trust))
-        allow_pickle = True  # the caller trusted the source's pickles already
-    else:
-        try:
-            loaded = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:
-            raise ConversionError(
-                f"{src}: not loadable with torch.load(weights_only=True): {exc}"
-            ) from None
-        if not isinstance(loaded, dict):
-            raise ConversionError(f"{src}: holds a {type(loaded).__name__}, not a dict of tensors")
-        state = loaded
-    info = save(state, dst, allow_pickle=allow_pickle, overwrite=overwrite,
-                storage_options=storage_options)  # fmt: skip
-    return ImportInfo(src, info.path, kind, info.tensors, info.total_bytes)
+    if kind == "dcp" and not trust:
+        next(_dcp_batches(src, trust, max_memory))  # raises with the reason
+    writer = StreamingWriter(dst, overwrite=overwrite, allow_pickle=kind == "dcp",
+                             metadata={"imported_from": {"path": src, "kind": kind}},
+                             storage_options=storage_options)  # fmt: skip
+    try:
+        if kind == "safetensors":
+            for name, tensor in load_safetensors(src).items():
+                writer.add_tensor(name, tensor)
+        elif kind == "dcp":
+            for batch in _dcp_batches(src, trust, max_memory):
+                for name, value in batch.items():
+                    if isinstance(value, torch.Tensor):
+                        writer.add_tensor(name, value)
+                    else:
+                        writer.add_value(name, value)
+        else:
+            try:
+                loaded = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:
+                raise ConversionError(
+                    f"{src}: not loadable with torch.load(weights_only=True): {exc}"
+                ) from None
+            if not isinstance(loaded, dict):
+                raise ConversionError(
+                    f"{src}: holds a {type(loaded).__name__}, not a dict of tensors"
+                )
+            for name, value in _flat_entries(loaded):
+                if isinstance(value, torch.Tensor):
+                    writer.add_tensor(name, value)
+                else:
+                    writer.add_value(name, value)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return ImportInfo(src, writer.store.url, kind, len(writer.tensors), writer.bytes)

@@ -20,12 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import crc32c as _crc32c
 import numpy as np
 
 from ckptstore import knobs
-from ckptstore.backends.base import ByteRange, Store, StoreWriter
+from ckptstore.backends.base import ByteRange, Store
 from ckptstore.checkpoint import Checkpoint, open_checkpoint
+from ckptstore.chunk_writer import ChunkWriter
 from ckptstore.dtypes import dtype_from_name
 from ckptstore.errors import CheckpointExistsError, ConversionError, KeyExistsError
 from ckptstore.locate import store_for
@@ -82,43 +82,6 @@ def shard_starts(n: int, world: int) -> list[int]:
     return [r * size for r in range(world) if r * size < n] or [0]
 
 
-class _ChunkWriter:
-    """Appends chunks to one data file, with a crc32c per checksum block of each chunk.
-
-    A chunk arrives in pieces of any size (``begin``, ``add``..., ``end``); the running crc
-    is cut at block boundaries, so the result matches what a save would have recorded.
-    """
-
-    def __init__(self, writer: StoreWriter, file_index: int, block: int) -> None:
-        self.writer, self.file, self.block = writer, file_index, block
-        self.offset = 0
-        self.start = 0
-        self.crcs: list[int] = []
-        self.crc = 0
-        self.in_block = 0
-
-    def begin(self) -> None:
-        self.start, self.crcs, self.crc, self.in_block = self.offset, [], 0, 0
-
-    def add(self, data: memoryview) -> None:
-        self.writer.write(data)
-        self.offset += len(data)
-        while data:
-            take = min(self.block - self.in_block, len(data))
-            self.crc = _crc32c.crc32c(data[:take], self.crc)
-            self.in_block += take
-            data = data[take:]
-            if self.in_block == self.block:
-                self.crcs.append(self.crc)
-                self.crc, self.in_block = 0, 0
-
-    def end(self) -> tuple[int, int, int, list[int]]:
-        """(file, offset, nbytes, block crcs) of the chunk just written."""
-        if self.in_block or not self.crcs:
-            self.crcs.append(self.crc)
-        return self.file, self.start, self.offset - self.start, self.crcs
-
-
 @dataclass
 class ReshardInfo:
     src: str
@@ -160,7 +123,7 @@ def reshard_checkpoint(
     rows: dict[tuple[str, int], tuple[int, int, int, list[int]]] = {}
     written = 0
 
-    def copy_box(out: _ChunkWriter, name: str, rec: TensorRecord, offs, shape) -> None:
+    def copy_box(out: ChunkWriter, name: str, rec: TensorRecord, offs, shape) -> None:
         nonlocal written
         out.begin()
         size = dtype_from_name(rec.dtype).itemsize
@@ -175,7 +138,7 @@ def reshard_checkpoint(
     try:
         for r in range(world_size):  # one sequential file per target rank
             with target.open_writer(files[r]) as w:
-                out = _ChunkWriter(w, r, block)
+                out = ChunkWriter(w, r, block)
                 for name, rec in m.tensors.items():
                     dim = plan[name]
                     if dim == REPLICATE or 0 in rec.shape:
@@ -193,7 +156,7 @@ def reshard_checkpoint(
         blobs: dict[tuple[str, int | None], BlobRef] = {}
         dropped = [] if m.world_size == world_size else sorted(m.per_rank)
         with target.open_writer(files[-1]) as w:
-            out = _ChunkWriter(w, world_size, block)
+            out = ChunkWriter(w, world_size, block)
             for name, rec in m.tensors.items():
                 if plan[name] == REPLICATE and 0 not in rec.shape:
                     copy_box(out, name, rec, [0] * len(rec.shape), rec.shape)
@@ -233,7 +196,7 @@ def reshard_checkpoint(
                        dropped)  # fmt: skip
 
 
-def _copy_rank_tensor(ckpt: Checkpoint, out: _ChunkWriter, name: str, rank: int, rec) -> None:
+def _copy_rank_tensor(ckpt: Checkpoint, out: ChunkWriter, name: str, rank: int, rec) -> None:
     out.begin()
     t = ckpt.read(name, rank=rank).contiguous()
     out.add(as_bytes(t))

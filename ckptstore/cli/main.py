@@ -329,8 +329,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from ckptstore.importer import import_checkpoint
 
-    info = import_checkpoint(args.src, args.dst, kind=args.kind, trust=args.trust,
-                             overwrite=args.overwrite)  # fmt: skip
+    info = import_checkpoint(
+        args.src,
+        args.dst,
+        kind=args.kind,
+        trust=args.trust,
+        overwrite=args.overwrite,
+        max_memory=parse_size(args.max_memory),
+    )
     if args.json:
         print(json.dumps(info.__dict__))
     else:
@@ -483,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="read pickled metadata (DCP's .metadata is a pickle: only for trusted sources)",
     )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace a committed checkpoint at DST")
+    p.add_argument("--max-memory", default="1GB", help="DCP tensors read per batch (1GB)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_import)
     p = sub.add_parser(

@@ -1,0 +1,162 @@
+"""Writing a checkpoint entry by entry from one process (conversions: ``ckpt import``).
+
+A save needs the whole state_dict at once; an importer holds one batch of tensors at a time.
+:class:`StreamingWriter` appends each tensor to one data file as it comes (checksummed per
+block), keeps plain values for the manifest, and commits the manifest last, atomically --
+the same format and the same guarantees as :func:`ckptstore.save` from a single rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import uuid
+from typing import Any
+
+import numpy as np
+import torch
+
+from ckptstore import knobs
+from ckptstore.backends.base import Store, StoreWriter
+from ckptstore.chunk_writer import ChunkWriter
+from ckptstore.dtypes import dtype_name
+from ckptstore.errors import (
+    CheckpointExistsError,
+    KeyExistsError,
+    PickleNotAllowedError,
+    StateDictError,
+)
+from ckptstore.leaves import is_plain
+from ckptstore.locate import store_for
+from ckptstore.manifest import (
+    DATA_PREFIX,
+    MANIFEST_KEY,
+    BlobRef,
+    ChunkTable,
+    Manifest,
+    ObjectRecord,
+    TensorRecord,
+)
+from ckptstore.pieces import contiguous_pieces
+from ckptstore.plan import whole_layout
+from ckptstore.tensor_bytes import as_bytes
+
+_MiB = 1 << 20
+
+
+class StreamingWriter:
+    """``add_tensor`` / ``add_value`` entries, then ``commit()`` (or ``abort()``)."""
+
+    def __init__(
+        self,
+        dst: str | os.PathLike[str] | Store,
+        *,
+        overwrite: bool = False,
+        allow_pickle: bool = False,
+        metadata: dict[str, Any] | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.store = store_for(dst, storage_options)
+        if not overwrite and self.store.exists(MANIFEST_KEY):
+            raise CheckpointExistsError(
+                f"{self.store.url}: a committed checkpoint is already there"
+            )
+        self.overwrite, self.allow_pickle = overwrite, allow_pickle
+        self.metadata = dict(metadata or {})
+        self.block = knobs.checksum_block_bytes()
+        self.key = f"{DATA_PREFIX}00000-{uuid.uuid4().hex[:10]}-0.bin"
+        self._writer: StoreWriter = self.store.open_writer(self.key)
+        self._chunks = ChunkWriter(self._writer, 0, self.block)
+        self._rows: list[tuple[int, int, int, list[int]]] = []
+        self.tensors: dict[str, TensorRecord] = {}
+        self.objects: dict[str, ObjectRecord] = {}
+        self.bytes = 0
+
+    def _check_name(self, name: str) -> None:
+        if name in self.tensors or name in self.objects:
+            raise StateDictError(f"entry {name!r} was added twice")
+
+    def add_tensor(self, name: str, tensor: torch.Tensor, max_memory: int = 256 * _MiB) -> None:
+        """Append ``tensor`` (any device, any strides) as one chunk."""
+        self._check_name(name)
+        try:
+            dtype = dtype_name(tensor.dtype)
+        except ValueError as exc:
+            raise StateDictError(f"tensor {name!r}: {exc}") from None
+        shape = tuple(tensor.shape)
+        record = TensorRecord(dtype, shape, len(self._rows), whole_layout(len(shape)), None)
+        if 0 in shape:
+            self.tensors[name] = record
+            return
+        self._chunks.begin()
+        for index in contiguous_pieces(shape, tensor.element_size(), max_memory):
+            piece = tensor[index].detach().to("cpu").contiguous()
+            self._chunks.add(as_bytes(piece))
+        self._rows.append(self._chunks.end())
+        self.tensors[name] = record
+        self.bytes += tensor.numel() * tensor.element_size()
+
+    def add_value(self, name: str, value: Any) -> None:
+        """A plain value (JSON-able) or, with ``allow_pickle``, any picklable object."""
+        if isinstance(value, (list, dict)):  # containers flatten to dotted names, as in save
+            from ckptstore.leaves import flatten
+
+            for leaf in flatten(value).values():
+                sub = f"{name}.{leaf.name}"
+                if isinstance(leaf.value, torch.Tensor):
+                    self.add_tensor(sub, leaf.value)
+                else:
+                    self.add_value(sub, leaf.value)
+            return
+        self._check_name(name)
+        plain = is_plain(value)
+        if plain:
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError):
+                plain = False
+        if plain:
+            self.objects[name] = ObjectRecord(value=value)
+            return
+        if not self.allow_pickle:
+            raise PickleNotAllowedError(
+                f"entry {name!r} is a {type(value).__qualname__}, not a plain value; it needs "
+                "pickle (allow_pickle=True)"
+            )
+        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        self._chunks.begin()
+        self._chunks.add(memoryview(data))
+        f, off, n, crcs = self._chunks.end()
+        self.objects[name] = ObjectRecord(blob=BlobRef(f, off, n, tuple(crcs)))
+
+    def abort(self) -> None:
+        self._writer.abort()
+
+    def commit(self) -> Manifest:
+        """Make the data durable, then commit the manifest (create-if-absent)."""
+        self._writer.commit()
+        rows = self._rows
+        table = ChunkTable(
+            np.array([r[0] for r in rows], dtype=np.int64),
+            np.array([r[1] for r in rows], dtype=np.int64),
+            np.array([r[2] for r in rows], dtype=np.int64),
+            np.array([c for r in rows for c in r[3]], dtype=np.uint32),
+            self.block,
+        )
+        manifest = Manifest(1, [self.key], table, self.tensors, self.objects, {},
+                            metadata=self.metadata)  # fmt: skip
+        try:
+            if self.overwrite:
+                self.store.write(MANIFEST_KEY, manifest.to_json())
+            else:
+                self.store.write_if_absent(MANIFEST_KEY, manifest.to_json())
+        except KeyExistsError:
+            self.store.delete(self.key)
+            raise CheckpointExistsError(
+                f"{self.store.url}: another writer committed a checkpoint first"
+            ) from None
+        for key in list(self.store.list(DATA_PREFIX)):  # an overwritten checkpoint's data
+            if key != self.key:
+                self.store.delete(key)
+        return manifest
