@@ -12,6 +12,7 @@ At most one save is in flight: ``async_save`` first waits for the previous one t
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import sys
 import threading
@@ -254,4 +255,22 @@ def _persist(
             buffer = staged.buffer
             upload.add_done_callback(lambda _f: state.pool.release(buffer))
     planned.seconds["write"] = time.perf_counter() - t
-    return commit_collective(planned, result, error, Coordinator(background))
+    try:
+        return commit_collective(planned, result, error, Coordinator(background))
+    except BaseException:
+        if upload is not None:  # no checkpoint: what was streamed to the shared tier goes too
+            _discard_streamed(planned.store, upload)
+        raise
+
+
+def _discard_streamed(store: TieredStore, upload: Future) -> None:
+    """Delete this save's streamed files from the shared tier once the upload has ended
+    (their names are unique to this save; an aborted upload left nothing)."""
+
+    def discard(done: Future) -> None:
+        if done.exception() is None:
+            for key in done.result():
+                with contextlib.suppress(Exception):  # best effort; `ckpt gc` finds the rest
+                    store.remote.delete(key)
+
+    upload.add_done_callback(discard)

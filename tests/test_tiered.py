@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import uuid
 
 import pytest
@@ -318,3 +319,21 @@ def test_a_failed_streamed_upload_falls_back_to_tier0(seaweed, tmp_path) -> None
     out = _zeros()
     cs.load(out, remote, storage_options=seaweed.options())
     assert torch.equal(out["w"], sd["w"])
+
+
+def test_a_failed_tier0_write_leaves_nothing_on_s3(seaweed, tmp_path) -> None:
+    from ckptstore.errors import SaveError
+
+    remote = f"s3://{_bucket(seaweed)}/step1"
+    (tmp_path / "nvme").mkdir()
+    (tmp_path / "nvme" / "data").write_bytes(b"")  # a file where the data directory goes
+    path = cs.Tiered(local=tmp_path / "nvme", remote=remote, remote_options=seaweed.options())
+    with pytest.raises(SaveError):
+        cs.async_save(_state(), path).wait(timeout=60)
+    # the next async save gets the staging buffer only once the streamed upload has ended
+    cs.async_save({"x": torch.zeros(4)}, tmp_path / "other").wait(timeout=60)
+    store = S3Store(remote[5:], **seaweed.options())
+    deadline = time.monotonic() + 10
+    while list(store.list("")) and time.monotonic() < deadline:
+        time.sleep(0.1)  # then its files are deleted
+    assert list(store.list("")) == []
