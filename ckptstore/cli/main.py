@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from ckptstore.checkpoint import open_checkpoint
-from ckptstore.cli.format import human_bytes, table
+from ckptstore.cli.format import human_age, human_bytes, table
 from ckptstore.errors import ChecksumError, CkptStoreError, IncompleteCheckpointError
 from ckptstore.manifest import TensorRecord
 from ckptstore.verify import verify_checkpoint
@@ -364,10 +364,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     if not items:
         print(f"nothing to collect under {args.root} (older than {args.older_than})")
         return EXIT_OK
-    rows = [
-        [i.where, i.kind, human_bytes(i.bytes), f"{i.age_s / 3600:.1f} h" if i.age_s else "-"]
-        for i in items
-    ]
+    rows = [[i.where, i.kind, human_bytes(i.bytes), human_age(i.age_s)] for i in items]
     print(table(rows, ["path", "kind", "size", "age"], max_first=48))
     total = sum(i.bytes for i in items)
     if args.apply:
