@@ -143,6 +143,23 @@ class Store(abc.ABC):
             return False
         return True
 
+    def list_children(self, prefix: str = "") -> Iterator[str]:
+        """The distinct next path components under ``prefix`` (``prefix`` ends with ``/`` or
+        is empty): ``"step_00000100/"`` for a directory-like child, ``"manifest.json"`` for an
+        object. Lets a catalog find its checkpoints without listing every data file.
+
+        Note for implementers: the default lists every key; object stores should use their
+        delimiter listing, file systems their directory listing.
+        """
+        seen = set()
+        for key in self.list(prefix):
+            rest = key[len(prefix) :]
+            head, sep, _ = rest.partition("/")
+            child = head + sep
+            if child not in seen:
+                seen.add(child)
+                yield child
+
     def list_details(self, prefix: str = "") -> Iterator[ObjectInfo]:
         """Like :meth:`list`, with sizes and modification times (for garbage collection).
 

@@ -172,6 +172,15 @@ class LocalStore(Store):
                 if key.startswith(prefix):
                     yield key
 
+    def list_children(self, prefix: str = "") -> Iterator[str]:
+        directory = os.path.join(self.root, prefix) if prefix else self.root
+        try:
+            entries = list(os.scandir(directory))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for entry in entries:
+            yield entry.name + "/" if entry.is_dir() else entry.name
+
     def list_details(self, prefix: str = "") -> Iterator[ObjectInfo]:
         for key in self.list(prefix):
             try:

@@ -332,6 +332,15 @@ class S3Store(Store):
             for obj in page.get("Contents", []):
                 yield obj["Key"][len(base) :]
 
+    def list_children(self, prefix: str = "") -> Iterator[str]:
+        base = f"{self.prefix}/" if self.prefix else ""
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=base + prefix, Delimiter="/"):
+            for common in page.get("CommonPrefixes", []):
+                yield common["Prefix"][len(base) + len(prefix) :]
+            for obj in page.get("Contents", []):
+                yield obj["Key"][len(base) + len(prefix) :]
+
     def list_details(self, prefix: str = "") -> Iterator[ObjectInfo]:
         base = f"{self.prefix}/" if self.prefix else ""
         paginator = self.client.get_paginator("list_objects_v2")

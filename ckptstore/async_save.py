@@ -171,7 +171,10 @@ def async_save(
     ``codec``, ``allow_pickle``, ``metadata``, ``files_per_rank``, ``checksum_block_bytes``,
     ``storage_options``). After it returns the caller may
     change its tensors; the write, the checksums and the commit continue in the background.
-    The first call also creates a dedicated gloo group (a collective over the whole world).
+    The first call also creates a dedicated gloo group (a collective over the whole world:
+    with a ``process_group`` that is a subgroup, every rank of the job must still reach that
+    first call -- ``torch.distributed.new_group``'s rule; independent subgroups that first
+    save at different times are not supported).
 
     Args:
         persist: ``"thread"`` (default) writes from a background thread of this process;

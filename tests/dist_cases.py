@@ -300,20 +300,3 @@ def train_with_manager(rank: int, world: int, root: str, start_steps: int, end_s
             mgr.maybe_save(start_steps, state) if end_step == start_steps else None
     params = {k: v.full_tensor() for k, v in model.state_dict().items()}
     return {"resumed": resumed, "losses": losses, "params": params, "rand": torch.rand(3)}
-
-
-def save_per_subgroup(rank: int, world: int, root: str) -> list[str]:
-    """Ranks {0,1} and {2,3} each save their own checkpoint asynchronously, on their own
-    subgroup, at different times: nothing may wait for the other pair."""
-    import time
-
-    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-    mine = groups[rank // 2]
-    if rank >= 2:
-        time.sleep(1.0)  # the other pair is well into its save by now
-    sd = {"w": torch.full((8,), float(rank // 2)), "n": rank // 2}
-    cs.async_save(sd, f"{root}/pair{rank // 2}", process_group=mine).wait(timeout=60)
-    out = {"w": torch.zeros(8), "n": -1}
-    cs.load(out, f"{root}/pair{rank // 2}", process_group=mine)
-    dist.barrier()  # rank 0 hosts the rendezvous store: it must outlive the other pair
-    return [str(out["n"]), str(float(out["w"][0]))]

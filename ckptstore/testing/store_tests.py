@@ -108,6 +108,18 @@ class StoreTests:
         assert sorted(store.list("data/")) == ["data/0.bin", "data/1.bin"]
         assert list(store.list("zzz")) == []
 
+    def test_list_children(self, store: Store) -> None:
+        for key in ["step_1/manifest.json", "step_1/data/0.bin", "step_2/data/0.bin", "top"]:
+            store.write(key, b"x")
+        assert sorted(store.list_children("")) == ["step_1/", "step_2/", "top"]
+        assert sorted(store.list_children("step_1/")) == ["data/", "manifest.json"]
+        assert list(store.list_children("missing/")) == []
+
+    def test_list_details(self, store: Store) -> None:
+        store.write("a/b", b"12345")
+        (info,) = list(store.list_details("a/"))
+        assert (info.key, info.size) == ("a/b", 5)
+
     def test_delete(self, store: Store) -> None:
         store.write("a", b"1")
         store.write("b", b"2")
