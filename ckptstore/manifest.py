@@ -219,14 +219,12 @@ def _manifest_from_doc(doc: Any, where: str) -> Manifest:
     crcs = _unpack(c["crc32c"], "<u4")
     tensors = _tensor_table_from_json(doc["tensors"])
     per_rank = {str(k): [_entry_from_json(e) for e in v] for k, v in doc["per_rank"].items()}
+    records = list(tensors.values())
+    records += [e for es in per_rank.values() for e in es if isinstance(e, TensorRecord)]
     if "nbytes" in c:
         nbytes = _unpack(c["nbytes"], "<u8").astype(np.int64)
     else:
-        nbytes = np.zeros(count, dtype=np.int64)
-        records = list(tensors.values())
-        records += [e for es in per_rank.values() for e in es if isinstance(e, TensorRecord)]
-        for t in records:
-            _fill_raw_nbytes(t, nbytes)
+        nbytes = _raw_nbytes(records, count)
     for name, col in (("file", file_col), ("offset", offset_col), ("nbytes", nbytes)):
         if len(col) != count:
             raise ManifestError(f"{where}: chunks.{name} has {len(col)} entries, expected {count}")
@@ -237,12 +235,7 @@ def _manifest_from_doc(doc: Any, where: str) -> Manifest:
         raise ManifestError(
             f"{where}: chunks.crc32c has {len(crcs)} checksums, expected {int(table.crc_first[-1])}"
         )
-    all_records = list(tensors.items()) + [
-        (n, e) for n, es in per_rank.items() for e in es if isinstance(e, TensorRecord)
-    ]
-    for name, t in all_records:
-        if t.chunk_start < 0 or t.chunk_start + t.chunk_count > count:
-            raise ManifestError(f"{where}: tensor {name!r} refers to chunks outside the table")
+    _check_chunk_ranges(tensors, per_rank, count, where)
     return Manifest(
         world_size=int(doc["world_size"]),
         files=files,
@@ -254,6 +247,60 @@ def _manifest_from_doc(doc: Any, where: str) -> Manifest:
         metadata=dict(doc.get("metadata") or {}),
         format_version=version,
     )
+
+
+def _check_chunk_ranges(
+    tensors: dict[str, TensorRecord], per_rank: dict[str, list[Entry]], count: int, where: str
+) -> None:
+    """Every tensor's chunks lie inside the chunk table (vectorized: one check per manifest)."""
+    all_records = list(tensors.items()) + [
+        (n, e) for n, es in per_rank.items() for e in es if isinstance(e, TensorRecord)
+    ]
+    if not all_records:
+        return
+    whole_of = [whole_layout(n) for n in range(8)]
+    starts = np.fromiter((t.chunk_start for _, t in all_records), np.int64, len(all_records))
+    counts = np.fromiter(
+        (
+            (0 if 0 in t.shape else 1)
+            if len(t.shape) < 8 and t.layout is whole_of[len(t.shape)]
+            else t.chunk_count
+            for _, t in all_records
+        ),
+        np.int64,
+        len(all_records),
+    )
+    bad = np.flatnonzero((starts < 0) | (starts + counts > count))
+    if len(bad):
+        name = all_records[int(bad[0])][0]
+        raise ManifestError(f"{where}: tensor {name!r} refers to chunks outside the table")
+
+
+def _raw_nbytes(records: list[TensorRecord], count: int) -> np.ndarray:
+    """Stored bytes per chunk of an uncompressed checkpoint (derived, not stored).
+
+    Tensors stored whole (most of a model's) are done in one vectorized assignment.
+    """
+    nbytes = np.zeros(count, dtype=np.int64)
+    whole_of = [whole_layout(n) for n in range(8)]
+    starts: list[int] = []
+    sizes: list[int] = []
+    prod = math.prod
+    for t in records:
+        shape = t.shape
+        if len(shape) < 8 and t.layout is whole_of[len(shape)]:
+            numel = prod(shape)
+            if numel:
+                starts.append(t.chunk_start)
+                sizes.append(numel * itemsize(t.dtype))
+        else:
+            _fill_raw_nbytes(t, nbytes)
+    if starts:
+        index = np.fromiter(starts, dtype=np.int64, count=len(starts))
+        values = np.fromiter(sizes, dtype=np.int64, count=len(sizes))
+        inside = (index >= 0) & (index < count)  # the others fail _check_chunk_ranges, by name
+        nbytes[index[inside]] = values[inside]
+    return nbytes
 
 
 def _fill_raw_nbytes(t: TensorRecord, nbytes: np.ndarray) -> None:
