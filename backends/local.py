@@ -181,6 +181,14 @@ class LocalStore(Store):
         for entry in entries:
             yield entry.name + "/" if entry.is_dir() else entry.name
 
+    def remove_empty_dirs(self, prefix: str) -> None:
+        """Remove the directories under ``prefix`` (itself included) that hold no file:
+        directories are local-filesystem bookkeeping that object stores do not have."""
+        top = os.path.join(self.root, prefix)
+        for dirpath, _dirs, _files in sorted(os.walk(top), key=lambda w: -len(w[0])):
+            with contextlib.suppress(OSError):
+                os.rmdir(dirpath)
+
     def list_details(self, prefix: str = "") -> Iterator[ObjectInfo]:
         for key in self.list(prefix):
             try:

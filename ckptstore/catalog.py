@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 from dataclasses import dataclass
 
@@ -81,11 +79,8 @@ def delete_checkpoint(root: str | Store, step: int) -> None:
     store.delete(prefix + MANIFEST_KEY)
     for key in list(store.list(prefix)):
         store.delete(key)
-    if isinstance(store, LocalStore):  # directories are local-filesystem bookkeeping
-        top = os.path.join(store.root, step_dir(step))
-        for dirpath, _dirs, _files in sorted(os.walk(top), key=lambda w: -len(w[0])):
-            with contextlib.suppress(OSError):
-                os.rmdir(dirpath)
+    if isinstance(store, LocalStore):
+        store.remove_empty_dirs(step_dir(step))
 
 
 @dataclass(frozen=True)
@@ -118,7 +113,7 @@ def scan_tiers(remote_root: str | Store, local_root: str | Store | None) -> list
         r, lo = remote.get(step), local.get(step)
         recorded = None
         if lo is not None and local_store is not None:
-            recorded = read_tier_state(_child(local_store, step))
+            recorded = read_tier_state(step_store(local_store, step))
         if r is not None and r.state == "committed":
             remote_state = "replicated"
         elif recorded is not None and recorded.state in ("replicating", "failed"):
@@ -142,5 +137,7 @@ def scan_tiers(remote_root: str | Store, local_root: str | Store | None) -> list
     return out
 
 
-def _child(store: Store, step: int) -> Store:
-    return open_store(join(store.url, step_dir(step)))
+def step_store(root: str | Store, step: int) -> Store:
+    """The Store of checkpoint ``step`` under a local root (a path or a local Store)."""
+    base = root.url if isinstance(root, Store) else root
+    return open_store(join(base, step_dir(step)))

@@ -162,12 +162,16 @@ class Checkpoint:
 
 
 def open_checkpoint(
-    path: str | os.PathLike[str] | Store, *, storage_options: dict[str, Any] | None = None
+    path: str | os.PathLike[str] | Store | Checkpoint,
+    *,
+    storage_options: dict[str, Any] | None = None,
 ) -> Checkpoint:
-    """Open the committed checkpoint at ``path`` read-only.
+    """Open the committed checkpoint at ``path`` read-only (an open one is returned as is).
 
     Raises:
         CheckpointNotFoundError / IncompleteCheckpointError / ManifestError.
     """
+    if isinstance(path, Checkpoint):
+        return path
     store = store_for(path, storage_options)
     return Checkpoint(store, read_manifest(store))

@@ -8,8 +8,13 @@ ones a save would have recorded for the same bytes.
 from __future__ import annotations
 
 import crc32c as _crc32c
+import numpy as np
 
 from ckptstore.backends.base import StoreWriter
+from ckptstore.manifest import ChunkTable
+
+ChunkRow = tuple[int, int, int, list[int]]
+"""(file, offset, nbytes, block crcs) of one written chunk, as :meth:`ChunkWriter.end` gives it."""
 
 
 class ChunkWriter:
@@ -42,8 +47,19 @@ class ChunkWriter:
                 self.crcs.append(self.crc)
                 self.crc, self.in_block = 0, 0
 
-    def end(self) -> tuple[int, int, int, list[int]]:
+    def end(self) -> ChunkRow:
         """(file, offset, nbytes, block crcs) of the chunk just written."""
         if self.in_block or not self.crcs:
             self.crcs.append(self.crc)
         return self.file, self.start, self.offset - self.start, self.crcs
+
+
+def chunk_table(rows: list[ChunkRow], block: int) -> ChunkTable:
+    """The manifest's chunk table of ``rows``, in order."""
+    return ChunkTable(
+        np.array([r[0] for r in rows], dtype=np.int64),
+        np.array([r[1] for r in rows], dtype=np.int64),
+        np.array([r[2] for r in rows], dtype=np.int64),
+        np.array([c for r in rows for c in r[3]], dtype=np.uint32),
+        block,
+    )

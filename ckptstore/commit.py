@@ -15,6 +15,7 @@ from ckptstore.backends.tiered import TieredStore
 from ckptstore.coordinate import Coordinator
 from ckptstore.dtypes import dtype_name
 from ckptstore.errors import CheckpointExistsError, KeyExistsError, SaveError
+from ckptstore.locate import commit_manifest
 from ckptstore.manifest import (
     DATA_PREFIX,
     MANIFEST_KEY,
@@ -182,12 +183,9 @@ def _commit(
     try:
         manifest = _assemble(reports, plan, local, block, metadata)  # type: ignore[arg-type]
         data = manifest.to_json()
-        if overwrite:
-            store.write(MANIFEST_KEY, data)
-        else:
-            store.write_if_absent(MANIFEST_KEY, data)
-    except KeyExistsError:
-        return CheckpointExistsError(f"{store.url}: another save committed this checkpoint first")
+        commit_manifest(store, data, overwrite=overwrite)
+    except CheckpointExistsError as exc:
+        return exc
     except Exception as exc:
         return SaveError(f"{store.url}: commit failed: {type(exc).__name__}: {exc}")
     # Data files that the committed manifest does not name (killed or replaced saves) go.

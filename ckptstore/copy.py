@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckptstore.backends.base import ByteRange, Store
-from ckptstore.errors import CheckpointExistsError, ChecksumError, KeyExistsError
-from ckptstore.locate import read_manifest_bytes, store_for
+from ckptstore.errors import CheckpointExistsError, ChecksumError
+from ckptstore.locate import commit_manifest, read_manifest_bytes, store_for
 from ckptstore.manifest import MANIFEST_KEY, Manifest
 from ckptstore.verify import verify_checkpoint
 
@@ -75,13 +75,5 @@ def copy_checkpoint(
             f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); nothing was committed",
             bad=bad,
         )
-    try:
-        if overwrite:
-            target.write(MANIFEST_KEY, raw)
-        else:
-            target.write_if_absent(MANIFEST_KEY, raw)
-    except KeyExistsError:
-        raise CheckpointExistsError(
-            f"{target.url}: another writer committed a checkpoint first"
-        ) from None
+    commit_manifest(target, raw, overwrite=overwrite)
     return CopyInfo(source.url, target.url, len(manifest.files), sum(sizes))

@@ -18,6 +18,7 @@ import torch
 
 from ckptstore.backends.base import Store
 from ckptstore.checkpoint import Checkpoint, open_checkpoint
+from ckptstore.dtypes import dtype_from_name
 from ckptstore.manifest import TensorRecord
 from ckptstore.pieces import contiguous_pieces
 
@@ -49,7 +50,7 @@ class DiffReport:
         return all(e.status in ("equal", "close") for e in self.entries)
 
 
-def _same_geometry(ca: Checkpoint, ra: TensorRecord, cb: Checkpoint, rb: TensorRecord) -> bool:
+def _same_geometry(ra: TensorRecord, rb: TensorRecord) -> bool:
     if ra.codec != rb.codec or ra.chunk_count != rb.chunk_count:
         return False
     la, lb = ra.layout, rb.layout
@@ -72,10 +73,11 @@ def _crcs(ck: Checkpoint, rec: TensorRecord) -> tuple[np.ndarray, np.ndarray]:
 def _compare_values(
     ca: Checkpoint, cb: Checkpoint, name: str, rec: TensorRecord, atol: float, max_memory: int
 ) -> EntryDiff:
-    size = max(1, torch.empty((), dtype=_dtype(rec)).element_size())
+    dtype = dtype_from_name(rec.dtype)
+    size = dtype.itemsize
     max_abs = max_rel = 0.0
     mismatched = 0
-    floating = _dtype(rec).is_floating_point or _dtype(rec).is_complex
+    floating = dtype.is_floating_point or dtype.is_complex
     for index in contiguous_pieces(rec.shape, 2 * size, max_memory):
         x, y = ca.read(name, index), cb.read(name, index)
         bits_x = x.reshape(-1).view(torch.uint8).view(-1, size)
@@ -90,7 +92,7 @@ def _compare_values(
             continue
         xv = x.reshape(-1)[diff_mask]
         yv = y.reshape(-1)[diff_mask]
-        wide = torch.complex128 if floating and (x.is_complex()) else torch.float64
+        wide = torch.complex128 if x.is_complex() else torch.float64
         d = (xv.to(wide) - yv.to(wide)).abs()
         both_nan = xv.to(wide).isnan() & yv.to(wide).isnan() if floating else None
         if both_nan is not None:
@@ -105,12 +107,6 @@ def _compare_values(
         return EntryDiff(name, "equal", "values", 0.0, 0.0, 0)
     status = "close" if max_abs <= atol else "differs"
     return EntryDiff(name, status, "values", max_abs, max_rel, mismatched)
-
-
-def _dtype(rec: TensorRecord) -> torch.dtype:
-    from ckptstore.dtypes import dtype_from_name
-
-    return dtype_from_name(rec.dtype)
 
 
 def diff_checkpoints(
@@ -145,7 +141,7 @@ def diff_checkpoints(
         if ra.shape != rb.shape:
             report.entries.append(EntryDiff(name, "shape", f"{list(ra.shape)} vs {list(rb.shape)}"))
             continue
-        if _same_geometry(ca, ra, cb, rb):
+        if _same_geometry(ra, rb):
             na, crc_a = _crcs(ca, ra)
             nb, crc_b = _crcs(cb, rb)
             if np.array_equal(na, nb) and np.array_equal(crc_a, crc_b):

@@ -87,7 +87,7 @@ def stream_tensor(
 
 
 def export_checkpoint(
-    path: str | os.PathLike[str] | Store,
+    path: str | os.PathLike[str] | Store | Checkpoint,
     out: str | os.PathLike[str],
     *,
     format: str,

@@ -10,7 +10,6 @@ young unless ``older_than`` is 0.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import time
@@ -114,17 +113,11 @@ def delete_garbage(
         freed += item.bytes
     from ckptstore.backends.local import LocalStore
 
-    if isinstance(store, LocalStore):  # empty directories are local-filesystem bookkeeping
+    if isinstance(store, LocalStore):
         for item in items:
             if item.kind == "incomplete":
-                _remove_empty_dirs(os.path.join(store.root, item.where))
+                store.remove_empty_dirs(item.where)
     return freed
-
-
-def _remove_empty_dirs(top: str) -> None:
-    for dirpath, _dirs, _files in sorted(os.walk(top), key=lambda w: -len(w[0])):
-        with contextlib.suppress(OSError):
-            os.rmdir(dirpath)
 
 
 def parse_duration(text: str) -> float:

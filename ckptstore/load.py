@@ -159,7 +159,8 @@ def load(
     coord.agree(error)
     t_end = time.perf_counter()
     by_tier = None
-    if isinstance(store, TieredStore) and tier_bytes_before is not None:
+    if tier_bytes_before is not None:  # a tiered store
+        assert isinstance(store, TieredStore)
         by_tier = {k: v - tier_bytes_before.get(k, 0) for k, v in store.bytes_read.items()}
     return LoadInfo(
         path=store.url,

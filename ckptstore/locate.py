@@ -1,4 +1,5 @@
-"""Finding a checkpoint's committed manifest, or saying precisely why there is none."""
+"""A checkpoint's manifest on its store: committing it (the one atomic commit point), and
+finding it again, or saying precisely why there is none."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ from typing import Any
 
 from ckptstore.backends.base import Store
 from ckptstore.backends.registry import open_store
-from ckptstore.errors import CheckpointNotFoundError, IncompleteCheckpointError, KeyNotFoundError
+from ckptstore.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    IncompleteCheckpointError,
+    KeyExistsError,
+    KeyNotFoundError,
+)
 from ckptstore.manifest import DATA_PREFIX, MANIFEST_KEY, Manifest
 
 
@@ -15,6 +22,23 @@ def store_for(
     path: str | os.PathLike[str] | Store, storage_options: dict[str, Any] | None
 ) -> Store:
     return open_store(path, **(storage_options or {}))
+
+
+def commit_manifest(store: Store, data: bytes, *, overwrite: bool) -> None:
+    """Write the manifest last, atomically: create-if-absent, or replace with ``overwrite``.
+
+    Raises:
+        CheckpointExistsError: another writer committed a checkpoint here first.
+    """
+    try:
+        if overwrite:
+            store.write(MANIFEST_KEY, data)
+        else:
+            store.write_if_absent(MANIFEST_KEY, data)
+    except KeyExistsError:
+        raise CheckpointExistsError(
+            f"{store.url}: another writer committed a checkpoint first"
+        ) from None
 
 
 def read_manifest_bytes(store: Store) -> bytes:

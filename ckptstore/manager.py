@@ -288,9 +288,7 @@ class CheckpointManager:
         for step in local:
             if step in keep:
                 continue
-            record = read_tier_state(
-                open_store(catalog.join(self.local_dir, catalog.step_dir(step)))
-            )
+            record = read_tier_state(catalog.step_store(self.local_dir, step))
             if record is not None and record.state == REPLICATED:
                 with contextlib.suppress(OSError, CkptStoreError):
                     catalog.delete_checkpoint(self.local_dir, step)
@@ -336,7 +334,7 @@ class CheckpointManager:
         from ckptstore.locate import read_manifest
 
         assert self.local_dir is not None
-        store = open_store(catalog.join(self.local_dir, catalog.step_dir(step)))
+        store = catalog.step_store(self.local_dir, step)
         try:
             files = read_manifest(store).files
         except CkptStoreError:

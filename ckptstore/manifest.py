@@ -137,6 +137,15 @@ class Manifest:
     def stored_bytes(self) -> int:
         return int(self.chunks.nbytes.sum())
 
+    def blobs(self) -> list[tuple[str, BlobRef]]:
+        """Every pickled object's bytes, named ``name`` or ``name[rank r]`` (per-rank)."""
+        out = [(n, o.blob) for n, o in self.objects.items() if o.blob is not None]
+        for name, entries in self.per_rank.items():
+            for r, e in enumerate(entries):
+                if isinstance(e, ObjectRecord) and e.blob is not None:
+                    out.append((f"{name}[rank {r}]", e.blob))
+        return out
+
     # -- serialization ------------------------------------------------------------------
     def to_json(self) -> bytes:
         with gc_paused():

@@ -27,9 +27,9 @@ from ckptstore.errors import (
     CheckpointExistsError,
     ChecksumError,
     CkptStoreError,
-    KeyExistsError,
     ReplicationError,
 )
+from ckptstore.locate import commit_manifest
 from ckptstore.manifest import DATA_PREFIX, MANIFEST_KEY, Manifest
 from ckptstore.tier_state import FAILED, REPLICATED, REPLICATING, TierState, write_tier_state
 from ckptstore.write import writer_rank
@@ -54,11 +54,8 @@ def _file_checks(manifest: Manifest, file: int) -> list[tuple[int, int, list[int
     for c in np.flatnonzero(table.file == file).tolist():
         a, b = table.crc_range(c)
         checks.append((int(table.offset[c]), int(table.nbytes[c]), table.crc32c[a:b].tolist()))
-    blobs = [o.blob for o in manifest.objects.values()] + [
-        e.blob for es in manifest.per_rank.values() for e in es if hasattr(e, "blob")
-    ]
-    for blob in blobs:
-        if blob is not None and blob.file == file:
+    for _, blob in manifest.blobs():
+        if blob.file == file:
             checks.append((blob.offset, blob.nbytes, list(blob.crc32c)))
     return checks
 
@@ -168,11 +165,8 @@ def _commit_remote(
             "part of this job?"
         )
     try:
-        if overwrite:
-            remote.write(MANIFEST_KEY, manifest_bytes)
-        else:
-            remote.write_if_absent(MANIFEST_KEY, manifest_bytes)
-    except KeyExistsError:
+        commit_manifest(remote, manifest_bytes, overwrite=overwrite)
+    except CheckpointExistsError:
         try:
             if remote.read(MANIFEST_KEY) == manifest_bytes:
                 return None  # an earlier attempt committed this very checkpoint

@@ -20,20 +20,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from ckptstore import knobs
 from ckptstore.backends.base import ByteRange, Store
 from ckptstore.checkpoint import Checkpoint, open_checkpoint
-from ckptstore.chunk_writer import ChunkWriter
+from ckptstore.chunk_writer import ChunkRow, ChunkWriter, chunk_table
 from ckptstore.dtypes import dtype_from_name
-from ckptstore.errors import CheckpointExistsError, ConversionError, KeyExistsError
-from ckptstore.locate import store_for
+from ckptstore.errors import CheckpointExistsError, ConversionError
+from ckptstore.locate import commit_manifest, store_for
 from ckptstore.manifest import (
     DATA_PREFIX,
     MANIFEST_KEY,
     BlobRef,
-    ChunkTable,
     Manifest,
     ObjectRecord,
     TensorRecord,
@@ -95,7 +92,7 @@ class ReshardInfo:
 
 
 def reshard_checkpoint(
-    src: str | os.PathLike[str] | Store,
+    src: str | os.PathLike[str] | Store | Checkpoint,
     dst: str | os.PathLike[str] | Store,
     *,
     world_size: int,
@@ -120,7 +117,7 @@ def reshard_checkpoint(
     tag = uuid.uuid4().hex[:10]
     files = [f"{DATA_PREFIX}{r:05d}-{tag}-0.bin" for r in range(world_size)]
     files.append(f"{DATA_PREFIX}replicated-{tag}.bin")
-    rows: dict[tuple[str, int], tuple[int, int, int, list[int]]] = {}
+    rows: dict[tuple[str, int], ChunkRow] = {}
     written = 0
 
     def copy_box(out: ChunkWriter, name: str, rec: TensorRecord, offs, shape) -> None:
@@ -184,13 +181,7 @@ def reshard_checkpoint(
         raise
 
     manifest = _assemble(m, plan, world_size, files, rows, blobs, block, dropped, ckpt.url)
-    try:
-        if overwrite:
-            target.write(MANIFEST_KEY, manifest.to_json())
-        else:
-            target.write_if_absent(MANIFEST_KEY, manifest.to_json())
-    except KeyExistsError:
-        raise CheckpointExistsError(f"{target.url}: another writer committed first") from None
+    commit_manifest(target, manifest.to_json(), overwrite=overwrite)
     sharded = sum(1 for d in plan.values() if d != REPLICATE)
     return ReshardInfo(ckpt.url, target.url, world_size, sharded, len(plan) - sharded, written,
                        dropped)  # fmt: skip
@@ -203,19 +194,13 @@ def _copy_rank_tensor(ckpt: Checkpoint, out: ChunkWriter, name: str, rank: int, 
 
 
 def _assemble(m, plan, world, files, rows, blobs, block, dropped, source) -> Manifest:
-    col_file, col_off, col_n, col_crc = [], [], [], []
-
-    def add(row: tuple[int, int, int, list[int]]) -> None:
-        f, off, n, crcs = row
-        col_file.append(f)
-        col_off.append(off)
-        col_n.append(n)
-        col_crc.extend(crcs)
+    order: list[ChunkRow] = []  # the chunk table, in manifest order
+    add = order.append
 
     tensors: dict[str, TensorRecord] = {}
     for name, rec in m.tensors.items():
         dim = plan[name]
-        start = len(col_file)
+        start = len(order)
         if 0 in rec.shape:
             layout = whole_layout(len(rec.shape))
         elif dim == REPLICATE:
@@ -238,7 +223,7 @@ def _assemble(m, plan, world, files, rows, blobs, block, dropped, source) -> Man
             new = []
             for r, e in enumerate(entries):
                 if isinstance(e, TensorRecord):
-                    new.append(TensorRecord(e.dtype, e.shape, len(col_file),
+                    new.append(TensorRecord(e.dtype, e.shape, len(order),
                                             whole_layout(len(e.shape)), None))  # fmt: skip
                     add(rows[(name, -2 - r)])
                 elif e.blob is not None:
@@ -246,10 +231,7 @@ def _assemble(m, plan, world, files, rows, blobs, block, dropped, source) -> Man
                 else:
                     new.append(ObjectRecord(e.value))
             per_rank[name] = new
-    table = ChunkTable(
-        np.array(col_file, dtype=np.int64), np.array(col_off, dtype=np.int64),
-        np.array(col_n, dtype=np.int64), np.array(col_crc, dtype=np.uint32), block,
-    )  # fmt: skip
+    table = chunk_table(order, block)
     metadata = dict(m.metadata)
     metadata["resharded_from"] = {"path": source, "world_size": m.world_size}
     return Manifest(world, files, table, tensors, objects, per_rank, metadata=metadata)

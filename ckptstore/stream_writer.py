@@ -14,26 +14,23 @@ import pickle
 import uuid
 from typing import Any
 
-import numpy as np
 import torch
 
 from ckptstore import knobs
 from ckptstore.backends.base import Store, StoreWriter
-from ckptstore.chunk_writer import ChunkWriter
+from ckptstore.chunk_writer import ChunkRow, ChunkWriter, chunk_table
 from ckptstore.dtypes import dtype_name
 from ckptstore.errors import (
     CheckpointExistsError,
-    KeyExistsError,
     PickleNotAllowedError,
     StateDictError,
 )
 from ckptstore.leaves import is_plain
-from ckptstore.locate import store_for
+from ckptstore.locate import commit_manifest, store_for
 from ckptstore.manifest import (
     DATA_PREFIX,
     MANIFEST_KEY,
     BlobRef,
-    ChunkTable,
     Manifest,
     ObjectRecord,
     TensorRecord,
@@ -68,7 +65,7 @@ class StreamingWriter:
         self.key = f"{DATA_PREFIX}00000-{uuid.uuid4().hex[:10]}-0.bin"
         self._writer: StoreWriter = self.store.open_writer(self.key)
         self._chunks = ChunkWriter(self._writer, 0, self.block)
-        self._rows: list[tuple[int, int, int, list[int]]] = []
+        self._rows: list[ChunkRow] = []
         self.tensors: dict[str, TensorRecord] = {}
         self.objects: dict[str, ObjectRecord] = {}
         self.bytes = 0
@@ -136,26 +133,14 @@ class StreamingWriter:
     def commit(self) -> Manifest:
         """Make the data durable, then commit the manifest (create-if-absent)."""
         self._writer.commit()
-        rows = self._rows
-        table = ChunkTable(
-            np.array([r[0] for r in rows], dtype=np.int64),
-            np.array([r[1] for r in rows], dtype=np.int64),
-            np.array([r[2] for r in rows], dtype=np.int64),
-            np.array([c for r in rows for c in r[3]], dtype=np.uint32),
-            self.block,
-        )
+        table = chunk_table(self._rows, self.block)
         manifest = Manifest(1, [self.key], table, self.tensors, self.objects, {},
                             metadata=self.metadata)  # fmt: skip
         try:
-            if self.overwrite:
-                self.store.write(MANIFEST_KEY, manifest.to_json())
-            else:
-                self.store.write_if_absent(MANIFEST_KEY, manifest.to_json())
-        except KeyExistsError:
+            commit_manifest(self.store, manifest.to_json(), overwrite=self.overwrite)
+        except CheckpointExistsError:
             self.store.delete(self.key)
-            raise CheckpointExistsError(
-                f"{self.store.url}: another writer committed a checkpoint first"
-            ) from None
+            raise
         for key in list(self.store.list(DATA_PREFIX)):  # an overwritten checkpoint's data
             if key != self.key:
                 self.store.delete(key)

@@ -81,22 +81,9 @@ def verify_checkpoint(
                 table.crc32c[a:b],
             )
         )
-    objects = list(manifest.objects.items()) + [
-        (f"{n}[rank {r}]", e) for n, es in manifest.per_rank.items() for r, e in enumerate(es)
-    ]
-    for name, obj in objects:
-        blob = getattr(obj, "blob", None)
-        if blob is not None:
-            work.append(
-                (
-                    name,
-                    -1,
-                    blob.file,
-                    blob.offset,
-                    blob.nbytes,
-                    np.array(blob.crc32c, dtype=np.uint32),
-                )
-            )
+    for name, blob in manifest.blobs():
+        crcs = np.array(blob.crc32c, dtype=np.uint32)
+        work.append((name, -1, blob.file, blob.offset, blob.nbytes, crcs))
 
     def check(item: tuple[str, int, int, int, int, np.ndarray]) -> list[BadChunk]:
         entry, chunk, file, offset, nbytes, crcs = item

@@ -242,13 +242,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def _recorded_replication(root: str, steps: list[int]) -> dict[int, str]:
     """For a local tier: each step's replication state as recorded next to its manifest."""
-    from ckptstore.backends.registry import open_store
-    from ckptstore.catalog import join, step_dir
+    from ckptstore.catalog import step_store
     from ckptstore.tier_state import read_tier_state
 
     out = {}
     for step in steps:
-        record = read_tier_state(open_store(join(root, step_dir(step))))
+        record = read_tier_state(step_store(root, step))
         if record is not None:
             out[step] = record.state
     return out
@@ -305,10 +304,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ckptstore.cli.progress import Progress
     from ckptstore.export import export_checkpoint
 
-    total = open_checkpoint(args.path).manifest.total_tensor_bytes()
-    progress = Progress("export", total, enabled=not args.json)
+    ck = open_checkpoint(args.path)  # once: the export reads this same manifest
+    progress = Progress("export", ck.manifest.total_tensor_bytes(), enabled=not args.json)
     info = export_checkpoint(
-        args.path, args.out, format=args.format, tensors=args.tensors, dtype=args.dtype,
+        ck, args.out, format=args.format, tensors=args.tensors, dtype=args.dtype,
         max_shard_bytes=parse_size(args.max_shard_size), max_memory=parse_size(args.max_memory),
         progress=progress,
     )  # fmt: skip
@@ -379,10 +378,10 @@ def cmd_reshard(args: argparse.Namespace) -> int:
     from ckptstore.cli.progress import Progress
     from ckptstore.reshard import reshard_checkpoint
 
-    total = open_checkpoint(args.src).manifest.total_tensor_bytes()
-    progress = Progress("reshard", total, enabled=not args.json)
+    ck = open_checkpoint(args.src)  # once: the reshard reads this same manifest
+    progress = Progress("reshard", ck.manifest.total_tensor_bytes(), enabled=not args.json)
     info = reshard_checkpoint(
-        args.src, args.dst, world_size=args.world_size, placements=args.placement,
+        ck, args.dst, world_size=args.world_size, placements=args.placement,
         max_memory=parse_size(args.max_memory), overwrite=args.overwrite, progress=progress,
     )  # fmt: skip
     progress.close()
