@@ -7,9 +7,14 @@ import ckptstore as cs
 from tests.dist_cases import build_state, check_state
 
 
+def node_dir(nodes_root: str, rank: int, per_node: int) -> str:
+    """The local directory of the simulated node that ``rank`` runs on."""
+    return f"{nodes_root}/node{rank // per_node}"
+
+
 def tiered_path(nodes_root: str, remote: str, opts: dict, rank: int, per_node: int) -> cs.Tiered:
     return cs.Tiered(
-        local=f"{nodes_root}/node{rank // per_node}/step1", remote=remote, remote_options=opts
+        local=f"{node_dir(nodes_root, rank, per_node)}/step1", remote=remote, remote_options=opts
     )
 
 
@@ -38,7 +43,7 @@ def manager_run(
     """Train-like loop: save every step through the tiered manager, then list the tiers."""
     import torch
 
-    local_dir = f"{nodes_root}/node{rank // per_node}"
+    local_dir = node_dir(nodes_root, rank, per_node)
     state = {"w": torch.zeros(64, 64), "step": 0}
     with cs.CheckpointManager(
         remote, local_dir=local_dir, keep=2, keep_local=1, storage_options=opts
@@ -62,7 +67,7 @@ def manager_restore(
 ) -> dict:
     import torch
 
-    local_dir = f"{nodes_root}/node{rank // per_node}"
+    local_dir = node_dir(nodes_root, rank, per_node)
     state = {"w": torch.zeros(64, 64), "step": 0}
     with cs.CheckpointManager(remote, local_dir=local_dir, storage_options=opts) as mgr:
         step = mgr.restore(state)
