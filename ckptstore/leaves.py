@@ -169,7 +169,19 @@ def flatten(state_dict: Any) -> dict[str, Leaf]:
         per_rank = isinstance(value, PerRank)
         inner = value.value if per_rank else value
         if isinstance(inner, dict) and not per_rank:
+            dot = f"{prefix}." if prefix else ""
             for k, child in inner.items():
+                if type(child) is torch.Tensor and type(k) is str and (k or prefix):  # most leaves
+                    name = dot + k
+                    if name in leaves:
+                        raise StateDictError(
+                            f"two entries of the state_dict flatten to the same name {name!r}"
+                        )
+                    shape = tuple(child.shape)
+                    leaves[name] = Leaf(
+                        name, "tensor", child, shape, ((0,) * len(shape), shape), inner, k
+                    )
+                    continue
                 if not isinstance(k, (str, int)) or isinstance(k, bool):
                     raise StateDictError(f"{prefix or '<root>'}: key {k!r} is not a str or int")
                 visit(f"{prefix}.{k}" if prefix else str(k), child, inner, k)

@@ -12,6 +12,7 @@ import os
 import pickle
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ from ckptstore.manifest import Manifest, ObjectRecord, TensorRecord
 from ckptstore.read import ChunkReader, Target
 
 PER_RANK_POLICIES = ("error", "keep", "wrap")
+_NEW_TARGET = partial(tuple.__new__, Target)  # a C-level constructor: one per tensor
 
 
 @dataclass
@@ -194,15 +196,16 @@ def _match(
     resized = manifest.world_size != coord.world_size
     resized_keys: list[str] = []
     tensors = manifest.tensors
+    dtype_names, new_target, add_target = DTYPE_TO_NAME, _NEW_TARGET, targets.append
     for name, leaf in leaves.items():
         kind = leaf.kind
         rec = tensors.get(name)
         if rec is not None and (kind == "tensor" or kind == "rank_tensor"):  # the common case
-            local = leaf.local
-            if leaf.global_shape != rec.shape or DTYPE_TO_NAME.get(local.dtype) != rec.dtype:
+            local = leaf.value  # == leaf.local, without the property call
+            if leaf.global_shape != rec.shape or dtype_names.get(local.dtype) != rec.dtype:
                 _check_tensor(leaf, rec, problems)
             else:
-                targets.append(Target(name, rec, leaf.box, local))
+                add_target(new_target((name, rec, leaf.box, local)))
             continue
         is_tensor = kind in ("tensor", "rank_tensor")
         if rec is not None:
@@ -248,9 +251,11 @@ def _match(
         elif strict:
             problems.append(f"{name}: missing from the checkpoint")
     if strict:
-        for name in [*manifest.tensors, *manifest.objects, *manifest.per_rank]:
-            if name not in leaves:
-                problems.append(f"{name}: in the checkpoint but not in the state_dict")
+        saved = [*manifest.tensors, *manifest.objects, *manifest.per_rank]
+        if len(leaves) != len(saved) or not leaves.keys() >= set(saved):
+            for name in saved:
+                if name not in leaves:
+                    problems.append(f"{name}: in the checkpoint but not in the state_dict")
     if problems:
         raise LoadMismatchError(
             f"{len(problems)} problem(s) matching the state_dict to the checkpoint:\n  "

@@ -14,7 +14,8 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
+from itertools import chain, repeat
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -200,7 +201,10 @@ class Manifest:
             return _manifest_from_doc(doc, where)
         except ManifestError:
             raise
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError, binascii.Error) as exc:
+        except (
+            KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError,
+            binascii.Error,
+        ) as exc:  # fmt: skip
             raise ManifestError(
                 f"{where}: malformed manifest: {type(exc).__name__}: {exc}"
             ) from exc
@@ -226,14 +230,15 @@ def _manifest_from_doc(doc: Any, where: str) -> Manifest:
     file_col = _unpack(c["file"], "<u4").astype(np.int64)
     offset_col = _unpack(c["offset"], "<u8").astype(np.int64)
     crcs = _unpack(c["crc32c"], "<u4")
-    tensors = _tensor_table_from_json(doc["tensors"])
+    table_cols = _tensor_table_from_json(doc["tensors"])
+    tensors = table_cols.records
     per_rank = {str(k): [_entry_from_json(e) for e in v] for k, v in doc["per_rank"].items()}
-    records = list(tensors.values())
-    records += [e for es in per_rank.values() for e in es if isinstance(e, TensorRecord)]
+    others = list(table_cols.special)  # records whose chunks are not one whole chunk each
+    others += [e for es in per_rank.values() for e in es if isinstance(e, TensorRecord)]
     if "nbytes" in c:
         nbytes = _unpack(c["nbytes"], "<u8").astype(np.int64)
     else:
-        nbytes = _raw_nbytes(records, count)
+        nbytes = _raw_nbytes(table_cols, others, count)
     for name, col in (("file", file_col), ("offset", offset_col), ("nbytes", nbytes)):
         if len(col) != count:
             raise ManifestError(f"{where}: chunks.{name} has {len(col)} entries, expected {count}")
@@ -244,7 +249,7 @@ def _manifest_from_doc(doc: Any, where: str) -> Manifest:
         raise ManifestError(
             f"{where}: chunks.crc32c has {len(crcs)} checksums, expected {int(table.crc_first[-1])}"
         )
-    _check_chunk_ranges(tensors, per_rank, count, where)
+    _check_chunk_ranges(tensors, per_rank, table_cols, count, where)
     return Manifest(
         world_size=int(doc["world_size"]),
         files=files,
@@ -259,56 +264,37 @@ def _manifest_from_doc(doc: Any, where: str) -> Manifest:
 
 
 def _check_chunk_ranges(
-    tensors: dict[str, TensorRecord], per_rank: dict[str, list[Entry]], count: int, where: str
+    tensors: dict[str, TensorRecord],
+    per_rank: dict[str, list[Entry]],
+    cols: _TensorColumns,
+    count: int,
+    where: str,
 ) -> None:
-    """Every tensor's chunks lie inside the chunk table (vectorized: one check per manifest)."""
-    all_records = list(tensors.items()) + [
-        (n, e) for n, es in per_rank.items() for e in es if isinstance(e, TensorRecord)
-    ]
-    if not all_records:
-        return
-    whole_of = [whole_layout(n) for n in range(8)]
-    starts = np.fromiter((t.chunk_start for _, t in all_records), np.int64, len(all_records))
-    counts = np.fromiter(
-        (
-            (0 if 0 in t.shape else 1)
-            if len(t.shape) < 8 and t.layout is whole_of[len(t.shape)]
-            else t.chunk_count
-            for _, t in all_records
-        ),
-        np.int64,
-        len(all_records),
-    )
-    bad = np.flatnonzero((starts < 0) | (starts + counts > count))
-    if len(bad):
-        name = all_records[int(bad[0])][0]
-        raise ManifestError(f"{where}: tensor {name!r} refers to chunks outside the table")
+    """Every tensor's chunks lie inside the chunk table (vectorized for whole-chunk rows)."""
+    whole_count = (cols.whole_nbytes > 0).astype(np.int64)  # a tensor without elements has none
+    bad = (cols.whole_start < 0) | (cols.whole_start + whole_count > count)
+    others = [(None, t) for t in cols.special]
+    others += [(n, e) for n, es in per_rank.items() for e in es if isinstance(e, TensorRecord)]
+    if bad.any() or any(
+        t.chunk_start < 0 or t.chunk_start + t.chunk_count > count for _, t in others
+    ):
+        for name, t in [*tensors.items(), *others]:
+            if t.chunk_start < 0 or t.chunk_start + t.chunk_count > count:
+                raise ManifestError(f"{where}: tensor {name!r} refers to chunks outside the table")
 
 
-def _raw_nbytes(records: list[TensorRecord], count: int) -> np.ndarray:
+def _raw_nbytes(cols: _TensorColumns, others: list[TensorRecord], count: int) -> np.ndarray:
     """Stored bytes per chunk of an uncompressed checkpoint (derived, not stored).
 
     Tensors stored whole (most of a model's) are done in one vectorized assignment.
     """
     nbytes = np.zeros(count, dtype=np.int64)
-    whole_of = [whole_layout(n) for n in range(8)]
-    starts: list[int] = []
-    sizes: list[int] = []
-    prod = math.prod
-    for t in records:
-        shape = t.shape
-        if len(shape) < 8 and t.layout is whole_of[len(shape)]:
-            numel = prod(shape)
-            if numel:
-                starts.append(t.chunk_start)
-                sizes.append(numel * itemsize(t.dtype))
-        else:
+    index, values = cols.whole_start, cols.whole_nbytes
+    keep = (values > 0) & (index >= 0) & (index < count)  # the others fail the range check
+    nbytes[index[keep]] = values[keep]
+    for t in others:
+        if t.chunk_start >= 0 and t.chunk_start + t.chunk_count <= count:
             _fill_raw_nbytes(t, nbytes)
-    if starts:
-        index = np.fromiter(starts, dtype=np.int64, count=len(starts))
-        values = np.fromiter(sizes, dtype=np.int64, count=len(sizes))
-        inside = (index >= 0) & (index < count)  # the others fail _check_chunk_ranges, by name
-        nbytes[index[inside]] = values[inside]
     return nbytes
 
 
@@ -356,34 +342,90 @@ def _tensor_table_to_json(tensors: dict[str, TensorRecord]) -> dict[str, Any]:
     }
 
 
-def _tensor_table_from_json(doc: dict[str, Any]) -> dict[str, TensorRecord]:
+class _TensorColumns(NamedTuple):
+    """The parsed tensor table: records by name, plus per-row columns of the rows stored as
+    one whole chunk (most of a model's tensors), for vectorized checks and chunk sizes."""
+
+    records: dict[str, TensorRecord]
+    whole_start: np.ndarray  # chunk index of each whole-chunk row
+    whole_nbytes: np.ndarray  # its raw byte size (0 for a tensor without elements)
+    special: list[TensorRecord]  # the other rows (grids, boxes, codecs)
+
+
+def _tensor_table_from_json(doc: dict[str, Any]) -> _TensorColumns:
+    """Parse the column form of the tensor table with C-level passes over the columns, not a
+    Python loop per tensor: a manifest may hold tens of thousands of tensors."""
     names, dtypes, shapes, starts = doc["names"], doc["dtypes"], doc["shapes"], doc["chunk_starts"]
-    special = doc["layouts"]
-    if not len(names) == len(dtypes) == len(shapes) == len(starts):
+    special_doc = doc["layouts"]
+    n = len(names)
+    if not len(dtypes) == len(shapes) == len(starts) == n:
         raise ManifestError("tensor table columns have different lengths")
+    if not set(map(type, names)) <= {str}:
+        raise ManifestError("tensor names must be strings")
     unknown = set(dtypes) - NAME_TO_DTYPE.keys()
     if unknown:
         raise ManifestError(f"unknown dtype(s) {sorted(map(str, unknown))}")
-    if len(set(names)) != len(names):
+    if not all(map(list.__instancecheck__, shapes)):
+        _raise_bad_row(names, shapes, starts)
+    dims = list(chain.from_iterable(shapes))
+    if not set(map(type, dims)) <= {int} or not set(map(type, starts)) <= {int}:
+        _raise_bad_row(names, shapes, starts)
+    if dims and min(dims) < 0:
+        _raise_bad_row(names, shapes, starts)
+    shape_tuples = list(map(tuple, shapes))
+    ndims = np.fromiter(map(len, shape_tuples), np.int64, n)
+    whole_of = [whole_layout(d) for d in range(int(ndims.max(initial=0)) + 1)]
+    records = list(
+        map(
+            _NEW_RECORD,
+            zip(dtypes, shape_tuples, starts, map(whole_of.__getitem__, ndims.tolist()),
+                repeat(None)),
+        )
+    )  # fmt: skip
+    is_whole = np.ones(n, dtype=bool)
+    special: list[TensorRecord] = []
+    for key, extra in (special_doc or {}).items():
+        i = int(key)
+        if not 0 <= i < n:
+            raise ManifestError(f"tensor table: layouts refers to row {key!r} of {n}")
+        records[i] = _tensor_from_json(
+            {"dtype": dtypes[i], "shape": shapes[i], "chunk_start": starts[i], **extra}
+        )
+        if records[i].layout is not whole_of[len(shapes[i])] or records[i].codec:
+            is_whole[i] = False
+            special.append(records[i])
+    out = dict(zip(names, records, strict=True))
+    if len(out) != n:
         raise ManifestError("duplicate tensor names")
-    out: dict[str, TensorRecord] = {}
-    for i, (name, dtype, shape, start) in enumerate(
-        zip(names, dtypes, shapes, starts, strict=True)
-    ):
-        extra = special.get(str(i)) if special else None
-        if extra is not None:
-            out[name] = _tensor_from_json(
-                {"dtype": dtype, "shape": shape, "chunk_start": start, **extra}
-            )
-            continue
-        shape = tuple(shape)
-        # sum() is a cheap check that every dimension is an int (a float or str would show)
-        if type(sum(shape, 0)) is not int or (shape and min(shape) < 0) or type(start) is not int:
+    numel = _row_numel(np.array(dims, dtype=np.int64), ndims)
+    sizes = np.fromiter(map(_ITEMSIZE.__getitem__, dtypes), np.int64, n)
+    start_col = np.array(starts, dtype=np.int64).reshape(n)
+    return _TensorColumns(out, start_col[is_whole], (numel * sizes)[is_whole], special)
+
+
+_NEW_RECORD = partial(tuple.__new__, TensorRecord)  # C-level, unlike TensorRecord._make
+_ITEMSIZE = {name: dtype.itemsize for name, dtype in NAME_TO_DTYPE.items()}
+
+
+def _row_numel(dims: np.ndarray, ndims: np.ndarray) -> np.ndarray:
+    """Elements per row from the rows' dimensions laid end to end (``ndims[i]`` each)."""
+    numel = np.ones(len(ndims), dtype=np.int64)
+    has_dims = ndims > 0
+    if len(dims):
+        first = np.cumsum(ndims) - ndims
+        numel[has_dims] = np.multiply.reduceat(dims, first[has_dims])
+    return numel
+
+
+def _raise_bad_row(names: list[Any], shapes: list[Any], starts: list[Any]) -> None:
+    """Name the first row whose shape or chunk_start is malformed (the error path only)."""
+    for name, shape, start in zip(names, shapes, starts, strict=True):
+        ok = isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+        if not ok or type(start) is not int:
             raise ManifestError(
-                f"tensor {name!r}: malformed shape {list(shape)} or chunk_start {start!r}"
+                f"tensor {name!r}: malformed shape {shape!r} or chunk_start {start!r}"
             )
-        out[name] = TensorRecord(dtype, shape, start, whole_layout(len(shape)), None)
-    return out
+    raise ManifestError("tensor table: malformed shapes or chunk_starts")
 
 
 def _tensor_to_json(t: TensorRecord) -> dict[str, Any]:

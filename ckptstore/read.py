@@ -61,9 +61,19 @@ class _Piece:
     crc0: int = 0
 
 
-_Simple = tuple[int, int, int, int, int, str, int]
-"""A whole one-block raw chunk copied into contiguous host memory: the fast path for the tens
-of thousands of small tensors of a large model (file, start, end, crc32c, dest_ptr, name, chunk)."""
+class _SimpleRuns(NamedTuple):
+    """Whole one-block raw chunks copied into contiguous host memory: the fast path for the
+    tens of thousands of small tensors of a large model. Parallel lists, one entry per chunk
+    (file byte range, crc32c, destination address, index into ``names``/``chunks``)."""
+
+    start: list[int]
+    end: list[int]
+    crc: list[int]
+    dest_ptr: list[int]
+    item: list[int]
+
+
+_NO_SIMPLE = _SimpleRuns([], [], [], [], [])
 
 
 @dataclass
@@ -72,7 +82,16 @@ class _Group:
     start: int
     end: int
     pieces: list[_Piece] = field(default_factory=list)
-    simple: list[_Simple] = field(default_factory=list)
+    simple: _SimpleRuns = _NO_SIMPLE
+
+
+@dataclass
+class ReadPlan:
+    """The byte-range requests of one fill, plus the names behind the fast-path chunks."""
+
+    groups: list[_Group]
+    simple_names: list[str]
+    simple_chunks: list[int]
 
 
 def _c_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -108,60 +127,112 @@ def _split(overlap: Box, strides: tuple[int, ...], size: int, window: int) -> li
     return [overlap]
 
 
-def _span_order(span: tuple) -> tuple[int, int]:
-    return span[0], span[1]
-
-
 def _slices(box: Box, origin: tuple[int, ...]) -> tuple[slice, ...]:
     """``box`` as slices of a tensor whose element 0 sits at ``origin``."""
     return tuple(slice(a - o, a - o + n) for a, o, n in zip(box[0], origin, box[1], strict=True))
 
 
-def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int) -> list[_Group]:
-    """Byte-range requests for ``targets``, grouped and coalesced per file."""
+def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int) -> ReadPlan:
+    """Byte-range requests for ``targets``, grouped and coalesced per file.
+
+    Whole one-block tensors (the many small tensors of a model) are looked up, sorted and
+    grouped with array operations; everything else becomes a :class:`_Piece`.
+    """
     table = manifest.chunks
-    block = table.block_bytes
-    if len(table) <= 16 * len(targets) + 4096:  # most of the table: Python lists are faster
-        files, offsets, sizes, crc_first, crcs = table.columns
-    else:  # a few chunks of a huge table (one rank of many): index the arrays directly
-        files, offsets, sizes = table.file, table.offset, table.nbytes
-        crc_first, crcs = table.crc_first, table.crc32c
-    pieces: list[_Piece] = []
-    simple: list[_Simple] = []
     whole_of = [whole_layout(n) for n in range(8)]
-    for t in targets:
-        name, rec, box, dest = t
+    fast: list[int] = []  # indexes into targets of candidates for the fast path
+    chunks: list[int] = []
+    ptrs: list[int] = []
+    others: list[Target] = []
+    for i, t in enumerate(targets):
+        rec, dest = t[1], t[3]
         shape = rec.shape
         if (
             rec.codec is None
-            and box[1] == shape
             and len(shape) < 8
             and rec.layout is whole_of[len(shape)]
-            and 0 < sizes[rec.chunk_start] <= window
+            and t[2][1] == shape
+            and dest.is_cpu
+            and dest.is_contiguous()
         ):
-            # Fast path: the whole tensor is one raw chunk (small and replicated tensors).
-            chunk = rec.chunk_start
-            base, nbytes, crc0 = int(offsets[chunk]), int(sizes[chunk]), int(crc_first[chunk])
-            ptr = dest.data_ptr() if dest.is_cpu and dest.is_contiguous() else 0
-            if ptr and nbytes <= block:
-                simple.append(
-                    (int(files[chunk]), base, base + nbytes, int(crcs[crc0]), ptr, name, chunk)
-                )
-                continue
-            pieces.append(
-                _Piece(name, chunk, int(files[chunk]), base, base + nbytes, 0, -(-nbytes // block),
-                       base, shape, _c_strides(shape), dest, dest.dtype, None, nbytes, 0, ptr,
-                       base, nbytes, crc0)
-            )  # fmt: skip
-            continue
+            fast.append(i)
+            chunks.append(rec.chunk_start)
+            ptrs.append(dest.data_ptr())
+        else:
+            others.append(t)
+    chunk_col = np.array(chunks, dtype=np.int64)
+    nbytes = table.nbytes[chunk_col]
+    simple = (nbytes > 0) & (nbytes <= table.block_bytes) & (np.array(ptrs, np.int64) != 0)
+    if not simple.all():  # empty tensors and multi-block chunks take the general path
+        others += [targets[fast[i]] for i in np.flatnonzero(~simple).tolist()]
+        keep = np.flatnonzero(simple).tolist()
+        fast, chunks, ptrs = (
+            [fast[i] for i in keep],
+            [chunks[i] for i in keep],
+            [ptrs[i] for i in keep],
+        )
+        chunk_col, nbytes = chunk_col[keep], nbytes[keep]
+    names = [targets[i][0] for i in fast]
+    pieces = _pieces(table, others, window)
+
+    # All spans (fast-path chunks first, then pieces) sorted by (file, start).
+    n_simple = len(chunks)
+    files = np.concatenate([table.file[chunk_col], np.array([p.file for p in pieces], np.int64)])
+    starts = np.concatenate(
+        [table.offset[chunk_col], np.array([p.start for p in pieces], np.int64)]
+    )
+    ends = np.concatenate([starts[:n_simple] + nbytes, np.array([p.end for p in pieces], np.int64)])
+    order = np.lexsort((starts, files))
+    files, starts, ends = files[order], starts[order], ends[order]
+    if not len(order):
+        return ReadPlan([], names, chunks)
+    # Shift each file to its own stretch of one number line, so that a running maximum of
+    # span ends never carries from one file into the next and a file change is a big gap.
+    stride = int(ends.max()) + gap + window + 1
+    base = files * stride
+    run_end = np.maximum.accumulate(ends + base) - base  # end of the bytes covered so far
+    breaks = np.flatnonzero((starts[1:] - run_end[:-1] > gap) | (files[1:] != files[:-1])) + 1
+    crc_col = table.crc32c[table.crc_first[chunk_col]] if n_simple else chunk_col
+    ptr_col = np.array(ptrs, dtype=np.int64)
+    run_key = run_end + base
+    groups: list[_Group] = []
+    for lo, hi in zip([0, *breaks.tolist()], [*breaks.tolist(), len(order)], strict=True):
+        while lo < hi:  # cut the run into requests of at most ``window`` bytes
+            g_start = int(starts[lo])
+            cut = int(np.searchsorted(run_key[lo:hi], g_start + int(base[lo]) + window, "right"))
+            end = lo + max(1, cut)
+            items = order[lo:end]
+            is_simple = items < n_simple
+            s_items = items[is_simple]
+            runs = _NO_SIMPLE
+            if len(s_items):
+                s_start = table.offset[chunk_col[s_items]]
+                runs = _SimpleRuns(
+                    s_start.tolist(), (s_start + nbytes[s_items]).tolist(),
+                    crc_col[s_items].tolist(), ptr_col[s_items].tolist(), s_items.tolist(),
+                )  # fmt: skip
+            group_pieces = [pieces[i - n_simple] for i in items[~is_simple].tolist()]
+            groups.append(
+                _Group(int(files[lo]), g_start, int(run_end[end - 1]), group_pieces, runs)
+            )
+            lo = end
+    return ReadPlan(groups, names, chunks)
+
+
+def _pieces(table: Any, targets: list[Target], window: int) -> list[_Piece]:
+    """The reads of targets off the fast path: regions of chunks, or compressed chunks."""
+    block = table.block_bytes
+    pieces: list[_Piece] = []
+    for t in targets:
+        rec = t.record
         size = itemsize(rec.dtype)
         dtype = dtype_from_name(rec.dtype)
         for index, cbox, obox in overlaps(rec.layout, rec.shape, t.box):
             chunk = rec.chunk_start + index
             c_off, c_shape = cbox
             strides = _c_strides(c_shape)
-            file, base, nbytes = int(files[chunk]), int(offsets[chunk]), int(sizes[chunk])
-            crc0 = int(crc_first[chunk])
+            file, base = int(table.file[chunk]), int(table.offset[chunk])
+            nbytes, crc0 = int(table.nbytes[chunk]), int(table.crc_first[chunk])
             if obox == cbox and not rec.codec and nbytes <= window:
                 # The common case (same sharding on save and load): the whole raw chunk.
                 dest = t.dest if t.box == cbox else t.dest[_slices(cbox, t.box[0])]
@@ -191,27 +262,7 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
                         rec.codec, math.prod(c_shape) * size, first, 0, base, nbytes, crc0,
                     )
                 )  # fmt: skip
-    spans = [(p.file, p.start, p.end, p) for p in pieces]
-    spans += [(q[0], q[1], q[2], q) for q in simple]
-    spans.sort(key=_span_order)
-    groups: list[_Group] = []
-    g_file, g_start, g_end = -1, 0, 0
-    g_simple: list[_Simple] = []
-    g_pieces: list[_Piece] = []
-    for file, start, end, item in spans:
-        if file != g_file or start - g_end > gap or max(g_end, end) - g_start > window:
-            if g_file >= 0:
-                groups.append(_Group(g_file, g_start, g_end, g_pieces, g_simple))
-            g_file, g_start, g_end, g_pieces, g_simple = file, start, end, [], []
-        elif end > g_end:
-            g_end = end
-        if type(item) is tuple:
-            g_simple.append(item)
-        else:
-            g_pieces.append(item)
-    if g_file >= 0:
-        groups.append(_Group(g_file, g_start, g_end, g_pieces, g_simple))
-    return groups
+    return pieces
 
 
 _WORDS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -257,22 +308,23 @@ class ChunkReader:
     def fill(
         self, targets: list[Target], window: int | None = None, gap: int | None = None
     ) -> None:
-        groups = plan_reads(
+        plan = plan_reads(
             self.manifest,
             targets,
             window or self.store.read_window_bytes or knobs.read_window_bytes(),
             knobs.coalesce_gap_bytes() if gap is None else gap,
         )
+        groups = plan.groups
         if not groups:
             return
         if self.threads <= 1 or len(groups) == 1:
             for g in groups:
-                self._run(g)
+                self._run(g, plan)
             return
         with ThreadPoolExecutor(
             min(self.threads, len(groups)), thread_name_prefix="ckptstore-read"
         ) as pool:
-            for f in [pool.submit(self._run, g) for g in groups]:
+            for f in [pool.submit(self._run, g, plan) for g in groups]:
                 f.result()
 
     def _mapped(self, file: int) -> np.ndarray | None:
@@ -282,7 +334,7 @@ class ChunkReader:
                 self._maps[file] = None if view is None else np.frombuffer(view, dtype=np.uint8)
             return self._maps[file]
 
-    def _run(self, group: _Group) -> None:
+    def _run(self, group: _Group, plan: ReadPlan) -> None:
         key = self.manifest.files[group.file]
         mapped = self._mapped(group.file)
         with self._lock:
@@ -296,40 +348,45 @@ class ChunkReader:
                         f"{self.where}: data file {key} has {len(mapped)} bytes, the manifest "
                         f"needs {group.end}: truncated?"
                     )
-                self._check_and_copy(group, mapped, 0)
+                self._check_and_copy(group, mapped, 0, plan)
                 if fallback is not None:
                     self.store.count_mapped(group.end - group.start)  # type: ignore[attr-defined]
                 return
-            self._read_and_copy(group, key, self.store.read_into)
+            self._read_and_copy(group, key, self.store.read_into, plan)
         except (ChecksumError, StoreError) as exc:
             if fallback is None:
                 raise
             # The fast tier's copy is bad or short: take these bytes from the shared tier.
             try:
-                self._read_and_copy(group, key, fallback)
+                self._read_and_copy(group, key, fallback, plan)
             except KeyNotFoundError:
                 raise exc from None
 
-    def _read_and_copy(self, group: _Group, key: str, read_into: Any) -> None:
+    def _read_and_copy(self, group: _Group, key: str, read_into: Any, plan: ReadPlan) -> None:
         buf = _POOL.acquire(group.end - group.start)
         try:
             view = buf[: group.end - group.start]
             read_into(key, group.start, memoryview(view))
-            self._check_and_copy(group, view, group.start)
+            self._check_and_copy(group, view, group.start, plan)
         finally:
             _POOL.release(buf)
 
-    def _check_and_copy(self, group: _Group, buf: np.ndarray, buf_start: int) -> None:
+    def _check_and_copy(
+        self, group: _Group, buf: np.ndarray, buf_start: int, plan: ReadPlan
+    ) -> None:
         """Verify every block the pieces touch, then copy; ``buf[0]`` is file byte ``buf_start``."""
         view = memoryview(buf)
-        address = buf.ctypes.data
+        address = buf.ctypes.data - buf_start
         check, move = crc32c, ctypes.memmove  # locals: this loop runs once per small tensor
-        for item in group.simple:
-            lo, hi = item[1] - buf_start, item[2] - buf_start
-            if check(view[lo:hi]) != item[3]:
-                found = check(view[lo:hi])
-                self._mismatch(item[5], item[6], group.file, item[1], item[2], item[3], found)
-            move(item[4], address + lo, hi - lo)
+        runs = group.simple
+        for lo, hi, crc, ptr in zip(runs.start, runs.end, runs.crc, runs.dest_ptr, strict=True):
+            if check(view[lo - buf_start : hi - buf_start]) != crc:
+                k = runs.item[runs.start.index(lo)]
+                found = check(view[lo - buf_start : hi - buf_start])
+                self._mismatch(
+                    plan.simple_names[k], plan.simple_chunks[k], group.file, lo, hi, crc, found
+                )
+            move(ptr, address + lo, hi - lo)
         checked: set[tuple[int, int]] = set()
         for p in group.pieces:
             if p.dest_ptr:
@@ -337,7 +394,7 @@ class ChunkReader:
                 # the copy reads each block while it is still in cache from its checksum.
                 for b in range(p.block_lo, p.block_hi):
                     lo, hi = self._verify_block(p, b, view, buf_start, group.file)
-                    move(p.dest_ptr + lo - p.chunk_base, address + lo - buf_start, hi - lo)
+                    move(p.dest_ptr + lo - p.chunk_base, address + lo, hi - lo)
                 continue
             for b in range(p.block_lo, p.block_hi):
                 if (p.chunk, b) not in checked:

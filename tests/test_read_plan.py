@@ -1,0 +1,126 @@
+"""The read plan: every needed byte is read once, requests respect the window, the fast
+path for small whole tensors and the general path mix correctly, and a bad checksum names
+the right tensor among many."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import ckptstore as cs
+from ckptstore.errors import ChecksumError, ManifestError
+from ckptstore.read import ChunkReader, Target, plan_reads
+
+BLOCK = 4096
+
+
+def _mixed_state() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    sd: dict[str, torch.Tensor] = {"pad": torch.randn(10 * 1024, generator=g)}  # 40 KiB
+    for i in range(120):  # small whole tensors of several dtypes and ranks
+        shape = [(), (7,), (3, 5), (2, 3, 4)][i % 4]
+        dtype = [torch.float32, torch.bfloat16, torch.int8, torch.float64][i % 3]
+        sd[f"s{i}"] = torch.randn(shape, generator=g).to(dtype)
+    sd["big"] = torch.randn(3 * BLOCK + 100, generator=g)  # one chunk of several blocks
+    sd["empty"] = torch.zeros(0, 3)
+    sd["matrix"] = torch.randn(64, 48, generator=g)  # read into a transposed destination
+    return sd
+
+
+def _destinations(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {k: torch.zeros_like(v) for k, v in sd.items()}
+    out["matrix"] = torch.zeros(48, 64).t()  # not contiguous: takes the general path
+    return out
+
+
+@pytest.mark.parametrize(
+    "window,gap",  # one request; a request cut before the multi-block chunk; cut into blocks
+    [(64 << 20, 256 << 10), (56 << 10, 0), (8 << 10, 0), (BLOCK, 0)],
+)
+@pytest.mark.parametrize("where", ["local", "memory"])  # mapped files; reads into a buffer
+def test_plan_reads_each_byte_once_within_the_window(tmp_path, where, window, gap) -> None:
+    sd = _mixed_state()
+    url = str(tmp_path / "c") if where == "local" else f"memory://plan-{window}-{gap}/c"
+    cs.save(sd, url, checksum_block_bytes=BLOCK)
+    ck = cs.open(url)
+    assert (ck.store.map(ck.manifest.files[0]) is None) == (where == "memory")
+    m = ck.manifest
+    out = _destinations(sd)
+    targets = [
+        Target(k, m.tensors[k], ((0,) * v.dim(), tuple(v.shape)), v) for k, v in out.items()
+    ]
+    plan = plan_reads(m, targets, window, gap)
+    spans = []
+    for g in plan.groups:
+        items = list(zip(g.simple.start, g.simple.end, strict=True))
+        items += [(p.start, p.end) for p in g.pieces]
+        assert items, "a request without anything to read"
+        for lo, hi in items:
+            assert g.start <= lo < hi <= g.end
+        if len(items) > 1:
+            assert g.end - g.start <= window
+        spans += [(g.file, lo, hi) for lo, hi in items]
+    if window == 56 << 10:  # the whole multi-block chunk starts a request of its own
+        assert any(p.name == "big" and p.dest_ptr and p.start == g.start and g.start > 0
+                   for g in plan.groups for p in g.pieces)  # fmt: skip
+    # every small tensor's chunk is read exactly once, by the fast path
+    assert sorted(plan.simple_names) == sorted(k for k in sd if k.startswith("s"))
+    assert len(spans) == len(set(spans))
+    ChunkReader(ck.store, m, ck.url).fill(targets, window=window, gap=gap)
+    for k, v in sd.items():
+        assert out[k].dtype == v.dtype and torch.equal(out[k], v), k
+
+
+def test_a_bad_checksum_names_the_right_tensor_among_many(tmp_path) -> None:
+    sd = {f"t{i}": torch.full((16,), float(i)) for i in range(300)}
+    cs.save(sd, tmp_path / "c")
+    m = cs.open(tmp_path / "c").manifest
+    victim = "t173"
+    chunk = m.tensors[victim].chunk_start
+    path = tmp_path / "c" / m.files[int(m.chunks.file[chunk])]
+    at = int(m.chunks.offset[chunk]) + 5
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= 0x10
+    path.write_bytes(bytes(raw))
+    out = {k: torch.zeros(16) for k in sd}
+    with pytest.raises(ChecksumError, match=f"'{victim}'") as err:
+        cs.load(out, tmp_path / "c")
+    assert err.value.bad == [victim]
+    assert torch.equal(out[victim], torch.zeros(16))  # the bad bytes never reached it
+
+
+@pytest.mark.parametrize(
+    "column,value,message",
+    [
+        ("shapes", [8.5], "'w'.*malformed shape"),
+        ("shapes", [-1], "'w'.*malformed shape"),
+        ("shapes", 8, "'w'.*malformed shape"),
+        ("shapes", ["8"], "'w'.*malformed shape"),
+        ("chunk_starts", 99, "'w'.*outside the table"),
+        ("chunk_starts", -1, "'w'.*outside the table"),
+        ("chunk_starts", "0", "'w'.*malformed"),
+        ("names", "v", "duplicate tensor names"),
+        ("dtypes", "float13", "unknown dtype"),
+    ],
+)
+def test_a_malformed_tensor_table_names_the_tensor(tmp_path, column, value, message) -> None:
+    cs.save({"v": torch.ones(4), "w": torch.ones(8)}, tmp_path / "c")
+    mpath = tmp_path / "c" / "manifest.json"
+    doc = json.loads(mpath.read_bytes())
+    row = doc["tensors"]["names"].index("w")
+    doc["tensors"][column][row] = value
+    mpath.write_text(json.dumps(doc))
+    with pytest.raises(ManifestError, match=message):
+        cs.open(tmp_path / "c")
+
+
+def test_a_layout_for_a_row_that_does_not_exist_is_refused(tmp_path) -> None:
+    cs.save({"w": torch.ones(8)}, tmp_path / "c")
+    mpath = tmp_path / "c" / "manifest.json"
+    doc = json.loads(mpath.read_bytes())
+    doc["tensors"]["layouts"] = {"5": {"codec": "zstd"}}
+    mpath.write_text(json.dumps(doc))
+    with pytest.raises(ManifestError, match="row"):
+        cs.open(tmp_path / "c")
