@@ -48,9 +48,7 @@ def test_plan_reads_each_byte_once_within_the_window(tmp_path, where, window, ga
     assert (ck.store.map(ck.manifest.files[0]) is None) == (where == "memory")
     m = ck.manifest
     out = _destinations(sd)
-    targets = [
-        Target(k, m.tensors[k], ((0,) * v.dim(), tuple(v.shape)), v) for k, v in out.items()
-    ]
+    targets = [Target(k, m.tensors[k], ((0,) * v.dim(), tuple(v.shape)), v) for k, v in out.items()]
     plan = plan_reads(m, targets, window, gap)
     spans = []
     for g in plan.groups:
