@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from ckptstore.manifest import (
     Manifest,
     ObjectRecord,
     TensorRecord,
+    new_record,
 )
 from ckptstore.plan import GlobalPlan, GridLayout
 from ckptstore.write import WriteResult
@@ -147,15 +149,15 @@ class _RankReport:
 
     @classmethod
     def of(cls, result: WriteResult, local: _Local, codec: str | None) -> _RankReport:
-        ch = result.chunks
+        n = len(result.file)
         return cls(
             files=result.files,
-            file=np.array([c.file for c in ch], dtype=np.int64),
-            offset=np.array([c.offset for c in ch], dtype=np.int64),
-            nbytes=np.array([c.nbytes for c in ch], dtype=np.int64),
-            crc_count=np.array([len(c.crc32c) for c in ch], dtype=np.int64),
-            crc=np.array([x for c in ch for x in c.crc32c], dtype=np.uint32),
-            n_global=len(ch) - len(local.rank_tensors) - len(local.blobs) - len(local.rank_blobs),
+            file=np.array(result.file, dtype=np.int64),
+            offset=np.array(result.offset, dtype=np.int64),
+            nbytes=np.array(result.nbytes, dtype=np.int64),
+            crc_count=np.array(result.crc_count, dtype=np.int64),
+            crc=np.array(result.crc, dtype=np.uint32),
+            n_global=n - len(local.rank_tensors) - len(local.blobs) - len(local.rank_blobs),
             rank_tensors={
                 leaf.name: (dtype_name(leaf.local.dtype), tuple(leaf.local.shape))
                 for leaf in local.rank_tensors
@@ -227,11 +229,15 @@ def _assemble(
     crc_start = np.concatenate([[0], np.cumsum(all_crc_count)[:-1]])
 
     rows = [row_base[plan.chunk_writer] + plan.chunk_slot]
-    tensors: dict[str, TensorRecord] = {}
-    for g, decl in enumerate(plan.tensors):
-        tensors[decl.name] = TensorRecord(
-            decl.dtype, decl.shape, plan.chunk_start[g], plan.layouts[g], reps[0].codec
+    names, dtypes, shapes, _ = zip(*plan.tensors, strict=True) if plan.tensors else ((),) * 4
+    tensors: dict[str, TensorRecord] = dict(
+        zip(
+            names,
+            map(new_record, zip(dtypes, shapes, plan.chunk_start, plan.layouts,
+                                repeat(reps[0].codec))),
+            strict=True,
         )
+    )  # fmt: skip
     next_chunk = plan.chunk_count
     per_rank: dict[str, list[Entry]] = {}
     objects: dict[str, ObjectRecord] = {

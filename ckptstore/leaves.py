@@ -12,8 +12,9 @@ Dicts and lists are walked and their keys joined with ``.``; what remains is a l
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, NamedTuple
 
 import torch
 
@@ -84,9 +85,8 @@ def is_plain(value: Any) -> bool:
     return False
 
 
-@dataclass(slots=True)
-class Leaf:
-    """One named leaf of a flattened state_dict.
+class Leaf(NamedTuple):
+    """One named leaf of a flattened state_dict (a tuple: a model has tens of thousands).
 
     ``kind`` is ``tensor`` (global, possibly sharded), ``value`` (plain), ``object`` (needs
     pickle), ``rank_tensor`` / ``rank_value`` / ``rank_object`` (per-rank variants).
@@ -97,9 +97,9 @@ class Leaf:
     value: Any
     global_shape: tuple[int, ...] = ()
     box: Box = ((), ())
-    container: Any = field(default=None, repr=False)
+    container: Any = None
     """Where the leaf sits (its dict or list, or its PerRank wrapper), for :meth:`set_value`."""
-    key: Any = field(default=None, repr=False)
+    key: Any = None
 
     def set_value(self, new: Any) -> None:
         """Replace this leaf in the caller's state_dict (plain values are not filled in place)."""
@@ -112,6 +112,9 @@ class Leaf:
     def local(self) -> torch.Tensor:
         """The tensor holding this rank's data for :attr:`box`."""
         return self.value
+
+
+_NEW_LEAF = partial(tuple.__new__, Leaf)  # C-level construction, for the common leaf
 
 
 def _dtensor_box(t: DTensor) -> Box:
@@ -154,6 +157,7 @@ def flatten(state_dict: Any) -> dict[str, Leaf]:
         StateDictError: two paths flatten to the same name, or a key is not a str/int.
     """
     leaves: dict[str, Leaf] = {}
+    new_leaf = _NEW_LEAF
 
     def visit(prefix: str, value: Any, container: Any, key: Any) -> None:
         if type(value) is torch.Tensor and prefix:  # fast path for the most common leaf
@@ -178,8 +182,8 @@ def flatten(state_dict: Any) -> dict[str, Leaf]:
                             f"two entries of the state_dict flatten to the same name {name!r}"
                         )
                     shape = tuple(child.shape)
-                    leaves[name] = Leaf(
-                        name, "tensor", child, shape, ((0,) * len(shape), shape), inner, k
+                    leaves[name] = new_leaf(
+                        (name, "tensor", child, shape, ((0,) * len(shape), shape), inner, k)
                     )
                     continue
                 if not isinstance(k, (str, int)) or isinstance(k, bool):
@@ -197,8 +201,8 @@ def flatten(state_dict: Any) -> dict[str, Leaf]:
                 f"two entries of the state_dict flatten to the same name {prefix!r}"
             )
         leaf = _classify(prefix, inner, per_rank)
-        leaf.container, leaf.key = (value, None) if per_rank else (container, key)
-        leaves[prefix] = leaf
+        where = (value, None) if per_rank else (container, key)
+        leaves[prefix] = leaf._replace(container=where[0], key=where[1])
 
     visit("", state_dict, None, None)
     return leaves

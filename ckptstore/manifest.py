@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 from itertools import chain, repeat
+from operator import is_, itemgetter, mul
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -133,7 +134,9 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def total_tensor_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
+        records = self.tensors.values()
+        numels = map(math.prod, map(_SHAPE_OF, records))
+        return sum(map(mul, numels, map(_ITEMSIZE.__getitem__, map(_DTYPE_OF, records))))
 
     def stored_bytes(self) -> int:
         return int(self.chunks.nbytes.sum())
@@ -325,19 +328,22 @@ def _tensor_table_to_json(tensors: dict[str, TensorRecord]) -> dict[str, Any]:
     """The tensor table as parallel columns (a manifest may hold tens of thousands of tensors:
     columns are several times faster to write and parse than one object per tensor)."""
     records = list(tensors.values())
+    dtypes, shapes, starts, layouts, codecs = zip(*records, strict=True) if records else ((),) * 5
+    whole_of = [whole_layout(d) for d in range(max(map(len, shapes), default=0) + 1)]
     special: dict[str, dict[str, Any]] = {}
-    for i, t in enumerate(records):
-        if t.codec is not None or t.layout is not whole_layout(len(t.shape)):
-            extra = _tensor_to_json(t)
+    plain = map(is_, layouts, map(whole_of.__getitem__, map(len, shapes)))
+    for i, is_plain in enumerate(plain):
+        if not is_plain or codecs[i] is not None:
+            extra = _tensor_to_json(records[i])
             for key in ("dtype", "shape", "chunk_start"):
                 del extra[key]
             if extra:
                 special[str(i)] = extra
     return {
         "names": list(tensors),
-        "dtypes": [t.dtype for t in records],
-        "shapes": [t.shape for t in records],
-        "chunk_starts": [t.chunk_start for t in records],
+        "dtypes": list(dtypes),
+        "shapes": list(shapes),
+        "chunk_starts": list(starts),
         "layouts": special,
     }
 
@@ -377,7 +383,7 @@ def _tensor_table_from_json(doc: dict[str, Any]) -> _TensorColumns:
     whole_of = [whole_layout(d) for d in range(int(ndims.max(initial=0)) + 1)]
     records = list(
         map(
-            _NEW_RECORD,
+            new_record,
             zip(dtypes, shape_tuples, starts, map(whole_of.__getitem__, ndims.tolist()),
                 repeat(None)),
         )
@@ -403,7 +409,9 @@ def _tensor_table_from_json(doc: dict[str, Any]) -> _TensorColumns:
     return _TensorColumns(out, start_col[is_whole], (numel * sizes)[is_whole], special)
 
 
-_NEW_RECORD = partial(tuple.__new__, TensorRecord)  # C-level, unlike TensorRecord._make
+_SHAPE_OF, _DTYPE_OF = itemgetter(1), itemgetter(0)
+new_record = partial(tuple.__new__, TensorRecord)
+"""TensorRecord from one (dtype, shape, chunk_start, layout, codec) tuple, at C speed."""
 _ITEMSIZE = {name: dtype.itemsize for name, dtype in NAME_TO_DTYPE.items()}
 
 

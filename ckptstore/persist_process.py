@@ -24,7 +24,7 @@ import torch
 from ckptstore.errors import SaveError
 from ckptstore.save import PlannedSave
 from ckptstore.staging import StagedTensors
-from ckptstore.write import WriteResult, WrittenChunk
+from ckptstore.write import WriteResult
 
 _HEADER = struct.Struct("<Q")
 
@@ -44,17 +44,15 @@ def _recv(stream: BinaryIO) -> Any:
     return json.loads(stream.read(n))
 
 
+_RESULT_COLUMNS = ("files", "file", "offset", "nbytes", "crc_count", "crc", "bytes_written")
+
+
 def _result_to_json(result: WriteResult) -> dict[str, Any]:
-    return {
-        "files": result.files,
-        "chunks": [[c.file, c.offset, c.nbytes, list(c.crc32c)] for c in result.chunks],
-        "bytes_written": result.bytes_written,
-    }
+    return {name: getattr(result, name) for name in _RESULT_COLUMNS}
 
 
 def _result_from_json(doc: dict[str, Any]) -> WriteResult:
-    chunks = [WrittenChunk(f, o, n, tuple(crcs)) for f, o, n, crcs in doc["chunks"]]
-    return WriteResult(doc["files"], chunks, doc["bytes_written"])
+    return WriteResult(**{name: doc[name] for name in _RESULT_COLUMNS})
 
 
 class _Helper:

@@ -17,6 +17,8 @@ import heapq
 import itertools
 import pickle
 from dataclasses import dataclass, field
+from itertools import chain
+from operator import itemgetter
 from typing import NamedTuple
 
 import numpy as np
@@ -40,6 +42,9 @@ def _digest(*parts: bytes) -> int:
     for p in parts:
         h.update(p)
     return int.from_bytes(h.digest(), "little") >> 1
+
+
+_SHAPE_OF, _OFFSETS_OF, _SHAPE_OF_BOX = itemgetter(2), itemgetter(0), itemgetter(1)
 
 
 @dataclass
@@ -83,16 +88,17 @@ class RankPlan:
 
     @classmethod
     def build(cls, tensors: list[TensorDecl], boxes: list[Box]) -> RankPlan:
-        ndim = max((len(t.shape) for t in tensors), default=0)
-        if all(len(t.shape) == ndim for t in tensors):
-            offs_rows: list = [b[0] for b in boxes]
-            shape_rows: list = [b[1] for b in boxes]
+        ndims = set(map(len, map(_SHAPE_OF, tensors)))
+        ndim = max(ndims, default=0)
+        n = len(tensors)
+        if len(ndims) <= 1:  # one rank for all (the usual case): straight from the tuples
+            offsets = np.fromiter(chain.from_iterable(map(_OFFSETS_OF, boxes)), np.int64, n * ndim)
+            shapes = np.fromiter(chain.from_iterable(map(_SHAPE_OF_BOX, boxes)), np.int64, n * ndim)
         else:  # pad to ndim columns: offsets with 0, shapes with 1
-            offs_rows = [o + (0,) * (ndim - len(o)) for o, _ in boxes]
-            shape_rows = [s + (1,) * (ndim - len(s)) for _, s in boxes]
-        offsets = np.array(offs_rows, dtype=np.int64).reshape(len(tensors), ndim)
-        shapes = np.array(shape_rows, dtype=np.int64).reshape(len(tensors), ndim)
-        decl_bytes = pickle.dumps([tuple(t) for t in tensors], protocol=4)
+            offsets = np.array([o + (0,) * (ndim - len(o)) for o, _ in boxes], dtype=np.int64)
+            shapes = np.array([s + (1,) * (ndim - len(s)) for _, s in boxes], dtype=np.int64)
+        offsets, shapes = offsets.reshape(n, ndim), shapes.reshape(n, ndim)
+        decl_bytes = pickle.dumps(tuple(map(list, zip(*tensors, strict=True))), protocol=4)
         decl_key = _digest(decl_bytes)
         structure_key = _digest(decl_bytes, offsets.tobytes(), shapes.tobytes())
         return cls(tensors, offsets, shapes, decl_key, structure_key)

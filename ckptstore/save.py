@@ -16,6 +16,8 @@ import time
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -26,7 +28,7 @@ from ckptstore.backends.base import Store
 from ckptstore.backends.tiered import TieredStore
 from ckptstore.commit import SaveInfo, commit_collective
 from ckptstore.coordinate import Coordinator
-from ckptstore.dtypes import dtype_name
+from ckptstore.dtypes import DTYPE_TO_NAME
 from ckptstore.errors import (
     CheckpointExistsError,
     CkptStoreError,
@@ -68,6 +70,12 @@ class _Local:
     rank_blobs: dict[str, bytes]
 
 
+_NAME, _VALUE = attrgetter("name"), attrgetter("value")
+_SHAPE, _BOX = attrgetter("global_shape"), attrgetter("box")
+_NEW_DECL = partial(tuple.__new__, TensorDecl)  # C-level: one per tensor
+_ITEMSIZE = {name: dtype.itemsize for dtype, name in DTYPE_TO_NAME.items()}
+
+
 def _prepare(leaves: dict[str, Leaf], is_coordinator: bool, allow_pickle: bool) -> _Local:
     tensor_leaves, rank_tensors = [], []
     values: dict[str, Any] = {}
@@ -94,17 +102,25 @@ def _prepare(leaves: dict[str, Leaf], is_coordinator: bool, allow_pickle: bool) 
                 rank_blobs[leaf.name] = pickle.dumps(leaf.value, protocol=pickle.HIGHEST_PROTOCOL)
             elif is_coordinator:
                 blobs[leaf.name] = pickle.dumps(leaf.value, protocol=pickle.HIGHEST_PROTOCOL)
-    decls, boxes = [], []
-    for leaf in tensor_leaves:
-        try:
-            name = dtype_name(leaf.local.dtype)
-        except ValueError as exc:
-            raise StateDictError(f"tensor {leaf.name!r}: {exc}") from None
-        decls.append(TensorDecl(leaf.name, name, leaf.global_shape, leaf.local.dtype.itemsize))
-        boxes.append(leaf.box)
-    for leaf in rank_tensors:
-        dtype_name(leaf.local.dtype)
-    plan = RankPlan.build(decls, boxes)
+    # Column passes (map over attribute getters) instead of a Python loop per tensor: a
+    # state_dict may hold tens of thousands of them.
+    names = list(map(_NAME, tensor_leaves))
+    dtypes = [t.dtype for t in map(_VALUE, tensor_leaves)]
+    dtype_names = list(map(DTYPE_TO_NAME.get, dtypes))
+    unsupported = [leaf for leaf in rank_tensors if leaf.local.dtype not in DTYPE_TO_NAME]
+    if None in dtype_names:
+        unsupported.insert(0, tensor_leaves[dtype_names.index(None)])
+    if unsupported:
+        leaf = unsupported[0]
+        raise StateDictError(f"tensor {leaf.name!r}: unsupported tensor dtype {leaf.local.dtype}")
+    decls = list(
+        map(
+            _NEW_DECL,
+            zip(names, dtype_names, map(_SHAPE, tensor_leaves), map(_ITEMSIZE.get, dtype_names),
+                strict=True),
+        )
+    )  # fmt: skip
+    plan = RankPlan.build(decls, list(map(_BOX, tensor_leaves)))
     return _Local(tensor_leaves, plan, rank_tensors, values, rank_values, blobs, rank_blobs)
 
 

@@ -136,9 +136,9 @@ def _copy_host(src: torch.Tensor, dst: torch.Tensor) -> None:
     n = dst.numel()
     if n == 0:
         return
-    if src.is_contiguous():
+    if src.is_contiguous() and not (src.is_conj() or src.is_neg()):
         ctypes.memmove(dst.data_ptr(), src.data_ptr(), n)  # any dtype, no kernel, GIL released
-    else:
+    else:  # strided, or a lazy conjugate / negative view: copy_ writes its values
         _typed(dst, src).copy_(src)
 
 

@@ -8,8 +8,14 @@ import torch
 
 
 def host_contiguous(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` on the CPU and contiguous (a copy only when it is not already)."""
+    """``tensor`` on the CPU, contiguous, with its values in memory (a copy only when it is
+    not already: a lazy conjugate or negative view holds other bytes than its values)."""
+    lazy = tensor.is_conj() or tensor.is_neg()
+    if not lazy and tensor.is_cpu and tensor.is_contiguous():
+        return tensor  # the common case; only its bytes are read
     t = tensor.detach()
+    if lazy:
+        t = t.resolve_conj().resolve_neg()
     if t.device.type != "cpu":
         t = t.to("cpu")
     return t.contiguous()

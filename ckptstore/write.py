@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ckptstore import codecs
 from ckptstore.backends.base import Store, StoreWriter
@@ -17,66 +18,76 @@ from ckptstore.checksum import block_crcs, crc32c
 from ckptstore.manifest import DATA_PREFIX
 
 
-@dataclass(frozen=True, slots=True)
-class WriteItem:
+class WriteItem(NamedTuple):
     """One chunk (or pickled blob) to write: its raw bytes and an optional codec."""
 
     data: memoryview
     codec: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class WrittenChunk:
-    file: int
-    """Index into :attr:`WriteResult.files`."""
-    offset: int
-    nbytes: int
-    crc32c: tuple[int, ...]
-
-
 @dataclass
 class WriteResult:
+    """Where each item went, as columns (item i: ``file[i]``, ``offset[i]``, ...; its
+    ``crc_count[i]`` block checksums follow the previous items' in ``crc``)."""
+
     files: list[str] = field(default_factory=list)
-    chunks: list[WrittenChunk] = field(default_factory=list)
+    file: list[int] = field(default_factory=list)
+    offset: list[int] = field(default_factory=list)
+    nbytes: list[int] = field(default_factory=list)
+    crc_count: list[int] = field(default_factory=list)
+    crc: list[int] = field(default_factory=list)
     bytes_written: int = 0
 
+    def extend(self, other: WriteResult) -> None:
+        for name in ("file", "offset", "nbytes", "crc_count", "crc"):
+            getattr(self, name).extend(getattr(other, name))
 
-class _PackedFileWriter:
-    """Appends chunks to one store file, packing small ones, and records where each went."""
 
-    def __init__(self, writer: StoreWriter, file_index: int, block_bytes: int, pack_bytes: int):
-        self._writer = writer
-        self._file = file_index
-        self._block = block_bytes
-        self._pack_limit = pack_bytes
-        self._pack = bytearray()
-        self._offset = 0
-
-    def append(self, item: WriteItem) -> WrittenChunk:
-        data = item.data
-        if item.codec:
-            data = memoryview(codecs.encode(item.codec, data))
-        crcs = tuple(block_crcs(data, self._block))
-        chunk = WrittenChunk(self._file, self._offset, len(data), crcs)
-        self._offset += len(data)
-        if len(data) < self._pack_limit:
-            self._pack += data
-            if len(self._pack) >= self._pack_limit:
-                self._flush()
+def _write_run(
+    writer: StoreWriter,
+    items: list[WriteItem],
+    indices: list[int],
+    file_index: int,
+    block: int,
+    pack_limit: int,
+) -> WriteResult:
+    """Append ``items[indices]`` to one file: small ones packed into one buffer, large ones
+    written from their own memory; one loop, no object per chunk (models have many)."""
+    out = WriteResult(file=[file_index] * len(indices))
+    offsets, sizes, counts, crcs = out.offset, out.nbytes, out.crc_count, out.crc
+    check = crc32c
+    pack = bytearray()
+    offset = 0
+    for idx in indices:
+        data, codec = items[idx]
+        if codec:
+            data = memoryview(codecs.encode(codec, data))
+        n = len(data)
+        offsets.append(offset)
+        sizes.append(n)
+        if n <= block:
+            crcs.append(check(data))
+            counts.append(1)
         else:
-            self._flush()
-            self._writer.write(data)
-        return chunk
-
-    def _flush(self) -> None:
-        if self._pack:
-            self._writer.write(self._pack)
-            self._pack = bytearray()
-
-    def commit(self) -> int:
-        self._flush()
-        self._writer.commit()
-        return self._offset
+            more = block_crcs(data, block)
+            crcs.extend(more)
+            counts.append(len(more))
+        offset += n
+        if n < pack_limit:
+            pack += data
+            if len(pack) >= pack_limit:
+                writer.write(pack)
+                pack = bytearray()
+        else:
+            if pack:
+                writer.write(pack)
+                pack = bytearray()
+            writer.write(data)
+    if pack:
+        writer.write(pack)
+    writer.commit()
+    out.bytes_written = offset
+    return out
 
 
 def _split_by_bytes(items: list[WriteItem], parts: int) -> list[list[int]]:
@@ -142,26 +153,23 @@ def write_items(
     plan = plan or plan_files(items, rank=rank, files=files, spread=spread)
     runs = plan.runs
     result.files = list(plan.keys)
-    written: list[WrittenChunk | None] = [None] * len(items)
 
-    def write_run(file_index: int) -> int:
+    def write_run(file_index: int) -> WriteResult:
         writer = store.open_writer(result.files[file_index])
-        packed = _PackedFileWriter(writer, file_index, block_bytes, pack_bytes)
         try:
-            for idx in runs[file_index]:
-                written[idx] = packed.append(items[idx])
-            return packed.commit()
+            return _write_run(writer, items, runs[file_index], file_index, block_bytes, pack_bytes)
         except BaseException:
             writer.abort()
             raise
 
     if len(runs) == 1:
-        sizes = [write_run(0)]
+        parts = [write_run(0)]
     else:
         with ThreadPoolExecutor(len(runs), thread_name_prefix="ckptstore-write") as pool:
-            sizes = list(pool.map(write_run, range(len(runs))))
-    result.chunks = [w for w in written if w is not None]
-    result.bytes_written = sum(sizes)
+            parts = list(pool.map(write_run, range(len(runs))))
+    for part in parts:  # runs are consecutive item ranges: their columns follow item order
+        result.extend(part)
+    result.bytes_written = sum(part.bytes_written for part in parts)
     return result
 
 

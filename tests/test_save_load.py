@@ -331,3 +331,19 @@ def test_tensors_without_elements_roundtrip(tmp_path) -> None:
     cs.load(out, tmp_path / "c")
     ck = cs.open(tmp_path / "c")
     assert [tuple(ck.read(k).shape) for k in ("rows0", "cols0", "e")] == [(0, 3), (4, 0), (0,)]
+
+
+def test_lazy_conjugate_and_negative_views_save_their_values(tmp_path) -> None:
+    x = torch.randn(4, 3, dtype=torch.complex64)
+    state = {
+        "conj": x.conj(),  # contiguous, conj bit set: its memory holds x, not x.conj()
+        "neg": x.conj().imag,  # a negative view
+        "conj_t": x.t().conj(),  # strided and lazy
+    }
+    expected = {k: v.resolve_conj().resolve_neg().clone() for k, v in state.items()}
+    cs.save(state, tmp_path / "sync")
+    cs.async_save(state, tmp_path / "async").wait()
+    for where in ("sync", "async"):
+        ck = cs.open(tmp_path / where)
+        for k, v in expected.items():
+            assert torch.equal(ck.read(k), v), (where, k)
