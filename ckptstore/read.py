@@ -11,6 +11,7 @@ is copied into a destination tensor.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -183,40 +184,50 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
     )
     ends = np.concatenate([starts[:n_simple] + nbytes, np.array([p.end for p in pieces], np.int64)])
     order = np.lexsort((starts, files))
-    files, starts, ends = files[order], starts[order], ends[order]
-    if not len(order):
-        return ReadPlan([], names, chunks)
-    # Shift each file to its own stretch of one number line, so that a running maximum of
-    # span ends never carries from one file into the next and a file change is a big gap.
-    stride = int(ends.max()) + gap + window + 1
-    base = files * stride
-    run_end = np.maximum.accumulate(ends + base) - base  # end of the bytes covered so far
-    breaks = np.flatnonzero((starts[1:] - run_end[:-1] > gap) | (files[1:] != files[:-1])) + 1
     crc_col = table.crc32c[table.crc_first[chunk_col]] if n_simple else chunk_col
     ptr_col = np.array(ptrs, dtype=np.int64)
-    run_key = run_end + base
     groups: list[_Group] = []
-    for lo, hi in zip([0, *breaks.tolist()], [*breaks.tolist(), len(order)], strict=True):
-        while lo < hi:  # cut the run into requests of at most ``window`` bytes
-            g_start = int(starts[lo])
-            cut = int(np.searchsorted(run_key[lo:hi], g_start + int(base[lo]) + window, "right"))
-            end = lo + max(1, cut)
-            items = order[lo:end]
-            is_simple = items < n_simple
-            s_items = items[is_simple]
-            runs = _NO_SIMPLE
-            if len(s_items):
-                s_start = table.offset[chunk_col[s_items]]
-                runs = _SimpleRuns(
-                    s_start.tolist(), (s_start + nbytes[s_items]).tolist(),
-                    crc_col[s_items].tolist(), ptr_col[s_items].tolist(), s_items.tolist(),
-                )  # fmt: skip
-            group_pieces = [pieces[i - n_simple] for i in items[~is_simple].tolist()]
-            groups.append(
-                _Group(int(files[lo]), g_start, int(run_end[end - 1]), group_pieces, runs)
-            )
-            lo = end
+    for lo, hi, g_start, g_end in coalesce(files[order], starts[order], ends[order], gap, window):
+        items = order[lo:hi]
+        is_simple = items < n_simple
+        s_items = items[is_simple]
+        runs = _NO_SIMPLE
+        if len(s_items):
+            s_start = table.offset[chunk_col[s_items]]
+            runs = _SimpleRuns(
+                s_start.tolist(), (s_start + nbytes[s_items]).tolist(),
+                crc_col[s_items].tolist(), ptr_col[s_items].tolist(), s_items.tolist(),
+            )  # fmt: skip
+        group_pieces = [pieces[i - n_simple] for i in items[~is_simple].tolist()]
+        groups.append(_Group(int(files[items[0]]), g_start, g_end, group_pieces, runs))
     return ReadPlan(groups, names, chunks)
+
+
+def coalesce(
+    files: np.ndarray, starts: np.ndarray, ends: np.ndarray, gap: int, window: int
+) -> list[tuple[int, int, int, int]]:
+    """Requests for byte spans sorted by (file, start): ``(lo, hi, start, end)`` reads bytes
+    ``[start, end)`` of one file for spans ``lo..hi-1``. Spans closer than ``gap`` share a
+    request, no request covering several spans exceeds ``window`` bytes. Array operations
+    throughout, but for one step per request: a rank may read tens of thousands of spans.
+    """
+    if not len(files):
+        return []
+    # Shift each file to its own stretch of one number line, so that a running maximum of
+    # span ends never carries from one file into the next and a file change is a big gap.
+    base = files * (int(ends.max()) + gap + window + 1)
+    covered = np.maximum.accumulate(ends + base)  # (shifted) end of the bytes covered so far
+    breaks = np.flatnonzero(starts[1:] + base[1:] - covered[:-1] > gap) + 1
+    out: list[tuple[int, int, int, int]] = []
+    bounds = [0, *breaks.tolist(), len(files)]
+    for lo, hi in itertools.pairwise(bounds):
+        while lo < hi:  # cut the run of close spans into requests of at most ``window`` bytes
+            start = int(starts[lo])
+            fits = int(np.searchsorted(covered[lo:hi], start + int(base[lo]) + window, "right"))
+            end = lo + max(1, fits)
+            out.append((lo, end, start, int(covered[end - 1] - base[lo])))
+            lo = end
+    return out
 
 
 def _pieces(table: Any, targets: list[Target], window: int) -> list[_Piece]:

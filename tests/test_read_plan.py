@@ -122,3 +122,28 @@ def test_a_layout_for_a_row_that_does_not_exist_is_refused(tmp_path) -> None:
     mpath.write_text(json.dumps(doc))
     with pytest.raises(ManifestError, match="row"):
         cs.open(tmp_path / "c")
+
+
+def test_coalesce_joins_close_spans_cuts_at_the_window_and_never_crosses_files() -> None:
+    import numpy as np
+
+    from ckptstore.read import coalesce
+
+    def run(spans, gap, window):
+        f, s, e = (np.array(c, dtype=np.int64) for c in zip(*spans, strict=True))
+        return coalesce(f, s, e, gap, window)
+
+    spans = [(0, 0, 10), (0, 10, 20), (0, 25, 30), (0, 100, 110), (1, 0, 5), (1, 5, 8)]
+    assert run(spans, gap=5, window=1000) == [(0, 3, 0, 30), (3, 4, 100, 110), (4, 6, 0, 8)]
+    assert run(spans, gap=0, window=1000) == [
+        (0, 2, 0, 20), (2, 3, 25, 30), (3, 4, 100, 110), (4, 6, 0, 8)
+    ]  # fmt: skip
+    # the window cuts a run of touching spans; a span longer than the window stands alone
+    touching = [(0, 0, 10), (0, 10, 20), (0, 20, 30), (0, 30, 100), (0, 100, 105)]
+    assert run(touching, gap=0, window=20) == [
+        (0, 2, 0, 20), (2, 3, 20, 30), (3, 4, 30, 100), (4, 5, 100, 105)
+    ]  # fmt: skip
+    # overlapping spans (one chunk block needed by two regions) are covered by one request
+    assert run([(2, 0, 50), (2, 10, 20), (2, 40, 60)], gap=0, window=100) == [(0, 3, 0, 60)]
+    empty = np.zeros(0, dtype=np.int64)
+    assert coalesce(empty, empty, empty, 0, 10) == []

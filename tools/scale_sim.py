@@ -137,7 +137,7 @@ def simulate(ranks: int) -> dict[str, float | int]:
             device="meta",
         )
         targets.append(Target(decl.name, loaded.tensors[decl.name], box, dest))
-    groups = plan_reads(loaded, targets, 64 << 20, 256 << 10)
+    groups = plan_reads(loaded, targets, 64 << 20, 256 << 10).groups
     load_plan_s = time.perf_counter() - t
     return {
         "case": "scale_sim",

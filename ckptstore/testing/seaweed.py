@@ -32,6 +32,9 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+MAX_VOLUMES = 2000
+
+
 class SeaweedServer:
     """``weed mini`` in a subprocess; ``endpoint`` is its S3 URL."""
 
@@ -44,10 +47,17 @@ class SeaweedServer:
         env = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY)
         self.log_path = os.path.join(data_dir, "weed.log")
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        # Every bucket is a collection with volumes of its own; left alone, `weed mini` caps
+        # the volume count at free disk / 128 MB, and a session with many buckets on a fuller
+        # disk fails with "no free volumes left" long before the disk is full. Volumes are
+        # not preallocated, so a fixed cap costs no space.
+        command = [
+            weed_binary(), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-volume.max={MAX_VOLUMES}",
+        ]  # fmt: skip
         self.proc = subprocess.Popen(
-            [weed_binary(), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )  # fmt: skip
+            command, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         self.endpoint = f"http://127.0.0.1:{S3_PORT}"
         deadline = time.monotonic() + startup_timeout
         while time.monotonic() < deadline:
