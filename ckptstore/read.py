@@ -1,22 +1,16 @@
-"""Reading saved chunks into destination tensors: plan byte ranges, coalesce, read, verify, copy.
+"""Reading saved chunks into destination tensors: read, verify, copy.
 
-For every destination region the saved chunks that overlap it are found; each overlap
-becomes the smallest byte span of its chunk that holds it (the whole chunk when the chunk
-is compressed), widened to checksum-block boundaries. Spans of one file that are close
-together are read as one request; requests run in parallel threads into reusable
-per-thread buffers; every block is checked against its crc32c *before* any of its bytes
-is copied into a destination tensor.
+A :class:`~ckptstore.read_plan.ReadPlan` lists requests (byte ranges of data files); they
+run in parallel threads, from memory-mapped files or into reusable buffers, and every block
+is checked against its crc32c *before* any of its bytes is copied into a destination tensor.
 """
 
 from __future__ import annotations
 
 import ctypes
-import itertools
-import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,256 +18,11 @@ import torch
 from ckptstore import codecs, knobs
 from ckptstore.backends.base import Store
 from ckptstore.checksum import crc32c
-from ckptstore.dtypes import dtype_from_name, itemsize
 from ckptstore.errors import ChecksumError, KeyNotFoundError, StoreError
-from ckptstore.manifest import Manifest, TensorRecord
-from ckptstore.plan import Box, overlaps, whole_layout
+from ckptstore.manifest import Manifest
+from ckptstore.read_plan import Piece, ReadPlan, Request, Target, plan_reads
 
-
-class Target(NamedTuple):
-    """Fill ``dest`` (shape = ``box`` shape) with region ``box`` of tensor ``name``."""
-
-    name: str
-    record: TensorRecord
-    box: Box
-    dest: torch.Tensor
-
-
-@dataclass(slots=True)
-class _Piece:
-    name: str
-    chunk: int
-    file: int
-    start: int  # absolute byte range to read in the file (block aligned)
-    end: int
-    block_lo: int
-    block_hi: int
-    src_byte: int  # absolute file byte of the first element to copy (raw chunks)
-    src_shape: tuple[int, ...]
-    src_strides: tuple[int, ...]
-    dest: torch.Tensor
-    dtype: torch.dtype
-    codec: str | None = None
-    raw_nbytes: int = 0
-    src_elem_in_raw: int = 0  # decoded chunks: element offset inside the raw chunk
-    dest_ptr: int = 0  # set when the piece is one contiguous run into contiguous host memory
-    chunk_base: int = 0  # the chunk's offset in its file, size and first checksum index
-    chunk_nbytes: int = 0
-    crc0: int = 0
-
-
-class _SimpleRuns(NamedTuple):
-    """Whole one-block raw chunks copied into contiguous host memory: the fast path for the
-    tens of thousands of small tensors of a large model. Parallel lists, one entry per chunk
-    (file byte range, crc32c, destination address, index into ``names``/``chunks``)."""
-
-    start: list[int]
-    end: list[int]
-    crc: list[int]
-    dest_ptr: list[int]
-    item: list[int]
-
-
-_NO_SIMPLE = _SimpleRuns([], [], [], [], [])
-
-
-@dataclass
-class _Group:
-    file: int
-    start: int
-    end: int
-    pieces: list[_Piece] = field(default_factory=list)
-    simple: _SimpleRuns = _NO_SIMPLE
-
-
-@dataclass
-class ReadPlan:
-    """The byte-range requests of one fill, plus the names behind the fast-path chunks."""
-
-    groups: list[_Group]
-    simple_names: list[str]
-    simple_chunks: list[int]
-
-
-def _c_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, acc = [], 1
-    for s in reversed(shape):
-        strides.append(acc)
-        acc *= s
-    return tuple(reversed(strides))
-
-
-def _split(overlap: Box, strides: tuple[int, ...], size: int, window: int) -> list[Box]:
-    """Cut ``overlap`` along its outer dims until each part's byte span fits in ``window``."""
-    offs, shp = overlap
-    span = (sum((s - 1) * st for s, st in zip(shp, strides, strict=True)) + 1) * size
-    if span <= window:
-        return [overlap]
-    for d, extent in enumerate(shp):
-        if extent > 1:
-            inner = (
-                sum((s - 1) * st for s, st in zip(shp[d + 1 :], strides[d + 1 :], strict=True)) + 1
-            )
-            per_step = strides[d] * size
-            rows = max(1, (window - inner * size) // per_step + 1) if per_step else extent
-            if rows >= extent:
-                continue
-            parts: list[Box] = []
-            for lo in range(0, extent, rows):
-                n = min(rows, extent - lo)
-                sub_offs = (*offs[:d], offs[d] + lo, *offs[d + 1 :])
-                sub_shp = (*shp[:d], n, *shp[d + 1 :])
-                parts.extend(_split((sub_offs, sub_shp), strides, size, window))
-            return parts
-    return [overlap]
-
-
-def _slices(box: Box, origin: tuple[int, ...]) -> tuple[slice, ...]:
-    """``box`` as slices of a tensor whose element 0 sits at ``origin``."""
-    return tuple(slice(a - o, a - o + n) for a, o, n in zip(box[0], origin, box[1], strict=True))
-
-
-def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int) -> ReadPlan:
-    """Byte-range requests for ``targets``, grouped and coalesced per file.
-
-    Whole one-block tensors (the many small tensors of a model) are looked up, sorted and
-    grouped with array operations; everything else becomes a :class:`_Piece`.
-    """
-    table = manifest.chunks
-    whole_of = [whole_layout(n) for n in range(8)]
-    fast: list[int] = []  # indexes into targets of candidates for the fast path
-    chunks: list[int] = []
-    ptrs: list[int] = []
-    others: list[Target] = []
-    for i, t in enumerate(targets):
-        rec, dest = t[1], t[3]
-        shape = rec.shape
-        if (
-            rec.codec is None
-            and len(shape) < 8
-            and rec.layout is whole_of[len(shape)]
-            and t[2][1] == shape
-            and dest.is_cpu
-            and dest.is_contiguous()
-        ):
-            fast.append(i)
-            chunks.append(rec.chunk_start)
-            ptrs.append(dest.data_ptr())
-        else:
-            others.append(t)
-    chunk_col = np.array(chunks, dtype=np.int64)
-    nbytes = table.nbytes[chunk_col]
-    simple = (nbytes > 0) & (nbytes <= table.block_bytes) & (np.array(ptrs, np.int64) != 0)
-    if not simple.all():  # empty tensors and multi-block chunks take the general path
-        others += [targets[fast[i]] for i in np.flatnonzero(~simple).tolist()]
-        keep = np.flatnonzero(simple).tolist()
-        fast, chunks, ptrs = (
-            [fast[i] for i in keep],
-            [chunks[i] for i in keep],
-            [ptrs[i] for i in keep],
-        )
-        chunk_col, nbytes = chunk_col[keep], nbytes[keep]
-    names = [targets[i][0] for i in fast]
-    pieces = _pieces(table, others, window)
-
-    # All spans (fast-path chunks first, then pieces) sorted by (file, start).
-    n_simple = len(chunks)
-    files = np.concatenate([table.file[chunk_col], np.array([p.file for p in pieces], np.int64)])
-    starts = np.concatenate(
-        [table.offset[chunk_col], np.array([p.start for p in pieces], np.int64)]
-    )
-    ends = np.concatenate([starts[:n_simple] + nbytes, np.array([p.end for p in pieces], np.int64)])
-    order = np.lexsort((starts, files))
-    crc_col = table.crc32c[table.crc_first[chunk_col]] if n_simple else chunk_col
-    ptr_col = np.array(ptrs, dtype=np.int64)
-    groups: list[_Group] = []
-    for lo, hi, g_start, g_end in coalesce(files[order], starts[order], ends[order], gap, window):
-        items = order[lo:hi]
-        is_simple = items < n_simple
-        s_items = items[is_simple]
-        runs = _NO_SIMPLE
-        if len(s_items):
-            s_start = table.offset[chunk_col[s_items]]
-            runs = _SimpleRuns(
-                s_start.tolist(), (s_start + nbytes[s_items]).tolist(),
-                crc_col[s_items].tolist(), ptr_col[s_items].tolist(), s_items.tolist(),
-            )  # fmt: skip
-        group_pieces = [pieces[i - n_simple] for i in items[~is_simple].tolist()]
-        groups.append(_Group(int(files[items[0]]), g_start, g_end, group_pieces, runs))
-    return ReadPlan(groups, names, chunks)
-
-
-def coalesce(
-    files: np.ndarray, starts: np.ndarray, ends: np.ndarray, gap: int, window: int
-) -> list[tuple[int, int, int, int]]:
-    """Requests for byte spans sorted by (file, start): ``(lo, hi, start, end)`` reads bytes
-    ``[start, end)`` of one file for spans ``lo..hi-1``. Spans closer than ``gap`` share a
-    request, no request covering several spans exceeds ``window`` bytes. Array operations
-    throughout, but for one step per request: a rank may read tens of thousands of spans.
-    """
-    if not len(files):
-        return []
-    # Shift each file to its own stretch of one number line, so that a running maximum of
-    # span ends never carries from one file into the next and a file change is a big gap.
-    base = files * (int(ends.max()) + gap + window + 1)
-    covered = np.maximum.accumulate(ends + base)  # (shifted) end of the bytes covered so far
-    breaks = np.flatnonzero(starts[1:] + base[1:] - covered[:-1] > gap) + 1
-    out: list[tuple[int, int, int, int]] = []
-    bounds = [0, *breaks.tolist(), len(files)]
-    for lo, hi in itertools.pairwise(bounds):
-        while lo < hi:  # cut the run of close spans into requests of at most ``window`` bytes
-            start = int(starts[lo])
-            fits = int(np.searchsorted(covered[lo:hi], start + int(base[lo]) + window, "right"))
-            end = lo + max(1, fits)
-            out.append((lo, end, start, int(covered[end - 1] - base[lo])))
-            lo = end
-    return out
-
-
-def _pieces(table: Any, targets: list[Target], window: int) -> list[_Piece]:
-    """The reads of targets off the fast path: regions of chunks, or compressed chunks."""
-    block = table.block_bytes
-    pieces: list[_Piece] = []
-    for t in targets:
-        rec = t.record
-        size = itemsize(rec.dtype)
-        dtype = dtype_from_name(rec.dtype)
-        for index, cbox, obox in overlaps(rec.layout, rec.shape, t.box):
-            chunk = rec.chunk_start + index
-            c_off, c_shape = cbox
-            strides = _c_strides(c_shape)
-            file, base = int(table.file[chunk]), int(table.offset[chunk])
-            nbytes, crc0 = int(table.nbytes[chunk]), int(table.crc_first[chunk])
-            if obox == cbox and not rec.codec and nbytes <= window:
-                # The common case (same sharding on save and load): the whole raw chunk.
-                dest = t.dest if t.box == cbox else t.dest[_slices(cbox, t.box[0])]
-                blocks = max(1, -(-nbytes // block))
-                ptr = dest.data_ptr() if dest.is_cpu and dest.is_contiguous() else 0
-                pieces.append(
-                    _Piece(t.name, chunk, file, base, base + nbytes, 0, blocks, base, c_shape,
-                           strides, dest, dtype, None, nbytes, 0, ptr, base, nbytes, crc0)
-                )  # fmt: skip
-                continue
-            parts = [obox] if rec.codec else _split(obox, strides, size, window)
-            for o_off, o_shape in parts:
-                rel = tuple(a - b for a, b in zip(o_off, c_off, strict=True))
-                first = sum(r * s for r, s in zip(rel, strides, strict=True))
-                dest = t.dest[_slices((o_off, o_shape), t.box[0])] if t.box[1] else t.dest
-                if rec.codec:
-                    blo, bhi, lo, hi = 0, max(1, math.ceil(nbytes / block)), 0, nbytes
-                else:
-                    last = first + sum((n - 1) * s for n, s in zip(o_shape, strides, strict=True))
-                    span_lo, span_hi = first * size, (last + 1) * size
-                    blo, bhi = span_lo // block, math.ceil(span_hi / block)
-                    lo, hi = blo * block, min(bhi * block, nbytes)
-                pieces.append(
-                    _Piece(
-                        t.name, chunk, file, base + lo, base + hi, blo, bhi,
-                        base + first * size, o_shape, strides, dest, dtype,
-                        rec.codec, math.prod(c_shape) * size, first, 0, base, nbytes, crc0,
-                    )
-                )  # fmt: skip
-    return pieces
+__all__ = ["ChunkReader", "Target", "plan_reads"]
 
 
 _WORDS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -345,7 +94,7 @@ class ChunkReader:
                 self._maps[file] = None if view is None else np.frombuffer(view, dtype=np.uint8)
             return self._maps[file]
 
-    def _run(self, group: _Group, plan: ReadPlan) -> None:
+    def _run(self, group: Request, plan: ReadPlan) -> None:
         key = self.manifest.files[group.file]
         mapped = self._mapped(group.file)
         with self._lock:
@@ -373,7 +122,7 @@ class ChunkReader:
             except KeyNotFoundError:
                 raise exc from None
 
-    def _read_and_copy(self, group: _Group, key: str, read_into: Any, plan: ReadPlan) -> None:
+    def _read_and_copy(self, group: Request, key: str, read_into: Any, plan: ReadPlan) -> None:
         buf = _POOL.acquire(group.end - group.start)
         try:
             view = buf[: group.end - group.start]
@@ -383,7 +132,7 @@ class ChunkReader:
             _POOL.release(buf)
 
     def _check_and_copy(
-        self, group: _Group, buf: np.ndarray, buf_start: int, plan: ReadPlan
+        self, group: Request, buf: np.ndarray, buf_start: int, plan: ReadPlan
     ) -> None:
         """Verify every block the pieces touch, then copy; ``buf[0]`` is file byte ``buf_start``."""
         view = memoryview(buf)
@@ -414,7 +163,7 @@ class ChunkReader:
             self._copy(p, buf, buf_start)
 
     def _verify_block(
-        self, p: _Piece, b: int, view: memoryview, buf_start: int, file: int
+        self, p: Piece, b: int, view: memoryview, buf_start: int, file: int
     ) -> tuple[int, int]:
         """Check block ``b`` of ``p``'s chunk; returns its file byte range."""
         block = self.manifest.chunks.block_bytes
@@ -445,7 +194,7 @@ class ChunkReader:
         )
 
     @staticmethod
-    def _copy(p: _Piece, buf: np.ndarray, group_start: int) -> None:
+    def _copy(p: Piece, buf: np.ndarray, group_start: int) -> None:
         size = p.dtype.itemsize
         if p.codec:
             stored = buf[p.start - group_start : p.end - group_start]

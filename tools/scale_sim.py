@@ -20,7 +20,7 @@ import torch
 
 from ckptstore.manifest import ChunkTable, Manifest, TensorRecord
 from ckptstore.plan import RankPlan, TensorDecl, plan_save
-from ckptstore.read import Target, plan_reads
+from ckptstore.read_plan import Target, plan_reads
 
 LAYERS, HIDDEN, FFN, KV, VOCAB = 126, 16384, 53248, 1024, 128256
 TP = 8
