@@ -35,7 +35,7 @@ from ckptstore.save import (
     SaveOptions,
     commit_collective,
     plan_save_collective,
-    replication_group_for,
+    replication_team_for,
     write_planned,
 )
 from ckptstore.staging import StagedTensors, StagingPool
@@ -89,22 +89,28 @@ class _AsyncState:
     def __init__(self) -> None:
         self.pool = StagingPool(slots=1)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptstore-async")
-        self.groups: dict[int, Any] = {}
+        self.groups: dict[tuple[int, ...], Any] = {}
         self.last: AsyncSaveHandle | None = None
         self.lock = threading.Lock()
         atexit.register(self.finish_at_exit)
 
     def background_group(self, process_group: Any) -> Any:
-        """A gloo group with the same ranks as ``process_group``, created once (a collective)."""
+        """A gloo group with the same ranks as ``process_group``, created once.
+
+        Over the whole job, every rank takes part (as in any save over the world). Over a
+        subgroup, only its ranks do (``use_local_synchronization``: the group's name comes
+        from its ranks and the number of groups each member has, not from a job-wide
+        counter), so subgroups may make their first save independently, at different times.
+        """
         if not (dist.is_available() and dist.is_initialized()):
             return None
-        key = id(process_group)
-        if key not in self.groups:
-            ranks = (
-                dist.get_process_group_ranks(process_group) if process_group is not None else None
+        ranks = tuple(dist.get_process_group_ranks(process_group or dist.group.WORLD))
+        if ranks not in self.groups:
+            subgroup = len(ranks) < dist.get_world_size()
+            self.groups[ranks] = dist.new_group(
+                ranks=list(ranks), backend="gloo", use_local_synchronization=subgroup
             )
-            self.groups[key] = dist.new_group(ranks=ranks, backend="gloo")
-        return self.groups[key]
+        return self.groups[ranks]
 
     def finish_at_exit(self) -> None:
         handle = self.last
@@ -171,10 +177,10 @@ def async_save(
     ``codec``, ``allow_pickle``, ``metadata``, ``files_per_rank``, ``checksum_block_bytes``,
     ``storage_options``). After it returns the caller may
     change its tensors; the write, the checksums and the commit continue in the background.
-    The first call also creates a dedicated gloo group (a collective over the whole world:
-    with a ``process_group`` that is a subgroup, every rank of the job must still reach that
-    first call -- ``torch.distributed.new_group``'s rule; independent subgroups that first
-    save at different times are not supported).
+    The first call over a set of ranks also creates a dedicated gloo group for the background
+    work (over a subgroup, a collective of its ranks only: subgroups may start saving
+    independently, provided their members have created the same number of process groups,
+    torch's rule for such groups' names).
 
     Args:
         persist: ``"thread"`` (default) writes from a background thread of this process;
@@ -200,10 +206,10 @@ def async_save(
         save_options = SaveOptions(**options)  # a TypeError names an unknown option
         coord = Coordinator(process_group)
         background = state.background_group(process_group)
-        replication_group = replication_group_for(path, process_group)
+        replication_team = replication_team_for(path, process_group)
         with gc_paused():
             planned = plan_save_collective(state_dict, path, coord, save_options, id(process_group))
-            planned.replication_group = replication_group
+            planned.replication_team = replication_team
             t_staging = time.perf_counter()
             staged = state.pool.stage(
                 planned.tensors_to_write(), wait_device=not stage_async, shared=persist == "process"

@@ -125,7 +125,7 @@ def _commit_tier0_and_replicate(
             )
     write_tier_state(store.local, TierState(store.remote.url, REPLICATING))
     return replicator().submit(
-        store, manifest_bytes, planned.replication_group, planned.options.overwrite,
+        store, manifest_bytes, planned.replication_team, planned.options.overwrite,
         streamed=planned.streamed_upload,
     )  # fmt: skip
 

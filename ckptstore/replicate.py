@@ -31,6 +31,7 @@ from ckptstore.errors import (
 )
 from ckptstore.locate import commit_manifest
 from ckptstore.manifest import DATA_PREFIX, MANIFEST_KEY, Manifest
+from ckptstore.store_coordinate import StoreCoordinator
 from ckptstore.tier_state import FAILED, REPLICATED, REPLICATING, TierState, write_tier_state
 from ckptstore.write import writer_rank
 
@@ -96,7 +97,7 @@ def files_of_rank(manifest: Manifest, rank: int, world: int) -> list[int]:
 def replicate_collective(
     tiered: TieredStore,
     manifest_bytes: bytes,
-    coord: Coordinator,
+    coord: Coordinator | StoreCoordinator,
     *,
     overwrite: bool = False,
     attempt: int = 1,

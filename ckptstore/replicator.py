@@ -1,6 +1,8 @@
 """The replication machinery: one background thread per process runs the jobs in submission
-order on every rank (so their collectives line up), on a dedicated gloo group per process
-group; failed jobs are retried before the next job; handles report each job's latest state.
+order on every rank; the ranks of a job agree on its outcome through the job's key-value
+store (:mod:`ckptstore.store_coordinate`: no process group of its own, so subgroups may
+start replicating independently); failed jobs are retried before the next job; handles
+report each job's latest state.
 Also the on-demand entry point :func:`replicate` and the streamed upload an async save starts
 from its staging buffer.
 """
@@ -15,13 +17,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import torch.distributed as dist
-
 from ckptstore.backends.tiered import TieredStore
 from ckptstore.coordinate import Coordinator
 from ckptstore.errors import CkptStoreError, ReplicationError
 from ckptstore.manifest import MANIFEST_KEY
 from ckptstore.replicate import ReplicationInfo, replicate_collective
+from ckptstore.store_coordinate import Team
 from ckptstore.tier_state import FAILED, REPLICATED, REPLICATING, TierState, write_tier_state
 from ckptstore.write import FilePlan, WriteItem, stream_items
 
@@ -59,7 +60,7 @@ class ReplicationHandle:
 class _Job:
     tiered: TieredStore
     manifest_bytes: bytes
-    group: Any
+    team: Team
     overwrite: bool
     future: Future
     attempts: int = 0
@@ -75,31 +76,28 @@ class Replicator:
 
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptstore-replicate")
-        self._groups: dict[int, Any] = {}
+        self._teams: dict[tuple[int, ...], Team] = {}
         self._failed: list[_Job] = []
         self._lock = threading.Lock()
         self._last: Future | None = None
         atexit.register(self._finish_at_exit)
 
-    def group_for(self, process_group: Any) -> Any:
-        """A dedicated gloo group over ``process_group``'s ranks (a collective the first time)."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return None
-        key = id(process_group)
-        if key not in self._groups:
-            ranks = dist.get_process_group_ranks(process_group) if process_group else None
-            self._groups[key] = dist.new_group(ranks=ranks, backend="gloo")
-        return self._groups[key]
+    def team_for(self, process_group: Any) -> Team:
+        """The ranks of ``process_group`` with their exchange counter (no collective: the
+        same ranks share one team, whichever group object names them)."""
+        team = Team(process_group)
+        with self._lock:
+            return self._teams.setdefault(team.ranks, team)
 
     def submit(
         self,
         tiered: TieredStore,
         manifest_bytes: bytes,
-        group: Any,
+        team: Team,
         overwrite: bool,
         streamed: Future | None = None,
     ) -> ReplicationHandle:
-        job = _Job(tiered, manifest_bytes, group, overwrite, Future(), streamed=streamed)
+        job = _Job(tiered, manifest_bytes, team, overwrite, Future(), streamed=streamed)
         with self._lock:
             self._last = self._executor.submit(self._run, job)
         return ReplicationHandle(job, tiered.remote.url)
@@ -117,7 +115,7 @@ class Replicator:
         streamed, job.streamed = job.streamed, None  # a retry uploads from tier 0
         try:
             info = replicate_collective(
-                job.tiered, job.manifest_bytes, Coordinator(job.group),
+                job.tiered, job.manifest_bytes, job.team.next_exchange("replicate"),
                 overwrite=job.overwrite, attempt=job.attempts, streamed=streamed,
             )  # fmt: skip
         except BaseException as exc:
@@ -199,8 +197,8 @@ def replicate(
     if coord.max_ints([done])[0]:
         write_tier_state(path.local, TierState(path.remote.url, REPLICATED))
         return ReplicationInfo(path.remote.url, 0, 0, 0.0)
-    group = replicator().group_for(process_group)
+    team = replicator().team_for(process_group)
     # Run on the replication thread so that it queues behind background jobs in flight.
-    job = _Job(path, data, group, overwrite, Future())
+    job = _Job(path, data, team, overwrite, Future())
     replicator()._executor.submit(replicator()._attempt, job).result()
     return job.future.result()

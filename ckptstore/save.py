@@ -155,8 +155,8 @@ class PlannedSave:
     global_plan: GlobalPlan | None
     plan_cached: bool
     seconds: dict[str, float] = field(default_factory=dict)
-    replication_group: Any = None
-    """The dedicated group replication to a shared tier runs its collectives on."""
+    replication_team: Any = None
+    """The ranks that agree on this save's replication to a shared tier (tiered paths)."""
     streamed_upload: Future | None = None
     """Tiered async saves: this rank's data files going to the shared tier straight from
     the staging buffer while tier 0 is written (a Future of the keys uploaded)."""
@@ -223,10 +223,10 @@ def save(
         spread_prefixes=spread_prefixes,
     )
     coord = Coordinator(process_group)
-    group = replication_group_for(path, process_group)
+    team = replication_team_for(path, process_group)
     with gc_paused():  # bulk object creation; see ckptstore.gcpause
         planned = plan_save_collective(state_dict, path, coord, options, id(process_group))
-        planned.replication_group = group
+        planned.replication_team = team
         t = time.perf_counter()
         keep_alive = [host_contiguous(x) for x in planned.tensors_to_write()]
         result, error = write_planned(planned, planned.write_items(keep_alive))
@@ -235,13 +235,13 @@ def save(
         return commit_collective(planned, result, error, coord)
 
 
-def replication_group_for(path: Any, process_group: Any) -> Any:
-    """For a tiered path: the replication group (created once, a collective); else None."""
+def replication_team_for(path: Any, process_group: Any) -> Any:
+    """For a tiered path: the team of ranks that agree on its replication; else None."""
     if not isinstance(path, TieredStore):
         return None
     from ckptstore.replicator import replicator
 
-    return replicator().group_for(process_group)
+    return replicator().team_for(process_group)
 
 
 def plan_save_collective(

@@ -337,3 +337,15 @@ def test_a_failed_tier0_write_leaves_nothing_on_s3(seaweed, tmp_path) -> None:
     while list(store.list("")) and time.monotonic() < deadline:
         time.sleep(0.1)  # then its files are deleted
     assert list(store.list("")) == []
+
+
+def test_subgroups_that_start_saving_at_different_times(seaweed, tmp_path) -> None:
+    # The background machinery (a gloo group for async commits, replication agreement) is set
+    # up by the ranks of each subgroup alone: the second pair's first save comes long after
+    # the first pair's. A job-wide collective in that set-up would hang here.
+    remote = f"s3://{_bucket(seaweed)}/sub"
+    seen = run_ranks(
+        4, tiered_cases.independent_subgroups, str(tmp_path), remote, seaweed.options(), 3.0,
+        timeout=150,
+    )  # fmt: skip
+    assert seen == [[0.0, 1.0], [0.0, 1.0], [10.0, 11.0], [10.0, 11.0]]

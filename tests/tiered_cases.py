@@ -86,3 +86,35 @@ def save_failing_replication(
     except cs.errors.ReplicationError as exc:
         return str(exc)
     return "replicated"
+
+
+def independent_subgroups(
+    rank: int, world: int, root: str, remote: str, opts: dict, stagger_s: float
+) -> list[float]:
+    """Two pairs of ranks, each with its own subgroup, save (async, tiered, replicated) on
+    their own schedules: the second pair starts only after the first has finished twice."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # the job's own groups
+    pair = rank // 2
+    if pair == 1:
+        time.sleep(stagger_s)
+    seen = []
+    for step in range(2):
+        state = {"w": torch.full((8,), float(10 * pair + step)), "step": step}
+        path = cs.Tiered(
+            local=f"{root}/pair{pair}/node/step{step}",
+            remote=f"{remote}/pair{pair}/step{step}",
+            remote_options=opts,
+        )
+        info = cs.async_save(state, path, process_group=pairs[pair]).wait(timeout=60)
+        info.replication.wait(timeout=60)
+        out = {"w": torch.zeros(8), "step": -1}
+        cs.load(out, f"{remote}/pair{pair}/step{step}", process_group=pairs[pair],
+                storage_options=opts)  # fmt: skip
+        seen.append(float(out["w"][0]))
+    dist.barrier()  # rank 0 hosts the job's store: it stays until the second pair is done
+    return seen
