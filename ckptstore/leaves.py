@@ -101,6 +101,9 @@ class Leaf(NamedTuple):
     """Where the leaf sits (its dict or list, or its PerRank wrapper), for :meth:`set_value`."""
     key: Any = None
 
+    def __repr__(self) -> str:  # not the container: it may be a whole state_dict
+        return f"Leaf({self.name!r}, {self.kind!r}, shape={list(self.global_shape)})"
+
     def set_value(self, new: Any) -> None:
         """Replace this leaf in the caller's state_dict (plain values are not filled in place)."""
         if isinstance(self.container, PerRank):
