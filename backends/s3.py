@@ -325,30 +325,31 @@ class S3Store(Store):
                 raise KeyNotFoundError(f"{self.url}: no such key {key!r}") from None
             raise StoreError(f"{self.url}: HEAD {key!r} failed: {exc}") from exc
 
-    def list(self, prefix: str = "") -> Iterator[str]:
-        base = f"{self.prefix}/" if self.prefix else ""
+    def _listing(self, prefix: str, delimiter: bool = False) -> Iterator[dict[str, Any]]:
+        """Pages of ``list_objects_v2`` under ``prefix`` (one level with ``delimiter``)."""
+        extra = {"Delimiter": "/"} if delimiter else {}
         paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=base + prefix):
-            for obj in page.get("Contents", []):
-                yield obj["Key"][len(base) :]
+        yield from paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix), **extra)
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        for info in self.list_details(prefix):
+            yield info.key
 
     def list_children(self, prefix: str = "") -> Iterator[str]:
-        base = f"{self.prefix}/" if self.prefix else ""
-        paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=base + prefix, Delimiter="/"):
+        cut = len(self._key(prefix))
+        for page in self._listing(prefix, delimiter=True):
             for common in page.get("CommonPrefixes", []):
-                yield common["Prefix"][len(base) + len(prefix) :]
+                yield common["Prefix"][cut:]
             for obj in page.get("Contents", []):
-                yield obj["Key"][len(base) + len(prefix) :]
+                yield obj["Key"][cut:]
 
     def list_details(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        base = f"{self.prefix}/" if self.prefix else ""
-        paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=base + prefix):
+        cut = len(self._key(""))
+        for page in self._listing(prefix):
             for obj in page.get("Contents", []):
                 modified = obj.get("LastModified")
                 yield ObjectInfo(
-                    obj["Key"][len(base) :],
+                    obj["Key"][cut:],
                     int(obj.get("Size", 0)),
                     modified.timestamp() if modified is not None else None,
                 )

@@ -53,10 +53,6 @@ class TieredStore(Store):
         with self._lock:
             self.bytes_read[tier] += n
 
-    def reset_counters(self) -> None:
-        with self._lock:
-            self.bytes_read = {LOCAL: 0, REMOTE: 0}
-
     # -- reads: local first -------------------------------------------------------------
     def read(self, key: str, byte_range: ByteRange | None = None) -> bytes:
         try:

@@ -89,7 +89,8 @@ class _AsyncState:
     def __init__(self) -> None:
         self.pool = StagingPool(slots=1)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptstore-async")
-        self.groups: dict[tuple[int, ...], Any] = {}
+        self.groups: dict[tuple[int, ...], Any] = {}  # by ranks: one group per rank set
+        self.group_of: dict[int, Any] = {}  # by id(process_group)
         self.last: AsyncSaveHandle | None = None
         self.lock = threading.Lock()
         atexit.register(self.finish_at_exit)
@@ -104,12 +105,16 @@ class _AsyncState:
         """
         if not (dist.is_available() and dist.is_initialized()):
             return None
+        known = self.group_of.get(id(process_group))  # the usual case: no rank list per save
+        if known is not None:
+            return known
         ranks = tuple(dist.get_process_group_ranks(process_group or dist.group.WORLD))
         if ranks not in self.groups:
             subgroup = len(ranks) < dist.get_world_size()
             self.groups[ranks] = dist.new_group(
                 ranks=list(ranks), backend="gloo", use_local_synchronization=subgroup
             )
+        self.group_of[id(process_group)] = self.groups[ranks]
         return self.groups[ranks]
 
     def finish_at_exit(self) -> None:

@@ -72,6 +72,11 @@ def scan(root: str | Store, *, details: bool = False) -> list[CheckpointEntry]:
     return entries
 
 
+def committed_steps(root: str | Store) -> list[int]:
+    """The steps under ``root`` whose manifest is committed, ascending."""
+    return [e.step for e in scan(root) if e.state == "committed"]
+
+
 def delete_checkpoint(root: str | Store, step: int) -> None:
     """Remove one checkpoint: the manifest first (it stops existing), then its data."""
     store = open_store(root)

@@ -11,7 +11,7 @@ import crc32c as _crc32c
 import numpy as np
 
 from ckptstore.backends.base import StoreWriter
-from ckptstore.manifest import ChunkTable
+from ckptstore.manifest import BlobRef, ChunkTable
 
 ChunkRow = tuple[int, int, int, list[int]]
 """(file, offset, nbytes, block crcs) of one written chunk, as :meth:`ChunkWriter.end` gives it."""
@@ -52,6 +52,14 @@ class ChunkWriter:
         if self.in_block or not self.crcs:
             self.crcs.append(self.crc)
         return self.file, self.start, self.offset - self.start, self.crcs
+
+
+def blob_ref(out: ChunkWriter, data: bytes) -> BlobRef:
+    """Append ``data`` (a pickled object's bytes) whole; where it went, with its checksums."""
+    out.begin()
+    out.add(memoryview(data))
+    file, offset, nbytes, crcs = out.end()
+    return BlobRef(file, offset, nbytes, tuple(crcs))
 
 
 def chunk_table(rows: list[ChunkRow], block: int) -> ChunkTable:

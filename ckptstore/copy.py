@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckptstore.backends.base import ByteRange, Store
-from ckptstore.errors import CheckpointExistsError, ChecksumError
-from ckptstore.locate import commit_manifest, read_manifest_bytes, store_for
-from ckptstore.manifest import MANIFEST_KEY, Manifest
+from ckptstore.errors import ChecksumError
+from ckptstore.locate import commit_manifest, read_manifest_bytes, refuse_existing, store_for
+from ckptstore.manifest import Manifest
 from ckptstore.verify import verify_checkpoint
 
 
@@ -50,8 +50,7 @@ def copy_checkpoint(
     target = store_for(dst, dst_options)
     raw = read_manifest_bytes(source)
     manifest = Manifest.from_json(raw, where=source.url)
-    if not overwrite and target.exists(MANIFEST_KEY):
-        raise CheckpointExistsError(f"{target.url}: a committed checkpoint is already there")
+    refuse_existing(target, overwrite=overwrite)
 
     def copy_file(key: str) -> int:
         size = source.size(key)

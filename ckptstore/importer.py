@@ -172,10 +172,7 @@ def import_checkpoint(
         elif kind == "dcp":
             for batch in _dcp_batches(src, trust, max_memory):
                 for name, value in batch.items():
-                    if isinstance(value, torch.Tensor):
-                        writer.add_tensor(name, value)
-                    else:
-                        writer.add_value(name, value)
+                    writer.add(name, value)
         else:
             try:
                 loaded = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
@@ -188,10 +185,7 @@ def import_checkpoint(
                     f"{src}: holds a {type(loaded).__name__}, not a dict of tensors"
                 )
             for name, value in _flat_entries(loaded):
-                if isinstance(value, torch.Tensor):
-                    writer.add_tensor(name, value)
-                else:
-                    writer.add_value(name, value)
+                writer.add(name, value)
         writer.commit()
     except BaseException:
         writer.abort()

@@ -24,6 +24,16 @@ def store_for(
     return open_store(path, **(storage_options or {}))
 
 
+def refuse_existing(store: Store, *, overwrite: bool) -> None:
+    """Fail early, before writing any data, if ``store`` holds a committed checkpoint.
+
+    Raises:
+        CheckpointExistsError: there is one and ``overwrite`` is not set.
+    """
+    if not overwrite and store.exists(MANIFEST_KEY):
+        raise CheckpointExistsError(f"{store.url}: a committed checkpoint is already there")
+
+
 def commit_manifest(store: Store, data: bytes, *, overwrite: bool) -> None:
     """Write the manifest last, atomically: create-if-absent, or replace with ``overwrite``.
 

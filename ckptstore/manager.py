@@ -36,6 +36,7 @@ from ckptstore.backends.tiered import TieredStore
 from ckptstore.coordinate import Coordinator
 from ckptstore.errors import CheckpointNotFoundError, CkptStoreError
 from ckptstore.load import LoadInfo, load
+from ckptstore.manifest import DATA_PREFIX
 from ckptstore.policies import (
     EveryNSeconds,
     EveryNSteps,
@@ -269,7 +270,7 @@ class CheckpointManager:
         if not self._coord.is_coordinator:
             return
         root = self._root_store()
-        committed = [e.step for e in catalog.scan(root) if e.state == "committed"]
+        committed = catalog.committed_steps(root)
         if not committed:
             return
         keep = self.retention.keep(committed) | {committed[-1]}  # never the newest
@@ -281,7 +282,7 @@ class CheckpointManager:
         """Every rank trims its node's directory (idempotent when ranks share a node); a
         checkpoint that is not replicated yet is never deleted from the local tier."""
         assert self.local_dir is not None
-        local = [e.step for e in catalog.scan(self.local_dir) if e.state == "committed"]
+        local = catalog.committed_steps(self.local_dir)
         if not local:
             return
         keep = self.local_retention.keep(local) | {local[-1]}
@@ -297,9 +298,9 @@ class CheckpointManager:
     def steps(self) -> list[int]:
         """Restorable steps, ascending: committed on ``root`` or (tiered) on this node's
         local directory. A checkpoint being written is not among them."""
-        steps = {e.step for e in catalog.scan(self._root_store()) if e.state == "committed"}
+        steps = set(catalog.committed_steps(self._root_store()))
         if self.local_dir is not None:
-            steps |= {e.step for e in catalog.scan(self.local_dir) if e.state == "committed"}
+            steps |= set(catalog.committed_steps(self.local_dir))
         return sorted(steps)
 
     def latest_step(self) -> int | None:
@@ -316,17 +317,13 @@ class CheckpointManager:
         its own ranks' files, so a multi-node job restores local-only checkpoints once they
         are replicated (the usual case a few seconds after the save)."""
         if self.local_dir is None:
-            return [e.step for e in catalog.scan(self._root_store()) if e.state == "committed"]
-        complete = [
-            e.step
-            for e in catalog.scan(self.local_dir)
-            if e.state == "committed" and self._complete_locally(e.step)
-        ]
+            return catalog.committed_steps(self._root_store())
+        complete = [s for s in catalog.committed_steps(self.local_dir) if self._complete_locally(s)]
         everyone = self._coord.gather(complete)
         agreed = None
         if self._coord.is_coordinator:  # one listing of the shared tier, not one per rank
             assert everyone is not None
-            remote = {e.step for e in catalog.scan(self._root_store()) if e.state == "committed"}
+            remote = set(catalog.committed_steps(self._root_store()))
             agreed = sorted(remote | set.intersection(*(set(x) for x in everyone)))
         return self._coord.broadcast(agreed)
 
@@ -339,7 +336,7 @@ class CheckpointManager:
             files = read_manifest(store).files
         except CkptStoreError:
             return False
-        present = set(store.list("data/"))
+        present = set(store.list(DATA_PREFIX))
         return all(f in present for f in files)
 
     # -- restoring ------------------------------------------------------------------------

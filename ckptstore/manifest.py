@@ -97,7 +97,7 @@ class TensorRecord(NamedTuple):
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * itemsize(self.dtype)
+        return self.numel * itemsize(self.dtype)
 
 
 @dataclass(frozen=True)
@@ -252,7 +252,7 @@ def _manifest_from_doc(doc: Any, where: str) -> Manifest:
         raise ManifestError(
             f"{where}: chunks.crc32c has {len(crcs)} checksums, expected {int(table.crc_first[-1])}"
         )
-    _check_chunk_ranges(tensors, per_rank, table_cols, count, where)
+    _check_chunk_ranges(tensors, per_rank, table_cols, others, count, where)
     return Manifest(
         world_size=int(doc["world_size"]),
         files=files,
@@ -270,19 +270,23 @@ def _check_chunk_ranges(
     tensors: dict[str, TensorRecord],
     per_rank: dict[str, list[Entry]],
     cols: _TensorColumns,
+    others: list[TensorRecord],
     count: int,
     where: str,
 ) -> None:
-    """Every tensor's chunks lie inside the chunk table (vectorized for whole-chunk rows)."""
+    """Every tensor's chunks lie inside the chunk table: one vectorized check for whole-chunk
+    rows, a loop over ``others`` (the rest); by name only on the error path."""
+
+    def outside(t: TensorRecord) -> bool:
+        return t.chunk_start < 0 or t.chunk_start + t.chunk_count > count
+
     whole_count = (cols.whole_nbytes > 0).astype(np.int64)  # a tensor without elements has none
     bad = (cols.whole_start < 0) | (cols.whole_start + whole_count > count)
-    others = [(None, t) for t in cols.special]
-    others += [(n, e) for n, es in per_rank.items() for e in es if isinstance(e, TensorRecord)]
-    if bad.any() or any(
-        t.chunk_start < 0 or t.chunk_start + t.chunk_count > count for _, t in others
-    ):
-        for name, t in [*tensors.items(), *others]:
-            if t.chunk_start < 0 or t.chunk_start + t.chunk_count > count:
+    if bad.any() or any(map(outside, others)):
+        named = [*tensors.items()]
+        named += [(n, e) for n, es in per_rank.items() for e in es if isinstance(e, TensorRecord)]
+        for name, t in named:
+            if outside(t):
                 raise ManifestError(f"{where}: tensor {name!r} refers to chunks outside the table")
 
 

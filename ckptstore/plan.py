@@ -17,7 +17,6 @@ import heapq
 import itertools
 import pickle
 from dataclasses import dataclass, field
-from itertools import chain
 from operator import itemgetter
 from typing import NamedTuple
 
@@ -92,8 +91,12 @@ class RankPlan:
         ndim = max(ndims, default=0)
         n = len(tensors)
         if len(ndims) <= 1:  # one rank for all (the usual case): straight from the tuples
-            offsets = np.fromiter(chain.from_iterable(map(_OFFSETS_OF, boxes)), np.int64, n * ndim)
-            shapes = np.fromiter(chain.from_iterable(map(_SHAPE_OF_BOX, boxes)), np.int64, n * ndim)
+            offsets = np.fromiter(
+                itertools.chain.from_iterable(map(_OFFSETS_OF, boxes)), np.int64, n * ndim
+            )
+            shapes = np.fromiter(
+                itertools.chain.from_iterable(map(_SHAPE_OF_BOX, boxes)), np.int64, n * ndim
+            )
         else:  # pad to ndim columns: offsets with 0, shapes with 1
             offsets = np.array([o + (0,) * (ndim - len(o)) for o, _ in boxes], dtype=np.int64)
             shapes = np.array([s + (1,) * (ndim - len(s)) for _, s in boxes], dtype=np.int64)

@@ -7,7 +7,8 @@ the same manifest on the shared tier with create-if-absent. One broadcast tells 
 and each node records the outcome in its local ``replication.json``.
 
 This module is the work of one replication (uploads, checks, the remote commit); the
-background thread, its dedicated group, retries and handles are in ``ckptstore.replicator``.
+background thread, the agreement among ranks, retries and handles are in
+``ckptstore.replicator``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ckptstore.locate import commit_manifest
 from ckptstore.manifest import DATA_PREFIX, MANIFEST_KEY, Manifest
 from ckptstore.store_coordinate import StoreCoordinator
 from ckptstore.tier_state import FAILED, REPLICATED, REPLICATING, TierState, write_tier_state
+from ckptstore.verify import stored_ranges
 from ckptstore.write import writer_rank
 
 _PIECE = 16 << 20
@@ -48,19 +50,6 @@ class ReplicationInfo:
     seconds: float
 
 
-def _file_checks(manifest: Manifest, file: int) -> list[tuple[int, int, list[int]]]:
-    """(offset, nbytes, block crcs) of every chunk and pickled object stored in ``file``."""
-    table = manifest.chunks
-    checks = []
-    for c in np.flatnonzero(table.file == file).tolist():
-        a, b = table.crc_range(c)
-        checks.append((int(table.offset[c]), int(table.nbytes[c]), table.crc32c[a:b].tolist()))
-    for _, blob in manifest.blobs():
-        if blob.file == file:
-            checks.append((blob.offset, blob.nbytes, list(blob.crc32c)))
-    return checks
-
-
 def upload_file(local: Store, remote: Store, manifest: Manifest, file: int) -> int:
     """Copy one data file local -> remote after verifying its chunks; returns its size."""
     key = manifest.files[file]
@@ -68,10 +57,11 @@ def upload_file(local: Store, remote: Store, manifest: Manifest, file: int) -> i
     if view is None:
         view = memoryview(local.read(key))
     block = manifest.chunks.block_bytes
-    for offset, nbytes, crcs in _file_checks(manifest, file):
+    for r in stored_ranges(manifest, file):
+        offset, nbytes = r.offset, r.nbytes
         if offset + nbytes > len(view):
             raise ReplicationError(f"{local.url}/{key}: truncated ({len(view)} bytes)")
-        if block_crcs(view[offset : offset + nbytes], block) != crcs:
+        if block_crcs(view[offset : offset + nbytes], block) != r.crcs.tolist():
             raise ChecksumError(
                 f"{local.url}/{key}: bytes {offset}..{offset + nbytes} fail their crc32c on "
                 "the local tier; not uploaded",

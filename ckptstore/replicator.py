@@ -77,6 +77,7 @@ class Replicator:
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptstore-replicate")
         self._teams: dict[tuple[int, ...], Team] = {}
+        self._team_of: dict[int, Team] = {}  # by id(process_group)
         self._failed: list[_Job] = []
         self._lock = threading.Lock()
         self._last: Future | None = None
@@ -85,9 +86,12 @@ class Replicator:
     def team_for(self, process_group: Any) -> Team:
         """The ranks of ``process_group`` with their exchange counter (no collective: the
         same ranks share one team, whichever group object names them)."""
-        team = Team(process_group)
         with self._lock:
-            return self._teams.setdefault(team.ranks, team)
+            known = self._team_of.get(id(process_group))  # the usual case: no rank list
+            if known is None:
+                team = Team(process_group)
+                known = self._team_of[id(process_group)] = self._teams.setdefault(team.ranks, team)
+            return known
 
     def submit(
         self,

@@ -23,13 +23,12 @@ from typing import Any
 from ckptstore import knobs
 from ckptstore.backends.base import ByteRange, Store
 from ckptstore.checkpoint import Checkpoint, open_checkpoint
-from ckptstore.chunk_writer import ChunkRow, ChunkWriter, chunk_table
+from ckptstore.chunk_writer import ChunkRow, ChunkWriter, blob_ref, chunk_table
 from ckptstore.dtypes import dtype_from_name
-from ckptstore.errors import CheckpointExistsError, ConversionError
-from ckptstore.locate import commit_manifest, store_for
+from ckptstore.errors import ConversionError
+from ckptstore.locate import commit_manifest, refuse_existing, store_for
 from ckptstore.manifest import (
     DATA_PREFIX,
-    MANIFEST_KEY,
     BlobRef,
     Manifest,
     ObjectRecord,
@@ -109,8 +108,7 @@ def reshard_checkpoint(
     rules = parse_placements(placements or [])
     ckpt = open_checkpoint(src, storage_options=src_options)
     target = store_for(dst, dst_options)
-    if not overwrite and target.exists(MANIFEST_KEY):
-        raise CheckpointExistsError(f"{target.url}: a committed checkpoint is already there")
+    refuse_existing(target, overwrite=overwrite)
     m = ckpt.manifest
     block = knobs.checksum_block_bytes()
     plan = {n: placement_for(n, r, rules, world_size) for n, r in m.tensors.items()}
@@ -171,10 +169,7 @@ def reshard_checkpoint(
                     data = ckpt.store.read(
                         m.files[b.file], ByteRange(b.offset, b.offset + b.nbytes)
                     )
-                    out.begin()
-                    out.add(memoryview(data))
-                    f, off, n, crcs = out.end()
-                    blobs[(name, rank)] = BlobRef(f, off, n, tuple(crcs))
+                    blobs[(name, rank)] = blob_ref(out, data)
     except BaseException:
         for key in files:
             target.delete(key)

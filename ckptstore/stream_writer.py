@@ -18,7 +18,7 @@ import torch
 
 from ckptstore import knobs
 from ckptstore.backends.base import Store, StoreWriter
-from ckptstore.chunk_writer import ChunkRow, ChunkWriter, chunk_table
+from ckptstore.chunk_writer import ChunkRow, ChunkWriter, blob_ref, chunk_table
 from ckptstore.dtypes import dtype_name
 from ckptstore.errors import (
     CheckpointExistsError,
@@ -26,11 +26,9 @@ from ckptstore.errors import (
     StateDictError,
 )
 from ckptstore.leaves import is_plain
-from ckptstore.locate import commit_manifest, store_for
+from ckptstore.locate import commit_manifest, refuse_existing, store_for
 from ckptstore.manifest import (
     DATA_PREFIX,
-    MANIFEST_KEY,
-    BlobRef,
     Manifest,
     ObjectRecord,
     TensorRecord,
@@ -55,10 +53,7 @@ class StreamingWriter:
         storage_options: dict[str, Any] | None = None,
     ) -> None:
         self.store = store_for(dst, storage_options)
-        if not overwrite and self.store.exists(MANIFEST_KEY):
-            raise CheckpointExistsError(
-                f"{self.store.url}: a committed checkpoint is already there"
-            )
+        refuse_existing(self.store, overwrite=overwrite)
         self.overwrite, self.allow_pickle = overwrite, allow_pickle
         self.metadata = dict(metadata or {})
         self.block = knobs.checksum_block_bytes()
@@ -94,17 +89,20 @@ class StreamingWriter:
         self.tensors[name] = record
         self.bytes += tensor.numel() * tensor.element_size()
 
+    def add(self, name: str, value: Any) -> None:
+        """A tensor (:meth:`add_tensor`) or anything else (:meth:`add_value`)."""
+        if isinstance(value, torch.Tensor):
+            self.add_tensor(name, value)
+        else:
+            self.add_value(name, value)
+
     def add_value(self, name: str, value: Any) -> None:
         """A plain value (JSON-able) or, with ``allow_pickle``, any picklable object."""
         if isinstance(value, (list, dict)):  # containers flatten to dotted names, as in save
             from ckptstore.leaves import flatten
 
             for leaf in flatten(value).values():
-                sub = f"{name}.{leaf.name}"
-                if isinstance(leaf.value, torch.Tensor):
-                    self.add_tensor(sub, leaf.value)
-                else:
-                    self.add_value(sub, leaf.value)
+                self.add(f"{name}.{leaf.name}", leaf.value)
             return
         self._check_name(name)
         plain = is_plain(value)
@@ -122,10 +120,7 @@ class StreamingWriter:
                 "pickle (allow_pickle=True)"
             )
         data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-        self._chunks.begin()
-        self._chunks.add(memoryview(data))
-        f, off, n, crcs = self._chunks.end()
-        self.objects[name] = ObjectRecord(blob=BlobRef(f, off, n, tuple(crcs)))
+        self.objects[name] = ObjectRecord(blob=blob_ref(self._chunks, data))
 
     def abort(self) -> None:
         self._writer.abort()

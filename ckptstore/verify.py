@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -57,6 +58,37 @@ def chunk_owners(manifest: Manifest) -> list[str]:
     return owners
 
 
+class StoredRange(NamedTuple):
+    """Bytes of a data file with their block checksums: a chunk, or a pickled object."""
+
+    chunk: int  # row of the chunk table; -1 for a pickled object
+    blob: str | None  # the pickled object's entry name (None for a chunk)
+    file: int
+    offset: int
+    nbytes: int
+    crcs: np.ndarray
+
+
+def stored_ranges(manifest: Manifest, file: int | None = None) -> list[StoredRange]:
+    """Every chunk and pickled object of the checkpoint, or only those stored in ``file``
+    (picked with one array comparison: a manifest may hold millions of chunks)."""
+    t = manifest.chunks
+    rows = np.arange(len(t)) if file is None else np.flatnonzero(t.file == file)
+    out = [
+        StoredRange(c, None, f, o, n, t.crc32c[a:b])
+        for c, f, o, n, a, b in zip(
+            rows.tolist(), t.file[rows].tolist(), t.offset[rows].tolist(),
+            t.nbytes[rows].tolist(), t.crc_first[rows].tolist(), t.crc_first[rows + 1].tolist(),
+            strict=True,
+        )
+    ]  # fmt: skip
+    for name, blob in manifest.blobs():
+        if file is None or blob.file == file:
+            crcs = np.array(blob.crc32c, dtype=np.uint32)
+            out.append(StoredRange(-1, name, blob.file, blob.offset, blob.nbytes, crcs))
+    return out
+
+
 def verify_checkpoint(
     store: Store,
     manifest: Manifest,
@@ -65,28 +97,13 @@ def verify_checkpoint(
     progress: Callable[[int], None] | None = None,
 ) -> VerifyReport:
     """Read every chunk and pickled object back and compare every block's crc32c."""
-    table = manifest.chunks
     owners = chunk_owners(manifest)
-    block = table.block_bytes
-    work: list[tuple[str, int, int, int, int, np.ndarray]] = []  # entry, chunk, file, off, n, crcs
-    for c in range(len(table)):
-        a, b = table.crc_range(c)
-        work.append(
-            (
-                owners[c],
-                c,
-                int(table.file[c]),
-                int(table.offset[c]),
-                int(table.nbytes[c]),
-                table.crc32c[a:b],
-            )
-        )
-    for name, blob in manifest.blobs():
-        crcs = np.array(blob.crc32c, dtype=np.uint32)
-        work.append((name, -1, blob.file, blob.offset, blob.nbytes, crcs))
+    block = manifest.chunks.block_bytes
+    work = stored_ranges(manifest)
 
-    def check(item: tuple[str, int, int, int, int, np.ndarray]) -> list[BadChunk]:
-        entry, chunk, file, offset, nbytes, crcs = item
+    def check(r: StoredRange) -> list[BadChunk]:
+        entry = r.blob if r.blob is not None else owners[r.chunk]
+        chunk, file, offset, nbytes, crcs = r.chunk, r.file, r.offset, r.nbytes, r.crcs
         key = manifest.files[file]
         bad: list[BadChunk] = []
         buf = bytearray(min(max(nbytes, 1), 4 * block))
@@ -123,4 +140,4 @@ def verify_checkpoint(
     with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="ckptstore-verify") as pool:
         results = list(pool.map(check, work))
     bad = [b for r in results for b in r]
-    return VerifyReport(chunks=len(work), bytes_checked=sum(w[4] for w in work), bad=bad)
+    return VerifyReport(chunks=len(work), bytes_checked=sum(w.nbytes for w in work), bad=bad)

@@ -77,7 +77,7 @@ class CheckpointZarrMap:
                 "or zarr(strict=False) to view the others"
             )
         self.docs: dict[str, bytes] = {}
-        self.chunks: dict[str, tuple[int, int]] = {}  # key -> (tensor's chunk row, n grid dims)
+        self.chunks: dict[str, int] = {}  # zarr chunk key -> row of the chunk table
         attrs = {"ckptstore": {"path": ckpt.url, "world_size": m.world_size,
                                "not_viewable": self.skipped}}  # fmt: skip
         self.docs["zarr.json"] = _json(
@@ -97,10 +97,10 @@ class CheckpointZarrMap:
                     idx.append(rest % n)
                     rest //= n
                 key = "/".join(["c", *map(str, reversed(idx))]) if grid else "c"
-                self.chunks[f"{name}/{key}"] = (rec.chunk_start + flat, len(grid))
+                self.chunks[f"{name}/{key}"] = rec.chunk_start + flat
 
     def read_chunk(self, key: str) -> bytes:
-        row, _ = self.chunks[key]
+        row = self.chunks[key]
         t = self.ckpt.manifest.chunks
         file, off, n = int(t.file[row]), int(t.offset[row]), int(t.nbytes[row])
         data = self.ckpt.store.read(self.ckpt.manifest.files[file], ByteRange(off, off + n))
@@ -119,7 +119,7 @@ class CheckpointZarrMap:
         t = m.chunks
         refs: dict[str, Any] = {k: v.decode() for k, v in self.docs.items()}
         base = self.ckpt.store.url.rstrip("/")
-        for key, (row, _) in self.chunks.items():
+        for key, row in self.chunks.items():
             refs[key] = [f"{base}/{m.files[int(t.file[row])]}", int(t.offset[row]),
                          int(t.nbytes[row])]  # fmt: skip
         return {"version": 1, "refs": refs}

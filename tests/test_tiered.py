@@ -4,6 +4,7 @@ that leave tier 0 intact, burst control, and the manager's per-tier retention.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -40,6 +41,15 @@ def _zeros() -> dict:
 def _data_file(local_dir) -> str:
     data = os.path.join(local_dir, "data")
     return os.path.join(data, sorted(os.listdir(data))[0])
+
+
+@contextlib.contextmanager
+def _puts_failing(seaweed):
+    """S3 options through a proxy that refuses every PUT while ``failing["on"]`` is true."""
+    failing = {"on": True}
+    plan = FaultPlan(rule=lambda m, p, n: "503" if failing["on"] and m == "PUT" else "pass")
+    with FaultProxy(("127.0.0.1", S3_PORT), plan) as proxy:
+        yield failing, {**seaweed.options(proxy.endpoint), "max_attempts": 2}
 
 
 def test_save_commits_locally_then_replicates_and_loads_from_either_tier(seaweed, tmp_path) -> None:
@@ -229,10 +239,7 @@ def test_async_save_to_the_tiered_store(seaweed, tmp_path, codec) -> None:
 
 def test_a_failed_replication_is_retried_before_the_next_one(seaweed, tmp_path) -> None:
     bucket = _bucket(seaweed)
-    failing = {"on": True}
-    plan = FaultPlan(rule=lambda m, p, n: "503" if failing["on"] and m == "PUT" else "pass")
-    with FaultProxy(("127.0.0.1", S3_PORT), plan) as proxy:
-        opts = {**seaweed.options(proxy.endpoint), "max_attempts": 2}
+    with _puts_failing(seaweed) as (failing, opts):
         first = cs.save(
             _state(), cs.Tiered(tmp_path / "a", f"s3://{bucket}/a", remote_options=opts)
         )
@@ -251,10 +258,7 @@ def test_a_failed_replication_is_retried_before_the_next_one(seaweed, tmp_path) 
 
 def test_manager_reports_a_failed_upload_and_replicates_on_demand(seaweed, tmp_path) -> None:
     bucket = _bucket(seaweed)
-    failing = {"on": True}
-    plan = FaultPlan(rule=lambda m, p, n: "503" if failing["on"] and m == "PUT" else "pass")
-    with FaultProxy(("127.0.0.1", S3_PORT), plan) as proxy:
-        opts = {**seaweed.options(proxy.endpoint), "max_attempts": 2}
+    with _puts_failing(seaweed) as (failing, opts):
         mgr = cs.CheckpointManager(
             f"s3://{bucket}/run", local_dir=str(tmp_path / "nvme"), async_save=False,
             keep_local=1, storage_options=opts,

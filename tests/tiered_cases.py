@@ -21,11 +21,19 @@ def tiered_path(nodes_root: str, remote: str, opts: dict, rank: int, per_node: i
 def save_on_nodes(
     rank: int, world: int, nodes_root: str, remote: str, opts: dict, per_node: int
 ) -> dict:
-    path = tiered_path(nodes_root, remote, opts, rank, per_node)
-    info = cs.save(build_state("row", rank, world), path)
-    assert info.replication is not None
+    info = _save_row_state(rank, world, nodes_root, remote, opts, per_node)
     replicated = info.replication.wait(timeout=120)
     return {"files": replicated.files, "bytes": replicated.bytes, "state": info.replication.state}
+
+
+def _save_row_state(
+    rank: int, world: int, nodes_root: str, remote: str, opts: dict, per_node: int
+) -> cs.SaveInfo:
+    info = cs.save(
+        build_state("row", rank, world), tiered_path(nodes_root, remote, opts, rank, per_node)
+    )
+    assert info.replication is not None
+    return info
 
 
 def load_on_nodes(
@@ -78,9 +86,7 @@ def save_failing_replication(
     rank: int, world: int, nodes_root: str, remote: str, opts: dict, per_node: int
 ) -> str:
     """A tiered save whose upload fails (the proxy refuses PUTs); returns the error."""
-    path = tiered_path(nodes_root, remote, opts, rank, per_node)
-    info = cs.save(build_state("row", rank, world), path)
-    assert info.replication is not None
+    info = _save_row_state(rank, world, nodes_root, remote, opts, per_node)
     try:
         info.replication.wait(timeout=120)
     except cs.errors.ReplicationError as exc:

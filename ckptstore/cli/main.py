@@ -162,9 +162,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from ckptstore.cli.progress import Progress
 
     ck = open_checkpoint(args.path)
-    progress = Progress("verify", ck.manifest.stored_bytes(), enabled=not args.json)
-    report = verify_checkpoint(ck.store, ck.manifest, jobs=args.jobs, progress=progress)
-    progress.close()
+    with Progress("verify", ck.manifest.stored_bytes(), enabled=not args.json) as progress:
+        report = verify_checkpoint(ck.store, ck.manifest, jobs=args.jobs, progress=progress)
     if args.json:
         print(
             json.dumps(
@@ -258,13 +257,11 @@ def cmd_cp(args: argparse.Namespace) -> int:
     from ckptstore.cli.progress import Progress
     from ckptstore.copy import copy_checkpoint
 
-    progress = Progress(
-        "copy", open_checkpoint(args.src).manifest.stored_bytes(), enabled=not args.json
-    )
-    info = copy_checkpoint(
-        args.src, args.dst, jobs=args.jobs, overwrite=args.overwrite, progress=progress
-    )
-    progress.close()
+    total = open_checkpoint(args.src).manifest.stored_bytes()
+    with Progress("copy", total, enabled=not args.json) as progress:
+        info = copy_checkpoint(
+            args.src, args.dst, jobs=args.jobs, overwrite=args.overwrite, progress=progress
+        )
     if args.json:
         print(json.dumps(info.__dict__))
     else:
@@ -305,13 +302,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ckptstore.export import export_checkpoint
 
     ck = open_checkpoint(args.path)  # once: the export reads this same manifest
-    progress = Progress("export", ck.manifest.total_tensor_bytes(), enabled=not args.json)
-    info = export_checkpoint(
-        ck, args.out, format=args.format, tensors=args.tensors, dtype=args.dtype,
-        max_shard_bytes=parse_size(args.max_shard_size), max_memory=parse_size(args.max_memory),
-        progress=progress,
-    )  # fmt: skip
-    progress.close()
+    with Progress("export", ck.manifest.total_tensor_bytes(), enabled=not args.json) as progress:
+        info = export_checkpoint(
+            ck, args.out, format=args.format, tensors=args.tensors, dtype=args.dtype,
+            max_shard_bytes=parse_size(args.max_shard_size),
+            max_memory=parse_size(args.max_memory), progress=progress,
+        )  # fmt: skip
     if args.json:
         print(json.dumps(info.__dict__))
     else:
@@ -379,12 +375,11 @@ def cmd_reshard(args: argparse.Namespace) -> int:
     from ckptstore.reshard import reshard_checkpoint
 
     ck = open_checkpoint(args.src)  # once: the reshard reads this same manifest
-    progress = Progress("reshard", ck.manifest.total_tensor_bytes(), enabled=not args.json)
-    info = reshard_checkpoint(
-        ck, args.dst, world_size=args.world_size, placements=args.placement,
-        max_memory=parse_size(args.max_memory), overwrite=args.overwrite, progress=progress,
-    )  # fmt: skip
-    progress.close()
+    with Progress("reshard", ck.manifest.total_tensor_bytes(), enabled=not args.json) as progress:
+        info = reshard_checkpoint(
+            ck, args.dst, world_size=args.world_size, placements=args.placement,
+            max_memory=parse_size(args.max_memory), overwrite=args.overwrite, progress=progress,
+        )  # fmt: skip
     if args.json:
         print(json.dumps(info.__dict__))
         return EXIT_OK

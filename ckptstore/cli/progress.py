@@ -11,7 +11,8 @@ from ckptstore.cli.format import human_bytes
 
 class Progress:
     """``progress(n)`` adds ``n`` bytes; prints at most 10 times a second to stderr, and only
-    when stderr is a terminal and the output is not ``--json``."""
+    when stderr is a terminal and the output is not ``--json``. A context manager: the line
+    is finished on the way out."""
 
     def __init__(self, label: str, total: int | None, enabled: bool) -> None:
         self.label, self.total = label, total
@@ -35,6 +36,12 @@ class Progress:
         line = f"{self.label}: {human_bytes(self.done)}{of}{pct}  {human_bytes(rate)}/s"
         sys.stderr.write("\r" + line[:79].ljust(79))
         sys.stderr.flush()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         if self.enabled:
