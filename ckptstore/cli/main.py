@@ -413,38 +413,38 @@ def build_parser() -> argparse.ArgumentParser:
         description="List, inspect, verify, compare, copy, reshard, export, import and collect ckptstore checkpoints.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("ls", help="checkpoints under a root: step, time, size, state per tier")
+    common = argparse.ArgumentParser(add_help=False)  # what every command accepts
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+
+    def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    p = command("ls", help="checkpoints under a root: step, time, size, state per tier")
     p.add_argument("root", help="directory or URL holding step_<N> checkpoints")
     p.add_argument(
         "--local",
         metavar="DIR",
         help="this node's local tier of the same checkpoints: show the state on each tier",
     )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_ls)
-    p = sub.add_parser(
-        "cp", help="copy a committed checkpoint to another store, verified, manifest last"
-    )
+    p = command("cp", help="copy a committed checkpoint to another store, verified, manifest last")
     p.add_argument("src", help="checkpoint directory or URL to copy")
     p.add_argument("dst", help="destination directory or URL")
     p.add_argument("--jobs", type=int, default=8, help="files copied in parallel (default 8)")
     p.add_argument("--overwrite", action="store_true", help="replace a committed checkpoint at DST")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_cp)
-    p = sub.add_parser("inspect", help="tensors, objects, totals and saved world size")
+    p = command("inspect", help="tensors, objects, totals and saved world size")
     p.add_argument("path", help="checkpoint directory or URL")
     p.add_argument("--tensors", metavar="GLOB", help="only entries whose name matches GLOB")
     p.add_argument("--tree", action="store_true", help="tensors as a tree of their dotted names")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
-    p = sub.add_parser("diff", help="which tensors differ between two checkpoints")
+    p = command("diff", help="which tensors differ between two checkpoints")
     p.add_argument("a", help="first checkpoint")
     p.add_argument("b", help="second checkpoint")
     p.add_argument("--tensors", metavar="GLOB", help="only entries whose name matches GLOB")
     p.add_argument("--atol", type=float, default=0.0, help="differences up to this count as close")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_diff)
-    p = sub.add_parser("reshard", help="rewrite a checkpoint for N ranks: sequential reads on load")
+    p = command("reshard", help="rewrite a checkpoint for N ranks: sequential reads on load")
     p.add_argument("src", help="checkpoint directory or URL")
     p.add_argument("dst", help="new checkpoint directory or URL")
     p.add_argument("--world-size", type=int, required=True, help="ranks of the loading job")
@@ -455,9 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--max-memory", default="256MB", help="largest region held in memory (256MB)")
     p.add_argument("--overwrite", action="store_true", help="replace a committed checkpoint at DST")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_reshard)
-    p = sub.add_parser(
+    p = command(
         "export", help="consolidated tensors as safetensors, one torch.save file, or zarr v3"
     )
     p.add_argument("path", help="checkpoint directory or URL")
@@ -467,9 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="cast floating-point tensors: bf16, fp16, fp32")
     p.add_argument("--max-shard-size", default="5GB", help="safetensors file size limit (5GB)")
     p.add_argument("--max-memory", default="256MB", help="largest region held in memory (256MB)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_export)
-    p = sub.add_parser(
+    p = command(
         "import", help="a torch DCP directory, torch.save file or safetensors into a checkpoint"
     )
     p.add_argument("src", help="DCP directory, .pt file, .safetensors file/directory/index")
@@ -481,20 +479,15 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace a committed checkpoint at DST")
     p.add_argument("--max-memory", default="1GB", help="DCP tensors read per batch (1GB)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_import)
-    p = sub.add_parser(
-        "gc", help="incomplete checkpoints and unreferenced files under a root (dry run)"
-    )
+    p = command("gc", help="incomplete checkpoints and unreferenced files under a root (dry run)")
     p.add_argument("root", help="directory or URL (a CheckpointManager root or one checkpoint)")
     p.add_argument("--older-than", default="1h", help="leave younger things alone (default 1h)")
     p.add_argument("--apply", action="store_true", help="delete what is listed")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_gc)
-    p = sub.add_parser("verify", help="re-read every chunk and check its crc32c")
+    p = command("verify", help="re-read every chunk and check its crc32c")
     p.add_argument("path", help="checkpoint directory or URL")
     p.add_argument("--jobs", type=int, default=4, help="parallel readers (default 4)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_verify)
     return parser
 
