@@ -43,7 +43,8 @@ def _digest(*parts: bytes) -> int:
     return int.from_bytes(h.digest(), "little") >> 1
 
 
-_SHAPE_OF, _OFFSETS_OF, _SHAPE_OF_BOX = itemgetter(2), itemgetter(0), itemgetter(1)
+_NAME_OF, _SHAPE_OF = itemgetter(0), itemgetter(2)  # of a TensorDecl
+_OFFSETS_OF, _SHAPE_OF_BOX = itemgetter(0), itemgetter(1)  # of a Box
 
 
 @dataclass
@@ -179,9 +180,15 @@ def plan_save(rank_plans: list[RankPlan]) -> GlobalPlan:
     distinct: dict[int, tuple[int, list[TensorDecl]]] = {}
     for rank, rp in enumerate(rank_plans):
         distinct.setdefault(rp.decl_key, (rank, rp.tensors))
-    decl_by_name: dict[str, TensorDecl] = {}
-    first_rank: dict[str, int] = {}
-    for rank, decls in distinct.values():
+    lists = list(distinct.values())
+    # The first list in one C-level pass (names within one rank's list are unique); the
+    # others, if any (pipeline stages), are checked against it one declaration at a time.
+    first, first_decls = lists[0] if lists else (0, [])
+    decl_by_name: dict[str, TensorDecl] = dict(
+        zip(map(_NAME_OF, first_decls), first_decls, strict=True)
+    )
+    first_rank: dict[str, int] = dict.fromkeys(decl_by_name, first)
+    for rank, decls in lists[1:]:
         for decl in decls:
             seen = decl_by_name.get(decl.name)
             if seen is None:
@@ -194,15 +201,16 @@ def plan_save(rank_plans: list[RankPlan]) -> GlobalPlan:
                     f"{decl.dtype}{list(decl.shape)}"
                 )
     names = sorted(decl_by_name)
-    gid_of = {name: g for g, name in enumerate(names)}
-    tensors = [decl_by_name[n] for n in names]
+    gid_of = dict(zip(names, range(len(names)), strict=True))
+    tensors = list(map(decl_by_name.__getitem__, names))
     ids_of_key = {
-        key: np.array([gid_of[t.name] for t in decls], dtype=np.int64)
+        key: np.fromiter(map(gid_of.__getitem__, map(_NAME_OF, decls)), np.int64, len(decls))
         for key, (_, decls) in distinct.items()
     }
     gid_per_rank = [ids_of_key[rp.decl_key] for rp in rank_plans]
 
-    ndim = max((len(t.shape) for t in tensors), default=0)
+    ndims = set(map(len, map(_SHAPE_OF, tensors)))
+    ndim = max(ndims, default=0)
     counts = [len(rp.tensors) for rp in rank_plans]
     total = sum(counts)
     gid = np.concatenate(gid_per_rank) if total else np.zeros(0, np.int64)
@@ -244,20 +252,21 @@ def plan_save(rank_plans: list[RankPlan]) -> GlobalPlan:
     # -- layouts, and a check that each tensor's chunks tile it exactly ---------------------
     t_start = np.searchsorted(u_gid, np.arange(len(tensors) + 1))
     # Tensors held whole (replicated or unsharded) are one chunk: no per-tensor work for them.
-    full_shapes = np.array(
-        [t.shape + (1,) * (ndim - len(t.shape)) for t in tensors], dtype=np.int64
-    ).reshape(len(tensors), ndim)
+    if len(ndims) <= 1:  # one rank for all: straight from the tuples
+        flat = itertools.chain.from_iterable(map(_SHAPE_OF, tensors))
+        full_shapes = np.fromiter(flat, np.int64, len(tensors) * ndim)
+    else:  # pad to ndim columns with 1
+        full_shapes = np.array([t.shape + (1,) * (ndim - len(t.shape)) for t in tensors])
+    full_shapes = full_shapes.astype(np.int64).reshape(len(tensors), ndim)
     whole_row = np.all(u_off == 0, axis=1) & np.all(u_shp == full_shapes[u_gid], axis=1)
     single = (np.diff(t_start) == 1) & np.append(whole_row, False)[
         np.minimum(t_start[:-1], len(u_gid))
     ]
-    layouts: list[Layout] = []
-    for g, (decl, is_whole) in enumerate(zip(tensors, single.tolist(), strict=True)):
-        if is_whole:
-            layouts.append(whole_layout(len(decl.shape)))
-            continue
+    whole_of = [whole_layout(d) for d in range(ndim + 1)]
+    layouts: list[Layout] = list(map(whole_of.__getitem__, map(len, map(_SHAPE_OF, tensors))))
+    for g in np.flatnonzero(~single).tolist():  # sharded tensors: a grid or boxes each
         a, b = int(t_start[g]), int(t_start[g + 1])
-        layouts.append(_layout_of(decl, u_off[a:b], u_shp[a:b]))
+        layouts[g] = _layout_of(tensors[g], u_off[a:b], u_shp[a:b])
 
     # -- writers: sole holders write their chunk; replicas go to the least-loaded holder ---
     replicas = group_end - group_start
