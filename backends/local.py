@@ -7,8 +7,10 @@ commit, after ``fsync``; the directory itself is fsynced so the rename survives 
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
+import stat
 import uuid
 from collections.abc import Iterator
 
@@ -64,6 +66,29 @@ class _LocalWriter(StoreWriter):
             os.unlink(self._tmp)
 
 
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a device"),
+        (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"),
+    ):  # fmt: skip
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    """Exactly the ``size`` bytes the file had when it was opened (a file that grows while
+    it is read does not make the read unbounded)."""
+    parts, done = [], 0
+    while done < size:
+        part = os.pread(fd, size - done, done)
+        if not part:
+            break
+        parts.append(part)
+        done += len(part)
+    return b"".join(parts)
+
+
 class LocalStore(Store):
     """Files under a root directory. ``durable=False`` skips fsync (tests, scratch space)."""
 
@@ -73,26 +98,62 @@ class LocalStore(Store):
         self.durable = durable
 
     def _path(self, key: str) -> str:
-        if key.startswith("/") or ".." in key.split("/"):
+        if key.startswith("/") or ".." in key.split("/") or "\0" in key:
             raise StoreError(f"{self.url}: invalid key {key!r}")
         return os.path.join(self.root, key) if key else self.root
 
-    def read(self, key: str, byte_range: ByteRange | None = None) -> bytes:
-        path = self._path(key)
+    def _open_regular(self, key: str) -> int:
+        """A read-only descriptor of ``key``, refusing anything but a regular file inside the
+        root: no component below the root may be a symbolic link (each is opened with
+        ``O_NOFOLLOW`` relative to its parent), and FIFOs, devices, sockets and directories
+        are refused without blocking (``O_NONBLOCK``; the type is checked with ``fstat``).
+        The root itself may be a link: it is the caller's choice, not the checkpoint's."""
+        self._path(key)  # validates the key
+        parts = key.split("/")
+        nofollow = os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            with open(path, "rb", buffering=0) as f:
-                if byte_range is None:
-                    return f.read()
-                return os.pread(f.fileno(), byte_range.length, byte_range.start)
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise KeyNotFoundError(f"{self.url}: no such file {key!r}") from None
-
-    def read_into(self, key: str, offset: int, out: memoryview) -> None:
-        path = self._path(key)
-        try:
-            fd = os.open(path, os.O_RDONLY)
+            parent = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
             raise KeyNotFoundError(f"{self.url}: no such file {key!r}") from None
+        try:
+            for part in parts[:-1]:
+                child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | nofollow, dir_fd=parent)
+                os.close(parent)
+                parent = child
+            fd = os.open(parts[-1], os.O_RDONLY | os.O_NONBLOCK | nofollow, dir_fd=parent)
+        except FileNotFoundError:
+            raise KeyNotFoundError(f"{self.url}: no such file {key!r}") from None
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+                raise StoreError(
+                    f"{self.url}: {key!r} is or lies under a symbolic link or a non-directory; "
+                    "checkpoints are read only from regular files inside their root"
+                ) from None
+            raise StoreError(f"{self.url}: cannot open {key!r}: {exc.strerror}") from None
+        finally:
+            os.close(parent)
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise StoreError(
+                f"{self.url}: {key!r} is not a regular file ({_file_kind(mode)}); "
+                "checkpoints are read only from regular files"
+            )
+        return fd
+
+    def read(self, key: str, byte_range: ByteRange | None = None) -> bytes:
+        fd = self._open_regular(key)
+        try:
+            if byte_range is None:
+                return _read_all(fd, os.fstat(fd).st_size)
+            return os.pread(fd, byte_range.length, byte_range.start)
+        except OSError as exc:
+            raise StoreError(f"{self.url}: reading {key!r} failed: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+
+    def read_into(self, key: str, offset: int, out: memoryview) -> None:
+        fd = self._open_regular(key)
         try:
             view = memoryview(out).cast("B")
             done = 0
@@ -104,20 +165,21 @@ class LocalStore(Store):
                         f"expected at least {offset + len(view)} bytes"
                     )
                 done += n
+        except OSError as exc:
+            raise StoreError(f"{self.url}: reading {key!r} failed: {exc.strerror}") from None
         finally:
             os.close(fd)
 
     def map(self, key: str) -> memoryview | None:
-        try:
-            fd = os.open(self._path(key), os.O_RDONLY)
-        except (FileNotFoundError, NotADirectoryError):
-            raise KeyNotFoundError(f"{self.url}: no such file {key!r}") from None
+        fd = self._open_regular(key)
         try:
             if os.fstat(fd).st_size == 0:
                 return memoryview(b"")
             # A private writable mapping: tensors made over it are writable, and since
             # nothing writes to it, no page is ever copied.
             mapped = mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            raise StoreError(f"{self.url}: cannot map {key!r}: {exc.strerror}") from None
         finally:
             os.close(fd)
         return memoryview(mapped)
@@ -152,13 +214,11 @@ class LocalStore(Store):
             _fsync_dir(directory)
 
     def size(self, key: str) -> int:
+        fd = self._open_regular(key)
         try:
-            st = os.stat(self._path(key))
-        except (FileNotFoundError, NotADirectoryError):
-            raise KeyNotFoundError(f"{self.url}: no such file {key!r}") from None
-        if not os.path.isfile(self._path(key)):
-            raise KeyNotFoundError(f"{self.url}: {key!r} is not a file")
-        return st.st_size
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
 
     def list(self, prefix: str = "") -> Iterator[str]:
         if not os.path.isdir(self.root):
@@ -179,7 +239,7 @@ class LocalStore(Store):
         except (FileNotFoundError, NotADirectoryError):
             return
         for entry in entries:
-            yield entry.name + "/" if entry.is_dir() else entry.name
+            yield entry.name + "/" if entry.is_dir(follow_symlinks=False) else entry.name
 
     def remove_empty_dirs(self, prefix: str) -> None:
         """Remove the directories under ``prefix`` (itself included) that hold no file:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ckptstore.backends.base import ByteRange, Store, StoreWriter
-from ckptstore.errors import KeyNotFoundError
+from ckptstore.errors import KeyNotFoundError, StoreError
 
 LOCAL, REMOTE = "local", "remote"
 
@@ -81,7 +81,7 @@ class TieredStore(Store):
     def map(self, key: str) -> memoryview | None:
         try:
             return self.local.map(key)
-        except KeyNotFoundError:
+        except StoreError:  # missing, or not a regular file: read_into falls back
             return None
 
     def count_mapped(self, nbytes: int) -> None:

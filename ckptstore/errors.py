@@ -55,6 +55,17 @@ class ChecksumError(CkptStoreError):
         self.bad = bad or []
 
 
+class CorruptDataError(CkptStoreError):
+    """Stored bytes passed their checksum but are not what the manifest says they are
+    (a compressed chunk that does not decode to its tensor's size): a damaged or crafted
+    checkpoint. Nothing of it reaches a tensor."""
+
+
+class UnsafeCopyError(CkptStoreError):
+    """A raw copy would have read or written outside its buffer. Validation should have
+    refused the manifest first; this last check keeps a bug from becoming memory corruption."""
+
+
 class StateDictError(CkptStoreError):
     """The state_dict given to save or load is not acceptable (unsupported leaf, name clash)."""
 

@@ -12,6 +12,7 @@ import base64
 import binascii
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from functools import cached_property, partial
@@ -21,15 +22,50 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ckptstore import manifest_rules as rules
+from ckptstore.checksum import crc32c
+from ckptstore.codecs import CODEC_SPEC
 from ckptstore.dtypes import NAME_TO_DTYPE, itemsize
 from ckptstore.errors import ManifestError
 from ckptstore.gcpause import gc_paused
 from ckptstore.plan import BoxLayout, GridLayout, Layout, whole_layout
 
 FORMAT_NAME = "ckptstore"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""1: the first format. 2: the manifest carries its own checksum (``docs/format.md``)."""
 MANIFEST_KEY = "manifest.json"
 DATA_PREFIX = "data/"
+
+_CHECKSUM_SUFFIX = re.compile(rb',"checksum":"crc32c:([0-9a-f]{8})"\}')
+_SUFFIX_LEN = 30  # len(',"checksum":"crc32c:01234567"}')
+
+
+def encode_manifest(doc: dict[str, Any]) -> bytes:
+    """The manifest file for ``doc``: its compact JSON with a last member ``checksum``, the
+    crc32c of every byte before that member. Readers check it before parsing anything."""
+    body = json.dumps(doc, separators=(",", ":")).encode()
+    if not body.endswith(b"}") or len(body) < 3:
+        raise ValueError("a manifest is a non-empty JSON object")
+    signed = body[:-1]
+    return signed + b',"checksum":"crc32c:%08x"}' % crc32c(signed)
+
+
+def check_manifest_checksum(data: bytes, where: str) -> bool:
+    """Verify the checksum member of a manifest file; False when it has none (format 1).
+
+    Raises:
+        ManifestError: the checksum does not match (the manifest was damaged).
+    """
+    m = _CHECKSUM_SUFFIX.fullmatch(data, len(data) - _SUFFIX_LEN)
+    if m is None:
+        return False
+    found = crc32c(memoryview(data)[: len(data) - _SUFFIX_LEN])
+    if found != int(m.group(1), 16):
+        raise ManifestError(
+            f"{where}: the manifest's checksum does not match its content (stored "
+            f"crc32c {m.group(1).decode()}, computed {found:08x}): it was damaged after commit"
+        )
+    return True
 
 
 def _pack(array: np.ndarray, dtype: str) -> str:
@@ -184,7 +220,7 @@ class Manifest:
             },
             "metadata": self.metadata,
         }
-        return json.dumps(doc, separators=(",", ":")).encode()
+        return encode_manifest(doc)
 
     @classmethod
     def from_json(cls, data: bytes, where: str = "manifest") -> Manifest:
@@ -194,76 +230,150 @@ class Manifest:
 
     @classmethod
     def _from_json(cls, data: bytes, where: str) -> Manifest:
+        signed = check_manifest_checksum(data, where)
         try:
             doc = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ManifestError(
                 f"{where}: not valid JSON ({exc}); truncated or corrupted?"
             ) from exc
+        except RecursionError:
+            raise ManifestError(f"{where}: JSON nested too deeply to be a manifest") from None
         try:
-            return _manifest_from_doc(doc, where)
+            return _manifest_from_doc(doc, where, signed)
         except ManifestError:
             raise
         except (
             KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError,
-            binascii.Error,
+            binascii.Error, RecursionError, MemoryError,
         ) as exc:  # fmt: skip
             raise ManifestError(
-                f"{where}: malformed manifest: {type(exc).__name__}: {exc}"
+                f"{where}: malformed manifest: {type(exc).__name__}: {str(exc)[:200]}"
             ) from exc
 
 
-def _manifest_from_doc(doc: Any, where: str) -> Manifest:
+_TOP_KEYS = {"format", "format_version", "world_size", "files", "chunks", "tensors", "objects",
+             "per_rank"}  # fmt: skip
+_CHUNK_KEYS = {"count", "block_bytes", "file", "offset", "crc32c"}
+
+
+def _manifest_from_doc(doc: Any, where: str, signed: bool) -> Manifest:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
         raise ManifestError(f"{where}: not a {FORMAT_NAME} manifest")
-    version = doc["format_version"]
-    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+    version = doc.get("format_version")
+    if type(version) is not int or version > FORMAT_VERSION or version < 1:
         raise ManifestError(
             f"{where}: format_version {version!r} is not supported (this ckptstore reads "
             f"1..{FORMAT_VERSION}); upgrade ckptstore to read it"
         )
+    if version >= 2 and not signed:
+        raise ManifestError(
+            f"{where}: a format {version} manifest must end with its checksum; it does not "
+            "(damaged, or edited by hand)"
+        )
+    if _TOP_KEYS - doc.keys():  # unknown top-level keys are additions a reader may ignore
+        raise ManifestError(f"{where}: the manifest lacks {sorted(_TOP_KEYS - doc.keys())}")
     if doc.get("byte_order", "little") != "little":
         raise ManifestError(f"{where}: byte_order {doc.get('byte_order')!r} is not supported")
-    files = [str(f) for f in doc["files"]]
+    world_size = rules.check_int(where, "world_size", doc["world_size"], 1, rules.MAX_WORLD_SIZE)
+    files = rules.check_file_keys(where, doc["files"])
     c = doc["chunks"]
-    count = int(c["count"])
-    block = int(c["block_bytes"])
-    if block <= 0:
-        raise ManifestError(f"{where}: chunks.block_bytes must be positive")
+    rules.check_keys(where, "chunks", c, _CHUNK_KEYS, {"nbytes"})
+    block = rules.check_int(where, "chunks.block_bytes", c["block_bytes"], 1, rules.MAX_BLOCK_BYTES)
     file_col = _unpack(c["file"], "<u4").astype(np.int64)
+    count = rules.check_int(where, "chunks.count", c["count"], 0, len(file_col))
     offset_col = _unpack(c["offset"], "<u8").astype(np.int64)
     crcs = _unpack(c["crc32c"], "<u4")
-    table_cols = _tensor_table_from_json(doc["tensors"])
+    table_cols = _tensor_table_from_json(doc["tensors"], where)
     tensors = table_cols.records
-    per_rank = {str(k): [_entry_from_json(e) for e in v] for k, v in doc["per_rank"].items()}
+    if not isinstance(doc["per_rank"], dict) or not isinstance(doc["objects"], dict):
+        raise ManifestError(f"{where}: objects and per_rank must be objects")
+    per_rank = {k: _per_rank_from_json(k, v, world_size, where) for k, v in doc["per_rank"].items()}
+    objects = {k: _object_from_json(v, k, where) for k, v in doc["objects"].items()}
+    rules.check_names(where, "object", objects)
+    rules.check_names(where, "per-rank", per_rank)
+    if len(tensors) + len(objects) + len(per_rank) != len({*tensors, *objects, *per_rank}):
+        raise ManifestError(f"{where}: a name is used by more than one entry")
     others = list(table_cols.special)  # records whose chunks are not one whole chunk each
     others += [e for es in per_rank.values() for e in es if isinstance(e, TensorRecord)]
+    raw = _raw_nbytes(table_cols, others, count)
+    codec_rows = [t for t in others if t.codec]
     if "nbytes" in c:
         nbytes = _unpack(c["nbytes"], "<u8").astype(np.int64)
+    elif codec_rows:
+        raise ManifestError(f"{where}: compressed chunks need a chunks.nbytes column")
     else:
-        nbytes = _raw_nbytes(table_cols, others, count)
+        nbytes = raw
     for name, col in (("file", file_col), ("offset", offset_col), ("nbytes", nbytes)):
         if len(col) != count:
             raise ManifestError(f"{where}: chunks.{name} has {len(col)} entries, expected {count}")
     if count and (file_col.max() >= len(files) or file_col.min() < 0):
         raise ManifestError(f"{where}: a chunk refers to a file index outside files[]")
+    if count and (offset_col.min() < 0 or nbytes.min() < 0):
+        raise ManifestError(f"{where}: a chunk offset or size is beyond 2^63")
+    rules.check_total(where, "stored chunks", int(nbytes.sum(dtype=np.float64)))
+    rules.check_total(where, "tensors", int(table_cols.total_bytes))
+    if count and int((offset_col + nbytes).max()) > 1 << 62:
+        raise ManifestError(f"{where}: a chunk ends beyond 2^62 bytes")
+    _check_chunk_ranges(tensors, per_rank, table_cols, others, count, where)
+    _check_chunk_sizes(nbytes, raw, codec_rows, where)
     table = ChunkTable(file_col, offset_col, nbytes, crcs, block)
     if len(crcs) != int(table.crc_first[-1]):
         raise ManifestError(
             f"{where}: chunks.crc32c has {len(crcs)} checksums, expected {int(table.crc_first[-1])}"
         )
-    _check_chunk_ranges(tensors, per_rank, table_cols, others, count, where)
+    for name, entry in [*objects.items(), *((n, e) for n, es in per_rank.items() for e in es)]:
+        if isinstance(entry, ObjectRecord) and entry.blob is not None:
+            _check_blob(name, entry.blob, len(files), block, where)
+    metadata = doc.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise ManifestError(f"{where}: metadata must be an object")
+    rules.check_value_depth(where, "metadata", metadata)
+    created = doc.get("created_unix", 0.0)
+    if type(created) not in (int, float):
+        raise ManifestError(f"{where}: created_unix must be a number")
     return Manifest(
-        world_size=int(doc["world_size"]),
+        world_size=world_size,
         files=files,
         chunks=table,
         tensors=tensors,
-        objects={str(k): _object_from_json(v) for k, v in doc["objects"].items()},
+        objects=objects,
         per_rank=per_rank,
-        created_unix=float(doc.get("created_unix", 0.0)),
-        metadata=dict(doc.get("metadata") or {}),
+        created_unix=float(created),
+        metadata=metadata,
         format_version=version,
     )
+
+
+def _check_chunk_sizes(
+    nbytes: np.ndarray, raw: np.ndarray, codec_rows: list[TensorRecord], where: str
+) -> None:
+    """An uncompressed chunk's stored size is exactly its box's bytes (a larger one would be
+    copied past its destination, a smaller one would leave bytes unwritten); a compressed
+    one is at most a codec's worst-case expansion of them."""
+    compressed = np.zeros(len(nbytes), dtype=bool)
+    for t in codec_rows:
+        compressed[t.chunk_start : t.chunk_start + t.chunk_count] = True
+    plain = ~compressed
+    if not np.array_equal(nbytes[plain], raw[plain]):
+        bad = int(np.flatnonzero(plain & (nbytes != raw))[0])
+        raise ManifestError(
+            f"{where}: chunk {bad} stores {int(nbytes[bad])} bytes, its tensor's box has "
+            f"{int(raw[bad])}"
+        )
+    if (
+        compressed.any()
+        and (nbytes[compressed] > raw[compressed] + raw[compressed] // 8 + 4096).any()
+    ):
+        raise ManifestError(f"{where}: a compressed chunk is larger than any codec writes")
+
+
+def _check_blob(name: str, b: BlobRef, n_files: int, block: int, where: str) -> None:
+    if not 0 <= b.file < n_files or b.offset < 0 or b.nbytes < 0 or b.offset + b.nbytes > 1 << 62:
+        raise ManifestError(f"{where}: pickled object {name!r} lies outside the data files")
+    rules.check_total(where, f"pickled object {name!r}", b.nbytes)
+    if len(b.crc32c) != max(1, -(-b.nbytes // block)):
+        raise ManifestError(f"{where}: pickled object {name!r} has the wrong checksum count")
 
 
 def _check_chunk_ranges(
@@ -274,8 +384,9 @@ def _check_chunk_ranges(
     count: int,
     where: str,
 ) -> None:
-    """Every tensor's chunks lie inside the chunk table: one vectorized check for whole-chunk
-    rows, a loop over ``others`` (the rest); by name only on the error path."""
+    """Every tensor's chunks lie inside the chunk table, and no chunk belongs to two
+    tensors: vectorized for whole-chunk rows, a loop over ``others`` (the rest); by name
+    only on the error path."""
 
     def outside(t: TensorRecord) -> bool:
         return t.chunk_start < 0 or t.chunk_start + t.chunk_count > count
@@ -288,6 +399,17 @@ def _check_chunk_ranges(
         for name, t in named:
             if outside(t):
                 raise ManifestError(f"{where}: tensor {name!r} refers to chunks outside the table")
+    starts = np.concatenate(
+        [cols.whole_start[whole_count > 0], np.array([t.chunk_start for t in others], np.int64)]
+    )
+    counts = np.concatenate(
+        [whole_count[whole_count > 0], np.array([t.chunk_count for t in others], np.int64)]
+    )
+    starts, counts = starts[counts > 0], counts[counts > 0]
+    order = np.argsort(starts, kind="stable")
+    ends = (starts + counts)[order]
+    if len(order) > 1 and (starts[order][1:] < ends[:-1]).any():
+        raise ManifestError(f"{where}: two tensors claim the same chunk")
 
 
 def _raw_nbytes(cols: _TensorColumns, others: list[TensorRecord], count: int) -> np.ndarray:
@@ -360,30 +482,42 @@ class _TensorColumns(NamedTuple):
     whole_start: np.ndarray  # chunk index of each whole-chunk row
     whole_nbytes: np.ndarray  # its raw byte size (0 for a tensor without elements)
     special: list[TensorRecord]  # the other rows (grids, boxes, codecs)
+    total_bytes: int  # raw bytes of all tensors
 
 
-def _tensor_table_from_json(doc: dict[str, Any]) -> _TensorColumns:
-    """Parse the column form of the tensor table with C-level passes over the columns, not a
-    Python loop per tensor: a manifest may hold tens of thousands of tensors."""
+def _tensor_table_from_json(doc: Any, where: str) -> _TensorColumns:
+    """Parse and check the column form of the tensor table with C-level passes over the
+    columns, not a Python loop per tensor: a manifest may hold tens of thousands of tensors."""
+    rules.check_keys(where, "tensors", doc, {"names", "dtypes", "shapes", "chunk_starts"},
+                     {"layouts"})  # fmt: skip
     names, dtypes, shapes, starts = doc["names"], doc["dtypes"], doc["shapes"], doc["chunk_starts"]
-    special_doc = doc["layouts"]
+    special_doc = doc.get("layouts") or {}
+    if not all(isinstance(c, list) for c in (names, dtypes, shapes, starts)) or not isinstance(
+        special_doc, dict
+    ):
+        raise ManifestError(f"{where}: tensor table columns must be lists")
     n = len(names)
     if not len(dtypes) == len(shapes) == len(starts) == n:
-        raise ManifestError("tensor table columns have different lengths")
-    if not set(map(type, names)) <= {str}:
-        raise ManifestError("tensor names must be strings")
+        raise ManifestError(f"{where}: tensor table columns have different lengths")
+    rules.check_names(where, "tensor", names)
+    if not set(map(type, dtypes)) <= {str}:
+        raise ManifestError(f"{where}: dtype names must be strings")
     unknown = set(dtypes) - NAME_TO_DTYPE.keys()
     if unknown:
-        raise ManifestError(f"unknown dtype(s) {sorted(map(str, unknown))}")
+        raise ManifestError(f"{where}: unknown dtype(s) {sorted(map(str, unknown))[:5]}")
     if not all(map(list.__instancecheck__, shapes)):
-        _raise_bad_row(names, shapes, starts)
+        _raise_bad_row(names, shapes, starts, where)
     dims = list(chain.from_iterable(shapes))
     if not set(map(type, dims)) <= {int} or not set(map(type, starts)) <= {int}:
-        _raise_bad_row(names, shapes, starts)
-    if dims and min(dims) < 0:
-        _raise_bad_row(names, shapes, starts)
+        _raise_bad_row(names, shapes, starts, where)
+    if dims and (min(dims) < 0 or max(dims) > rules.MAX_DIM):
+        _raise_bad_row(names, shapes, starts, where)
+    if starts and (min(starts) < 0 or max(starts) > 1 << 62):
+        _raise_bad_row(names, shapes, starts, where)
     shape_tuples = list(map(tuple, shapes))
     ndims = np.fromiter(map(len, shape_tuples), np.int64, n)
+    sizes = np.fromiter(map(_ITEMSIZE.__getitem__, dtypes), np.int64, n)
+    row_bytes = rules.check_shape_sizes(where, np.array(dims, dtype=np.int64), ndims, sizes)
     whole_of = [whole_layout(d) for d in range(int(ndims.max(initial=0)) + 1)]
     records = list(
         map(
@@ -394,25 +528,28 @@ def _tensor_table_from_json(doc: dict[str, Any]) -> _TensorColumns:
     )  # fmt: skip
     is_whole = np.ones(n, dtype=bool)
     special: list[TensorRecord] = []
-    for key, extra in (special_doc or {}).items():
-        i = int(key)
-        if not 0 <= i < n:
-            raise ManifestError(f"tensor table: layouts refers to row {key!r} of {n}")
+    for key, extra in special_doc.items():
+        i = int(key) if key.isdigit() and len(key) < 12 else -1
+        if not 0 <= i < n or key != str(i):
+            raise ManifestError(f"{where}: tensor table: layouts refers to row {key[:20]!r} of {n}")
+        rules.check_keys(where, f"layout of tensor {names[i]!r}", extra, set(), _LAYOUT_KEYS)
         records[i] = _tensor_from_json(
-            {"dtype": dtypes[i], "shape": shapes[i], "chunk_start": starts[i], **extra}
-        )
+            {"dtype": dtypes[i], "shape": shapes[i], "chunk_start": starts[i], **extra},
+            names[i], where,
+        )  # fmt: skip
         if records[i].layout is not whole_of[len(shapes[i])] or records[i].codec:
             is_whole[i] = False
             special.append(records[i])
     out = dict(zip(names, records, strict=True))
     if len(out) != n:
-        raise ManifestError("duplicate tensor names")
-    numel = _row_numel(np.array(dims, dtype=np.int64), ndims)
-    sizes = np.fromiter(map(_ITEMSIZE.__getitem__, dtypes), np.int64, n)
+        raise ManifestError(f"{where}: duplicate tensor names")
     start_col = np.array(starts, dtype=np.int64).reshape(n)
-    return _TensorColumns(out, start_col[is_whole], (numel * sizes)[is_whole], special)
+    return _TensorColumns(
+        out, start_col[is_whole], row_bytes[is_whole], special, int(row_bytes.sum())
+    )
 
 
+_LAYOUT_KEYS = {"grid", "boxes", "codec"}
 _SHAPE_OF, _DTYPE_OF = itemgetter(1), itemgetter(0)
 new_record = partial(tuple.__new__, TensorRecord)
 """TensorRecord from one (dtype, shape, chunk_start, layout, codec) tuple, at C speed."""
@@ -429,15 +566,18 @@ def _row_numel(dims: np.ndarray, ndims: np.ndarray) -> np.ndarray:
     return numel
 
 
-def _raise_bad_row(names: list[Any], shapes: list[Any], starts: list[Any]) -> None:
+def _raise_bad_row(names: list[Any], shapes: list[Any], starts: list[Any], where: str) -> None:
     """Name the first row whose shape or chunk_start is malformed (the error path only)."""
     for name, shape, start in zip(names, shapes, starts, strict=True):
-        ok = isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
-        if not ok or type(start) is not int:
+        ok = isinstance(shape, list) and all(
+            type(d) is int and 0 <= d <= rules.MAX_DIM for d in shape
+        )
+        if not ok or type(start) is not int or start < 0:
             raise ManifestError(
-                f"tensor {name!r}: malformed shape {shape!r} or chunk_start {start!r}"
+                f"{where}: tensor {name!r}: malformed shape {str(shape)[:80]} or chunk_start "
+                f"{str(start)[:40]}"
             )
-    raise ManifestError("tensor table: malformed shapes or chunk_starts")
+    raise ManifestError(f"{where}: tensor table: malformed shapes or chunk_starts")
 
 
 def _tensor_to_json(t: TensorRecord) -> dict[str, Any]:
@@ -456,45 +596,48 @@ def _tensor_to_json(t: TensorRecord) -> dict[str, Any]:
     return out
 
 
-def _tensor_from_json(v: dict[str, Any]) -> TensorRecord:
+def _tensor_from_json(v: Any, name: str, where: str) -> TensorRecord:
+    """One tensor record (a layout row of the table, or a per-rank tensor), checked."""
+    rules.check_keys(where, f"tensor {name!r}", v, {"dtype", "shape", "chunk_start"}, _LAYOUT_KEYS)
     dtype = v["dtype"]
     if dtype not in NAME_TO_DTYPE:
-        raise ManifestError(f"unknown dtype {dtype!r}")
-    shape = tuple(v["shape"])
-    # sum() is a cheap check that every dimension is an int (a float or str would show)
-    if type(sum(shape, 0)) is not int or (shape and min(shape) < 0):
-        raise ManifestError(f"shape {list(shape)} is not a list of non-negative ints")
-    start = v["chunk_start"]
-    if type(start) is not int:
-        raise ManifestError(f"chunk_start {start!r} is not an int")
-    if "grid" not in v and "boxes" not in v:  # one whole chunk: by far the most common record
-        codec = v.get("codec")
-        return TensorRecord(
-            dtype, shape, start, whole_layout(len(shape)), str(codec) if codec else None
-        )
+        raise ManifestError(f"{where}: tensor {name!r}: unknown dtype {str(dtype)[:40]!r}")
+    shape = v["shape"]
+    if not isinstance(shape, list) or not set(map(type, shape)) <= {int}:
+        raise ManifestError(f"{where}: tensor {name!r}: shape is not a list of integers")
+    shape = tuple(shape)
+    if shape and (min(shape) < 0 or max(shape) > rules.MAX_DIM):
+        raise ManifestError(f"{where}: tensor {name!r}: shape {list(shape)[:8]} out of range")
+    rules.check_shape_sizes(
+        where, np.array(shape, dtype=np.int64), np.array([len(shape)]), np.array([itemsize(dtype)])
+    )
+    start = rules.check_int(where, f"tensor {name!r}: chunk_start", v["chunk_start"], 0, 1 << 62)
+    codec = v.get("codec")
+    if codec is not None and (type(codec) is not str or not CODEC_SPEC.fullmatch(codec)):
+        raise ManifestError(f"{where}: tensor {name!r}: unknown codec {str(codec)[:40]!r}")
+    if "grid" in v and "boxes" in v:
+        raise ManifestError(f"{where}: tensor {name!r}: both a grid and boxes")
     layout: Layout
     if "grid" in v:
-        starts = tuple(tuple(int(x) for x in s) for s in v["grid"])
-        if len(starts) != len(shape):
-            raise ManifestError(
-                f"grid has {len(starts)} dims, shape {list(shape)} has {len(shape)}"
-            )
-        empty = 0 in shape  # no elements: no chunks, whatever the other dims
-        for s, dim in zip(starts, shape, strict=True):
-            if empty and not s:
-                continue
-            if dim and (not s or s[0] != 0 or list(s) != sorted(set(s)) or s[-1] >= dim):
-                raise ManifestError(f"grid starts {list(s)} do not partition a dimension of {dim}")
-        layout = GridLayout(starts)
-    else:
+        layout = GridLayout(rules.check_grid(where, name, v["grid"], shape))
+    elif "boxes" in v:
         b = v["boxes"]
-        n, nd = int(b["count"]), len(shape)
-        layout = BoxLayout(
-            _unpack(b["offsets"], "<i8").reshape(n, nd).astype(np.int64),
-            _unpack(b["shapes"], "<i8").reshape(n, nd).astype(np.int64),
+        rules.check_keys(
+            where, f"boxes of tensor {name!r}", b, {"count", "offsets", "shapes"}, set()
         )
-    codec = v.get("codec")
-    return TensorRecord(dtype, shape, start, layout, str(codec) if codec else None)
+        nd = len(shape)
+        offsets = _unpack(b["offsets"], "<i8").astype(np.int64)
+        n = rules.check_int(where, f"tensor {name!r}: boxes.count", b["count"], 0,
+                            len(offsets) // max(nd, 1))  # fmt: skip
+        shapes = _unpack(b["shapes"], "<i8").astype(np.int64)
+        if len(offsets) != n * nd or len(shapes) != n * nd or (nd == 0 and n != 1):
+            raise ManifestError(f"{where}: tensor {name!r}: boxes hold the wrong number of values")
+        offsets, shapes = offsets.reshape(n, nd), shapes.reshape(n, nd)
+        rules.check_box_tiling(where, name, offsets, shapes, shape)
+        layout = BoxLayout(offsets, shapes)
+    else:
+        layout = whole_layout(len(shape))
+    return TensorRecord(dtype, shape, start, layout, codec or None)
 
 
 def encode_value(value: Any) -> Any:
@@ -504,9 +647,13 @@ def encode_value(value: Any) -> Any:
     return value
 
 
-def decode_value(value: Any) -> Any:
+def decode_value(value: Any, depth: int = 0) -> Any:
+    if depth > rules.MAX_VALUE_DEPTH:
+        raise ManifestError(f"a stored value nests deeper than {rules.MAX_VALUE_DEPTH} levels")
     if isinstance(value, dict):
-        return tuple(decode_value(v) for v in value["tuple"])
+        if value.keys() != {"tuple"} or not isinstance(value["tuple"], list):
+            raise ManifestError("a stored value holds an object other than a tagged tuple")
+        return tuple(decode_value(v, depth + 1) for v in value["tuple"])
     if isinstance(value, list):
         raise ManifestError("untagged list in a stored value")
     return value
@@ -526,14 +673,27 @@ def _object_to_json(o: ObjectRecord) -> dict[str, Any]:
     return {"value": encode_value(o.value)}
 
 
-def _object_from_json(v: dict[str, Any]) -> ObjectRecord:
-    if "pickle" in v:
+def _object_from_json(v: Any, name: str, where: str) -> ObjectRecord:
+    if isinstance(v, dict) and v.keys() == {"pickle"}:
         p = v["pickle"]
+        rules.check_keys(where, f"pickled object {name!r}", p,
+                         {"file", "offset", "nbytes", "crc32c"}, set())  # fmt: skip
+        crcs = p["crc32c"]
+        if not isinstance(crcs, list) or not all(type(c) is int and 0 <= c < 1 << 32 for c in crcs):
+            raise ManifestError(f"{where}: pickled object {name!r}: malformed checksums")
         blob = BlobRef(
-            int(p["file"]), int(p["offset"]), int(p["nbytes"]), tuple(int(c) for c in p["crc32c"])
+            rules.check_int(where, f"{name!r}: file", p["file"], 0, 1 << 32),
+            rules.check_int(where, f"{name!r}: offset", p["offset"], 0, 1 << 62),
+            rules.check_int(where, f"{name!r}: nbytes", p["nbytes"], 0, 1 << 62),
+            tuple(crcs),
         )
         return ObjectRecord(blob=blob)
-    return ObjectRecord(value=decode_value(v["value"]))
+    if isinstance(v, dict) and v.keys() == {"value"}:
+        try:
+            return ObjectRecord(value=decode_value(v["value"]))
+        except ManifestError as exc:
+            raise ManifestError(f"{where}: object {name!r}: {exc}") from None
+    raise ManifestError(f"{where}: object {name!r} is neither a value nor a pickle record")
 
 
 def _entry_to_json(e: Entry) -> dict[str, Any]:
@@ -542,7 +702,15 @@ def _entry_to_json(e: Entry) -> dict[str, Any]:
     return _object_to_json(e)
 
 
-def _entry_from_json(v: dict[str, Any]) -> Entry:
-    if "tensor" in v:
-        return _tensor_from_json(v["tensor"])
-    return _object_from_json(v)
+def _per_rank_from_json(name: str, entries: Any, world_size: int, where: str) -> list[Entry]:
+    """One record per saving rank."""
+    if not isinstance(entries, list) or len(entries) != world_size:
+        raise ManifestError(f"{where}: per-rank entry {name!r} needs one record per rank")
+    out: list[Entry] = []
+    for r, v in enumerate(entries):
+        label = f"{name}[rank {r}]"
+        if isinstance(v, dict) and v.keys() == {"tensor"}:
+            out.append(_tensor_from_json(v["tensor"], label, where))
+        else:
+            out.append(_object_from_json(v, label, where))
+    return out

@@ -18,7 +18,13 @@ import torch
 from ckptstore import codecs, knobs
 from ckptstore.backends.base import Store
 from ckptstore.checksum import crc32c
-from ckptstore.errors import ChecksumError, KeyNotFoundError, StoreError
+from ckptstore.errors import (
+    ChecksumError,
+    CorruptDataError,
+    KeyNotFoundError,
+    StoreError,
+    UnsafeCopyError,
+)
 from ckptstore.manifest import Manifest
 from ckptstore.read_plan import Piece, ReadPlan, Request, Target, plan_reads
 
@@ -96,12 +102,12 @@ class ChunkReader:
 
     def _run(self, group: Request, plan: ReadPlan) -> None:
         key = self.manifest.files[group.file]
-        mapped = self._mapped(group.file)
         with self._lock:
             self.bytes_read += group.end - group.start
             self.requests += 1
         fallback = getattr(self.store, "fallback", None)  # a tiered store's remote tier
         try:
+            mapped = self._mapped(group.file)
             if mapped is not None:
                 if len(mapped) < group.end:
                     raise StoreError(
@@ -113,7 +119,7 @@ class ChunkReader:
                     self.store.count_mapped(group.end - group.start)  # type: ignore[attr-defined]
                 return
             self._read_and_copy(group, key, self.store.read_into, plan)
-        except (ChecksumError, StoreError) as exc:
+        except (ChecksumError, StoreError, CorruptDataError) as exc:
             if fallback is None:
                 raise
             # The fast tier's copy is bad or short: take these bytes from the shared tier.
@@ -137,30 +143,41 @@ class ChunkReader:
         """Verify every block the pieces touch, then copy; ``buf[0]`` is file byte ``buf_start``."""
         view = memoryview(buf)
         address = buf.ctypes.data - buf_start
+        buf_end = buf_start + len(buf)
         check, move = crc32c, ctypes.memmove  # locals: this loop runs once per small tensor
         runs = group.simple
-        for lo, hi, crc, ptr in zip(runs.start, runs.end, runs.crc, runs.dest_ptr, strict=True):
+        for lo, hi, crc, ptr, room in zip(
+            runs.start, runs.end, runs.crc, runs.dest_ptr, runs.dest_nbytes, strict=True
+        ):
             if check(view[lo - buf_start : hi - buf_start]) != crc:
                 k = runs.item[runs.start.index(lo)]
                 found = check(view[lo - buf_start : hi - buf_start])
                 self._mismatch(
                     plan.simple_names[k], plan.simple_chunks[k], group.file, lo, hi, crc, found
                 )
+            if lo < buf_start or hi > buf_end or hi - lo != room:
+                _unsafe(self.where, lo, hi, buf_start, buf_end, room)
             move(ptr, address + lo, hi - lo)
         checked: set[tuple[int, int]] = set()
         for p in group.pieces:
             if p.dest_ptr:
                 # A whole raw chunk into contiguous memory: verify and copy block by block, so
                 # the copy reads each block while it is still in cache from its checksum.
+                if p.chunk_nbytes != p.dest_nbytes:
+                    _unsafe(self.where, p.start, p.end, buf_start, buf_end, p.dest_nbytes)
                 for b in range(p.block_lo, p.block_hi):
                     lo, hi = self._verify_block(p, b, view, buf_start, group.file)
+                    if lo < max(buf_start, p.chunk_base) or hi > min(
+                        buf_end, p.chunk_base + p.chunk_nbytes
+                    ):
+                        _unsafe(self.where, lo, hi, buf_start, buf_end, p.dest_nbytes)
                     move(p.dest_ptr + lo - p.chunk_base, address + lo, hi - lo)
                 continue
             for b in range(p.block_lo, p.block_hi):
                 if (p.chunk, b) not in checked:
                     checked.add((p.chunk, b))
                     self._verify_block(p, b, view, buf_start, group.file)
-            self._copy(p, buf, buf_start)
+            self._copy(p, buf, buf_start, self.where)
 
     def _verify_block(
         self, p: Piece, b: int, view: memoryview, buf_start: int, file: int
@@ -194,11 +211,13 @@ class ChunkReader:
         )
 
     @staticmethod
-    def _copy(p: Piece, buf: np.ndarray, group_start: int) -> None:
+    def _copy(p: Piece, buf: np.ndarray, group_start: int, where: str) -> None:
         size = p.dtype.itemsize
         if p.codec:
+            if p.start < group_start or p.end > group_start + len(buf):
+                _unsafe(where, p.start, p.end, group_start, group_start + len(buf), p.raw_nbytes)
             stored = buf[p.start - group_start : p.end - group_start]
-            raw = np.frombuffer(codecs.decode(p.codec, stored, p.raw_nbytes), dtype=np.uint8)
+            raw = codecs.decode(p.codec, stored, p.raw_nbytes)
             lo = p.src_elem_in_raw * size
         else:
             raw = buf
@@ -207,6 +226,8 @@ class ChunkReader:
         # every dtype (float8, float4, complex32, ...) moves bit-exactly through torch's
         # well-vectorized integer copy kernels, whatever the strides.
         extent = sum((n - 1) * s for n, s in zip(p.src_shape, p.src_strides, strict=True)) + 1
+        if lo < 0 or lo + extent * size > len(raw) or tuple(p.dest.shape) != p.src_shape:
+            _unsafe(where, lo, lo + extent * size, 0, len(raw), p.dest.numel() * size)
         raw_t = torch.from_numpy(raw[lo : lo + extent * size])
         word = _WORDS.get(size)
         if word is not None:
@@ -219,3 +240,10 @@ class ChunkReader:
             )
             dest = p.dest.unsqueeze(-1).view(torch.int64)
         dest.copy_(src)
+
+
+def _unsafe(where: str, lo: int, hi: int, buf_lo: int, buf_hi: int, dest_nbytes: int) -> None:
+    raise UnsafeCopyError(
+        f"{where}: refusing a copy of bytes {lo}..{hi} from a buffer holding {buf_lo}..{buf_hi} "
+        f"into a destination of {dest_nbytes} bytes (a manifest that should have been refused)"
+    )

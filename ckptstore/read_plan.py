@@ -52,6 +52,7 @@ class Piece:
     chunk_base: int = 0  # the chunk's offset in its file, size and first checksum index
     chunk_nbytes: int = 0
     crc0: int = 0
+    dest_nbytes: int = 0  # bytes of ``dest`` (checked before a raw copy into ``dest_ptr``)
 
 
 class WholeChunks(NamedTuple):
@@ -63,10 +64,11 @@ class WholeChunks(NamedTuple):
     end: list[int]
     crc: list[int]
     dest_ptr: list[int]
+    dest_nbytes: list[int]
     item: list[int]
 
 
-NO_WHOLE_CHUNKS = WholeChunks([], [], [], [], [])
+NO_WHOLE_CHUNKS = WholeChunks([], [], [], [], [], [])
 
 
 @dataclass
@@ -136,6 +138,7 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
     fast: list[int] = []  # indexes into targets of candidates for the fast path
     chunks: list[int] = []
     ptrs: list[int] = []
+    rooms: list[int] = []  # bytes of each destination
     others: list[Target] = []
     for i, t in enumerate(targets):
         rec, dest = t[1], t[3]
@@ -151,6 +154,7 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
             fast.append(i)
             chunks.append(rec.chunk_start)
             ptrs.append(dest.data_ptr())
+            rooms.append(dest.nbytes)
         else:
             others.append(t)
     chunk_col = np.array(chunks, dtype=np.int64)
@@ -159,10 +163,11 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
     if not simple.all():  # empty tensors and multi-block chunks take the general path
         others += [targets[fast[i]] for i in np.flatnonzero(~simple).tolist()]
         keep = np.flatnonzero(simple).tolist()
-        fast, chunks, ptrs = (
+        fast, chunks, ptrs, rooms = (
             [fast[i] for i in keep],
             [chunks[i] for i in keep],
             [ptrs[i] for i in keep],
+            [rooms[i] for i in keep],
         )
         chunk_col, nbytes = chunk_col[keep], nbytes[keep]
     names = [targets[i][0] for i in fast]
@@ -178,6 +183,7 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
     order = np.lexsort((starts, files))
     crc_col = table.crc32c[table.crc_first[chunk_col]] if n_simple else chunk_col
     ptr_col = np.array(ptrs, dtype=np.int64)
+    room_col = np.array(rooms, dtype=np.int64)
     groups: list[Request] = []
     for lo, hi, g_start, g_end in coalesce(files[order], starts[order], ends[order], gap, window):
         items = order[lo:hi]
@@ -188,7 +194,8 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
             s_start = table.offset[chunk_col[s_items]]
             runs = WholeChunks(
                 s_start.tolist(), (s_start + nbytes[s_items]).tolist(),
-                crc_col[s_items].tolist(), ptr_col[s_items].tolist(), s_items.tolist(),
+                crc_col[s_items].tolist(), ptr_col[s_items].tolist(),
+                room_col[s_items].tolist(), s_items.tolist(),
             )  # fmt: skip
         group_pieces = [pieces[i - n_simple] for i in items[~is_simple].tolist()]
         groups.append(Request(int(files[items[0]]), g_start, g_end, group_pieces, runs))
@@ -243,7 +250,8 @@ def _pieces(table: Any, targets: list[Target], window: int) -> list[Piece]:
                 ptr = dest.data_ptr() if dest.is_cpu and dest.is_contiguous() else 0
                 pieces.append(
                     Piece(t.name, chunk, file, base, base + nbytes, 0, blocks, base, c_shape,
-                           strides, dest, dtype, None, nbytes, 0, ptr, base, nbytes, crc0)
+                           strides, dest, dtype, None, nbytes, 0, ptr, base, nbytes, crc0,
+                           dest.nbytes)
                 )  # fmt: skip
                 continue
             parts = [obox] if rec.codec else _split(obox, strides, size, window)

@@ -230,6 +230,7 @@ def test_missing_and_incomplete_checkpoints_are_refused(tmp_path) -> None:
 )
 def test_damaged_manifest_is_a_typed_error(tmp_path, damage) -> None:
     from ckptstore.errors import ManifestError
+    from ckptstore.manifest import encode_manifest
 
     cs.save({"w": torch.ones(8), "x": 1}, tmp_path / "c")
     mpath = tmp_path / "c" / "manifest.json"
@@ -252,7 +253,8 @@ def test_damaged_manifest_is_a_typed_error(tmp_path, damage) -> None:
             doc["chunks"]["crc32c"] = ""
         elif damage == "file_index":
             doc["files"] = []
-        raw = json.dumps(doc).encode()
+        doc.pop("checksum")
+        raw = encode_manifest(doc)  # signed again: the rules, not the checksum, must refuse it
     mpath.write_bytes(raw)
     with pytest.raises(ManifestError):
         cs.open(tmp_path / "c")
