@@ -9,6 +9,7 @@ from ckptstore.backends.base import Store
 from ckptstore.backends.local import LocalStore
 from ckptstore.backends.registry import open_store
 from ckptstore.errors import CkptStoreError
+from ckptstore.locate import read_manifest_bytes
 from ckptstore.manifest import MANIFEST_KEY, Manifest
 
 _STEP_DIR = re.compile(r"^step_(\d+)/")
@@ -56,7 +57,7 @@ def scan(root: str | Store, *, details: bool = False) -> list[CheckpointEntry]:
             entries.append(CheckpointEntry(step, path, "committed"))
             continue
         try:
-            manifest = Manifest.from_json(store.read(prefix + MANIFEST_KEY), where=path)
+            manifest = Manifest.from_json(read_manifest_bytes(store, prefix), where=path)
             entries.append(
                 CheckpointEntry(
                     step,

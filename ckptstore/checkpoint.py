@@ -11,7 +11,7 @@ import torch
 
 from ckptstore.backends.base import Store
 from ckptstore.dtypes import dtype_from_name
-from ckptstore.errors import PickleNotAllowedError
+from ckptstore.errors import AllocationError, PickleNotAllowedError
 from ckptstore.load import read_blob
 from ckptstore.locate import read_manifest, store_for
 from ckptstore.manifest import Manifest, ObjectRecord, TensorRecord
@@ -139,7 +139,12 @@ class Checkpoint:
                 )
             return pickle.loads(read_blob(self.store, self.manifest, name, rec))
         box, squeeze = _index_to_box(index, rec.shape, name)
-        out = torch.empty(box[1], dtype=dtype_from_name(rec.dtype))
+        try:
+            out = torch.empty(box[1], dtype=dtype_from_name(rec.dtype))
+        except (RuntimeError, MemoryError) as exc:
+            raise AllocationError(
+                f"{self.url}: cannot allocate {name!r} {rec.dtype}{list(box[1])}: {exc}"
+            ) from None
         ChunkReader(self.store, self.manifest, self.url).fill([Target(name, rec, box, out)])
         for d in reversed(squeeze):
             out = out.squeeze(d)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import crc32c as _crc32c
 
 
-def crc32c(data: memoryview | bytes) -> int:
-    return _crc32c.crc32c(data)
+def crc32c(data: memoryview | bytes, value: int = 0) -> int:
+    """crc32c of ``data``, continuing from ``value`` (the crc of the bytes before it)."""
+    return _crc32c.crc32c(data, value) if value else _crc32c.crc32c(data)
 
 
 def block_crcs(data: memoryview, block_bytes: int) -> list[int]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckptstore.backends.base import ByteRange, Store
-from ckptstore.errors import ChecksumError
+from ckptstore.errors import ChecksumError, StoreError
 from ckptstore.locate import commit_manifest, read_manifest_bytes, refuse_existing, store_for
 from ckptstore.manifest import Manifest
 from ckptstore.verify import verify_checkpoint
@@ -52,21 +52,34 @@ def copy_checkpoint(
     manifest = Manifest.from_json(raw, where=source.url)
     refuse_existing(target, overwrite=overwrite)
 
-    def copy_file(key: str) -> int:
-        size = source.size(key)
+    def copy_file(key: str, size: int) -> int:
         with target.open_writer(key) as writer:
             for lo in range(0, size, piece_bytes):
-                piece = source.read(key, ByteRange(lo, min(lo + piece_bytes, size)))
+                hi = min(lo + piece_bytes, size)
+                piece = source.read(key, ByteRange(lo, hi))
+                if len(piece) != hi - lo:
+                    raise StoreError(
+                        f"{source.url}/{key}: the file ends before byte {hi}; the manifest uses "
+                        f"{size} bytes of it (truncated?)"
+                    )
                 writer.write(piece)
                 if progress:
                     progress(len(piece))
         return size
 
-    with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="ckptstore-copy") as pool:
-        sizes = list(pool.map(copy_file, manifest.files))
-    report = verify_checkpoint(target, manifest, jobs=jobs)
+    # Only the files the chunks and pickled objects use, up to the last byte they use: a
+    # file the manifest lists but nothing reads is not copied (it could be anything).
+    used = [(k, n) for k, n in zip(manifest.files, manifest.file_extents(), strict=True) if n]
+    try:
+        with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="ckptstore-copy") as pool:
+            sizes = list(pool.map(copy_file, *zip(*used, strict=True))) if used else []
+        report = verify_checkpoint(target, manifest, jobs=jobs)
+    except BaseException:
+        for key, _ in used:
+            target.delete(key)
+        raise
     if not report.ok:
-        for key in manifest.files:
+        for key, _ in used:
             target.delete(key)
         bad = sorted({b.entry for b in report.bad})
         raise ChecksumError(
@@ -75,4 +88,4 @@ def copy_checkpoint(
             bad=bad,
         )
     commit_manifest(target, raw, overwrite=overwrite)
-    return CopyInfo(source.url, target.url, len(manifest.files), sum(sizes))
+    return CopyInfo(source.url, target.url, len(used), sum(sizes))

@@ -66,6 +66,10 @@ class UnsafeCopyError(CkptStoreError):
     refused the manifest first; this last check keeps a bug from becoming memory corruption."""
 
 
+class AllocationError(CkptStoreError, MemoryError):
+    """Memory for a tensor the checkpoint declares could not be allocated."""
+
+
 class StateDictError(CkptStoreError):
     """The state_dict given to save or load is not acceptable (unsupported leaf, name clash)."""
 

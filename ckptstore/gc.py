@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from ckptstore.backends.base import ObjectInfo, Store
 from ckptstore.backends.registry import open_store
 from ckptstore.errors import CkptStoreError
+from ckptstore.locate import read_manifest_bytes
 from ckptstore.manifest import DATA_PREFIX, MANIFEST_KEY, Manifest
 
 _STEP = re.compile(r"^(step_\d+)/")
@@ -74,7 +75,7 @@ def find_garbage(
             items += _temps(objs, now, older_than)
             continue
         try:
-            manifest = Manifest.from_json(store.read(prefix + MANIFEST_KEY), where=store.url)
+            manifest = Manifest.from_json(read_manifest_bytes(store, prefix), where=store.url)
         except CkptStoreError:
             continue  # a corrupt manifest is for a human to look at, not for gc
         live = {prefix + f for f in manifest.files}

@@ -59,3 +59,14 @@ def coalesce_gap_bytes() -> int:
 
 def plan_cache_size() -> int:
     return _env_int("CKPTSTORE_PLAN_CACHE_SIZE", 8)
+
+
+def max_checkpoint_bytes() -> int:
+    """Largest total a manifest may declare (tensor bytes, or stored bytes): a bound on what
+    one crafted manifest can make a reader allocate or read. Default 1 PiB."""
+    return _env_int("CKPTSTORE_MAX_CHECKPOINT_BYTES", 1 << 50)
+
+
+def max_manifest_bytes() -> int:
+    """Largest manifest file a reader accepts (a 16,384-rank manifest is ~50 MB). 1 GiB."""
+    return _env_int("CKPTSTORE_MAX_MANIFEST_BYTES", 1 << 30)

@@ -28,6 +28,7 @@ from ckptstore.errors import (
     CkptStoreError,
     LoadMismatchError,
     PickleNotAllowedError,
+    StoreError,
     WorldSizeMismatchError,
 )
 from ckptstore.gcpause import with_gc_paused
@@ -71,11 +72,25 @@ def fetch_manifest(store: Store, coord: Coordinator) -> Manifest:
     return Manifest.from_json(payload, where=store.url)
 
 
+def typed(exc: Exception, where: str) -> CkptStoreError:
+    """``exc`` as a ckptstore error (an I/O error is a :class:`StoreError`); anything that
+    reaches a caller through a collective is typed, with the original as its cause."""
+    if isinstance(exc, CkptStoreError):
+        return exc
+    kind = StoreError if isinstance(exc, OSError) else CkptStoreError
+    out = kind(f"{where}: {type(exc).__name__}: {exc}")
+    out.__cause__ = exc
+    return out
+
+
 def read_blob(store: Store, manifest: Manifest, name: str, record: ObjectRecord) -> bytes:
     """A pickled object's bytes, checksum-verified (not unpickled)."""
     assert record.blob is not None
     b = record.blob
-    data = store.read(manifest.files[b.file], ByteRange(b.offset, b.offset + b.nbytes))
+    key = manifest.files[b.file]
+    if store.size(key) < b.offset + b.nbytes:  # before allocating what the manifest claims
+        raise StoreError(f"{store.url}/{key}: too short for pickled object {name!r} (truncated?)")
+    data = store.read(key, ByteRange(b.offset, b.offset + b.nbytes))
     if (
         len(data) != b.nbytes
         or tuple(block_crcs(memoryview(data), manifest.chunks.block_bytes)) != b.crc32c
@@ -132,16 +147,22 @@ def load(
     coord = Coordinator(process_group)
     store = store_for(path, storage_options)
     tier_bytes_before = dict(store.bytes_read) if isinstance(store, TieredStore) else None
-    manifest = fetch_manifest(store, coord)
+    # Every step that can fail on one rank ends in an agreement: no rank waits in a
+    # collective for a rank that has already raised.
+    error: BaseException | None = None
+    try:
+        manifest = fetch_manifest(store, coord)
+    except Exception as exc:
+        error = typed(exc, store.url)
+    coord.agree(error)
     t_manifest = time.perf_counter()
 
     targets: list[Target] = []
     assignments: list[tuple[Leaf, ObjectRecord]] = []
-    error: BaseException | None = None
     try:
         targets, assignments = _match(state_dict, manifest, coord, strict, allow_pickle, per_rank)
-    except CkptStoreError as exc:
-        error = exc
+    except Exception as exc:
+        error = typed(exc, store.url)
     coord.agree(error)
     t_plan = time.perf_counter()
 
@@ -156,8 +177,8 @@ def load(
             else:
                 value = rec.value
             leaf.set_value(value)
-    except CkptStoreError as exc:
-        error = exc
+    except Exception as exc:
+        error = typed(exc, store.url)
     coord.agree(error)
     t_end = time.perf_counter()
     by_tier = None

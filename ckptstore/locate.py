@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ckptstore import knobs
 from ckptstore.backends.base import Store
 from ckptstore.backends.registry import open_store
 from ckptstore.errors import (
@@ -14,6 +15,7 @@ from ckptstore.errors import (
     IncompleteCheckpointError,
     KeyExistsError,
     KeyNotFoundError,
+    ManifestError,
 )
 from ckptstore.manifest import DATA_PREFIX, MANIFEST_KEY, Manifest
 
@@ -51,18 +53,33 @@ def commit_manifest(store: Store, data: bytes, *, overwrite: bool) -> None:
         ) from None
 
 
-def read_manifest_bytes(store: Store) -> bytes:
-    """The committed manifest's bytes.
+def read_manifest_bytes(store: Store, prefix: str = "") -> bytes:
+    """The committed manifest's bytes (of the checkpoint under ``prefix``, if given), at most
+    ``knobs.max_manifest_bytes()`` of them.
 
     Raises:
         IncompleteCheckpointError: data files exist but no manifest was committed.
         CheckpointNotFoundError: nothing of a checkpoint is there.
     """
     try:
-        return store.read(MANIFEST_KEY)
+        size = store.size(prefix + MANIFEST_KEY)
     except KeyNotFoundError:
-        pass
-    if any(True for _ in store.list(DATA_PREFIX)):
+        size = None
+    if size is not None:
+        if size > knobs.max_manifest_bytes():
+            raise ManifestError(
+                f"{store.url}: {MANIFEST_KEY} has {size} bytes, more than the "
+                f"{knobs.max_manifest_bytes()} a reader accepts (CKPTSTORE_MAX_MANIFEST_BYTES)"
+            )
+        try:
+            data = store.read(prefix + MANIFEST_KEY)
+        except KeyNotFoundError:
+            data = None
+        if data is not None:
+            if len(data) > knobs.max_manifest_bytes():
+                raise ManifestError(f"{store.url}: {MANIFEST_KEY} grew while it was read")
+            return data
+    if any(True for _ in store.list(prefix + DATA_PREFIX)):
         raise IncompleteCheckpointError(
             f"{store.url}: has data files but no committed {MANIFEST_KEY}: the save that wrote "
             "them did not finish, so this is not a checkpoint"

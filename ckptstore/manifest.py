@@ -186,6 +186,30 @@ class Manifest:
                     out.append((f"{name}[rank {r}]", e.blob))
         return out
 
+    def codec_chunks(self) -> dict[int, tuple[str, int]]:
+        """Every compressed chunk: index -> (codec, the raw bytes it decodes to)."""
+        out: dict[int, tuple[str, int]] = {}
+        records = [*self.tensors.values()]
+        records += [e for es in self.per_rank.values() for e in es if isinstance(e, TensorRecord)]
+        records = [t for t in records if t.codec and t.chunk_count]
+        raw = np.zeros(len(self.chunks) if records else 0, dtype=np.int64)
+        for t in records:
+            _fill_raw_nbytes(t, raw)
+            for i in range(t.chunk_start, t.chunk_start + t.chunk_count):
+                out[i] = (t.codec, int(raw[i]))  # type: ignore[assignment]
+        return out
+
+    def file_extents(self) -> list[int]:
+        """For each data file, the end of the last byte any chunk or pickled object uses
+        (0 for a file nothing uses): what a copy of the checkpoint needs of it."""
+        ends = np.zeros(len(self.files), dtype=np.int64)
+        t = self.chunks
+        if len(t):
+            np.maximum.at(ends, t.file, t.offset + t.nbytes)
+        for _, b in self.blobs():
+            ends[b.file] = max(int(ends[b.file]), b.offset + b.nbytes)
+        return ends.tolist()
+
     # -- serialization ------------------------------------------------------------------
     def to_json(self) -> bytes:
         with gc_paused():

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import re
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
+from ckptstore import knobs
 from ckptstore.errors import ManifestError
 
 MAX_BLOCK_BYTES = 1 << 30
@@ -35,14 +35,6 @@ _BAD_NAME_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _FILE_KEY = re.compile(
     r"data/(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}/)*[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}"
 )
-
-
-def max_checkpoint_bytes() -> int:
-    """Largest total a manifest may declare (tensor bytes, or stored bytes): a limit on what
-    one hostile manifest can make a reader allocate or read. ``CKPTSTORE_MAX_CHECKPOINT_BYTES``
-    (default 1 PiB)."""
-    raw = os.environ.get("CKPTSTORE_MAX_CHECKPOINT_BYTES")
-    return int(raw) if raw else 1 << 50
 
 
 def fail(where: str, message: str) -> None:
@@ -66,21 +58,30 @@ def check_keys(where: str, what: str, doc: Any, required: set[str], optional: se
         fail(where, f"{what}: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}")
 
 
+def bad_name(names: list[str]) -> str | None:
+    """Why the first unacceptable name is refused, or None. Entry names are strings of
+    printable characters (no NUL, control or escape characters -- a name is printed to
+    terminals -- and no lone surrogates), at most ``MAX_NAME_CHARS`` long. One regex pass
+    over all names joined, not one per name."""
+    if not names:
+        return None
+    if max(map(len, names)) > MAX_NAME_CHARS:
+        name = next(n for n in names if len(n) > MAX_NAME_CHARS)
+        return f"name {name[:80]!r}... is longer than {MAX_NAME_CHARS} characters"
+    bad = _BAD_NAME_CHARS.search("".join(names))
+    if bad is None:
+        return None
+    name = next(n for n in names if _BAD_NAME_CHARS.search(n))
+    return f"name {name[:80]!r} holds the control character {bad.group()!r}"
+
+
 def check_names(where: str, kind: str, names: Iterable[Any]) -> None:
-    """Entry names are strings of printable characters (no NUL, control or escape
-    characters, no lone surrogates), at most ``MAX_NAME_CHARS`` long. One regex pass over
-    all names joined, not one per name."""
     names = list(names)
     if not set(map(type, names)) <= {str}:
         fail(where, f"{kind} names must be strings")
-    if not names:
-        return
-    if max(map(len, names)) > MAX_NAME_CHARS:
-        fail(where, f"a {kind} name is longer than {MAX_NAME_CHARS} characters")
-    bad = _BAD_NAME_CHARS.search("".join(names))
-    if bad:
-        name = next(n for n in names if _BAD_NAME_CHARS.search(n))
-        fail(where, f"{kind} name {name[:80]!r} holds the control character {bad.group()!r}")
+    problem = bad_name(names)
+    if problem:
+        fail(where, f"{kind} {problem}")
 
 
 def check_file_keys(where: str, files: Any) -> list[str]:
@@ -134,7 +135,7 @@ def check_shape_sizes(
 
 
 def check_total(where: str, what: str, total: int) -> None:
-    limit = max_checkpoint_bytes()
+    limit = knobs.max_checkpoint_bytes()
     if total > limit:
         fail(
             where,

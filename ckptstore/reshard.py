@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckptstore import knobs
-from ckptstore.backends.base import ByteRange, Store
+from ckptstore.backends.base import Store
 from ckptstore.checkpoint import Checkpoint, open_checkpoint
 from ckptstore.chunk_writer import ChunkRow, ChunkWriter, blob_ref, chunk_table
 from ckptstore.dtypes import dtype_from_name
 from ckptstore.errors import ConversionError
+from ckptstore.load import read_blob
 from ckptstore.locate import commit_manifest, refuse_existing, store_for
 from ckptstore.manifest import (
     DATA_PREFIX,
@@ -165,10 +166,8 @@ def reshard_checkpoint(
                     _copy_rank_tensor(ckpt, out, name, rank, entry)
                     rows[key] = out.end()
                 elif entry.blob is not None:
-                    b = entry.blob
-                    data = ckpt.store.read(
-                        m.files[b.file], ByteRange(b.offset, b.offset + b.nbytes)
-                    )
+                    label = name if rank is None else f"{name}[rank {rank}]"
+                    data = read_blob(ckpt.store, m, label, entry)  # checksum-verified
                     blobs[(name, rank)] = blob_ref(out, data)
     except BaseException:
         for key in files:

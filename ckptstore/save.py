@@ -42,6 +42,7 @@ from ckptstore.locate import store_for
 from ckptstore.manifest import (
     MANIFEST_KEY,
 )
+from ckptstore.manifest_rules import bad_name
 from ckptstore.plan import GlobalPlan, RankPlan, TensorDecl, plan_save
 from ckptstore.tensor_bytes import as_bytes, host_contiguous
 from ckptstore.write import FilePlan, WriteItem, WriteResult, write_items
@@ -77,6 +78,9 @@ _ITEMSIZE = {name: dtype.itemsize for dtype, name in DTYPE_TO_NAME.items()}
 
 
 def _prepare(leaves: dict[str, Leaf], is_coordinator: bool, allow_pickle: bool) -> _Local:
+    problem = bad_name(list(leaves))  # what a reader would refuse is refused before writing
+    if problem:
+        raise StateDictError(f"state_dict entry {problem}")
     tensor_leaves, rank_tensors = [], []
     values: dict[str, Any] = {}
     rank_values: dict[str, Any] = {}

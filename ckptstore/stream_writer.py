@@ -33,6 +33,7 @@ from ckptstore.manifest import (
     ObjectRecord,
     TensorRecord,
 )
+from ckptstore.manifest_rules import bad_name
 from ckptstore.pieces import contiguous_pieces
 from ckptstore.plan import whole_layout
 from ckptstore.tensor_bytes import as_bytes
@@ -68,6 +69,9 @@ class StreamingWriter:
     def _check_name(self, name: str) -> None:
         if name in self.tensors or name in self.objects:
             raise StateDictError(f"entry {name!r} was added twice")
+        problem = bad_name([name])
+        if problem:
+            raise StateDictError(f"entry {problem}")
 
     def add_tensor(self, name: str, tensor: torch.Tensor, max_memory: int = 256 * _MiB) -> None:
         """Append ``tensor`` (any device, any strides) as one chunk."""

@@ -9,9 +9,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ckptstore import codecs
 from ckptstore.backends.base import Store
 from ckptstore.checksum import crc32c
-from ckptstore.errors import StoreError
+from ckptstore.errors import CorruptDataError, StoreError
 from ckptstore.manifest import Manifest, TensorRecord
 
 
@@ -89,6 +90,10 @@ def stored_ranges(manifest: Manifest, file: int | None = None) -> list[StoredRan
     return out
 
 
+VERIFY_WINDOW_BYTES = 16 << 20
+"""Largest single read of ``verify`` (memory per job), whatever the checksum block size."""
+
+
 def verify_checkpoint(
     store: Store,
     manifest: Manifest,
@@ -96,48 +101,62 @@ def verify_checkpoint(
     jobs: int = 4,
     progress: Callable[[int], None] | None = None,
 ) -> VerifyReport:
-    """Read every chunk and pickled object back and compare every block's crc32c."""
+    """Read every chunk and pickled object back and check what a load checks: every block's
+    crc32c (read in windows of at most 16 MiB, whatever the block size), and that every
+    compressed chunk decodes to exactly its box's size."""
     owners = chunk_owners(manifest)
-    block = manifest.chunks.block_bytes
+    codec_of = manifest.codec_chunks()
     work = stored_ranges(manifest)
 
     def check(r: StoredRange) -> list[BadChunk]:
         entry = r.blob if r.blob is not None else owners[r.chunk]
-        chunk, file, offset, nbytes, crcs = r.chunk, r.file, r.offset, r.nbytes, r.crcs
-        key = manifest.files[file]
-        bad: list[BadChunk] = []
-        buf = bytearray(min(max(nbytes, 1), 4 * block))
-        pos = 0
-        nblock = 0
+        key = manifest.files[r.file]
+        codec = codec_of.get(r.chunk) if r.blob is None else None
         try:
-            while pos < nbytes or (nbytes == 0 and nblock == 0):
-                n = min(len(buf), nbytes - pos)
-                view = memoryview(buf)[:n]
-                if n:
-                    store.read_into(key, offset + pos, view)
-                for i in range(0, max(n, 1), block):
-                    part = view[i : i + block]
-                    if crc32c(part) != int(crcs[nblock]):
-                        bad.append(
-                            BadChunk(
-                                entry,
-                                chunk,
-                                key,
-                                offset + pos + i,
-                                f"crc32c mismatch in block {nblock}",
-                            )
-                        )
-                    nblock += 1
-                pos += n
-                if nbytes == 0:
-                    break
+            stored, problems = _check_blocks(store, key, r, manifest.chunks.block_bytes, codec)
+            if codec is not None and not problems:
+                try:
+                    codecs.decode(codec[0], stored, codec[1])
+                except CorruptDataError as exc:
+                    problems = [(r.offset, f"does not decode: {exc}")]
         except (StoreError, OSError) as exc:
-            bad.append(BadChunk(entry, chunk, key, offset, f"unreadable: {exc}"))
+            problems = [(r.offset, f"unreadable: {exc}")]
         if progress:
-            progress(nbytes)
-        return bad
+            progress(r.nbytes)
+        return [BadChunk(entry, r.chunk, key, at, what) for at, what in problems]
 
     with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="ckptstore-verify") as pool:
         results = list(pool.map(check, work))
     bad = [b for r in results for b in r]
     return VerifyReport(chunks=len(work), bytes_checked=sum(w.nbytes for w in work), bad=bad)
+
+
+def _check_blocks(
+    store: Store, key: str, r: StoredRange, block: int, codec: tuple[str, int] | None
+) -> tuple[np.ndarray | None, list[tuple[int, str]]]:
+    """Stream ``r``'s bytes, checking each block's crc32c; returns the stored bytes when
+    ``codec`` is set (a compressed chunk is decoded whole), and the problems found."""
+    problems: list[tuple[int, str]] = []
+    whole = np.empty(r.nbytes, dtype=np.uint8) if codec is not None else None
+    buf = np.empty(min(r.nbytes, VERIFY_WINDOW_BYTES), dtype=np.uint8)
+    pos = index = filled = crc = 0
+    while pos < r.nbytes:
+        n = min(len(buf), r.nbytes - pos)
+        view = memoryview(buf)[:n]
+        store.read_into(key, r.offset + pos, view)
+        if whole is not None:
+            whole[pos : pos + n] = buf[:n]
+        i = 0
+        while i < n:
+            take = min(block - filled, n - i)
+            crc = crc32c(view[i : i + take], crc)
+            filled, i = filled + take, i + take
+            if filled == block or pos + i == r.nbytes:
+                if crc != int(r.crcs[index]):
+                    at = r.offset + index * block
+                    problems.append((at, f"crc32c mismatch in block {index}"))
+                index, filled, crc = index + 1, 0, 0
+        pos += n
+    if r.nbytes == 0 and crc32c(b"") != int(r.crcs[0]):
+        problems.append((r.offset, "crc32c mismatch in block 0"))
+    return whole, problems
