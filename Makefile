@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench lint format clean
+.PHONY: venv test fuzz demo bench lint format clean
 
 venv: $(STAMP)
 
@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(PY) -m ruff check ckptstore backends tools tests
 	$(PY) -m pytest -q
+
+# Long property-based fuzzing of the manifest parser and read path (make test runs 150 examples).
+FUZZ_EXAMPLES ?= 200000
+fuzz: $(STAMP)
+	CKPTSTORE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz_manifest.py --timeout 0
 
 demo: $(STAMP)
 	$(PY) tools/demo.py

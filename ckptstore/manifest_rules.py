@@ -72,7 +72,7 @@ def bad_name(names: list[str]) -> str | None:
     if bad is None:
         return None
     name = next(n for n in names if _BAD_NAME_CHARS.search(n))
-    return f"name {name[:80]!r} holds the control character {bad.group()!r}"
+    return f"name {name[:80]!r} holds the character {bad.group()!r} (control characters and lone surrogates are refused)"
 
 
 def check_names(where: str, kind: str, names: Iterable[Any]) -> None:

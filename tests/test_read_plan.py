@@ -4,16 +4,14 @@ the right tensor among many."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 import ckptstore as cs
 from ckptstore.errors import ChecksumError, ManifestError
 from ckptstore.read import ChunkReader
-from ckptstore.testing import hostile
 from ckptstore.read_plan import Target, plan_reads
+from ckptstore.testing import hostile
 
 BLOCK = 4096
 

@@ -1,8 +1,9 @@
 """``ckpt``: list, inspect, verify, compare, copy, reshard, export, import and collect
 checkpoints from the shell.
 
-Exit codes: 0 success; 1 the checkpoint is damaged (verify found bad chunks); 2 usage
-error or the path holds no committed checkpoint.
+Exit codes: 0 success; 1 the checkpoint is damaged (bad chunks, a manifest that fails its
+checksum or validation, data that does not decode); 2 usage error, the path holds no
+committed checkpoint, or storage refused (a link out of the root, not a regular file).
 """
 
 from __future__ import annotations
@@ -15,11 +16,20 @@ from typing import Any
 
 from ckptstore.checkpoint import open_checkpoint
 from ckptstore.cli.format import human_age, human_bytes, table
-from ckptstore.errors import ChecksumError, CkptStoreError, IncompleteCheckpointError
+from ckptstore.errors import (
+    ChecksumError,
+    CkptStoreError,
+    CorruptDataError,
+    IncompleteCheckpointError,
+    ManifestError,
+    UnsafeCopyError,
+)
 from ckptstore.manifest import TensorRecord
 from ckptstore.verify import verify_checkpoint
 
 EXIT_OK, EXIT_DAMAGED, EXIT_USAGE = 0, 1, 2
+DAMAGE = (ChecksumError, ManifestError, CorruptDataError, UnsafeCopyError)
+"""Errors that mean the checkpoint itself is damaged (or crafted): exit code 1."""
 
 
 def _emit_error(args: argparse.Namespace, exc: CkptStoreError) -> int:
@@ -29,7 +39,7 @@ def _emit_error(args: argparse.Namespace, exc: CkptStoreError) -> int:
         print(json.dumps({"path": where, "state": state, "error": str(exc)}))
     else:
         print(f"ckpt: {where}: {state}: {exc}", file=sys.stderr)
-    return EXIT_DAMAGED if isinstance(exc, ChecksumError) else EXIT_USAGE
+    return EXIT_DAMAGED if isinstance(exc, DAMAGE) else EXIT_USAGE
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
