@@ -65,14 +65,20 @@ def bad_name(names: list[str]) -> str | None:
     over all names joined, not one per name."""
     if not names:
         return None
-    if max(map(len, names)) > MAX_NAME_CHARS:
+    joined = "".join(names)
+    if len(joined) > MAX_NAME_CHARS and max(map(len, names)) > MAX_NAME_CHARS:
         name = next(n for n in names if len(n) > MAX_NAME_CHARS)
         return f"name {name[:80]!r}... is longer than {MAX_NAME_CHARS} characters"
-    bad = _BAD_NAME_CHARS.search("".join(names))
+    if joined.isprintable():  # a C-level pass; stricter than the rule, so only a fast path
+        return None
+    bad = _BAD_NAME_CHARS.search(joined)
     if bad is None:
         return None
     name = next(n for n in names if _BAD_NAME_CHARS.search(n))
-    return f"name {name[:80]!r} holds the character {bad.group()!r} (control characters and lone surrogates are refused)"
+    return (
+        f"name {name[:80]!r} holds the character {bad.group()!r} (control characters and "
+        "lone surrogates are refused)"
+    )
 
 
 def check_names(where: str, kind: str, names: Iterable[Any]) -> None:

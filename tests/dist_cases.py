@@ -300,3 +300,17 @@ def train_with_manager(rank: int, world: int, root: str, start_steps: int, end_s
             mgr.maybe_save(start_steps, state) if end_step == start_steps else None
     params = {k: v.full_tensor() for k, v in model.state_dict().items()}
     return {"resumed": resumed, "losses": losses, "params": params, "rand": torch.rand(3)}
+
+
+def save_rows(rank: int, world: int, root: str) -> str:
+    """Each rank saves its own rows of one tensor; returns the data file it wrote."""
+    cs.save({"w": _sharded_rows(torch.arange(64.0).reshape(16, 4), rank, world)}, root)
+    return cs.open(root).manifest.files[rank]
+
+
+def load_rows(rank: int, world: int, root: str) -> str:
+    try:
+        cs.load({"w": _sharded_rows(torch.zeros(16, 4), rank, world)}, root)
+    except CkptStoreError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "loaded"

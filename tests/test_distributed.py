@@ -85,3 +85,15 @@ def test_load_mismatch_on_one_rank_fails_every_rank(saved_on_4) -> None:
 def test_ranks_disagreeing_on_a_shape_is_a_sharding_error(tmp_path) -> None:
     out = run_ranks(4, dist_cases.inconsistent_shapes, str(tmp_path / "x"))
     assert all(o.startswith("ShardingError") and "'w'" in o for o in out)
+
+
+def test_a_data_file_replaced_by_a_directory_fails_every_rank_at_once(tmp_path) -> None:
+    """The rank that reads the damaged file raises a typed error through the agreement
+    step; the other stops with it instead of waiting in a collective."""
+    root = str(tmp_path / "c")
+    files = run_ranks(2, dist_cases.save_rows, root)
+    os.remove(os.path.join(root, files[1]))
+    os.mkdir(os.path.join(root, files[1]))
+    out = run_ranks(2, dist_cases.load_rows, root, timeout=60)
+    assert out[1].startswith("StoreError") and "not a regular file" in out[1]
+    assert out[0].startswith("CollectiveError") and "rank 1" in out[0]

@@ -132,6 +132,41 @@ def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
+def _parse_seconds(data: bytes, validated: bool, repeats: int = 7) -> float:
+    """Median time to parse a manifest, with its validation pass, or with every validation
+    check replaced by a no-op (the difference is what validation costs)."""
+    from contextlib import ExitStack
+    from unittest import mock
+
+    from ckptstore import manifest, manifest_rules
+    from ckptstore.manifest import Manifest
+
+    def exact_sizes(where, dims, ndims, itemsizes):
+        return manifest._row_numel(dims, ndims) * itemsizes
+
+    no_checks = {
+        (manifest_rules, "check_names"): lambda *a: None,
+        (manifest_rules, "check_value_depth"): lambda *a: None,
+        (manifest_rules, "check_total"): lambda *a: None,
+        (manifest_rules, "check_box_tiling"): lambda *a: None,
+        (manifest_rules, "check_file_keys"): lambda where, files: files,
+        (manifest_rules, "check_shape_sizes"): exact_sizes,
+        (manifest, "check_manifest_checksum"): lambda data, where: True,
+        (manifest, "_check_chunk_ranges"): lambda *a: None,
+        (manifest, "_check_chunk_sizes"): lambda *a: None,
+    }
+    times = []
+    with ExitStack() as stack:
+        if not validated:
+            for (module, name), fn in no_checks.items():
+                stack.enter_context(mock.patch.object(module, name, fn))
+        for _ in range(repeats):
+            t = time.perf_counter()
+            Manifest.from_json(data)
+            times.append(time.perf_counter() - t)
+    return _median(times)
+
+
 def save_and_load(
     rank: int, world: int, workload: str, root: str, repeats: int
 ) -> dict[str, float]:
@@ -159,6 +194,13 @@ def save_and_load(
         dest = make(rank, world, fill=False)
         run("cs_load", lambda d=dest: cs.load(d, f"{root}/cs0"))
         assert _equal(dest, sd), "ckptstore load mismatch"
+    if workload == "small":  # the validation pass, under the same contention as the loads
+        with open(f"{root}/cs0/manifest.json", "rb") as f:
+            data = f.read()
+        for validated in (True, False, True, False):
+            dist.barrier()
+            key = "parse_validated" if validated else "parse_unvalidated"
+            times.setdefault(key, []).append(_parse_seconds(data, validated))
     if workload == "large":
         expected = {k: v.full_tensor() for k, v in sd["model"].items() if k.startswith("layer")}
         for _ in range(repeats):
@@ -316,6 +358,19 @@ def main() -> int:
                 emit(case("small_save", r["cs_save"], r["dcp_save"], 20.0), sink)
                 emit(case("small_save_steady", r["cs_save_steady"], r["dcp_save"], 20.0), sink)
                 emit(case("small_load", r["cs_load"], r["dcp_load"], 40.0), sink)
+                cost = max(0.0, r["parse_validated"] - r["parse_unvalidated"])
+                emit(
+                    {
+                        "case": "manifest_validation",
+                        "validation_s": round(cost, 4),
+                        "parse_s": round(r["parse_validated"], 4),
+                        "load_s": round(r["cs_load"], 4),
+                        "fraction_of_load": round(cost / r["cs_load"], 4),
+                        "target": 0.05,
+                        "meets_target": cost <= 0.05 * r["cs_load"],
+                    },
+                    sink,
+                )
             shutil.rmtree(root, ignore_errors=True)
         if not args.no_async:
             import bench_async
