@@ -16,9 +16,8 @@ from ckptstore.backends.tiered import TieredStore
 from ckptstore.coordinate import Coordinator
 from ckptstore.dtypes import dtype_name
 from ckptstore.errors import CheckpointExistsError, KeyExistsError, SaveError
-from ckptstore.locate import commit_manifest
+from ckptstore.locate import commit_manifest, delete_replaced
 from ckptstore.manifest import (
-    DATA_PREFIX,
     MANIFEST_KEY,
     BlobRef,
     ChunkTable,
@@ -182,20 +181,17 @@ def _commit(
     failed = [f"rank {r}: {msg}" for r, (_, msg) in enumerate(reports) if msg is not None]
     if failed:
         return SaveError(f"{store.url}: save not committed; " + "; ".join(failed))
+    # A tiered save commits on its local tier only: the shared tier is the replicator's.
+    primary = store.local if isinstance(store, TieredStore) else store
     try:
         manifest = _assemble(reports, plan, local, block, metadata)  # type: ignore[arg-type]
         data = manifest.to_json()
-        commit_manifest(store, data, overwrite=overwrite)
+        replaced = commit_manifest(primary, data, overwrite=overwrite)
     except CheckpointExistsError as exc:
         return exc
     except Exception as exc:
         return SaveError(f"{store.url}: commit failed: {type(exc).__name__}: {exc}")
-    # Data files that the committed manifest does not name (killed or replaced saves) go.
-    live = set(manifest.files)
-    primary = store.local if isinstance(store, TieredStore) else store
-    for key in list(primary.list(DATA_PREFIX)):
-        if key not in live:
-            primary.delete(key)
+    delete_replaced(primary, replaced, manifest)
     return {
         "tensors": len(manifest.tensors),
         "total_bytes": manifest.total_tensor_bytes(),

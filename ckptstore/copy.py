@@ -15,7 +15,13 @@ from typing import Any
 
 from ckptstore.backends.base import ByteRange, Store
 from ckptstore.errors import ChecksumError, StoreError
-from ckptstore.locate import commit_manifest, read_manifest_bytes, refuse_existing, store_for
+from ckptstore.locate import (
+    commit_manifest,
+    delete_replaced,
+    read_manifest_bytes,
+    refuse_existing,
+    store_for,
+)
 from ckptstore.manifest import Manifest
 from ckptstore.verify import verify_checkpoint
 
@@ -87,5 +93,6 @@ def copy_checkpoint(
             f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); nothing was committed",
             bad=bad,
         )
-    commit_manifest(target, raw, overwrite=overwrite)
+    replaced = commit_manifest(target, raw, overwrite=overwrite)
+    delete_replaced(target, replaced, manifest)
     return CopyInfo(source.url, target.url, len(used), sum(sizes))

@@ -3,6 +3,7 @@ finding it again, or saying precisely why there is none."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -12,6 +13,7 @@ from ckptstore.backends.registry import open_store
 from ckptstore.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
+    CkptStoreError,
     IncompleteCheckpointError,
     KeyExistsError,
     KeyNotFoundError,
@@ -36,21 +38,52 @@ def refuse_existing(store: Store, *, overwrite: bool) -> None:
         raise CheckpointExistsError(f"{store.url}: a committed checkpoint is already there")
 
 
-def commit_manifest(store: Store, data: bytes, *, overwrite: bool) -> None:
+def commit_manifest(store: Store, data: bytes, *, overwrite: bool) -> bytes | None:
     """Write the manifest last, atomically: create-if-absent, or replace with ``overwrite``.
+
+    Returns the bytes of the manifest this commit replaced (None if there was none or it
+    could not be read): the caller may delete the files only *that* manifest named, never
+    files it does not know (they may belong to a save still in flight).
+
+    A create whose response was lost (the object store committed it, the client retried
+    and was told it exists) is recognised by reading the manifest back: its own bytes.
 
     Raises:
         CheckpointExistsError: another writer committed a checkpoint here first.
     """
+    replaced = None
+    if overwrite:
+        with contextlib.suppress(CkptStoreError):
+            replaced = read_manifest_bytes(store)
+        store.write(MANIFEST_KEY, data)
+        return replaced
     try:
-        if overwrite:
-            store.write(MANIFEST_KEY, data)
-        else:
-            store.write_if_absent(MANIFEST_KEY, data)
+        store.write_if_absent(MANIFEST_KEY, data)
     except KeyExistsError:
+        with contextlib.suppress(CkptStoreError):
+            if read_manifest_bytes(store) == data:
+                return None  # our own commit: its response was lost
         raise CheckpointExistsError(
             f"{store.url}: another writer committed a checkpoint first"
         ) from None
+    return None
+
+
+def delete_replaced(store: Store, replaced: bytes | None, manifest: Manifest) -> int:
+    """After an overwrite: delete the data files the replaced manifest named that
+    ``manifest`` does not. Files of killed or concurrent saves are left to ``ckpt gc``,
+    which waits for them to age. Returns how many files were deleted."""
+    if replaced is None:
+        return 0
+    try:
+        old = Manifest.from_json(replaced, where=store.url)
+    except CkptStoreError:
+        return 0  # a damaged old manifest names nothing we can trust
+    live = set(manifest.files)
+    gone = [key for key in old.files if key not in live]
+    for key in gone:
+        store.delete(key)
+    return len(gone)
 
 
 def read_manifest_bytes(store: Store, prefix: str = "") -> bytes:

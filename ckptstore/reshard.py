@@ -27,7 +27,7 @@ from ckptstore.chunk_writer import ChunkRow, ChunkWriter, blob_ref, chunk_table
 from ckptstore.dtypes import dtype_from_name
 from ckptstore.errors import ConversionError
 from ckptstore.load import read_blob
-from ckptstore.locate import commit_manifest, refuse_existing, store_for
+from ckptstore.locate import commit_manifest, delete_replaced, refuse_existing, store_for
 from ckptstore.manifest import (
     DATA_PREFIX,
     BlobRef,
@@ -175,7 +175,8 @@ def reshard_checkpoint(
         raise
 
     manifest = _assemble(m, plan, world_size, files, rows, blobs, block, dropped, ckpt.url)
-    commit_manifest(target, manifest.to_json(), overwrite=overwrite)
+    replaced = commit_manifest(target, manifest.to_json(), overwrite=overwrite)
+    delete_replaced(target, replaced, manifest)
     sharded = sum(1 for d in plan.values() if d != REPLICATE)
     return ReshardInfo(ckpt.url, target.url, world_size, sharded, len(plan) - sharded, written,
                        dropped)  # fmt: skip

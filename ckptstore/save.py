@@ -10,6 +10,7 @@ of chunk indexes, one broadcast of the commit result.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import pickle
 import time
@@ -285,14 +286,30 @@ def plan_save_collective(
         if cached is not None:
             _PLAN_CACHE.move_to_end((group_key, structure_key))
     my_plan_id = cached.plan_id if cached else -1
+    # A tiered save commits on its local tier without asking the shared one (which may be
+    # unreachable): whether the shared tier already holds this step is the replicator's
+    # business. Every rank must name the same checkpoint (the shared URL for tiered paths).
+    primary = store.local if isinstance(store, TieredStore) else store
+    shared_url = store.remote.url if isinstance(store, TieredStore) else store.url
+    path_key = int.from_bytes(hashlib.blake2b(shared_url.encode(), digest_size=7).digest(), "big")
     exists = 0
     if coord.is_coordinator and not options.overwrite and error is None:
-        exists = int(store.exists(MANIFEST_KEY))
-    hi, neg_lo, exists, failed = coord.max_ints(
-        [my_plan_id, -my_plan_id, exists, int(error is not None)]
+        try:
+            exists = int(primary.exists(MANIFEST_KEY))
+        except CkptStoreError as exc:
+            error = exc
+    hi, neg_lo, path_hi, path_neg_lo, exists, failed = coord.max_ints(
+        [my_plan_id, -my_plan_id, path_key, -path_key, exists, int(error is not None)]
     )
     if failed:
         coord.raise_failures(error)
+    if path_hi != -path_neg_lo:
+        urls = coord.all_gather(shared_url)
+        raise SaveError(
+            "the ranks passed different paths for one save: "
+            + ", ".join(f"rank {r}: {u}" for r, u in enumerate(urls) if u != urls[0])
+            + f" (rank 0: {urls[0]}); every rank must save to the same checkpoint"
+        )
     if exists:
         raise CheckpointExistsError(
             f"{store.url}: a committed checkpoint is already there; pass overwrite=True to replace it"

@@ -26,7 +26,7 @@ from ckptstore.errors import (
     StateDictError,
 )
 from ckptstore.leaves import is_plain
-from ckptstore.locate import commit_manifest, refuse_existing, store_for
+from ckptstore.locate import commit_manifest, delete_replaced, refuse_existing, store_for
 from ckptstore.manifest import (
     DATA_PREFIX,
     Manifest,
@@ -136,11 +136,9 @@ class StreamingWriter:
         manifest = Manifest(1, [self.key], table, self.tensors, self.objects, {},
                             metadata=self.metadata)  # fmt: skip
         try:
-            commit_manifest(self.store, manifest.to_json(), overwrite=self.overwrite)
+            replaced = commit_manifest(self.store, manifest.to_json(), overwrite=self.overwrite)
         except CheckpointExistsError:
             self.store.delete(self.key)
             raise
-        for key in list(self.store.list(DATA_PREFIX)):  # an overwritten checkpoint's data
-            if key != self.key:
-                self.store.delete(key)
+        delete_replaced(self.store, replaced, manifest)  # an overwritten checkpoint's data
         return manifest

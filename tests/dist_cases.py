@@ -314,3 +314,12 @@ def load_rows(rank: int, world: int, root: str) -> str:
     except CkptStoreError as exc:
         return f"{type(exc).__name__}: {exc}"
     return "loaded"
+
+
+def save_to_different_paths(rank: int, world: int, root: str) -> str:
+    try:
+        cs.save({"w": _sharded_rows(torch.arange(64.0).reshape(16, 4), rank, world)},
+                f"{root}/r{rank}")  # fmt: skip
+    except CkptStoreError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "saved"

@@ -97,3 +97,10 @@ def test_a_data_file_replaced_by_a_directory_fails_every_rank_at_once(tmp_path) 
     out = run_ranks(2, dist_cases.load_rows, root, timeout=60)
     assert out[1].startswith("StoreError") and "not a regular file" in out[1]
     assert out[0].startswith("CollectiveError") and "rank 1" in out[0]
+
+
+def test_ranks_passing_different_paths_fail_before_writing(tmp_path) -> None:
+    root = str(tmp_path)
+    out = run_ranks(2, dist_cases.save_to_different_paths, root, timeout=60)
+    assert all(o.startswith("SaveError") and "different paths" in o for o in out), out
+    assert not any(os.path.exists(f"{root}/r{r}/data") for r in range(2))

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import shutil
+import time
 from typing import Any
 
 import pytest
@@ -28,6 +29,8 @@ from ckptstore.testing.ranks import run_ranks
 from ckptstore.verify import verify_checkpoint
 
 EXAMPLES = int(os.environ.get("CKPTSTORE_FUZZ_EXAMPLES", "150"))
+SECONDS = float(os.environ.get("CKPTSTORE_FUZZ_SECONDS", "0"))
+"""With a time budget, each property runs rounds of EXAMPLES fresh examples until it is spent."""
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -154,6 +157,16 @@ def _read_everything(work: str) -> None:
         cs.load(template, work, strict=False, per_rank="keep")
 
 
+def _rounds(check: Any) -> None:
+    """One round, or rounds until ``SECONDS`` are spent (each round draws new examples)."""
+    deadline = time.monotonic() + SECONDS
+    rounds = 0
+    while rounds == 0 or time.monotonic() < deadline:
+        check()
+        rounds += 1
+    print(f"{rounds} round(s) of {EXAMPLES} examples")
+
+
 def test_fuzz_signed_structural_edits(reference) -> None:
     """A manifest edited anywhere, then signed again (an attacker's manifest)."""
     work, doc, _ = reference
@@ -165,14 +178,17 @@ def test_fuzz_signed_structural_edits(reference) -> None:
             f.write(encode_manifest(mutated))
         _read_everything(work)
 
-    check()
+    _rounds(check)
 
 
-@FUZZ
-@given(st.binary(max_size=512))
-def test_fuzz_arbitrary_bytes_are_a_manifest_error_or_a_manifest(data: bytes) -> None:
-    with contextlib.suppress(ManifestError):
-        Manifest.from_json(data)
+def test_fuzz_arbitrary_bytes_are_a_manifest_error_or_a_manifest() -> None:
+    @FUZZ
+    @given(st.binary(max_size=512))
+    def check(data: bytes) -> None:
+        with contextlib.suppress(ManifestError):
+            Manifest.from_json(data)
+
+    _rounds(check)
 
 
 def test_every_one_character_edit_is_detected(reference) -> None:

@@ -88,3 +88,25 @@ def test_reads_that_keep_getting_truncated_fail_cleanly(seaweed) -> None:
     assert torch.equal(out["w"], torch.zeros(1024, 1536)), (
         "no partial or wrong data reached a tensor"
     )
+
+
+def test_a_lost_response_to_the_manifest_put_is_recognised_as_our_own_commit(seaweed) -> None:
+    """The server commits the manifest, the response never arrives, the client retries and
+    is told the manifest exists: the save reads it back, finds its own, and succeeds."""
+    url = _url(seaweed)
+    lost = {"n": 0}
+
+    def rule(method: str, path: str, n: int) -> str:
+        if method == "PUT" and path.split("?")[0].endswith("/manifest.json") and not lost["n"]:
+            lost["n"] += 1
+            return "lose"
+        return "pass"
+
+    with FaultProxy(("127.0.0.1", S3_PORT), FaultPlan(rule=rule)) as proxy:
+        opts = seaweed.options(proxy.endpoint)
+        sd = _state()
+        cs.save(sd, url, storage_options=opts)
+        out = _zeros()
+        cs.load(out, url, storage_options=opts)
+    assert lost["n"] == 1
+    assert torch.equal(out["w"], sd["w"]) and out["step"] == 3

@@ -210,9 +210,13 @@ def test_missing_and_incomplete_checkpoints_are_refused(tmp_path) -> None:
         cs.open(tmp_path / "c")
     with pytest.raises(IncompleteCheckpointError):
         cs.load({"w": torch.zeros(2)}, tmp_path / "c")
-    # saving again over an incomplete checkpoint is allowed and cleans its leftovers
+    # saving again over an incomplete checkpoint is allowed; the killed save's files stay
+    # (they could belong to a save still in flight) until `ckpt gc` finds them orphaned
     cs.save({"w": torch.ones(2)}, tmp_path / "c")
-    assert len(os.listdir(tmp_path / "c" / "data")) == 1
+    assert len(os.listdir(tmp_path / "c" / "data")) == 2
+    from ckptstore.gc import find_garbage
+
+    assert [g.kind for g in find_garbage(tmp_path / "c", older_than=0)] == ["orphan"]
 
 
 @pytest.mark.parametrize(
@@ -349,3 +353,45 @@ def test_lazy_conjugate_and_negative_views_save_their_values(tmp_path) -> None:
         ck = cs.open(tmp_path / where)
         for k, v in expected.items():
             assert torch.equal(ck.read(k), v), (where, k)
+
+
+def test_overwrite_deletes_only_the_replaced_checkpoints_files(tmp_path) -> None:
+    """A file the replaced manifest did not name (here: a concurrent save still writing)
+    survives an overwrite; the replaced checkpoint's own files go."""
+    path = tmp_path / "c"
+    cs.save({"w": torch.ones(4)}, path)
+    old = set(cs.open(path).manifest.files)
+    in_flight = path / "data" / "00000-inflight00-0.bin"
+    in_flight.write_bytes(b"a concurrent writer's bytes")
+    cs.save({"w": torch.full((4,), 2.0)}, path, overwrite=True)
+    files = set(os.listdir(path / "data"))
+    assert in_flight.name in files
+    assert not {f.split("/")[-1] for f in old} & files
+    assert torch.equal(cs.open(path).read("w"), torch.full((4,), 2.0))
+
+
+def test_concurrent_overwrites_leave_exactly_one_complete_checkpoint(tmp_path) -> None:
+    """Two writers overwrite one path at the same time, again and again: every time the
+    result is one writer's whole checkpoint, never a manifest naming deleted files."""
+    import threading
+
+    path = tmp_path / "c"
+    states = [{"w": torch.full((256, 64), float(i)), "tag": i} for i in (1, 2)]
+    for _ in range(8):
+        errors: list[BaseException] = []
+
+        def save(sd: dict, errors: list[BaseException]) -> None:
+            try:
+                cs.save(sd, path, overwrite=True)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=save, args=(sd, errors)) for sd in states]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        out = {"w": torch.zeros(256, 64), "tag": 0}
+        cs.load(out, path)
+        assert torch.equal(out["w"], states[out["tag"] - 1]["w"])

@@ -1,8 +1,9 @@
 """An HTTP fault-injecting proxy between an S3 client and a real server (tests only).
 
 Requests pass through byte for byte (signatures stay valid); a :class:`FaultPlan` decides,
-request by request, to answer 503 SlowDown or 500 itself, to drop the connection, to delay
-the response, or to cut the response body short.
+request by request, to answer 503 SlowDown or 500 itself, to drop the connection, to lose
+the response of a request the server carried out, to delay the response, or to cut the
+response body short.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-FAULTS = ("pass", "503", "500", "drop", "slow", "truncate")
+FAULTS = ("pass", "503", "500", "drop", "slow", "truncate", "lose")
+"""``drop``: close before forwarding; ``lose``: forward, let the server act, then close
+without answering (the response was lost: the client cannot know the request took effect)."""
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,9 @@ class _Handler(socketserver.StreamRequestHandler):
                 resp_body = _read_body(
                     up_file, resp_headers, no_body=method == "HEAD" or status in (204, 304)
                 )
+            if fault == "lose":
+                server.record(RequestRecord(started, time.monotonic(), method, path, len(body)))
+                return
             if fault == "slow":
                 time.sleep(server.plan.slow_seconds)
             if fault == "truncate" and len(resp_body) > 1:
