@@ -329,7 +329,15 @@ class S3Store(Store):
         """Pages of ``list_objects_v2`` under ``prefix`` (one level with ``delimiter``)."""
         extra = {"Delimiter": "/"} if delimiter else {}
         paginator = self.client.get_paginator("list_objects_v2")
-        yield from paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix), **extra)
+        pages = iter(paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix), **extra))
+        while True:
+            try:
+                page = next(pages, None)
+            except Exception as exc:  # botocore's own types never leave the backend
+                raise StoreError(f"{self.url}: listing {prefix!r} failed: {exc}") from exc
+            if page is None:
+                return
+            yield page
 
     def list(self, prefix: str = "") -> Iterator[str]:
         for info in self.list_details(prefix):
@@ -355,11 +363,19 @@ class S3Store(Store):
                 )
 
     def delete(self, key: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as exc:
+            raise StoreError(f"{self.url}: DELETE {key!r} failed: {exc}") from exc
 
     def delete_prefix(self, prefix: str) -> int:
         keys = list(self.list(prefix))
         for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
             batch = [{"Key": self._key(k)} for k in keys[i : i + 1000]]
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            try:
+                self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+                )
+            except Exception as exc:
+                raise StoreError(f"{self.url}: deleting under {prefix!r} failed: {exc}") from exc
         return len(keys)

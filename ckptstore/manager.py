@@ -270,13 +270,14 @@ class CheckpointManager:
         if not self._coord.is_coordinator:
             return
         root = self._root_store()
-        committed = catalog.committed_steps(root)
-        if not committed:
-            return
-        keep = self.retention.keep(committed) | {committed[-1]}  # never the newest
-        for step in committed:
-            if step not in keep:
-                catalog.delete_checkpoint(root, step)
+        try:
+            committed = catalog.committed_steps(root)
+            keep = self.retention.keep(committed) | set(committed[-1:])  # never the newest
+            for step in committed:
+                if step not in keep:
+                    catalog.delete_checkpoint(root, step)
+        except CkptStoreError as exc:  # an unreachable shared tier: retried at the next save
+            warnings.warn(f"{root.url}: retention skipped: {exc}", stacklevel=3)
 
     def _apply_local_retention(self) -> None:
         """Every rank trims its node's directory (idempotent when ranks share a node); a
@@ -323,7 +324,11 @@ class CheckpointManager:
         agreed = None
         if self._coord.is_coordinator:  # one listing of the shared tier, not one per rank
             assert everyone is not None
-            remote = set(catalog.committed_steps(self._root_store()))
+            try:
+                remote = set(catalog.committed_steps(self._root_store()))
+            except CkptStoreError as exc:  # the local tier alone still restores
+                warnings.warn(f"{self.root}: the shared tier is unreachable: {exc}", stacklevel=3)
+                remote = set()
             agreed = sorted(remote | set.intersection(*(set(x) for x in everyone)))
         return self._coord.broadcast(agreed)
 

@@ -353,3 +353,40 @@ def test_subgroups_that_start_saving_at_different_times(seaweed, tmp_path) -> No
         timeout=150,
     )  # fmt: skip
     assert seen == [[0.0, 1.0], [0.0, 1.0], [10.0, 11.0], [10.0, 11.0]]
+
+
+def test_checkpointing_goes_on_locally_while_s3_is_down(tmp_path, monkeypatch) -> None:
+    """Nothing listens at the S3 endpoint: every save still commits on the local tier,
+    the failed uploads are reported (typed), nothing raises a botocore error, and the job
+    restores from the local tier."""
+    from ckptstore.errors import CkptStoreError
+    from ckptstore.testing.ranks import free_port
+
+    monkeypatch.setenv("CKPTSTORE_REPLICATION_RETRIES", "0")
+    opts = {"endpoint_url": f"http://127.0.0.1:{free_port()}", "max_attempts": 1,
+            "aws_access_key_id": "x", "aws_secret_access_key": "y"}  # fmt: skip
+    model = torch.nn.Linear(4, 4)
+    state = {"model": model, "optim": torch.optim.SGD(model.parameters(), lr=0.1)}
+    with pytest.warns(UserWarning):  # the unreachable shared tier is reported, not raised
+        mgr = cs.CheckpointManager(
+            "s3://down/run", local_dir=tmp_path / "nvme", every_n_steps=1, keep=2,
+            keep_local=3, storage_options=opts,
+        )  # fmt: skip
+        assert mgr.restore(state) is None
+        for step in (1, 2, 3):
+            assert mgr.maybe_save(step, state)
+        states = mgr.wait_replicated()
+        with pytest.raises(CkptStoreError):
+            mgr.replicate()
+        mgr.close()
+    assert set(states.values()) == {"failed"}
+    assert sorted(os.listdir(tmp_path / "nvme")) == [f"step_0000000{s}" for s in (1, 2, 3)]
+    with pytest.warns(UserWarning):
+        again = cs.CheckpointManager(
+            "s3://down/run", local_dir=tmp_path / "nvme", storage_options=opts
+        )
+        before = model.weight.detach().clone()
+        with torch.no_grad():
+            model.weight.zero_()
+        assert again.restore(state) == 3
+    assert torch.equal(model.weight, before)
