@@ -36,6 +36,7 @@ from ckptstore.save import (
     commit_collective,
     plan_save_collective,
     replication_team_for,
+    unwritable_error,
     write_planned,
 )
 from ckptstore.staging import StagedTensors, StagingPool
@@ -47,7 +48,9 @@ PERSIST_MODES = ("thread", "process")
 class AsyncSaveHandle:
     """The part of an :func:`async_save` that goes on in the background."""
 
-    def __init__(self, future: Future, staged: StagedTensors, path: str, stall: float) -> None:
+    def __init__(
+        self, future: Future, staged: StagedTensors | None, path: str, stall: float
+    ) -> None:
         self._future = future
         self._staged = staged
         self.path = path
@@ -60,7 +63,8 @@ class AsyncSaveHandle:
 
         Call it before changing the saved tensors (e.g. before the optimizer step).
         """
-        self._staged.wait_copies()
+        if self._staged is not None:  # None: staging failed; wait() raises why
+            self._staged.wait_copies()
 
     def done(self) -> bool:
         return self._future.done()
@@ -216,12 +220,20 @@ def async_save(
             planned = plan_save_collective(state_dict, path, coord, save_options, id(process_group))
             planned.replication_team = replication_team
             t_staging = time.perf_counter()
-            staged = state.pool.stage(
-                planned.tensors_to_write(), wait_device=not stage_async, shared=persist == "process"
-            )
+            failure: SaveError | None = None
+            staged: StagedTensors | None = None
+            try:
+                staged = state.pool.stage(
+                    planned.tensors_to_write(), wait_device=not stage_async,
+                    shared=persist == "process",
+                )  # fmt: skip
+            except Exception as exc:  # the background still joins the commit, and fails it
+                failure = unwritable_error(planned, exc)
         planned.seconds["stage"] = time.perf_counter() - t_staging
         stall = time.perf_counter() - t0
-        future = state.executor.submit(_persist, state, planned, staged, background, persist)
+        future = state.executor.submit(
+            _persist, state, planned, staged, background, persist, failure
+        )
         handle = AsyncSaveHandle(future, staged, planned.store.url, stall)
         state.last = handle
         return handle
@@ -233,17 +245,21 @@ def _persist(
     staged: StagedTensors,
     background: Any,
     persist: str,
+    failure: SaveError | None = None,
 ) -> SaveInfo:
     t = time.perf_counter()
     upload = None
-    result, error = None, None
+    result, error = None, failure
     try:
-        staged.wait_copies()
-        if persist == "process":
+        if staged is None:  # staging failed in the foreground: report it at the commit
+            pass
+        elif persist == "process":
+            staged.wait_copies()
             from ckptstore.persist_process import write_in_helper
 
             result, error = write_in_helper(planned, staged, state.pool.segment_name(staged.buffer))
         else:
+            staged.wait_copies()
             items = planned.write_items(staged.views)
             file_plan = None
             if isinstance(planned.store, TieredStore) and not planned.options.codec:
@@ -263,7 +279,9 @@ def _persist(
         error = SaveError(f"{planned.store.url}: rank {planned.rank}: {type(exc).__name__}: {exc}")
         error.__cause__ = exc
     finally:
-        if upload is None:
+        if staged is None:
+            pass
+        elif upload is None:
             state.pool.release(staged.buffer)
         else:
             buffer = staged.buffer

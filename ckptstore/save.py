@@ -233,9 +233,14 @@ def save(
         planned = plan_save_collective(state_dict, path, coord, options, id(process_group))
         planned.replication_team = team
         t = time.perf_counter()
-        keep_alive = [host_contiguous(x) for x in planned.tensors_to_write()]
-        result, error = write_planned(planned, planned.write_items(keep_alive))
-        del keep_alive
+        try:
+            keep_alive = [host_contiguous(x) for x in planned.tensors_to_write()]
+            items = planned.write_items(keep_alive)
+        except Exception as exc:  # reported through the commit: no rank waits for this one
+            result, error = None, unwritable_error(planned, exc)
+        else:
+            result, error = write_planned(planned, items)
+            del keep_alive, items
         planned.seconds["write"] = time.perf_counter() - t
         return commit_collective(planned, result, error, coord)
 
@@ -355,6 +360,22 @@ def plan_save_collective(
         store, options, coord.rank, coord.world_size, local, writes, global_plan, plan_cached,
         {"prepare": t_plan - t0, "plan": t_end - t_plan},
     )  # fmt: skip
+
+
+def unwritable_error(planned: PlannedSave, exc: Exception) -> SaveError:
+    """The error of a rank that could not copy its tensors to host memory, naming the
+    tensor when it is one that holds no dense data (sparse, or on the meta device)."""
+    leaves = [*planned.local.tensor_leaves, *planned.local.rank_tensors]
+    bad = next((x.name for x in leaves if x.local.layout != torch.strided or x.local.is_meta), None)
+    what = (
+        f"tensor {bad!r} is sparse or on the meta device: only dense tensors with data can "
+        "be saved (convert with .to_dense(), or materialize it first)"
+        if bad is not None
+        else f"{type(exc).__name__}: {exc}"
+    )
+    error = SaveError(f"{planned.store.url}: rank {planned.rank} cannot copy its tensors: {what}")
+    error.__cause__ = exc
+    return error
 
 
 def write_planned(

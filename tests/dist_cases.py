@@ -323,3 +323,18 @@ def save_to_different_paths(rank: int, world: int, root: str) -> str:
     except CkptStoreError as exc:
         return f"{type(exc).__name__}: {exc}"
     return "saved"
+
+
+def dataless_tensor_on_one_rank(rank: int, world: int, root: str, mode: str) -> str:
+    """Rank 1 holds a sparse tensor (sync) or a meta tensor (async): a per-rank entry, so
+    the plan agrees and the failure comes while copying, after the other rank went on."""
+    bad = torch.ones(3).to_sparse() if mode == "sync" else torch.empty(3, device="meta")
+    sd = {"w": torch.ones(4), "r": cs.PerRank(bad if rank == 1 else torch.ones(3))}
+    try:
+        if mode == "sync":
+            cs.save(sd, root)
+        else:
+            cs.async_save(sd, root).wait()
+    except CkptStoreError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "saved"

@@ -104,3 +104,12 @@ def test_ranks_passing_different_paths_fail_before_writing(tmp_path) -> None:
     out = run_ranks(2, dist_cases.save_to_different_paths, root, timeout=60)
     assert all(o.startswith("SaveError") and "different paths" in o for o in out), out
     assert not any(os.path.exists(f"{root}/r{r}/data") for r in range(2))
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_tensor_without_dense_data_on_one_rank_fails_every_rank(tmp_path, mode) -> None:
+    root = str(tmp_path / "c")
+    out = run_ranks(2, dist_cases.dataless_tensor_on_one_rank, root, mode, timeout=90)
+    assert out[1].startswith("SaveError") and "'r'" in out[1] and "sparse or on the meta" in out[1]
+    assert out[0].startswith("SaveError") and "rank 1" in out[0], out
+    assert not os.path.exists(os.path.join(root, "manifest.json"))
