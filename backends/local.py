@@ -15,7 +15,13 @@ import uuid
 from collections.abc import Iterator
 
 from ckptstore.backends.base import ByteRange, ObjectInfo, Store, StoreWriter
-from ckptstore.errors import KeyExistsError, KeyNotFoundError, StoreError
+from ckptstore.errors import (
+    KeyExistsError,
+    KeyNotFoundError,
+    NotARegularFileError,
+    StoreError,
+    TruncatedFileError,
+)
 
 _TMP_MARK = ".tmp-"
 
@@ -28,11 +34,28 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _make_dirs(path: str, durable: bool) -> None:
+    """``os.makedirs``, and with ``durable`` each new directory's entry is fsynced in its
+    parent: a step directory created by a save survives a power loss along with the
+    manifest inside it."""
+    if os.path.isdir(path):
+        return
+    missing = []
+    head = path
+    while head and not os.path.isdir(head):
+        missing.append(head)
+        head = os.path.dirname(head)
+    os.makedirs(path, exist_ok=True)
+    if durable:
+        for created in reversed(missing):
+            _fsync_dir(os.path.dirname(created))
+
+
 class _LocalWriter(StoreWriter):
     def __init__(self, final_path: str, durable: bool) -> None:
         self._final = final_path
         directory = os.path.dirname(final_path)
-        os.makedirs(directory, exist_ok=True)
+        _make_dirs(directory, durable)
         self._tmp = os.path.join(
             directory, f"{_TMP_MARK}{os.path.basename(final_path)}.{uuid.uuid4().hex[:8]}"
         )
@@ -125,7 +148,7 @@ class LocalStore(Store):
             raise KeyNotFoundError(f"{self.url}: no such file {key!r}") from None
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
-                raise StoreError(
+                raise NotARegularFileError(
                     f"{self.url}: {key!r} is or lies under a symbolic link or a non-directory; "
                     "checkpoints are read only from regular files inside their root"
                 ) from None
@@ -135,7 +158,7 @@ class LocalStore(Store):
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             os.close(fd)
-            raise StoreError(
+            raise NotARegularFileError(
                 f"{self.url}: {key!r} is not a regular file ({_file_kind(mode)}); "
                 "checkpoints are read only from regular files"
             )
@@ -160,7 +183,7 @@ class LocalStore(Store):
             while done < len(view):
                 n = os.preadv(fd, [view[done:]], offset + done)
                 if n == 0:
-                    raise StoreError(
+                    raise TruncatedFileError(
                         f"{self.url}/{key}: file ends at byte {offset + done}, "
                         f"expected at least {offset + len(view)} bytes"
                     )
@@ -196,20 +219,21 @@ class LocalStore(Store):
     def write_if_absent(self, key: str, data: bytes) -> None:
         path = self._path(key)
         directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
+        _make_dirs(directory, self.durable)
         tmp = os.path.join(directory, f"{_TMP_MARK}{os.path.basename(path)}.{uuid.uuid4().hex[:8]}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            if self.durable:
-                os.fsync(f.fileno())
-        try:
+        try:  # the temporary file goes whatever happens (a full disk included)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                if self.durable:
+                    os.fsync(f.fileno())
             # link() fails if the target exists: an atomic create-if-absent with full content.
             os.link(tmp, path)
         except FileExistsError:
             raise KeyExistsError(f"{self.url}: {key!r} already exists") from None
         finally:
-            os.unlink(tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         if self.durable:
             _fsync_dir(directory)
 

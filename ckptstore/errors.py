@@ -23,6 +23,15 @@ class KeyNotFoundError(StoreError, KeyError):
         return str(self.args[0]) if self.args else "key not found"
 
 
+class TruncatedFileError(StoreError):
+    """A stored file ends before the bytes a checkpoint's manifest places in it."""
+
+
+class NotARegularFileError(StoreError):
+    """A key is a symbolic link out of the checkpoint, a FIFO, a device or a directory:
+    checkpoints are read only from regular files inside their root."""
+
+
 class KeyExistsError(StoreError):
     """A write-if-absent found the key already present (another writer won)."""
 

@@ -33,8 +33,19 @@ from ckptstore.async_save import AsyncSaveHandle, async_save, raise_pending_erro
 from ckptstore.backends.base import Store
 from ckptstore.backends.registry import open_store
 from ckptstore.backends.tiered import TieredStore
-from ckptstore.coordinate import Coordinator
-from ckptstore.errors import CheckpointNotFoundError, CkptStoreError
+from ckptstore.coordinate import CollectiveError, Coordinator
+from ckptstore.errors import (
+    CheckpointNotFoundError,
+    ChecksumError,
+    CkptStoreError,
+    CorruptDataError,
+    IncompleteCheckpointError,
+    KeyNotFoundError,
+    ManifestError,
+    NotARegularFileError,
+    TruncatedFileError,
+    UnsafeCopyError,
+)
 from ckptstore.load import LoadInfo, load
 from ckptstore.manifest import DATA_PREFIX
 from ckptstore.policies import (
@@ -50,6 +61,13 @@ from ckptstore.save import SaveInfo, save
 from ckptstore.tier_state import REPLICATED, read_tier_state
 
 RESERVED = "_ckptstore"
+
+
+DAMAGED = (
+    ManifestError, ChecksumError, CorruptDataError, UnsafeCopyError, KeyNotFoundError,
+    IncompleteCheckpointError, TruncatedFileError, NotARegularFileError,
+)  # fmt: skip
+"""Load failures that mean the checkpoint is damaged: ``restore`` tries the one before."""
 
 
 def _is_stateful(obj: Any) -> bool:
@@ -120,6 +138,8 @@ class CheckpointManager:
         self.replications: dict[int, ReplicationHandle] = {}
         """Background copies to ``root`` (with ``local_dir``), by step."""
         self.replication_errors: list[tuple[int, str]] = []
+        self.skipped_on_restore: list[tuple[int, str]] = []
+        """(step, why) of damaged checkpoints ``restore`` passed over for an older one."""
         """(step, message) of every replication that failed (the local copy stays usable)."""
         self.last_load: LoadInfo | None = None
         """What the last :meth:`restore` read (``bytes_by_tier`` with ``local_dir``)."""
@@ -356,17 +376,32 @@ class CheckpointManager:
         """
         self._finish_pending()
         available = self._agreed_steps()
-        if step is None:
-            if not available:
-                return None
-            step = available[-1]
-        elif step not in available:
+        if step is not None and step not in available:
             raise CheckpointNotFoundError(f"{self.root}: no committed checkpoint for step {step}")
-        path = self._path(step)
-        sd = self._state_dict(state, step, for_load=True)
+        # The newest first; a damaged one (its manifest or its data) is skipped, and said so.
+        # Every rank sees the same failure (load agrees on it), so all skip together.
+        candidates = [step] if step is not None else available[::-1]
+        if not candidates:
+            return None
         load_options.setdefault("per_rank", "keep")
         options = {**self._path_options(), **load_options}
-        info = load(sd, path, process_group=self.process_group, **options)
+        for i, step in enumerate(candidates):
+            sd = self._state_dict(state, step, for_load=True)
+            try:
+                info = load(sd, self._path(step), process_group=self.process_group, **options)
+                break
+            except CkptStoreError as exc:
+                # Fall back only if no rank failed for another reason (a mismatch of the
+                # caller's state is not damage): one more agreement, reached by every rank.
+                other = not isinstance(exc, (DAMAGED, CollectiveError))
+                if self._coord.max_ints([int(other)])[0] or i == len(candidates) - 1:
+                    raise
+                self.skipped_on_restore.append((step, str(exc)))
+                warnings.warn(
+                    f"checkpoint {step} under {self.root} is damaged ({type(exc).__name__}: "
+                    f"{exc}); restoring the one before it",
+                    stacklevel=2,
+                )
         self.last_load = info
         self._apply(state, sd)
         if info.saved_world_size == self._coord.world_size:

@@ -23,6 +23,7 @@ from ckptstore.errors import (
     CorruptDataError,
     KeyNotFoundError,
     StoreError,
+    TruncatedFileError,
     UnsafeCopyError,
 )
 from ckptstore.manifest import Manifest
@@ -110,7 +111,7 @@ class ChunkReader:
             mapped = self._mapped(group.file)
             if mapped is not None:
                 if len(mapped) < group.end:
-                    raise StoreError(
+                    raise TruncatedFileError(
                         f"{self.where}: data file {key} has {len(mapped)} bytes, the manifest "
                         f"needs {group.end}: truncated?"
                     )

@@ -114,3 +114,33 @@ def test_time_based_policy_and_errors(tmp_path) -> None:
         mgr.save(3, {"_ckptstore": 1})
     with pytest.raises(cs.errors.CheckpointNotFoundError):
         mgr.restore(state, step=42)
+
+
+def test_restore_passes_over_damaged_checkpoints_and_says_so(tmp_path) -> None:
+    model, optim = _model_and_optim()
+    state = {"model": model, "optim": optim}
+    weights = {}
+    with cs.CheckpointManager(str(tmp_path), async_save=False) as mgr:
+        for step in (1, 2, 3):
+            _step(model, optim)
+            mgr.save(step, state)
+            weights[step] = model[0].weight.detach().clone()
+    newest = tmp_path / "step_00000003" / "manifest.json"
+    raw = bytearray(newest.read_bytes())
+    raw[len(raw) // 2] ^= 1  # one flipped bit
+    newest.write_bytes(bytes(raw))
+    data = tmp_path / "step_00000002" / "data"
+    victim = data / sorted(p.name for p in data.iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:-8])  # truncated
+
+    fresh = cs.CheckpointManager(str(tmp_path))
+    with pytest.warns(UserWarning, match="damaged") as caught:
+        assert fresh.restore(state) == 1
+    assert torch.equal(model[0].weight, weights[1])
+    assert [s for s, _ in fresh.skipped_on_restore] == [3, 2]
+    assert len([w for w in caught if "damaged" in str(w.message)]) == 2
+
+    with pytest.raises(cs.errors.LoadMismatchError):  # not damage: no fallback
+        fresh.restore({"model": model, "optim": optim, "extra": torch.zeros(1)})
+    with pytest.raises(cs.errors.ManifestError):  # an explicit step is not replaced
+        fresh.restore(state, step=3)

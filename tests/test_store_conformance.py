@@ -57,3 +57,44 @@ def test_local_store_rejects_escaping_keys(tmp_path) -> None:
     store = LocalStore(str(tmp_path))
     with pytest.raises(Exception, match="invalid key"):
         store.write("../outside", b"x")
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 256 KiB tmpfs (needs root, as CI has; a user's machine without it skips)."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs to fill needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                          capture_output=True)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_at_the_manifest_leaves_no_temporary_file(full_disk) -> None:
+    from ckptstore.backends.local import LocalStore
+
+    store = LocalStore(str(full_disk / "ckpt"))
+    with pytest.raises(OSError):
+        store.write_if_absent("manifest.json", b"x" * (1 << 20))
+    assert os.listdir(full_disk / "ckpt") == []
+
+
+def test_a_save_that_fills_the_disk_fails_cleanly_and_keeps_the_previous_one(full_disk) -> None:
+    import torch
+
+    import ckptstore as cs
+    from ckptstore.errors import SaveError
+
+    cs.save({"w": torch.ones(1000)}, full_disk / "step1")
+    with pytest.raises(SaveError):
+        cs.save({"w": torch.ones(1 << 20)}, full_disk / "step2")
+    assert not os.path.exists(full_disk / "step2" / "manifest.json")
+    assert torch.equal(cs.open(full_disk / "step1").read("w"), torch.ones(1000))
