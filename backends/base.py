@@ -32,6 +32,15 @@ class ObjectInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class PendingUpload:
+    """An unfinished write a listing does not show (see :meth:`Store.list_uploads`)."""
+
+    key: str
+    upload_id: str
+    started_unix: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class ByteRange:
     """A half-open range of bytes ``[start, end)`` inside one stored object."""
 
@@ -172,6 +181,18 @@ class Store(abc.ABC):
             except KeyNotFoundError:
                 continue
 
+    def list_uploads(self, prefix: str = "") -> Iterator[PendingUpload]:
+        """Writes under ``prefix`` that were started and never completed nor aborted, which
+        a plain listing does not show (S3 multipart uploads of killed writers).
+
+        Note for implementers: backends without such a state yield nothing (the default).
+        """
+        return iter(())
+
+    def abort_upload(self, upload: PendingUpload) -> None:
+        """Discard an unfinished write found by :meth:`list_uploads`."""
+        raise NotImplementedError(f"{type(self).__name__} has no unfinished uploads")
+
     def delete_prefix(self, prefix: str) -> int:
         """Delete every key under ``prefix``; returns how many were deleted."""
         keys = list(self.list(prefix))
@@ -183,4 +204,7 @@ class Store(abc.ABC):
         return f"{type(self).__name__}({self.url!r})"
 
 
-__all__ = ["ByteRange", "KeyExistsError", "KeyNotFoundError", "ObjectInfo", "Store", "StoreWriter"]
+__all__ = [
+    "ByteRange", "KeyExistsError", "KeyNotFoundError", "ObjectInfo", "PendingUpload", "Store",
+    "StoreWriter",
+]  # fmt: skip

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ckptstore.backends.base import ByteRange, ObjectInfo, Store, StoreWriter
+from ckptstore.backends.base import ByteRange, ObjectInfo, PendingUpload, Store, StoreWriter
 from ckptstore.backends.throttle import Throttle
 from ckptstore.errors import KeyExistsError, KeyNotFoundError, StoreError
 
@@ -361,6 +361,37 @@ class S3Store(Store):
                     int(obj.get("Size", 0)),
                     modified.timestamp() if modified is not None else None,
                 )
+
+    def list_uploads(self, prefix: str = "") -> Iterator[PendingUpload]:
+        cut = len(self._key(""))
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        pages = iter(paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)))
+        while True:
+            try:
+                page = next(pages, None)
+            except Exception as exc:
+                raise StoreError(
+                    f"{self.url}: listing uploads under {prefix!r} failed: {exc}"
+                ) from exc
+            if page is None:
+                return
+            for up in page.get("Uploads", []):
+                started = up.get("Initiated")
+                yield PendingUpload(
+                    up["Key"][cut:], up["UploadId"],
+                    started.timestamp() if started is not None else None,
+                )  # fmt: skip
+
+    def abort_upload(self, upload: PendingUpload) -> None:
+        try:
+            self.client.abort_multipart_upload(
+                Bucket=self.bucket, Key=self._key(upload.key), UploadId=upload.upload_id
+            )
+        except Exception as exc:
+            if _code(exc) != "NoSuchUpload":
+                raise StoreError(
+                    f"{self.url}: aborting the upload of {upload.key!r}: {exc}"
+                ) from exc
 
     def delete(self, key: str) -> None:
         try:

@@ -16,7 +16,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from ckptstore.backends.base import ObjectInfo, Store
+from ckptstore.backends.base import ObjectInfo, PendingUpload, Store
 from ckptstore.backends.registry import open_store
 from ckptstore.errors import CkptStoreError
 from ckptstore.locate import read_manifest_bytes
@@ -30,12 +30,14 @@ _TEMP_MARK = ".tmp-"
 class GarbageItem:
     kind: str
     """``incomplete`` (a step without a manifest), ``orphan`` (a data file the manifest does
-    not name) or ``temp`` (a temporary file of an interrupted write)."""
+    not name), ``temp`` (a temporary file of an interrupted write) or ``upload`` (an
+    unfinished multipart upload of a killed writer, which listings do not show)."""
     where: str
     """The step directory or file, relative to the root."""
     keys: tuple[str, ...] = field(repr=False)
     bytes: int
     age_s: float | None
+    uploads: tuple[PendingUpload, ...] = field(default=(), repr=False)
 
 
 def _age(objs: list[ObjectInfo], now: float) -> float | None:
@@ -89,6 +91,10 @@ def find_garbage(
                 if _old_enough(age, older_than):
                     items.append(GarbageItem("orphan", o.key, (o.key,), o.size, age))
         items += _temps(objs, now, older_than)
+    for up in store.list_uploads(""):
+        age = None if up.started_unix is None else now - up.started_unix
+        if _old_enough(age, older_than):
+            items.append(GarbageItem("upload", up.key, (), 0, age, (up,)))
     return items
 
 
@@ -111,6 +117,8 @@ def delete_garbage(
     for item in items:
         for key in item.keys:
             store.delete(key)
+        for upload in item.uploads:
+            store.abort_upload(upload)
         freed += item.bytes
     from ckptstore.backends.local import LocalStore
 

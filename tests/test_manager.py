@@ -140,7 +140,7 @@ def test_restore_passes_over_damaged_checkpoints_and_says_so(tmp_path) -> None:
     assert [s for s, _ in fresh.skipped_on_restore] == [3, 2]
     assert len([w for w in caught if "damaged" in str(w.message)]) == 2
 
-    with pytest.raises(cs.errors.LoadMismatchError):  # not damage: no fallback
-        fresh.restore({"model": model, "optim": optim, "extra": torch.zeros(1)})
+    with pytest.raises(cs.errors.LoadMismatchError), pytest.warns(UserWarning, match="damaged"):
+        fresh.restore({"model": model, "optim": optim, "extra": torch.zeros(1)})  # not damage
     with pytest.raises(cs.errors.ManifestError):  # an explicit step is not replaced
         fresh.restore(state, step=3)
