@@ -21,12 +21,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from ckptstore import knobs
 from ckptstore.backends.base import Store
 from ckptstore.backends.tiered import TieredStore
-from ckptstore.coordinate import Coordinator
+from ckptstore.coordinate import Coordinator, own_group
 from ckptstore.errors import SaveError
 from ckptstore.gcpause import gc_paused
 from ckptstore.save import (
@@ -93,33 +92,9 @@ class _AsyncState:
     def __init__(self) -> None:
         self.pool = StagingPool(slots=1)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptstore-async")
-        self.groups: dict[tuple[int, ...], Any] = {}  # by ranks: one group per rank set
-        self.group_of: dict[int, Any] = {}  # by id(process_group)
         self.last: AsyncSaveHandle | None = None
         self.lock = threading.Lock()
         atexit.register(self.finish_at_exit)
-
-    def background_group(self, process_group: Any) -> Any:
-        """A gloo group with the same ranks as ``process_group``, created once.
-
-        Over the whole job, every rank takes part (as in any save over the world). Over a
-        subgroup, only its ranks do (``use_local_synchronization``: the group's name comes
-        from its ranks and the number of groups each member has, not from a job-wide
-        counter), so subgroups may make their first save independently, at different times.
-        """
-        if not (dist.is_available() and dist.is_initialized()):
-            return None
-        known = self.group_of.get(id(process_group))  # the usual case: no rank list per save
-        if known is not None:
-            return known
-        ranks = tuple(dist.get_process_group_ranks(process_group or dist.group.WORLD))
-        if ranks not in self.groups:
-            subgroup = len(ranks) < dist.get_world_size()
-            self.groups[ranks] = dist.new_group(
-                ranks=list(ranks), backend="gloo", use_local_synchronization=subgroup
-            )
-        self.group_of[id(process_group)] = self.groups[ranks]
-        return self.groups[ranks]
 
     def finish_at_exit(self) -> None:
         handle = self.last
@@ -214,7 +189,7 @@ def async_save(
                 raise error
         save_options = SaveOptions(**options)  # a TypeError names an unknown option
         coord = Coordinator(process_group)
-        background = state.background_group(process_group)
+        background = own_group(process_group, "background")
         replication_team = replication_team_for(path, process_group)
         with gc_paused():
             planned = plan_save_collective(state_dict, path, coord, save_options, id(process_group))
@@ -288,7 +263,7 @@ def _persist(
             upload.add_done_callback(lambda _f: state.pool.release(buffer))
     planned.seconds["write"] = time.perf_counter() - t
     try:
-        return commit_collective(planned, result, error, Coordinator(background))
+        return commit_collective(planned, result, error, Coordinator(background, purpose=None))
     except BaseException:
         if upload is not None:  # no checkpoint: what was streamed to the shared tier goes too
             _discard_streamed(planned.store, upload)

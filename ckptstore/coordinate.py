@@ -7,25 +7,79 @@ code path serves a single process.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from ckptstore import knobs
 from ckptstore.errors import CkptStoreError
 
 COORDINATOR = 0
 
 
+_GROUPS: dict[tuple[str, tuple[int, ...]], Any] = {}  # (purpose, ranks) -> group
+_GROUP_OF: dict[tuple[str, int], Any] = {}  # (purpose, id(process_group)) -> group
+
+
+def own_group(process_group: dist.ProcessGroup | None, purpose: str) -> Any:
+    """A gloo group with the ranks of ``process_group``, for ckptstore's own collectives,
+    created once per ``purpose`` (``control``: the foreground of save/load/manager;
+    ``background``: asynchronous commits), with ckptstore's timeout: no ckptstore wait
+    lasts longer than ``knobs.collective_timeout_s()``, whatever the job's group allows.
+
+    Creation is itself a collective; it happens inside the first save, load or manager
+    call over these ranks, which every rank makes. Over a subgroup only its ranks take
+    part (``use_local_synchronization``), so subgroups may start independently, provided
+    their members have created the same number of groups (torch's naming rule).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    known = _GROUP_OF.get((purpose, id(process_group)))
+    if known is not None:
+        return known
+    ranks = tuple(dist.get_process_group_ranks(process_group or dist.group.WORLD))
+    group = _GROUPS.get((purpose, ranks))
+    if group is None:
+        subgroup = len(ranks) < dist.get_world_size()
+        try:
+            group = dist.new_group(
+                ranks=list(ranks), backend="gloo", use_local_synchronization=subgroup,
+                timeout=timedelta(seconds=knobs.collective_timeout_s()),
+            )  # fmt: skip
+        except RuntimeError as exc:
+            raise CollectiveTimeoutError(
+                f"ckptstore: creating its {purpose} group over ranks {_ranks_text(ranks)} "
+                f"failed: {exc}; a rank died or never called save/load"
+            ) from exc
+        _GROUPS[(purpose, ranks)] = group
+    _GROUP_OF[(purpose, id(process_group))] = group
+    return group
+
+
+def _ranks_text(ranks: tuple[int, ...]) -> str:
+    return f"{list(ranks)}" if len(ranks) <= 16 else f"{ranks[0]}..{ranks[-1]} ({len(ranks)})"
+
+
 class Coordinator:
-    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+    """ckptstore's collectives over the ranks of ``group`` (by default on its own gloo
+    group of those ranks, see :func:`own_group`; ``purpose=None`` uses ``group`` as is)."""
+
+    def __init__(
+        self, group: dist.ProcessGroup | None = None, purpose: str | None = "control"
+    ) -> None:
         self.distributed = dist.is_available() and dist.is_initialized()
         self.group = group
         if self.distributed:
-            self.rank = dist.get_rank(group)
-            self.world_size = dist.get_world_size(group)
+            if purpose is not None and dist.get_world_size(group) > 1:
+                self.group = own_group(group, purpose)
+            self.rank = dist.get_rank(self.group)
+            self.world_size = dist.get_world_size(self.group)
             self._global_coordinator = (
-                dist.get_global_rank(group, COORDINATOR) if group else COORDINATOR
+                dist.get_global_rank(self.group, COORDINATOR) if self.group else COORDINATOR
             )
         else:
             self.rank, self.world_size, self._global_coordinator = 0, 1, 0
@@ -38,12 +92,27 @@ class Coordinator:
     def active(self) -> bool:
         return self.distributed and self.world_size > 1
 
+    @contextlib.contextmanager
+    def _bounded(self, what: str) -> Iterator[None]:
+        """A collective that did not complete in time (a rank died, or stopped calling
+        ckptstore) is a typed error naming the group's ranks, not a gloo RuntimeError."""
+        try:
+            yield
+        except RuntimeError as exc:
+            ranks = tuple(dist.get_process_group_ranks(self.group or dist.group.WORLD))
+            raise CollectiveTimeoutError(
+                f"ckptstore: {what} over ranks {_ranks_text(ranks)} did not complete "
+                f"(timeout {knobs.collective_timeout_s():g} s, CKPTSTORE_COLLECTIVE_TIMEOUT_S): "
+                f"{str(exc)[:300]}"
+            ) from exc
+
     def max_ints(self, values: list[int]) -> list[int]:
         """Element-wise maximum of ``values`` over all ranks (one all_reduce)."""
         if not self.active:
             return list(values)
         t = torch.tensor(values, dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        with self._bounded("an all_reduce"):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return [int(v) for v in t.tolist()]
 
     def gather(self, obj: Any) -> list[Any] | None:
@@ -51,7 +120,8 @@ class Coordinator:
         if not self.active:
             return [obj]
         out: list[Any] | None = [None] * self.world_size if self.is_coordinator else None
-        dist.gather_object(obj, out, dst=self._global_coordinator, group=self.group)
+        with self._bounded("a gather"):
+            dist.gather_object(obj, out, dst=self._global_coordinator, group=self.group)
         return out
 
     def scatter(self, objs: list[Any] | None) -> Any:
@@ -60,7 +130,8 @@ class Coordinator:
             assert objs is not None
             return objs[0]
         out: list[Any] = [None]
-        dist.scatter_object_list(out, objs, src=self._global_coordinator, group=self.group)
+        with self._bounded("a scatter"):
+            dist.scatter_object_list(out, objs, src=self._global_coordinator, group=self.group)
         return out[0]
 
     def broadcast(self, obj: Any) -> Any:
@@ -68,14 +139,16 @@ class Coordinator:
         if not self.active:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=self._global_coordinator, group=self.group)
+        with self._bounded("a broadcast"):
+            dist.broadcast_object_list(box, src=self._global_coordinator, group=self.group)
         return box[0]
 
     def all_gather(self, obj: Any) -> list[Any]:
         if not self.active:
             return [obj]
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
+        with self._bounded("an all_gather"):
+            dist.all_gather_object(out, obj, group=self.group)
         return out
 
     def agree(self, error: BaseException | None) -> None:
@@ -93,6 +166,12 @@ class Coordinator:
         if error is not None:
             raise error
         raise CollectiveError(messages)
+
+
+class CollectiveTimeoutError(CkptStoreError):
+    """A collective of ckptstore did not complete within its timeout: a rank died or
+    stopped taking part. Raised instead of waiting for the job's own (often 30-minute)
+    process-group timeout."""
 
 
 class CollectiveError(CkptStoreError):

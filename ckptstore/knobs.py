@@ -70,3 +70,10 @@ def max_checkpoint_bytes() -> int:
 def max_manifest_bytes() -> int:
     """Largest manifest file a reader accepts (a 16,384-rank manifest is ~50 MB). 1 GiB."""
     return _env_int("CKPTSTORE_MAX_MANIFEST_BYTES", 1 << 30)
+
+
+def collective_timeout_s() -> float:
+    """Longest wait of any ckptstore collective (its own gloo groups), so that a dead rank
+    becomes an error in minutes, not at the job's process-group timeout. Default 300 s."""
+    raw = os.environ.get("CKPTSTORE_COLLECTIVE_TIMEOUT_S")
+    return float(raw) if raw else 300.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
@@ -338,3 +340,25 @@ def dataless_tensor_on_one_rank(rank: int, world: int, root: str, mode: str) -> 
     except CkptStoreError as exc:
         return f"{type(exc).__name__}: {exc}"
     return "saved"
+
+
+def one_rank_stops_taking_part(rank: int, world: int, root: str, mode: str) -> str:
+    """Rank 1 never calls ckptstore (as if it hung in training): rank 0's call ends with a
+    typed timeout after CKPTSTORE_COLLECTIVE_TIMEOUT_S, not at the job's 30-minute one."""
+    import time
+
+    os.environ["CKPTSTORE_COLLECTIVE_TIMEOUT_S"] = "4"
+    if rank == 1:
+        time.sleep(12)
+        return "absent"
+    t = time.monotonic()
+    try:
+        if mode == "async":
+            cs.async_save({"w": torch.ones(4)}, root).wait()
+        elif mode == "load":
+            cs.load({"w": torch.ones(4)}, root)
+        else:
+            cs.save({"w": torch.ones(4)}, root)
+    except CkptStoreError as exc:
+        return f"{type(exc).__name__} after {time.monotonic() - t:.0f} s: {exc}"
+    return "returned"

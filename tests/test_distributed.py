@@ -113,3 +113,13 @@ def test_a_tensor_without_dense_data_on_one_rank_fails_every_rank(tmp_path, mode
     assert out[1].startswith("SaveError") and "'r'" in out[1] and "sparse or on the meta" in out[1]
     assert out[0].startswith("SaveError") and "rank 1" in out[0], out
     assert not os.path.exists(os.path.join(root, "manifest.json"))
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_rank_that_stops_taking_part_is_a_typed_timeout(tmp_path, mode) -> None:
+    out = run_ranks(2, dist_cases.one_rank_stops_taking_part, str(tmp_path / "c"), mode,
+                    timeout=120)  # fmt: skip
+    assert out[1] == "absent"
+    assert out[0].startswith("CollectiveTimeoutError"), out[0]
+    seconds = int(out[0].split(" after ")[1].split(" s")[0])
+    assert seconds <= 12, out[0]  # the 4 s timeout (plus torch's barrier polling), not 30 min
