@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ckptstore import knobs
+from ckptstore import failpoints, knobs
 from ckptstore.backends.base import Store
 from ckptstore.backends.tiered import TieredStore
 from ckptstore.coordinate import Coordinator, own_group
@@ -204,6 +204,7 @@ def async_save(
                 )  # fmt: skip
             except Exception as exc:  # the background still joins the commit, and fails it
                 failure = unwritable_error(planned, exc)
+        failpoints.hit("staged", coord.rank)
         planned.seconds["stage"] = time.perf_counter() - t_staging
         stall = time.perf_counter() - t0
         future = state.executor.submit(
@@ -262,6 +263,7 @@ def _persist(
             buffer = staged.buffer
             upload.add_done_callback(lambda _f: state.pool.release(buffer))
     planned.seconds["write"] = time.perf_counter() - t
+    failpoints.hit("written", planned.rank)
     try:
         return commit_collective(planned, result, error, Coordinator(background, purpose=None))
     except BaseException:

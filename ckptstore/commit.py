@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ckptstore import failpoints
 from ckptstore.backends.base import Store
 from ckptstore.backends.tiered import TieredStore
 from ckptstore.coordinate import Coordinator
@@ -18,6 +19,7 @@ from ckptstore.dtypes import dtype_name
 from ckptstore.errors import CheckpointExistsError, KeyExistsError, SaveError
 from ckptstore.locate import commit_manifest, delete_replaced
 from ckptstore.manifest import (
+    DATA_PREFIX,
     MANIFEST_KEY,
     BlobRef,
     ChunkTable,
@@ -186,7 +188,17 @@ def _commit(
     try:
         manifest = _assemble(reports, plan, local, block, metadata)  # type: ignore[arg-type]
         data = manifest.to_json()
+        if primary is store:  # a shared store holds every rank's files: all must be there
+            present = set(store.list(DATA_PREFIX))
+            missing = [key for key in manifest.files if key not in present]
+            if missing:  # deleted during the save (a gc that took it for a killed one)
+                return SaveError(
+                    f"{store.url}: save not committed: {len(missing)} data file(s) vanished "
+                    f"before the commit ({missing[0]}, ...)"
+                )
+        failpoints.hit("before_commit")
         replaced = commit_manifest(primary, data, overwrite=overwrite)
+        failpoints.hit("committed")
     except CheckpointExistsError as exc:
         return exc
     except Exception as exc:

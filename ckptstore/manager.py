@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ckptstore import catalog, rng
+from ckptstore import catalog, failpoints, rng
 from ckptstore.async_save import AsyncSaveHandle, async_save, raise_pending_error
 from ckptstore.backends.base import Store
 from ckptstore.backends.registry import open_store
@@ -289,6 +289,7 @@ class CheckpointManager:
             self._apply_local_retention()
         if not self._coord.is_coordinator:
             return
+        failpoints.hit("retention")
         root = self._root_store()
         try:
             committed = catalog.committed_steps(root)

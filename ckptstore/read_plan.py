@@ -212,19 +212,22 @@ def coalesce(
     """
     if not len(files):
         return []
-    # Shift each file to its own stretch of one number line, so that a running maximum of
-    # span ends never carries from one file into the next and a file change is a big gap.
-    base = files * (int(ends.max()) + gap + window + 1)
-    covered = np.maximum.accumulate(ends + base)  # (shifted) end of the bytes covered so far
-    breaks = np.flatnonzero(starts[1:] + base[1:] - covered[:-1] > gap) + 1
+    # The running maximum of span ends, restarted at each file (one pass per file read: few).
+    new_file = np.flatnonzero(files[1:] != files[:-1]) + 1
+    covered = np.empty_like(ends)
+    for lo, hi in itertools.pairwise([0, *new_file.tolist(), len(files)]):
+        np.maximum.accumulate(ends[lo:hi], out=covered[lo:hi])
+    gaps = starts[1:] - covered[:-1] > gap
+    gaps[new_file - 1] = True  # a file change always starts a new request
+    breaks = np.flatnonzero(gaps) + 1
     out: list[tuple[int, int, int, int]] = []
     bounds = [0, *breaks.tolist(), len(files)]
     for lo, hi in itertools.pairwise(bounds):
         while lo < hi:  # cut the run of close spans into requests of at most ``window`` bytes
             start = int(starts[lo])
-            fits = int(np.searchsorted(covered[lo:hi], start + int(base[lo]) + window, "right"))
+            fits = int(np.searchsorted(covered[lo:hi], start + window, "right"))
             end = lo + max(1, fits)
-            out.append((lo, end, start, int(covered[end - 1] - base[lo])))
+            out.append((lo, end, start, int(covered[end - 1])))
             lo = end
     return out
 

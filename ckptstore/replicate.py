@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ckptstore import failpoints
 from ckptstore.backends.base import Store
 from ckptstore.backends.tiered import TieredStore
 from ckptstore.checksum import block_crcs
@@ -123,6 +124,7 @@ def replicate_collective(
             uploaded += 1
     except Exception as exc:  # reported to the coordinator, which does not commit
         error = f"{type(exc).__name__}: {exc}"
+    failpoints.hit("replicated")
     reports = coord.gather(error)
     outcome: Any = None
     if coord.is_coordinator:

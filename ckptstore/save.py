@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckptstore import knobs
+from ckptstore import failpoints, knobs
 from ckptstore.backends.base import Store
 from ckptstore.backends.tiered import TieredStore
 from ckptstore.commit import SaveInfo, commit_collective
@@ -232,6 +232,7 @@ def save(
     with gc_paused():  # bulk object creation; see ckptstore.gcpause
         planned = plan_save_collective(state_dict, path, coord, options, id(process_group))
         planned.replication_team = team
+        failpoints.hit("planned", coord.rank)
         t = time.perf_counter()
         try:
             keep_alive = [host_contiguous(x) for x in planned.tensors_to_write()]
@@ -241,6 +242,7 @@ def save(
         else:
             result, error = write_planned(planned, items)
             del keep_alive, items
+            failpoints.hit("written", coord.rank)
         planned.seconds["write"] = time.perf_counter() - t
         return commit_collective(planned, result, error, coord)
 

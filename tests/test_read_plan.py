@@ -10,7 +10,7 @@ import torch
 import ckptstore as cs
 from ckptstore.errors import ChecksumError, ManifestError
 from ckptstore.read import ChunkReader
-from ckptstore.read_plan import Target, plan_reads
+from ckptstore.read_plan import Target, coalesce, plan_reads
 from ckptstore.testing import hostile
 
 BLOCK = 4096
@@ -145,3 +145,16 @@ def test_coalesce_joins_close_spans_cuts_at_the_window_and_never_crosses_files()
     assert run([(2, 0, 50), (2, 10, 20), (2, 40, 60)], gap=0, window=100) == [(0, 3, 0, 60)]
     empty = np.zeros(0, dtype=np.int64)
     assert coalesce(empty, empty, empty, 0, 10) == []
+
+
+def test_coalesce_is_exact_for_offsets_near_the_largest_allowed() -> None:
+    """Offsets up to 2^62 are valid; per-file arithmetic must not wrap (found by fuzzing)."""
+    import numpy as np
+
+    top = (1 << 62) - 100
+    files = np.array([0, 1, 2], dtype=np.int64)
+    starts = np.array([top, 10, 20], dtype=np.int64)
+    ends = np.array([top + 50, 30, 40], dtype=np.int64)
+    with np.errstate(over="raise"):
+        got = coalesce(files, starts, ends, 256 << 10, 16 << 20)
+    assert got == [(0, 1, top, top + 50), (1, 2, 10, 30), (2, 3, 20, 40)]

@@ -395,3 +395,23 @@ def test_concurrent_overwrites_leave_exactly_one_complete_checkpoint(tmp_path) -
         out = {"w": torch.zeros(256, 64), "tag": 0}
         cs.load(out, path)
         assert torch.equal(out["w"], states[out["tag"] - 1]["w"])
+
+
+def test_gc_during_a_save_makes_it_fail_not_commit_a_broken_checkpoint(tmp_path) -> None:
+    """`ckpt gc --older-than 0s --apply` while a save writes: the save's data files are taken
+    for a killed save's and deleted; the save then refuses to commit (nothing broken is
+    committed) and the previous checkpoint at another step is untouched."""
+    from ckptstore import failpoints
+    from ckptstore.errors import SaveError
+    from ckptstore.gc import delete_garbage, find_garbage
+
+    cs.save({"w": torch.ones(8)}, tmp_path / "step_00000001")
+    path = tmp_path / "step_00000002"
+    failpoints.on("written", lambda: delete_garbage(tmp_path, find_garbage(tmp_path, older_than=0)))
+    try:
+        with pytest.raises(SaveError, match="vanished"):
+            cs.save({"w": torch.full((8,), 2.0)}, path)
+    finally:
+        failpoints.on("written", None)
+    assert not (path / "manifest.json").exists()
+    assert torch.equal(cs.open(tmp_path / "step_00000001").read("w"), torch.ones(8))
