@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test fuzz demo bench lint format clean
+.PHONY: venv test fuzz chaos demo bench lint format clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,12 @@ FUZZ_SECONDS ?= 300
 fuzz: $(STAMP)
 	CKPTSTORE_FUZZ_SECONDS=$(FUZZ_SECONDS) CKPTSTORE_FUZZ_EXAMPLES=2000 $(PY) -m pytest -q -s \
 		tests/test_fuzz_manifest.py -k fuzz_ --timeout 0
+
+# The crash campaign: CHAOS_TRIALS ranks killed at named phases and random moments, seeded.
+CHAOS_TRIALS ?= 200
+CHAOS_SEED ?= 1
+chaos: $(STAMP)
+	$(PY) tools/chaos.py --trials $(CHAOS_TRIALS) --seed $(CHAOS_SEED)
 
 demo: $(STAMP)
 	$(PY) tools/demo.py

@@ -194,6 +194,7 @@ def async_save(
         with gc_paused():
             planned = plan_save_collective(state_dict, path, coord, save_options, id(process_group))
             planned.replication_team = replication_team
+            failpoints.hit("planned", coord.rank)
             t_staging = time.perf_counter()
             failure: SaveError | None = None
             staged: StagedTensors | None = None

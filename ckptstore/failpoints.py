@@ -1,9 +1,9 @@
 """Named points of a save where the crash campaign acts (failpoints, as databases have them).
 
-``CKPTSTORE_FAILPOINT=phase`` (or ``phase@rank``) makes the process that reaches that point
-kill itself with SIGKILL: the crash campaign (``tools/chaos.py``) uses it to crash ranks at
-every named phase. Tests may also run a function there (:func:`on`). With neither, a point
-costs one dictionary lookup.
+``CKPTSTORE_FAILPOINT=phase`` (``phase@rank``, ``phase@rank#n``: the n-th time that rank gets
+there) makes the process that reaches that point kill itself with SIGKILL: the crash
+campaign (``tools/chaos.py``) uses it to crash ranks at every named phase. Tests may also
+run a function there (:func:`on`). With neither, a point costs one dictionary lookup.
 
 Phases, in order: ``planned`` (after the foreground collectives), ``staged`` (async: the
 host copy is done), ``written`` (this rank's data files are durable), ``before_commit`` and
@@ -42,6 +42,18 @@ def hit(phase: str, rank: int = 0) -> None:
         action()
 
 
+def _kill_on_hit(n: int) -> Callable[[], None]:
+    hits = [0]
+
+    def action() -> None:
+        hits[0] += 1
+        if hits[0] == n:
+            _kill()
+
+    return action
+
+
 _spec = os.environ.get("CKPTSTORE_FAILPOINT")
 if _spec:
-    _ACTIONS[_spec] = _kill
+    _point, _, _nth = _spec.partition("#")
+    _ACTIONS[_point] = _kill_on_hit(int(_nth or 1))

@@ -95,7 +95,7 @@ def test_a_data_file_replaced_by_a_directory_fails_every_rank_at_once(tmp_path) 
     os.remove(os.path.join(root, files[1]))
     os.mkdir(os.path.join(root, files[1]))
     out = run_ranks(2, dist_cases.load_rows, root, timeout=60)
-    assert out[1].startswith("StoreError") and "not a regular file" in out[1]
+    assert out[1].startswith("NotARegularFileError") and "not a regular file" in out[1]
     assert out[0].startswith("CollectiveError") and "rank 1" in out[0]
 
 

@@ -1,0 +1,263 @@
+"""The crash campaign: kill ranks at named phases and at seeded random moments of sync, async
+and CheckpointManager saves, then check that every committed checkpoint loads bit-exactly.
+
+Each trial runs a 2-rank job (real processes, gloo) that saves steps 1..STEPS with a state
+that is a function of the step (sharded rows, a replicated tensor, values, per-rank values).
+One rank is killed with SIGKILL: at the n-th time it reaches a named phase
+(``CKPTSTORE_FAILPOINT``, ``ckptstore/failpoints.py``) or after a seeded delay. The other rank
+must end within the collective timeout (no hang). Then, in a fresh process:
+
+* every step with a committed manifest loads and equals its step's state (bit-exact) and
+  passes ``verify`` (for the manager, whose keys are its own, the model part is compared);
+* every step before the one the kill hit is committed (retention aside);
+* ``ckpt gc --older-than 0s --apply`` afterwards leaves every committed step loadable.
+
+``python tools/chaos.py --trials 200 --seed 1`` prints a table of trials (mode, kill, seed,
+committed steps, outcome) and the seeds of the failures, to replay one with ``--only ID``.
+``make chaos`` runs the full campaign; ``tests/test_chaos.py`` a seeded subset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+STEPS = 5
+MODES = ("sync", "async", "manager")
+PHASES = {
+    "sync": ("planned", "written", "before_commit", "committed"),
+    "async": ("planned", "staged", "written", "before_commit", "committed"),
+    "manager": ("planned", "staged", "written", "before_commit", "committed", "retention"),
+}
+TIMEOUT_S = 4  # the job's collective timeout: a survivor must give up within it
+TRIAL_LIMIT_S = 120
+HANG_DUMP_S = 60
+
+
+@dataclass
+class Trial:
+    id: int
+    mode: str
+    kill: str  # "phase@rank#n" or "after:SECONDS@rank"
+    seed: int
+    committed: list[int] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def trials(count: int, seed: int) -> list[Trial]:
+    """Named-phase kills for every mode, phase, rank and a spread of steps (three trials in
+    four), and kills at a seeded random moment (the fourth); deterministic for a seed."""
+    rng = random.Random(seed)
+    named = [
+        (mode, f"{phase}@{rank}#{n}")
+        for mode in MODES
+        for phase in PHASES[mode]
+        for rank in (0, 1)
+        for n in (1, 3)
+        if not (phase in ("before_commit", "committed", "retention") and rank == 1)
+    ]
+    rng.shuffle(named)
+    out = []
+    for i in range(count):
+        if i % 4 == 3:
+            mode = rng.choice(MODES)
+            kill = f"after:{rng.uniform(0.05, 2.5):.2f}@{rng.randrange(2)}"
+        else:
+            mode, kill = named[(i - i // 4) % len(named)]
+        out.append(Trial(i, mode, kill, rng.randrange(1 << 30)))
+    return out
+
+
+# -- the job ---------------------------------------------------------------------------------
+def state_for(step: int, rank: int, world: int) -> dict:
+    import torch
+
+    import ckptstore as cs
+
+    rows = torch.arange(48 * 32, dtype=torch.float32).reshape(48, 32) * step
+    cut = [0, 20, 48]  # uneven shards
+    lo, hi = cut[rank], cut[rank + 1]
+    return {
+        "model": {"w": cs.Sharded(rows[lo:hi].clone(), (48, 32), (lo, 0)),
+                  "b": torch.full((1000,), float(step))},
+        "step": step,
+        "where": cs.PerRank(f"rank {rank} step {step}"),
+    }  # fmt: skip
+
+
+def worker(rank: int, world: int, port: int, root: str, mode: str) -> None:
+    import faulthandler
+
+    import torch.distributed as dist
+
+    faulthandler.dump_traceback_later(HANG_DUMP_S, exit=True)  # where a hang hangs, on stderr
+    from datetime import timedelta
+
+    import ckptstore as cs
+
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30),
+                            init_method=f"tcp://127.0.0.1:{port}")  # fmt: skip
+    open(os.path.join(root, f".ready-{rank}"), "w").close()  # the job is up: kills may start
+    if mode == "manager":
+        mgr = cs.CheckpointManager(root, every_n_steps=1, keep=3, async_save=True)
+        for step in range(1, STEPS + 1):
+            mgr.save(step, state_for(step, rank, world))
+        mgr.close()
+    else:
+        handle = None
+        for step in range(1, STEPS + 1):
+            path = os.path.join(root, f"step_{step:08d}")
+            if mode == "sync":
+                cs.save(state_for(step, rank, world), path)
+            else:
+                handle = cs.async_save(state_for(step, rank, world), path)
+        if handle is not None:
+            handle.wait()
+    dist.destroy_process_group()
+
+
+def check_root(root: str, mode: str) -> tuple[list[int], list[str]]:
+    """Every committed step loads and equals its state; returns (committed steps, problems)."""
+    import torch
+
+    import ckptstore as cs
+    from ckptstore.errors import CkptStoreError
+    from ckptstore.verify import verify_checkpoint
+
+    committed, problems = [], []
+    steps = sorted(int(d[5:]) for d in os.listdir(root) if d.startswith("step_"))  # not .ready
+    for step in steps:
+        path = os.path.join(root, f"step_{step:08d}")
+        if not os.path.exists(os.path.join(path, "manifest.json")):
+            continue
+        committed.append(step)
+        try:
+            ck = cs.open(path)
+            want = torch.arange(48 * 32, dtype=torch.float32).reshape(48, 32) * step
+            if not torch.equal(ck.read("model.w"), want):
+                problems.append(f"step {step}: model.w differs")
+            if not torch.equal(ck.read("model.b"), torch.full((1000,), float(step))):
+                problems.append(f"step {step}: model.b differs")
+            if not verify_checkpoint(ck.store, ck.manifest, jobs=2).ok:
+                problems.append(f"step {step}: verify found bad chunks")
+        except CkptStoreError as exc:
+            problems.append(f"step {step}: committed but does not load: {exc}")
+    return committed, problems
+
+
+def run_trial(trial: Trial, python: str = sys.executable) -> Trial:
+    from ckptstore.testing.ranks import free_port
+
+    root = tempfile.mkdtemp(prefix=f"chaos-{trial.id}-")
+    port = free_port()
+    victim = int(trial.kill.rsplit("@", 1)[1].split("#")[0])
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, CKPTSTORE_COLLECTIVE_TIMEOUT_S=str(TIMEOUT_S), OMP_NUM_THREADS="1")
+        env.pop("CKPTSTORE_FAILPOINT", None)
+        if rank == victim and not trial.kill.startswith("after:"):
+            env["CKPTSTORE_FAILPOINT"] = trial.kill
+        procs.append(subprocess.Popen(
+            [python, __file__, "--worker", str(rank), "--port", str(port), "--root", root,
+             "--mode", trial.mode],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        ))  # fmt: skip
+    if trial.kill.startswith("after:"):  # seconds after the job is up (not in its launch)
+        ready = [os.path.join(root, f".ready-{r}") for r in range(2)]
+        up_by = time.monotonic() + 60
+        while not all(map(os.path.exists, ready)) and time.monotonic() < up_by:
+            time.sleep(0.05)
+        time.sleep(float(trial.kill[6:].split("@")[0]))
+        if procs[victim].poll() is None:
+            os.kill(procs[victim].pid, signal.SIGKILL)
+    deadline = time.monotonic() + TRIAL_LIMIT_S
+    for rank, p in enumerate(procs):
+        try:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            trial.problems.append(f"rank {rank} hung past {TRIAL_LIMIT_S} s")
+    survivor = procs[1 - victim]
+    err = survivor.stderr.read().decode(errors="replace") if survivor.stderr else ""
+    for p in procs:
+        if p.stderr:
+            p.stderr.close()
+    if survivor.returncode not in (0, 1) or "Timeout (0:01:00)!" in err:  # signal or hang
+        trial.problems.append(f"survivor exit {survivor.returncode}: {err[-1500:]}")
+    trial.committed, problems = check_root(root, trial.mode)
+    trial.problems += problems
+    from ckptstore.gc import delete_garbage, find_garbage
+
+    delete_garbage(root, find_garbage(root, older_than=0))
+    after, problems = check_root(root, trial.mode)
+    if after != trial.committed:
+        trial.problems.append(f"gc changed the committed steps {trial.committed} -> {after}")
+    trial.problems += [f"after gc: {p}" for p in problems]
+    if trial.mode != "manager" and "#" in trial.kill:  # every step before the killed one
+        killed_step = int(trial.kill.split("#")[1])
+        missing = [s for s in range(1, killed_step) if s not in trial.committed]
+        if missing:
+            trial.problems.append(f"steps {missing} before the kill are not committed")
+    if trial.ok:
+        shutil.rmtree(root, ignore_errors=True)
+    else:
+        trial.problems.append(f"(root kept: {root})")
+    return trial
+
+
+def run_campaign(
+    count: int, seed: int, only: int | None = None, parallel: int = 2, out=print
+) -> list[Trial]:
+    todo = trials(count, seed)
+    if only is not None:
+        todo = [t for t in todo if t.id == only]
+    out(f"{'id':>4} {'mode':8} {'kill':24} {'seed':>10}  {'committed':16} outcome")
+    done = []
+    with ThreadPoolExecutor(parallel) as pool:  # ranks mostly wait: two trials at a time
+        for trial in pool.map(run_trial, todo):
+            done.append(trial)
+            outcome = "ok" if trial.ok else "FAIL: " + "; ".join(trial.problems)[:300]
+            out(f"{trial.id:>4} {trial.mode:8} {trial.kill:24} {trial.seed:>10}  "
+                f"{trial.committed!s:16} {outcome}")  # fmt: skip
+    failed = [t for t in done if not t.ok]
+    out(
+        f"{len(done)} trial(s), {len(done) - len(failed)} passed, {len(failed)} failed"
+        + (f"; replay with --seed {seed} --only ID: {[t.id for t in failed]}" if failed else "")
+    )
+    return done
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--trials", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--only", type=int, default=None, help="replay one trial by its id")
+    parser.add_argument("--parallel", type=int, default=2, help="trials at a time (2)")
+    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--root", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="sync", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker is not None:
+        worker(args.worker, 2, args.port, args.root, args.mode)
+        return 0
+    done = run_campaign(args.trials, args.seed, args.only, args.parallel)
+    return 0 if all(t.ok for t in done) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
