@@ -147,17 +147,17 @@ class ChunkReader:
         buf_end = buf_start + len(buf)
         check, move = crc32c, ctypes.memmove  # locals: this loop runs once per small tensor
         runs = group.simple
-        for lo, hi, crc, ptr, room in zip(
-            runs.start, runs.end, runs.crc, runs.dest_ptr, runs.dest_nbytes, strict=True
-        ):
+        if runs.start and (group.start < buf_start or group.end > buf_end):
+            # The plan checked each run against the request's bytes and its destination's
+            # size; here the buffer must hold the request's bytes.
+            _unsafe(self.where, group.start, group.end, buf_start, buf_end, 0)
+        for lo, hi, crc, ptr in zip(runs.start, runs.end, runs.crc, runs.dest_ptr, strict=True):
             if check(view[lo - buf_start : hi - buf_start]) != crc:
                 k = runs.item[runs.start.index(lo)]
                 found = check(view[lo - buf_start : hi - buf_start])
                 self._mismatch(
                     plan.simple_names[k], plan.simple_chunks[k], group.file, lo, hi, crc, found
                 )
-            if lo < buf_start or hi > buf_end or hi - lo != room:
-                _unsafe(self.where, lo, hi, buf_start, buf_end, room)
             move(ptr, address + lo, hi - lo)
         checked: set[tuple[int, int]] = set()
         for p in group.pieces:

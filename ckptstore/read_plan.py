@@ -12,14 +12,18 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from ckptstore.dtypes import dtype_from_name, itemsize
+from ckptstore.errors import UnsafeCopyError
 from ckptstore.manifest import Manifest, TensorRecord
 from ckptstore.plan import Box, overlaps, whole_layout
+
+_NBYTES = attrgetter("nbytes")
 
 
 class Target(NamedTuple):
@@ -64,11 +68,10 @@ class WholeChunks(NamedTuple):
     end: list[int]
     crc: list[int]
     dest_ptr: list[int]
-    dest_nbytes: list[int]
     item: list[int]
 
 
-NO_WHOLE_CHUNKS = WholeChunks([], [], [], [], [], [])
+NO_WHOLE_CHUNKS = WholeChunks([], [], [], [], [])
 
 
 @dataclass
@@ -138,7 +141,7 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
     fast: list[int] = []  # indexes into targets of candidates for the fast path
     chunks: list[int] = []
     ptrs: list[int] = []
-    rooms: list[int] = []  # bytes of each destination
+    dests: list[torch.Tensor] = []
     others: list[Target] = []
     for i, t in enumerate(targets):
         rec, dest = t[1], t[3]
@@ -154,7 +157,7 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
             fast.append(i)
             chunks.append(rec.chunk_start)
             ptrs.append(dest.data_ptr())
-            rooms.append(dest.nbytes)
+            dests.append(dest)
         else:
             others.append(t)
     chunk_col = np.array(chunks, dtype=np.int64)
@@ -163,11 +166,11 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
     if not simple.all():  # empty tensors and multi-block chunks take the general path
         others += [targets[fast[i]] for i in np.flatnonzero(~simple).tolist()]
         keep = np.flatnonzero(simple).tolist()
-        fast, chunks, ptrs, rooms = (
+        fast, chunks, ptrs, dests = (
             [fast[i] for i in keep],
             [chunks[i] for i in keep],
             [ptrs[i] for i in keep],
-            [rooms[i] for i in keep],
+            [dests[i] for i in keep],
         )
         chunk_col, nbytes = chunk_col[keep], nbytes[keep]
     names = [targets[i][0] for i in fast]
@@ -183,7 +186,7 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
     order = np.lexsort((starts, files))
     crc_col = table.crc32c[table.crc_first[chunk_col]] if n_simple else chunk_col
     ptr_col = np.array(ptrs, dtype=np.int64)
-    room_col = np.array(rooms, dtype=np.int64)
+    room_col = np.fromiter(map(_NBYTES, dests), np.int64, len(dests))  # bytes of each dest
     groups: list[Request] = []
     for lo, hi, g_start, g_end in coalesce(files[order], starts[order], ends[order], gap, window):
         items = order[lo:hi]
@@ -192,10 +195,20 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
         runs = NO_WHOLE_CHUNKS
         if len(s_items):
             s_start = table.offset[chunk_col[s_items]]
+            s_end = s_start + nbytes[s_items]
+            # The bounds of every raw copy of this request, checked here as one array
+            # operation: inside the request's bytes, exactly the destination's size. (The
+            # reader checks that its buffer holds the request's bytes.)
+            if not (
+                (s_start >= g_start) & (s_end <= g_end) & (s_end - s_start == room_col[s_items])
+            ).all():
+                raise UnsafeCopyError(
+                    f"a whole-chunk copy of file {int(files[items[0]])} would leave its request "
+                    f"({g_start}..{g_end}) or its destination"
+                )
             runs = WholeChunks(
-                s_start.tolist(), (s_start + nbytes[s_items]).tolist(),
-                crc_col[s_items].tolist(), ptr_col[s_items].tolist(),
-                room_col[s_items].tolist(), s_items.tolist(),
+                s_start.tolist(), s_end.tolist(),
+                crc_col[s_items].tolist(), ptr_col[s_items].tolist(), s_items.tolist(),
             )  # fmt: skip
         group_pieces = [pieces[i - n_simple] for i in items[~is_simple].tolist()]
         groups.append(Request(int(files[items[0]]), g_start, g_end, group_pieces, runs))

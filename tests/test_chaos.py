@@ -1,7 +1,8 @@
 """A seeded subset of the crash campaign (``tools/chaos.py``; ``make chaos`` runs it all):
 ranks killed with SIGKILL at named phases and random moments of sync, async and manager
-saves; every committed checkpoint must load bit-exactly, no rank may hang, and ``ckpt gc``
-afterwards must leave every committed checkpoint loadable."""
+saves, and concurrent writers (overwrite races, gc during saves); every committed checkpoint
+must load bit-exactly, no rank may hang, and ``ckpt gc`` afterwards must leave every
+committed checkpoint loadable."""
 
 from __future__ import annotations
 
@@ -20,4 +21,4 @@ def test_a_seeded_subset_of_the_crash_campaign() -> None:
                               out=lines.append)  # fmt: skip
     failed = [t for t in done if not t.ok]
     assert len(done) == 8 and not failed, "\n".join(lines)
-    assert {t.mode for t in done} == set(chaos.MODES), "every mode is exercised"
+    assert set(chaos.SCENARIOS) <= {t.mode for t in done}, "both concurrency scenarios ran"

@@ -12,6 +12,10 @@ must end within the collective timeout (no hang). Then, in a fresh process:
 * every step before the one the kill hit is committed (retention aside);
 * ``ckpt gc --older-than 0s --apply`` afterwards leaves every committed step loadable.
 
+Every fourth trial is a concurrency scenario instead: two processes overwriting one path at
+once (the result must be one writer's whole state), or a writer saving while ``gc
+--older-than 0s --apply`` runs in a loop (a save may fail; nothing broken may be committed).
+
 ``python tools/chaos.py --trials 200 --seed 1`` prints a table of trials (mode, kill, seed,
 committed steps, outcome) and the seeds of the failures, to replay one with ``--only ID``.
 ``make chaos`` runs the full campaign; ``tests/test_chaos.py`` a seeded subset.
@@ -20,6 +24,7 @@ committed steps, outcome) and the seeds of the failures, to replay one with ``--
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import shutil
@@ -58,8 +63,9 @@ class Trial:
 
 
 def trials(count: int, seed: int) -> list[Trial]:
-    """Named-phase kills for every mode, phase, rank and a spread of steps (three trials in
-    four), and kills at a seeded random moment (the fourth); deterministic for a seed."""
+    """Named-phase kills for every mode, phase, rank and a spread of steps (two trials in
+    four), a concurrency scenario (the third) and a kill at a seeded random moment (the
+    fourth); deterministic for a seed."""
     rng = random.Random(seed)
     named = [
         (mode, f"{phase}@{rank}#{n}")
@@ -72,11 +78,14 @@ def trials(count: int, seed: int) -> list[Trial]:
     rng.shuffle(named)
     out = []
     for i in range(count):
+        if i % 4 == 2:  # a concurrency scenario
+            out.append(Trial(i, SCENARIOS[(i // 4) % len(SCENARIOS)], "-", rng.randrange(1 << 30)))
+            continue
         if i % 4 == 3:
             mode = rng.choice(MODES)
             kill = f"after:{rng.uniform(0.05, 2.5):.2f}@{rng.randrange(2)}"
         else:
-            mode, kill = named[(i - i // 4) % len(named)]
+            mode, kill = named[(i - 2 * (i // 4)) % len(named)]
         out.append(Trial(i, mode, kill, rng.randrange(1 << 30)))
     return out
 
@@ -219,6 +228,86 @@ def run_trial(trial: Trial, python: str = sys.executable) -> Trial:
     return trial
 
 
+# -- concurrency scenarios ------------------------------------------------------------------
+SCENARIOS = ("overwrite-race", "gc-during-saves")
+
+
+def writer(path: str, value: float, saves: int, seed: int, overwrite_path: bool) -> None:
+    """A single-process writer: ``saves`` saves of ``{"w": value, "tag": value}`` with jitter,
+    all to ``path`` (overwrite) or to ``path/step_N``."""
+    import torch
+
+    import ckptstore as cs
+    from ckptstore.errors import SaveError
+
+    rng = random.Random(seed)
+    for i in range(1, saves + 1):
+        time.sleep(rng.uniform(0, 0.2))
+        sd = {"w": torch.full((256, 256), value * 1000 + i), "tag": value * 1000 + i}
+        if overwrite_path:
+            cs.save(sd, path, overwrite=True)
+        else:
+            try:  # a concurrent gc may take the save's files for a killed one's: it fails
+                cs.save(sd, os.path.join(path, f"step_{i:08d}"))
+            except SaveError as exc:
+                if "vanished" not in str(exc):
+                    raise
+
+
+def run_scenario(trial: Trial, python: str = sys.executable) -> Trial:
+    """Two writers overwriting one path at once, or a writer while gc deletes everything
+    older than 0 s: every committed checkpoint is one writer's whole state, and loads."""
+    import torch
+
+    import ckptstore as cs
+    from ckptstore.errors import CkptStoreError
+    from ckptstore.gc import delete_garbage, find_garbage
+
+    root = tempfile.mkdtemp(prefix=f"chaos-{trial.id}-")
+    path = os.path.join(root, "ckpt") if trial.mode == "overwrite-race" else root
+    writers = 2 if trial.mode == "overwrite-race" else 1
+    procs = [
+        subprocess.Popen(
+            [python, __file__, "--writer", str(w + 1), "--root", path, "--seed",
+             str(trial.seed + w), "--mode", trial.mode],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        for w in range(writers)
+    ]  # fmt: skip
+    while any(p.poll() is None for p in procs):
+        if trial.mode == "gc-during-saves":
+            with contextlib.suppress(CkptStoreError, OSError):
+                delete_garbage(root, find_garbage(root, older_than=0))
+        time.sleep(0.02)
+    for p in procs:
+        err = p.stderr.read().decode(errors="replace") if p.stderr else ""
+        if p.returncode != 0:
+            trial.problems.append(f"a writer failed ({p.returncode}): {err[-400:]}")
+        if p.stderr:
+            p.stderr.close()
+    targets = [path] if trial.mode == "overwrite-race" else [
+        os.path.join(root, d) for d in sorted(os.listdir(root)) if d.startswith("step_")
+    ]  # fmt: skip
+    for target in targets:
+        if not os.path.exists(os.path.join(target, "manifest.json")):
+            continue
+        trial.committed.append(len(trial.committed) + 1)
+        try:
+            out = {"w": torch.zeros(256, 256), "tag": 0.0}
+            cs.load(out, target)
+            if not torch.equal(out["w"], torch.full((256, 256), out["tag"])):
+                trial.problems.append(f"{target}: a mix of two writers' states")
+        except CkptStoreError as exc:
+            trial.problems.append(f"{target}: committed but does not load: {exc}")
+    if trial.mode == "overwrite-race" and not trial.committed:
+        trial.problems.append("nothing committed")
+    if trial.ok:
+        shutil.rmtree(root, ignore_errors=True)
+    else:
+        trial.problems.append(f"(root kept: {root})")
+    return trial
+
+
 def run_campaign(
     count: int, seed: int, only: int | None = None, parallel: int = 2, out=print
 ) -> list[Trial]:
@@ -227,8 +316,11 @@ def run_campaign(
         todo = [t for t in todo if t.id == only]
     out(f"{'id':>4} {'mode':8} {'kill':24} {'seed':>10}  {'committed':16} outcome")
     done = []
+    def run(trial: Trial) -> Trial:
+        return run_scenario(trial) if trial.mode in SCENARIOS else run_trial(trial)
+
     with ThreadPoolExecutor(parallel) as pool:  # ranks mostly wait: two trials at a time
-        for trial in pool.map(run_trial, todo):
+        for trial in pool.map(run, todo):
             done.append(trial)
             outcome = "ok" if trial.ok else "FAIL: " + "; ".join(trial.problems)[:300]
             out(f"{trial.id:>4} {trial.mode:8} {trial.kill:24} {trial.seed:>10}  "
@@ -248,10 +340,14 @@ def main() -> int:
     parser.add_argument("--only", type=int, default=None, help="replay one trial by its id")
     parser.add_argument("--parallel", type=int, default=2, help="trials at a time (2)")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--writer", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--root", default="", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="sync", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.writer is not None:
+        writer(args.root, float(args.writer), 5, args.seed, args.mode == "overwrite-race")
+        return 0
     if args.worker is not None:
         worker(args.worker, 2, args.port, args.root, args.mode)
         return 0

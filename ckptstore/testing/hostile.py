@@ -311,6 +311,17 @@ def file_index_out_of_range(doc: dict[str, Any]) -> None:
 
 @case("manifest")
 @_edit
+def two_tensors_share_a_chunk(doc: dict[str, Any]) -> None:
+    """A second tensor of the same size pointing at "w"'s chunk: sizes agree, ownership not."""
+    t = doc["tensors"]
+    t["names"].append("w_alias")
+    t["dtypes"].append("float32")
+    t["shapes"].append([64, 32])
+    t["chunk_starts"].append(chunk_of(doc, "w"))
+
+
+@case("manifest")
+@_edit
 def per_rank_list_empty(doc: dict[str, Any]) -> None:
     doc["per_rank"]["pos"] = []
 
