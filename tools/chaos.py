@@ -83,7 +83,7 @@ def trials(count: int, seed: int) -> list[Trial]:
             continue
         if i % 4 == 3:
             mode = rng.choice(MODES)
-            kill = f"after:{rng.uniform(0.05, 2.5):.2f}@{rng.randrange(2)}"
+            kill = f"after:{rng.uniform(0.05, 1.2):.2f}@{rng.randrange(2)}"
         else:
             mode, kill = named[(i - 2 * (i // 4)) % len(named)]
         out.append(Trial(i, mode, kill, rng.randrange(1 << 30)))
