@@ -12,17 +12,22 @@ import hashlib
 import json
 import os
 import threading
+import time
 from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
 
-from ckptstore.coordinate import COORDINATOR
+from ckptstore import knobs
+from ckptstore.coordinate import COORDINATOR, CollectiveTimeoutError
 
 
-def _timeout() -> timedelta:
+def _timeout() -> float:
     """How long a rank waits for the others (a replication's slowest upload included)."""
-    return timedelta(seconds=float(os.environ.get("CKPTSTORE_STORE_WAIT_S", str(6 * 3600))))
+    return float(os.environ.get("CKPTSTORE_STORE_WAIT_S", str(6 * 3600)))
+
+
+_POLL = timedelta(seconds=2)
 
 
 class Team:
@@ -68,6 +73,9 @@ class StoreCoordinator:
             if team.distributed and self.world_size > 1
             else None
         )
+        self._stop = threading.Event()
+        if self._store is not None:  # a heartbeat, so that waits end when a rank is gone
+            threading.Thread(target=self._beat, daemon=True, name="ckptstore-heartbeat").start()
 
     @property
     def is_coordinator(self) -> bool:
@@ -75,6 +83,48 @@ class StoreCoordinator:
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}"
+
+    def _beat(self) -> None:
+        """While this rank takes part in the exchange (its uploads included), count up its
+        ``alive`` key every second: a long upload is progress, a dead rank is not."""
+        assert self._store is not None
+        key = self._key(f"alive/{self.rank}")
+        while not self._stop.wait(1.0):
+            try:
+                self._store.add(key, 1)
+            except Exception:  # the store is gone (the job is ending): nothing to report to
+                return
+
+    def _wait(self, keys: list[str], ranks: list[int]) -> None:
+        """Wait for ``keys`` (posted by ``ranks``) while those ranks show signs of life; a
+        rank silent for ``knobs.collective_timeout_s()`` (or any wait beyond
+        ``CKPTSTORE_STORE_WAIT_S``) is a :class:`CollectiveTimeoutError` naming it."""
+        assert self._store is not None
+        silent_limit = knobs.collective_timeout_s()
+        start = time.monotonic()
+        seen: dict[int, tuple[int, float]] = {}  # rank -> (its heartbeat count, when it changed)
+        while True:
+            try:
+                self._store.wait(keys, _POLL)
+                return
+            except RuntimeError:  # not all there yet: are the missing ranks still alive?
+                pass
+            now = time.monotonic()
+            silent = []
+            for r, k in zip(ranks, keys, strict=True):
+                if self._store.check([k]):
+                    continue
+                beat = self._store.add(self._key(f"alive/{r}"), 0)
+                if seen.get(r, (None,))[0] != beat:
+                    seen[r] = (beat, now)
+                elif now - seen[r][1] > silent_limit:
+                    silent.append(r)
+            if silent or now - start > _timeout():
+                raise CollectiveTimeoutError(
+                    f"ckptstore: ranks {silent} of the replication team {list(self.team.ranks)} "
+                    f"did not report within {silent_limit:g} s of their last sign of life "
+                    "(CKPTSTORE_COLLECTIVE_TIMEOUT_S): a rank died or stopped"
+                )
 
     def gather(self, obj: Any) -> list[Any] | None:
         """Every rank's ``obj`` (JSON-serializable) on the coordinator (None elsewhere)."""
@@ -84,7 +134,11 @@ class StoreCoordinator:
         if not self.is_coordinator:
             return None
         keys = [self._key(f"gather/{r}") for r in range(self.world_size)]
-        self._store.wait(keys, _timeout())
+        try:
+            self._wait(keys, list(range(self.world_size)))
+        except BaseException:
+            self._stop.set()  # silent from now on: the others stop waiting for this rank too
+            raise
         return [json.loads(self._store.get(k)) for k in keys]
 
     def broadcast(self, obj: Any) -> Any:
@@ -92,15 +146,19 @@ class StoreCoordinator:
         if self._store is None:
             return obj
         verdict = self._key("broadcast")
-        if self.is_coordinator:
-            self._store.set(verdict, json.dumps(obj))
-            out = obj
-        else:
-            self._store.wait([verdict], _timeout())
-            out = json.loads(self._store.get(verdict))
+        try:
+            if self.is_coordinator:
+                self._store.set(verdict, json.dumps(obj))
+                out = obj
+            else:
+                self._wait([verdict], [COORDINATOR])
+                out = json.loads(self._store.get(verdict))
+        finally:
+            self._stop.set()
         if self._store.add(self._key("done"), 1) == self.world_size:  # the last reader
             for r in range(self.world_size):
                 self._store.delete_key(self._key(f"gather/{r}"))
+                self._store.delete_key(self._key(f"alive/{r}"))
             self._store.delete_key(verdict)
             self._store.delete_key(self._key("done"))
         return out

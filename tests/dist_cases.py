@@ -362,3 +362,24 @@ def one_rank_stops_taking_part(rank: int, world: int, root: str, mode: str) -> s
     except CkptStoreError as exc:
         return f"{type(exc).__name__} after {time.monotonic() - t:.0f} s: {exc}"
     return "returned"
+
+
+def store_exchange_with_a_silent_rank(rank: int, world: int) -> str:
+    """Rank 1 joins a key-value exchange and goes silent (as a dead rank would): rank 0's
+    gather ends with a typed error naming it, instead of waiting hours."""
+    import time
+
+    from ckptstore.store_coordinate import Team
+
+    os.environ["CKPTSTORE_COLLECTIVE_TIMEOUT_S"] = "3"
+    exchange = Team().next_exchange("test")
+    if rank == 1:
+        exchange._stop.set()  # no more heartbeats, and it never reports
+        time.sleep(10)
+        return "silent"
+    t = time.monotonic()
+    try:
+        exchange.gather("report")
+    except CkptStoreError as exc:
+        return f"{type(exc).__name__} after {time.monotonic() - t:.0f} s: {exc}"
+    return "returned"
