@@ -1,7 +1,10 @@
-"""The crash campaign: kill ranks at named phases and at seeded random moments of sync, async
-and CheckpointManager saves, then check that every committed checkpoint loads bit-exactly.
+"""The crash campaign: kill ranks at named phases and at seeded random moments of sync, async,
+CheckpointManager and tiered saves, then check that every committed checkpoint loads
+bit-exactly.
 
-Each trial runs a 2-rank job (real processes, gloo) that saves steps 1..STEPS with a state
+Each trial runs a 2-rank job (real processes, gloo; for tiered saves two simulated nodes with
+a local directory each and a SeaweedFS bucket behind them, which the campaign starts) that
+saves steps 1..STEPS with a state
 that is a function of the step (sharded rows, a replicated tensor, values, per-rank values).
 One rank is killed with SIGKILL: at the n-th time it reaches a named phase
 (``CKPTSTORE_FAILPOINT``, ``ckptstore/failpoints.py``) or after a seeded delay. The other rank
@@ -37,11 +40,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 STEPS = 5
-MODES = ("sync", "async", "manager")
+MODES = ("sync", "async", "manager", "tiered")
 PHASES = {
     "sync": ("planned", "written", "before_commit", "committed"),
     "async": ("planned", "staged", "written", "before_commit", "committed"),
     "manager": ("planned", "staged", "written", "before_commit", "committed", "retention"),
+    "tiered": ("planned", "staged", "written", "before_commit", "committed", "replicated"),
 }
 TIMEOUT_S = 4  # the job's collective timeout: a survivor must give up within it
 TRIAL_LIMIT_S = 120
@@ -120,7 +124,20 @@ def worker(rank: int, world: int, port: int, root: str, mode: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30),
                             init_method=f"tcp://127.0.0.1:{port}")  # fmt: skip
     open(os.path.join(root, f".ready-{rank}"), "w").close()  # the job is up: kills may start
-    if mode == "manager":
+    if mode == "tiered":  # two simulated nodes (a local directory each), one S3 bucket
+        import json
+
+        opts, remote = json.loads(os.environ["CHAOS_S3_OPTIONS"]), os.environ["CHAOS_S3_ROOT"]
+        handles = []
+        for step in range(1, STEPS + 1):
+            name = f"step_{step:08d}"
+            path = cs.Tiered(local=os.path.join(root, f"node{rank}", name),
+                             remote=f"{remote}/{name}", remote_options=opts)  # fmt: skip
+            handles.append(cs.async_save(state_for(step, rank, world), path))
+        for h in handles:
+            info = h.wait()
+            info.replication.wait(timeout=60)
+    elif mode == "manager":
         mgr = cs.CheckpointManager(root, every_n_steps=1, keep=3, async_save=True)
         for step in range(1, STEPS + 1):
             mgr.save(step, state_for(step, rank, world))
@@ -136,6 +153,65 @@ def worker(rank: int, world: int, port: int, root: str, mode: str) -> None:
         if handle is not None:
             handle.wait()
     dist.destroy_process_group()
+
+
+def check_tiered(root: str, remote: str, opts: dict) -> tuple[list[int], list[str]]:
+    """Every step committed on S3 loads from S3 alone; every step committed on every node's
+    local tier (what restore uses) is whole across the nodes' local files and S3; returns
+    the steps committed in either sense."""
+    import torch
+
+    import ckptstore as cs
+    from ckptstore.backends.s3 import S3Store
+    from ckptstore.errors import CkptStoreError
+    from ckptstore.verify import verify_checkpoint
+
+    committed, problems = set(), []
+    nodes = sorted(d for d in os.listdir(root) if d.startswith("node"))
+    for step in range(1, STEPS + 1):
+        name = f"step_{step:08d}"
+        s3 = S3Store(f"{remote[len('s3://'):]}/{name}", **opts)
+        if s3.exists("manifest.json"):
+            committed.add(step)
+            try:
+                ck = cs.open(f"{remote}/{name}", storage_options=opts)
+                want = torch.arange(48 * 32, dtype=torch.float32).reshape(48, 32) * step
+                if not torch.equal(ck.read("model.w"), want):
+                    problems.append(f"{name} on S3: model.w differs")
+                if not verify_checkpoint(ck.store, ck.manifest, jobs=2).ok:
+                    problems.append(f"{name} on S3: verify found bad chunks")
+            except CkptStoreError as exc:
+                problems.append(f"{name}: committed on S3 but does not load: {exc}")
+        local = [os.path.join(root, n, name) for n in nodes]
+        manifests = [p for p in local if os.path.exists(os.path.join(p, "manifest.json"))]
+        if len(manifests) < len(local):
+            # Committed on some nodes only (a crash between the coordinator's tier-0 commit
+            # and the others'): what restore skips (it needs every node's tier 0, or S3).
+            continue
+        committed.add(step)
+        merged = tempfile.mkdtemp(prefix="chaos-merged-")  # the nodes' files side by side
+        try:
+            shutil.copy(os.path.join(manifests[0], "manifest.json"), merged)
+            ck = cs.open(merged)
+            os.makedirs(os.path.join(merged, "data"))
+            for key in ck.manifest.files:
+                sources = [os.path.join(p, key) for p in local]
+                found = [x for x in sources if os.path.exists(x)]
+                if found:
+                    shutil.copy(found[0], os.path.join(merged, key))
+                else:  # replicated already and dropped from tier 0? then S3 has it
+                    s3 = S3Store(f"{remote[len('s3://'):]}/{name}", **opts)
+                    with open(os.path.join(merged, key), "wb") as f:
+                        f.write(s3.read(key))
+            ck = cs.open(merged)
+            want = torch.arange(48 * 32, dtype=torch.float32).reshape(48, 32) * step
+            if not torch.equal(ck.read("model.w"), want):
+                problems.append(f"{name} on the local tiers: model.w differs")
+        except CkptStoreError as exc:
+            problems.append(f"{name}: committed locally but its files are not whole: {exc}")
+        finally:
+            shutil.rmtree(merged, ignore_errors=True)
+    return sorted(committed), problems
 
 
 def check_root(root: str, mode: str) -> tuple[list[int], list[str]]:
@@ -167,15 +243,26 @@ def check_root(root: str, mode: str) -> tuple[list[int], list[str]]:
     return committed, problems
 
 
-def run_trial(trial: Trial, python: str = sys.executable) -> Trial:
+def run_trial(trial: Trial, s3: dict | None = None, python: str = sys.executable) -> Trial:
+    import json
+
     from ckptstore.testing.ranks import free_port
 
     root = tempfile.mkdtemp(prefix=f"chaos-{trial.id}-")
+    remote = ""
+    if trial.mode == "tiered":
+        from ckptstore.backends.s3 import S3Store
+
+        bucket = f"chaos-{trial.id}-{trial.seed}"
+        S3Store(bucket, create_bucket=True, **s3)
+        remote = f"s3://{bucket}/run"
     port = free_port()
     victim = int(trial.kill.rsplit("@", 1)[1].split("#")[0])
     procs = []
     for rank in range(2):
-        env = dict(os.environ, CKPTSTORE_COLLECTIVE_TIMEOUT_S=str(TIMEOUT_S), OMP_NUM_THREADS="1")
+        env = dict(os.environ, CKPTSTORE_COLLECTIVE_TIMEOUT_S=str(TIMEOUT_S), OMP_NUM_THREADS="1",
+                   CHAOS_S3_OPTIONS=json.dumps(s3 or {}), CHAOS_S3_ROOT=remote,
+                   CKPTSTORE_REPLICATION_RETRIES="0")  # fmt: skip
         env.pop("CKPTSTORE_FAILPOINT", None)
         if rank == victim and not trial.kill.startswith("after:"):
             env["CKPTSTORE_FAILPOINT"] = trial.kill
@@ -207,16 +294,25 @@ def run_trial(trial: Trial, python: str = sys.executable) -> Trial:
             p.stderr.close()
     if survivor.returncode not in (0, 1) or "Timeout (0:01:00)!" in err:  # signal or hang
         trial.problems.append(f"survivor exit {survivor.returncode}: {err[-1500:]}")
-    trial.committed, problems = check_root(root, trial.mode)
+    check = (
+        (lambda: check_tiered(root, remote, s3 or {}))
+        if trial.mode == "tiered"
+        else (lambda: check_root(root, trial.mode))
+    )
+    trial.committed, problems = check()
     trial.problems += problems
     from ckptstore.gc import delete_garbage, find_garbage
 
-    delete_garbage(root, find_garbage(root, older_than=0))
-    after, problems = check_root(root, trial.mode)
+    nodes = [os.path.join(root, n) for n in sorted(os.listdir(root)) if n.startswith("node")]
+    for where in [root] if trial.mode != "tiered" else [*nodes, remote]:
+        if where.startswith("s3://") or os.path.isdir(where):
+            opts = s3 if where.startswith("s3://") else {}
+            delete_garbage(where, find_garbage(where, older_than=0, **opts), **opts)
+    after, problems = check()
     if after != trial.committed:
         trial.problems.append(f"gc changed the committed steps {trial.committed} -> {after}")
     trial.problems += [f"after gc: {p}" for p in problems]
-    if trial.mode != "manager" and "#" in trial.kill:  # every step before the killed one
+    if trial.mode not in ("manager", "tiered") and "#" in trial.kill:  # steps before the kill
         killed_step = int(trial.kill.split("#")[1])
         missing = [s for s in range(1, killed_step) if s not in trial.committed]
         if missing:
@@ -309,15 +405,32 @@ def run_scenario(trial: Trial, python: str = sys.executable) -> Trial:
 
 
 def run_campaign(
-    count: int, seed: int, only: int | None = None, parallel: int = 2, out=print
+    count: int, seed: int, only: int | None = None, parallel: int = 2, out=print,
+    s3: dict | None = None,
 ) -> list[Trial]:
+    """``s3``: storage options of an S3 server for the tiered trials (None: start SeaweedFS
+    for the campaign when it has any)."""
     todo = trials(count, seed)
     if only is not None:
         todo = [t for t in todo if t.id == only]
+    server = None
+    if s3 is None and any(t.mode == "tiered" for t in todo):
+        from ckptstore.testing.seaweed import SeaweedServer
+
+        server = SeaweedServer(tempfile.mkdtemp(prefix="chaos-seaweed-"))
+        s3 = server.options()
+    try:
+        return _run_all(todo, seed, parallel, out, s3)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _run_all(todo: list[Trial], seed: int, parallel: int, out, s3: dict | None) -> list[Trial]:
     out(f"{'id':>4} {'mode':8} {'kill':24} {'seed':>10}  {'committed':16} outcome")
     done = []
     def run(trial: Trial) -> Trial:
-        return run_scenario(trial) if trial.mode in SCENARIOS else run_trial(trial)
+        return run_scenario(trial) if trial.mode in SCENARIOS else run_trial(trial, s3)
 
     with ThreadPoolExecutor(parallel) as pool:  # ranks mostly wait: two trials at a time
         for trial in pool.map(run, todo):
