@@ -72,14 +72,19 @@ class _LocalWriter(StoreWriter):
     def commit(self) -> None:
         assert self._fd is not None, "commit twice"
         try:
+            try:
+                if self._durable:
+                    os.fsync(self._fd)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+            os.replace(self._tmp, self._final)
             if self._durable:
-                os.fsync(self._fd)
-        finally:
-            os.close(self._fd)
-            self._fd = None
-        os.replace(self._tmp, self._final)
-        if self._durable:
-            _fsync_dir(os.path.dirname(self._final))
+                _fsync_dir(os.path.dirname(self._final))
+        except OSError as exc:  # e.g. its directory was removed meanwhile, or the disk is full
+            with contextlib.suppress(OSError):
+                os.unlink(self._tmp)
+            raise StoreError(f"{self._final}: cannot commit the file: {exc.strerror}") from exc
 
     def abort(self) -> None:
         if self._fd is not None:

@@ -4,6 +4,7 @@ manifest and commits it atomically (create-if-absent), then tells every rank the
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -21,6 +22,7 @@ from ckptstore.locate import commit_manifest, delete_replaced
 from ckptstore.manifest import (
     DATA_PREFIX,
     MANIFEST_KEY,
+    SAVING_KEY,
     BlobRef,
     ChunkTable,
     Entry,
@@ -77,6 +79,9 @@ def commit_collective(
         )  # fmt: skip
     outcome = coord.broadcast(outcome)
     if isinstance(outcome, BaseException):
+        if isinstance(planned.store, TieredStore) and not coord.is_coordinator:
+            with contextlib.suppress(Exception):  # this node's in-flight marker
+                planned.store.local.delete(SAVING_KEY)
         if error is not None:
             raise error
         raise outcome
@@ -116,8 +121,9 @@ def _commit_tier0_and_replicate(
                 store.local.write(MANIFEST_KEY, manifest_bytes)
             elif not store.local.exists(MANIFEST_KEY):
                 store.local.write_if_absent(MANIFEST_KEY, manifest_bytes)
+            store.local.delete(SAVING_KEY)
         except KeyExistsError:
-            pass  # another rank of this node wrote the same manifest
+            store.local.delete(SAVING_KEY)  # another rank of this node wrote the same manifest
         except Exception as exc:  # the checkpoint is committed; this node's copy is not
             warnings.warn(
                 f"{store.local.url}: could not write the local manifest ({exc}); this node's "
@@ -180,11 +186,28 @@ def _commit(
     metadata: dict[str, Any] | None,
 ) -> Any:
     """Build and commit the manifest (coordinator only); returns a summary or an exception."""
+    # A tiered save commits on its local tier only: the shared tier is the replicator's.
+    primary = store.local if isinstance(store, TieredStore) else store
+    try:
+        return _commit_marked(primary, store, reports, plan, local, block, overwrite, metadata)
+    finally:  # the save is no longer in flight, whatever the outcome: gc may look again
+        with contextlib.suppress(Exception):
+            primary.delete(SAVING_KEY)
+
+
+def _commit_marked(
+    primary: Store,
+    store: Store,
+    reports: list[tuple[_RankReport | None, str | None]],
+    plan: GlobalPlan,
+    local: _Local,
+    block: int,
+    overwrite: bool,
+    metadata: dict[str, Any] | None,
+) -> Any:
     failed = [f"rank {r}: {msg}" for r, (_, msg) in enumerate(reports) if msg is not None]
     if failed:
         return SaveError(f"{store.url}: save not committed; " + "; ".join(failed))
-    # A tiered save commits on its local tier only: the shared tier is the replicator's.
-    primary = store.local if isinstance(store, TieredStore) else store
     try:
         manifest = _assemble(reports, plan, local, block, metadata)  # type: ignore[arg-type]
         data = manifest.to_json()

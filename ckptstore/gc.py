@@ -4,7 +4,8 @@ saves), and temporary files of interrupted writes.
 
 Two steps on purpose: :func:`find_garbage` lists, :func:`delete_garbage` deletes exactly the
 listed keys and nothing else. Anything younger than ``older_than`` seconds is left alone: it
-may belong to a save still in progress. Objects whose age the backend cannot tell count as
+may belong to a save still in progress; so is any checkpoint whose save-in-flight marker is
+younger than ``knobs.save_lease_s()``, whatever ``older_than`` says. Objects whose age the backend cannot tell count as
 young unless ``older_than`` is 0.
 """
 
@@ -16,11 +17,12 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from ckptstore import knobs
 from ckptstore.backends.base import ObjectInfo, PendingUpload, Store
 from ckptstore.backends.registry import open_store
 from ckptstore.errors import CkptStoreError
 from ckptstore.locate import read_manifest_bytes
-from ckptstore.manifest import DATA_PREFIX, MANIFEST_KEY, Manifest
+from ckptstore.manifest import DATA_PREFIX, MANIFEST_KEY, SAVING_KEY, Manifest
 
 _STEP = re.compile(r"^(step_\d+)/")
 _TEMP_MARK = ".tmp-"
@@ -62,8 +64,14 @@ def find_garbage(
         m = _STEP.match(obj.key)
         groups[m.group(1) + "/" if m else ""].append(obj)
     items: list[GarbageItem] = []
+    lease = knobs.save_lease_s()
     for prefix, objs in sorted(groups.items()):
         keys = {o.key for o in objs}
+        marker = next((o for o in objs if SAVING_KEY in o.key.rsplit("/", 1)[-1]), None)
+        if marker is not None:
+            age = _age([marker], now)
+            if age is None or age < lease:  # a save is in flight here: whatever its age says
+                continue
         if prefix and prefix + MANIFEST_KEY not in keys:
             if any(o.key.startswith(prefix + DATA_PREFIX) or _TEMP_MARK in o.key for o in objs):
                 age = _age(objs, now)

@@ -77,3 +77,11 @@ def collective_timeout_s() -> float:
     becomes an error in minutes, not at the job's process-group timeout. Default 300 s."""
     raw = os.environ.get("CKPTSTORE_COLLECTIVE_TIMEOUT_S")
     return float(raw) if raw else 300.0
+
+
+def save_lease_s() -> float:
+    """How long a save in flight is protected from ``ckpt gc``, whatever ``--older-than``
+    says: its marker is younger than this. A killed save's leftovers are collected after it.
+    Default 6 h (a save takes minutes)."""
+    raw = os.environ.get("CKPTSTORE_SAVE_LEASE_S")
+    return float(raw) if raw else 6 * 3600.0

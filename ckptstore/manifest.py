@@ -35,6 +35,9 @@ FORMAT_VERSION = 2
 """1: the first format. 2: the manifest carries its own checksum (``docs/format.md``)."""
 MANIFEST_KEY = "manifest.json"
 DATA_PREFIX = "data/"
+SAVING_KEY = ".ckptstore-saving"
+"""Present while a save of the checkpoint is in flight (written before any data, deleted
+after the commit): ``ckpt gc`` leaves such a checkpoint alone for ``knobs.save_lease_s()``."""
 
 _CHECKSUM_SUFFIX = re.compile(rb',"checksum":"crc32c:([0-9a-f]{8})"\}')
 _SUFFIX_LEN = 30  # len(',"checksum":"crc32c:01234567"}')

@@ -9,6 +9,7 @@ of chunk indexes, one broadcast of the commit result.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -42,6 +43,7 @@ from ckptstore.leaves import Leaf, flatten
 from ckptstore.locate import store_for
 from ckptstore.manifest import (
     MANIFEST_KEY,
+    SAVING_KEY,
 )
 from ckptstore.manifest_rules import bad_name
 from ckptstore.plan import GlobalPlan, RankPlan, TensorDecl, plan_save
@@ -305,9 +307,19 @@ def plan_save_collective(
             exists = int(primary.exists(MANIFEST_KEY))
         except CkptStoreError as exc:
             error = exc
+    marked = False
+    if error is None and not exists and (coord.is_coordinator or primary is not store):
+        try:  # before any rank writes data (the all_reduce below orders it): gc keeps off
+            primary.write(SAVING_KEY, b"")
+            marked = True
+        except CkptStoreError as exc:
+            error = exc
     hi, neg_lo, path_hi, path_neg_lo, exists, failed = coord.max_ints(
         [my_plan_id, -my_plan_id, path_key, -path_key, exists, int(error is not None)]
     )
+    if (failed or exists or path_hi != -path_neg_lo) and marked:
+        with contextlib.suppress(CkptStoreError):
+            primary.delete(SAVING_KEY)
     if failed:
         coord.raise_failures(error)
     if path_hi != -path_neg_lo:

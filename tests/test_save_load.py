@@ -397,21 +397,30 @@ def test_concurrent_overwrites_leave_exactly_one_complete_checkpoint(tmp_path) -
         assert torch.equal(out["w"], states[out["tag"] - 1]["w"])
 
 
-def test_gc_during_a_save_makes_it_fail_not_commit_a_broken_checkpoint(tmp_path) -> None:
-    """`ckpt gc --older-than 0s --apply` while a save writes: the save's data files are taken
-    for a killed save's and deleted; the save then refuses to commit (nothing broken is
-    committed) and the previous checkpoint at another step is untouched."""
+@pytest.mark.parametrize("lease", [None, "0"])
+def test_gc_during_a_save(tmp_path, monkeypatch, lease) -> None:
+    """`ckpt gc --older-than 0s --apply` while a save writes. The save's in-flight marker
+    keeps gc off (it commits and loads); with the marker's lease at 0 gc deletes its files,
+    and the save then refuses to commit (nothing broken is committed). Either way the
+    checkpoint of another step is untouched."""
     from ckptstore import failpoints
     from ckptstore.errors import SaveError
     from ckptstore.gc import delete_garbage, find_garbage
 
+    if lease is not None:
+        monkeypatch.setenv("CKPTSTORE_SAVE_LEASE_S", lease)
     cs.save({"w": torch.ones(8)}, tmp_path / "step_00000001")
     path = tmp_path / "step_00000002"
     failpoints.on("written", lambda: delete_garbage(tmp_path, find_garbage(tmp_path, older_than=0)))
     try:
-        with pytest.raises(SaveError, match="vanished"):
+        if lease is None:
             cs.save({"w": torch.full((8,), 2.0)}, path)
+            assert torch.equal(cs.open(path).read("w"), torch.full((8,), 2.0))
+            assert not (path / ".ckptstore-saving").exists()
+        else:
+            with pytest.raises(SaveError, match="vanished"):
+                cs.save({"w": torch.full((8,), 2.0)}, path)
+            assert not (path / "manifest.json").exists()
     finally:
         failpoints.on("written", None)
-    assert not (path / "manifest.json").exists()
     assert torch.equal(cs.open(tmp_path / "step_00000001").read("w"), torch.ones(8))
