@@ -123,6 +123,14 @@ class Store(abc.ABC):
         with self.open_writer(key) as writer:
             writer.write(data)
 
+    def write_volatile(self, key: str, data: bytes) -> None:
+        """Replace ``key`` atomically, without the durability a checkpoint's data needs (for
+        bookkeeping that may be lost in a crash: markers, state records).
+
+        Note for implementers: the default is :meth:`write`; filesystems skip the fsync.
+        """
+        self.write(key, data)
+
     def read_into(self, key: str, offset: int, out: memoryview) -> None:
         """Fill ``out`` with the bytes of ``key`` starting at ``offset``.
 

@@ -310,7 +310,7 @@ def plan_save_collective(
     marked = False
     if error is None and not exists and (coord.is_coordinator or primary is not store):
         try:  # before any rank writes data (the all_reduce below orders it): gc keeps off
-            primary.write(SAVING_KEY, b"")
+            primary.write_volatile(SAVING_KEY, b"")  # no fsync: it is bookkeeping
             marked = True
         except CkptStoreError as exc:
             error = exc

@@ -43,13 +43,8 @@ def write_tier_state(local: Store, state: TierState) -> None:
     Not fsynced on a local disk: it is bookkeeping on the replication's critical path, and a
     record lost in a crash only makes ``ls`` say less (retention then keeps the local copy).
     """
-    from ckptstore.backends.local import LocalStore
-
     stamped = TierState(state.remote, state.state, state.error, time.time(), state.attempts)
-    if isinstance(local, LocalStore):
-        local.write_volatile(TIER_STATE_KEY, stamped.to_json())
-    else:
-        local.write(TIER_STATE_KEY, stamped.to_json())
+    local.write_volatile(TIER_STATE_KEY, stamped.to_json())
 
 
 def read_tier_state(local: Store) -> TierState | None:
