@@ -184,7 +184,7 @@ def check_tiered(root: str, remote: str, opts: dict) -> tuple[list[int], list[st
                 problems.append(f"{name}: committed on S3 but does not load: {exc}")
         local = [os.path.join(root, n, name) for n in nodes]
         manifests = [p for p in local if os.path.exists(os.path.join(p, "manifest.json"))]
-        if len(manifests) < len(local):
+        if not manifests or len(manifests) < len(local):
             # Committed on some nodes only (a crash between the coordinator's tier-0 commit
             # and the others'): what restore skips (it needs every node's tier 0, or S3).
             continue
@@ -432,7 +432,11 @@ def _run_all(todo: list[Trial], seed: int, parallel: int, out, s3: dict | None) 
     done = []
 
     def run(trial: Trial) -> Trial:
-        return run_scenario(trial) if trial.mode in SCENARIOS else run_trial(trial, s3)
+        try:
+            return run_scenario(trial) if trial.mode in SCENARIOS else run_trial(trial, s3)
+        except Exception as exc:  # a bug of the campaign itself is a failed trial, not the end
+            trial.problems.append(f"campaign error: {type(exc).__name__}: {exc}")
+            return trial
 
     with ThreadPoolExecutor(parallel) as pool:  # ranks mostly wait: two trials at a time
         for trial in pool.map(run, todo):
