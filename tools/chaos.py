@@ -15,9 +15,12 @@ must end within the collective timeout (no hang). Then, in a fresh process:
 * every step before the one the kill hit is committed (retention aside);
 * ``ckpt gc --older-than 0s --apply`` afterwards leaves every committed step loadable.
 
-Every fourth trial is a concurrency scenario instead: two processes overwriting one path at
-once (the result must be one writer's whole state), or a writer saving while ``gc
---older-than 0s --apply`` runs in a loop (a save may fail; nothing broken may be committed).
+Every fourth trial is a concurrency or fault scenario instead: two processes overwriting one
+path at once (the result must be one writer's whole state); a writer saving while ``gc
+--older-than 0s --apply`` runs in a loop (a save may fail; nothing broken may be committed);
+or a tiered job whose S3 requests go through a proxy that fails 8 % of them at random (503,
+500, dropped connections, truncated or lost responses, delays): whatever is committed on
+either tier loads, and no multipart upload survives ``gc``.
 
 ``python tools/chaos.py --trials 200 --seed 1`` prints a table of trials (mode, kill, seed,
 committed steps, outcome) and the seeds of the failures, to replay one with ``--only ID``.
@@ -35,6 +38,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -82,8 +86,9 @@ def trials(count: int, seed: int) -> list[Trial]:
     rng.shuffle(named)
     out = []
     for i in range(count):
-        if i % 4 == 2:  # a concurrency scenario
-            out.append(Trial(i, SCENARIOS[(i // 4) % len(SCENARIOS)], "-", rng.randrange(1 << 30)))
+        if i % 4 == 2:  # a concurrency or fault scenario (no kill)
+            mode = SCENARIOS[(i // 4) % len(SCENARIOS)]
+            out.append(Trial(i, mode, "none@0", rng.randrange(1 << 30)))
             continue
         if i % 4 == 3:
             mode = rng.choice(MODES)
@@ -249,26 +254,43 @@ def run_trial(trial: Trial, s3: dict | None = None, python: str = sys.executable
     from ckptstore.testing.ranks import free_port
 
     root = tempfile.mkdtemp(prefix=f"chaos-{trial.id}-")
-    remote = ""
-    if trial.mode == "tiered":
+    remote, job_s3, proxy = "", s3, None
+    if trial.mode in ("tiered", "s3-faults"):
         from ckptstore.backends.s3 import S3Store
 
+        assert s3 is not None
         bucket = f"chaos-{trial.id}-{trial.seed}"
         S3Store(bucket, create_bucket=True, **s3)
         remote = f"s3://{bucket}/run"
+    if trial.mode == "s3-faults":  # the job's S3 requests go through a faulty proxy
+        from urllib.parse import urlparse
+
+        from ckptstore.testing.faultproxy import FaultPlan, FaultProxy
+
+        rng = random.Random(trial.seed)
+        lock = threading.Lock()
+
+        def rule(method: str, path: str, n: int) -> str:
+            with lock:
+                return rng.choice(FAULTS) if rng.random() < 0.08 else "pass"
+
+        up = urlparse(s3["endpoint_url"])
+        proxy = FaultProxy((up.hostname, up.port), FaultPlan(rule=rule, slow_seconds=0.2))
+        proxy.__enter__()
+        job_s3 = {**s3, "endpoint_url": proxy.endpoint, "max_attempts": 4}
     port = free_port()
     victim = int(trial.kill.rsplit("@", 1)[1].split("#")[0])
     procs = []
     for rank in range(2):
         env = dict(os.environ, CKPTSTORE_COLLECTIVE_TIMEOUT_S=str(TIMEOUT_S), OMP_NUM_THREADS="1",
-                   CHAOS_S3_OPTIONS=json.dumps(s3 or {}), CHAOS_S3_ROOT=remote,
+                   CHAOS_S3_OPTIONS=json.dumps(job_s3 or {}), CHAOS_S3_ROOT=remote,
                    CKPTSTORE_REPLICATION_RETRIES="0")  # fmt: skip
         env.pop("CKPTSTORE_FAILPOINT", None)
         if rank == victim and not trial.kill.startswith("after:"):
             env["CKPTSTORE_FAILPOINT"] = trial.kill
         procs.append(subprocess.Popen(
             [python, __file__, "--worker", str(rank), "--port", str(port), "--root", root,
-             "--mode", trial.mode],
+             "--mode", "tiered" if trial.mode == "s3-faults" else trial.mode],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         ))  # fmt: skip
     if trial.kill.startswith("after:"):  # seconds after the job is up (not in its launch)
@@ -287,6 +309,8 @@ def run_trial(trial: Trial, s3: dict | None = None, python: str = sys.executable
             p.kill()
             p.wait()
             trial.problems.append(f"rank {rank} hung past {TRIAL_LIMIT_S} s")
+    if proxy is not None:
+        proxy.__exit__(None, None, None)
     survivor = procs[1 - victim]
     err = survivor.stderr.read().decode(errors="replace") if survivor.stderr else ""
     for p in procs:
@@ -296,7 +320,7 @@ def run_trial(trial: Trial, s3: dict | None = None, python: str = sys.executable
         trial.problems.append(f"survivor exit {survivor.returncode}: {err[-1500:]}")
     check = (
         (lambda: check_tiered(root, remote, s3 or {}))
-        if trial.mode == "tiered"
+        if remote
         else (lambda: check_root(root, trial.mode))
     )
     trial.committed, problems = check()
@@ -304,10 +328,17 @@ def run_trial(trial: Trial, s3: dict | None = None, python: str = sys.executable
     from ckptstore.gc import delete_garbage, find_garbage
 
     nodes = [os.path.join(root, n) for n in sorted(os.listdir(root)) if n.startswith("node")]
-    for where in [root] if trial.mode != "tiered" else [*nodes, remote]:
+    for where in [*nodes, remote] if remote else [root]:
         if where.startswith("s3://") or os.path.isdir(where):
             opts = s3 if where.startswith("s3://") else {}
             delete_garbage(where, find_garbage(where, older_than=0, **opts), **opts)
+    if remote:  # no unfinished multipart upload survives gc
+        from ckptstore.backends.s3 import S3Store
+
+        store = S3Store(remote[len("s3://") :], **(s3 or {}))
+        pending = store.client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", [])
+        if pending:
+            trial.problems.append(f"{len(pending)} multipart upload(s) left after gc")
     after, problems = check()
     if after != trial.committed:
         trial.problems.append(f"gc changed the committed steps {trial.committed} -> {after}")
@@ -325,7 +356,8 @@ def run_trial(trial: Trial, s3: dict | None = None, python: str = sys.executable
 
 
 # -- concurrency scenarios ------------------------------------------------------------------
-SCENARIOS = ("overwrite-race", "gc-during-saves")
+SCENARIOS = ("overwrite-race", "gc-during-saves", "s3-faults")
+FAULTS = ("503", "500", "drop", "truncate", "lose", "slow")
 
 
 def writer(path: str, value: float, saves: int, seed: int, overwrite_path: bool) -> None:
@@ -415,7 +447,7 @@ def run_campaign(
     if only is not None:
         todo = [t for t in todo if t.id == only]
     server = None
-    if s3 is None and any(t.mode == "tiered" for t in todo):
+    if s3 is None and any(t.mode in ("tiered", "s3-faults") for t in todo):
         from ckptstore.testing.seaweed import SeaweedServer
 
         server = SeaweedServer(tempfile.mkdtemp(prefix="chaos-seaweed-"))
@@ -433,7 +465,9 @@ def _run_all(todo: list[Trial], seed: int, parallel: int, out, s3: dict | None) 
 
     def run(trial: Trial) -> Trial:
         try:
-            return run_scenario(trial) if trial.mode in SCENARIOS else run_trial(trial, s3)
+            if trial.mode in ("overwrite-race", "gc-during-saves"):
+                return run_scenario(trial)
+            return run_trial(trial, s3)
         except Exception as exc:  # a bug of the campaign itself is a failed trial, not the end
             trial.problems.append(f"campaign error: {type(exc).__name__}: {exc}")
             return trial
