@@ -122,10 +122,10 @@ def test_a_rank_that_stops_taking_part_is_a_typed_timeout(tmp_path, mode) -> Non
     assert out[1] == "absent"
     assert out[0].startswith("CollectiveTimeoutError"), out[0]
     seconds = int(out[0].split(" after ")[1].split(" s")[0])
-    assert seconds <= 12, out[0]  # the 4 s timeout (plus torch's barrier polling), not 30 min
+    assert seconds <= 40, out[0]  # the 4 s timeout (plus polling, on a busy machine), not 30 min
 
 
 def test_a_silent_rank_ends_a_key_value_exchange_with_a_typed_error() -> None:
     out = run_ranks(2, dist_cases.store_exchange_with_a_silent_rank, timeout=60)
     assert out[0].startswith("CollectiveTimeoutError") and "ranks [1]" in out[0], out[0]
-    assert int(out[0].split(" after ")[1].split(" s")[0]) <= 8, out[0]
+    assert int(out[0].split(" after ")[1].split(" s")[0]) <= 30, out[0]  # 3 s, not 6 h
