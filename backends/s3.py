@@ -328,12 +328,17 @@ class S3Store(Store):
     def _listing(self, prefix: str, delimiter: bool = False) -> Iterator[dict[str, Any]]:
         """Pages of ``list_objects_v2`` under ``prefix`` (one level with ``delimiter``)."""
         extra = {"Delimiter": "/"} if delimiter else {}
-        paginator = self.client.get_paginator("list_objects_v2")
+        yield from self._pages("list_objects_v2", prefix, **extra)
+
+    def _pages(self, operation: str, prefix: str, **extra: Any) -> Iterator[dict[str, Any]]:
+        """Pages of a paginated listing under ``prefix``; a failure is a StoreError
+        (botocore's own exception types never leave the backend)."""
+        paginator = self.client.get_paginator(operation)
         pages = iter(paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix), **extra))
         while True:
             try:
                 page = next(pages, None)
-            except Exception as exc:  # botocore's own types never leave the backend
+            except Exception as exc:
                 raise StoreError(f"{self.url}: listing {prefix!r} failed: {exc}") from exc
             if page is None:
                 return
@@ -364,17 +369,7 @@ class S3Store(Store):
 
     def list_uploads(self, prefix: str = "") -> Iterator[PendingUpload]:
         cut = len(self._key(""))
-        paginator = self.client.get_paginator("list_multipart_uploads")
-        pages = iter(paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)))
-        while True:
-            try:
-                page = next(pages, None)
-            except Exception as exc:
-                raise StoreError(
-                    f"{self.url}: listing uploads under {prefix!r} failed: {exc}"
-                ) from exc
-            if page is None:
-                return
+        for page in self._pages("list_multipart_uploads", prefix):
             for up in page.get("Uploads", []):
                 started = up.get("Initiated")
                 yield PendingUpload(

@@ -71,23 +71,27 @@ def commit_collective(
     )
     reports = coord.gather(report)
     outcome: Any = None
+    primary = commit_tier(planned.store)
     if coord.is_coordinator:
         assert reports is not None and planned.global_plan is not None
-        outcome = _commit(
-            planned.store, reports, planned.global_plan, local, options.block,
-            options.overwrite, options.metadata,
-        )  # fmt: skip
+        try:
+            outcome = _commit(
+                planned.store, primary, reports, planned.global_plan, local, options.block,
+                options.overwrite, options.metadata,
+            )  # fmt: skip
+        finally:  # no longer in flight, whatever the outcome: gc may look again
+            unmark_saving(primary)
     outcome = coord.broadcast(outcome)
+    tiered = isinstance(planned.store, TieredStore)
+    replication = None
+    if tiered and not isinstance(outcome, BaseException):
+        replication = _commit_tier0_and_replicate(planned, outcome["manifest"], coord)
+    if tiered and not coord.is_coordinator:  # this node's marker, after its local manifest
+        unmark_saving(primary)
     if isinstance(outcome, BaseException):
-        if isinstance(planned.store, TieredStore) and not coord.is_coordinator:
-            with contextlib.suppress(Exception):  # this node's in-flight marker
-                planned.store.local.delete(SAVING_KEY)
         if error is not None:
             raise error
         raise outcome
-    replication = None
-    if isinstance(planned.store, TieredStore):
-        replication = _commit_tier0_and_replicate(planned, outcome["manifest"], coord)
     seconds = dict(planned.seconds)
     seconds["commit"] = time.perf_counter() - t
     seconds["total"] = sum(seconds.values())
@@ -121,9 +125,8 @@ def _commit_tier0_and_replicate(
                 store.local.write(MANIFEST_KEY, manifest_bytes)
             elif not store.local.exists(MANIFEST_KEY):
                 store.local.write_if_absent(MANIFEST_KEY, manifest_bytes)
-            store.local.delete(SAVING_KEY)
         except KeyExistsError:
-            store.local.delete(SAVING_KEY)  # another rank of this node wrote the same manifest
+            pass  # another rank of this node wrote the same manifest
         except Exception as exc:  # the checkpoint is committed; this node's copy is not
             warnings.warn(
                 f"{store.local.url}: could not write the local manifest ({exc}); this node's "
@@ -176,28 +179,22 @@ class _RankReport:
         )
 
 
+def commit_tier(store: Store) -> Store:
+    """Where a save commits its manifest: a tiered store's local tier (the shared tier is
+    the replicator's business), any other store itself."""
+    return store.local if isinstance(store, TieredStore) else store
+
+
+def unmark_saving(store: Store) -> None:
+    """Remove the in-flight marker a save wrote before its data (best effort: a marker left
+    behind only keeps gc off this checkpoint for the lease)."""
+    with contextlib.suppress(Exception):
+        store.delete(SAVING_KEY)
+
+
 def _commit(
     store: Store,
-    reports: list[tuple[_RankReport | None, str | None]],
-    plan: GlobalPlan,
-    local: _Local,
-    block: int,
-    overwrite: bool,
-    metadata: dict[str, Any] | None,
-) -> Any:
-    """Build and commit the manifest (coordinator only); returns a summary or an exception."""
-    # A tiered save commits on its local tier only: the shared tier is the replicator's.
-    primary = store.local if isinstance(store, TieredStore) else store
-    try:
-        return _commit_marked(primary, store, reports, plan, local, block, overwrite, metadata)
-    finally:  # the save is no longer in flight, whatever the outcome: gc may look again
-        with contextlib.suppress(Exception):
-            primary.delete(SAVING_KEY)
-
-
-def _commit_marked(
     primary: Store,
-    store: Store,
     reports: list[tuple[_RankReport | None, str | None]],
     plan: GlobalPlan,
     local: _Local,
@@ -205,6 +202,8 @@ def _commit_marked(
     overwrite: bool,
     metadata: dict[str, Any] | None,
 ) -> Any:
+    """Build and commit the manifest on ``primary`` (coordinator only); returns a summary or
+    an exception."""
     failed = [f"rank {r}: {msg}" for r, (_, msg) in enumerate(reports) if msg is not None]
     if failed:
         return SaveError(f"{store.url}: save not committed; " + "; ".join(failed))

@@ -120,3 +120,7 @@ class ReplicationError(CkptStoreError):
 
 class ConversionError(CkptStoreError):
     """An export or import cannot represent something (a dtype, a layout, a file's content)."""
+
+
+DAMAGED_CONTENT = (ManifestError, ChecksumError, CorruptDataError, UnsafeCopyError)
+"""Errors that mean a checkpoint's content is damaged or crafted (``ckpt`` exits with 1)."""

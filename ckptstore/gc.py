@@ -5,8 +5,8 @@ saves), and temporary files of interrupted writes.
 Two steps on purpose: :func:`find_garbage` lists, :func:`delete_garbage` deletes exactly the
 listed keys and nothing else. Anything younger than ``older_than`` seconds is left alone: it
 may belong to a save still in progress; so is any checkpoint whose save-in-flight marker is
-younger than ``knobs.save_lease_s()``, whatever ``older_than`` says. Objects whose age the backend cannot tell count as
-young unless ``older_than`` is 0.
+younger than ``knobs.save_lease_s()``, whatever ``older_than`` says. Objects whose age the
+backend cannot tell count as young unless ``older_than`` is 0.
 """
 
 from __future__ import annotations

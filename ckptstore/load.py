@@ -64,8 +64,8 @@ def fetch_manifest(store: Store, coord: Coordinator) -> Manifest:
     if coord.is_coordinator:
         try:
             payload = read_manifest_bytes(store)
-        except CkptStoreError as exc:
-            payload = exc
+        except Exception as exc:  # every rank gets it: none waits in the broadcast
+            payload = typed(exc, store.url)
     payload = coord.broadcast(payload)
     if isinstance(payload, BaseException):
         raise payload
@@ -148,21 +148,23 @@ def load(
     store = store_for(path, storage_options)
     tier_bytes_before = dict(store.bytes_read) if isinstance(store, TieredStore) else None
     # Every step that can fail on one rank ends in an agreement: no rank waits in a
-    # collective for a rank that has already raised.
+    # collective for a rank that has already raised. (Reading the manifest and matching
+    # share one: neither has a collective of its own that a failed rank would skip.)
     error: BaseException | None = None
+    targets: list[Target] = []
+    assignments: list[tuple[Leaf, ObjectRecord]] = []
     try:
         manifest = fetch_manifest(store, coord)
     except Exception as exc:
         error = typed(exc, store.url)
-    coord.agree(error)
     t_manifest = time.perf_counter()
-
-    targets: list[Target] = []
-    assignments: list[tuple[Leaf, ObjectRecord]] = []
-    try:
-        targets, assignments = _match(state_dict, manifest, coord, strict, allow_pickle, per_rank)
-    except Exception as exc:
-        error = typed(exc, store.url)
+    if error is None:
+        try:
+            targets, assignments = _match(
+                state_dict, manifest, coord, strict, allow_pickle, per_rank
+            )
+        except Exception as exc:
+            error = typed(exc, store.url)
     coord.agree(error)
     t_plan = time.perf_counter()
 

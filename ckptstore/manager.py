@@ -35,16 +35,13 @@ from ckptstore.backends.registry import open_store
 from ckptstore.backends.tiered import TieredStore
 from ckptstore.coordinate import CollectiveError, Coordinator
 from ckptstore.errors import (
+    DAMAGED_CONTENT,
     CheckpointNotFoundError,
-    ChecksumError,
     CkptStoreError,
-    CorruptDataError,
     IncompleteCheckpointError,
     KeyNotFoundError,
-    ManifestError,
     NotARegularFileError,
     TruncatedFileError,
-    UnsafeCopyError,
 )
 from ckptstore.load import LoadInfo, load
 from ckptstore.manifest import DATA_PREFIX
@@ -64,10 +61,11 @@ RESERVED = "_ckptstore"
 
 
 DAMAGED = (
-    ManifestError, ChecksumError, CorruptDataError, UnsafeCopyError, KeyNotFoundError,
-    IncompleteCheckpointError, TruncatedFileError, NotARegularFileError,
+    *DAMAGED_CONTENT, KeyNotFoundError, IncompleteCheckpointError, TruncatedFileError,
+    NotARegularFileError,
 )  # fmt: skip
-"""Load failures that mean the checkpoint is damaged: ``restore`` tries the one before."""
+"""Load failures that mean the checkpoint is damaged (its content, or its files missing,
+short or not regular): ``restore`` tries the one before."""
 
 
 def _is_stateful(obj: Any) -> bool:
@@ -138,9 +136,9 @@ class CheckpointManager:
         self.replications: dict[int, ReplicationHandle] = {}
         """Background copies to ``root`` (with ``local_dir``), by step."""
         self.replication_errors: list[tuple[int, str]] = []
+        """(step, message) of every replication that failed (the local copy stays usable)."""
         self.skipped_on_restore: list[tuple[int, str]] = []
         """(step, why) of damaged checkpoints ``restore`` passed over for an older one."""
-        """(step, message) of every replication that failed (the local copy stays usable)."""
         self.last_load: LoadInfo | None = None
         """What the last :meth:`restore` read (``bytes_by_tier`` with ``local_dir``)."""
         self._root_store_cache: Store | None = None

@@ -583,16 +583,6 @@ new_record = partial(tuple.__new__, TensorRecord)
 _ITEMSIZE = {name: dtype.itemsize for name, dtype in NAME_TO_DTYPE.items()}
 
 
-def _row_numel(dims: np.ndarray, ndims: np.ndarray) -> np.ndarray:
-    """Elements per row from the rows' dimensions laid end to end (``ndims[i]`` each)."""
-    numel = np.ones(len(ndims), dtype=np.int64)
-    has_dims = ndims > 0
-    if len(dims):
-        first = np.cumsum(ndims) - ndims
-        numel[has_dims] = np.multiply.reduceat(dims, first[has_dims])
-    return numel
-
-
 def _raise_bad_row(names: list[Any], shapes: list[Any], starts: list[Any], where: str) -> None:
     """Name the first row whose shape or chunk_start is malformed (the error path only)."""
     for name, shape, start in zip(names, shapes, starts, strict=True):
@@ -633,11 +623,7 @@ def _tensor_from_json(v: Any, name: str, where: str) -> TensorRecord:
     if not isinstance(shape, list) or not set(map(type, shape)) <= {int}:
         raise ManifestError(f"{where}: tensor {name!r}: shape is not a list of integers")
     shape = tuple(shape)
-    if shape and (min(shape) < 0 or max(shape) > rules.MAX_DIM):
-        raise ManifestError(f"{where}: tensor {name!r}: shape {list(shape)[:8]} out of range")
-    rules.check_shape_sizes(
-        where, np.array(shape, dtype=np.int64), np.array([len(shape)]), np.array([itemsize(dtype)])
-    )
+    rules.check_shape(where, name, shape, itemsize(dtype))
     start = rules.check_int(where, f"tensor {name!r}: chunk_start", v["chunk_start"], 0, 1 << 62)
     codec = v.get("codec")
     if codec is not None and (type(codec) is not str or not CODEC_SPEC.fullmatch(codec)):

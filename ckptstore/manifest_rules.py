@@ -126,18 +126,30 @@ def check_shape_sizes(
         fail(where, f"a tensor has more than {MAX_NDIM} dimensions")
     if len(dims) and int(dims.max()) > MAX_DIM:
         fail(where, f"a tensor dimension exceeds {MAX_DIM}")
-    has_dims = ndims > 0
-    first = np.cumsum(ndims) - ndims
-    approx = np.ones(len(ndims), dtype=np.float64)
-    exact = np.ones(len(ndims), dtype=np.int64)
-    if len(dims):
-        approx[has_dims] = np.multiply.reduceat(dims.astype(np.float64), first[has_dims])
-    approx *= itemsizes
+    approx = row_numel(dims.astype(np.float64), ndims) * itemsizes
     if len(approx) and float(approx.max()) > float(1 << 62):
         fail(where, "a tensor's byte size overflows 62 bits")
+    return row_numel(dims, ndims) * itemsizes
+
+
+def check_shape(where: str, name: str, shape: tuple[int, ...], itemsize: int) -> None:
+    """One shape (a per-rank tensor, a layout row): the rule of :func:`check_shape_sizes`
+    with Python's exact integers, no array set-up per record."""
+    if len(shape) > MAX_NDIM or (shape and (min(shape) < 0 or max(shape) > MAX_DIM)):
+        fail(where, f"tensor {name!r}: shape {list(shape)[:8]} out of range")
+    if math.prod(shape) * itemsize > 1 << 62:
+        fail(where, f"tensor {name!r}: its byte size overflows 62 bits")
+
+
+def row_numel(dims: np.ndarray, ndims: np.ndarray) -> np.ndarray:
+    """Elements per row from the rows' dimensions laid end to end (``ndims[i]`` each), in
+    ``dims``' dtype."""
+    numel = np.ones(len(ndims), dtype=dims.dtype)
+    has_dims = ndims > 0
     if len(dims):
-        exact[has_dims] = np.multiply.reduceat(dims, first[has_dims])
-    return exact * itemsizes
+        first = np.cumsum(ndims) - ndims
+        numel[has_dims] = np.multiply.reduceat(dims, first[has_dims])
+    return numel
 
 
 def check_total(where: str, what: str, total: int) -> None:

@@ -9,7 +9,6 @@ of chunk indexes, one broadcast of the commit result.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import os
@@ -28,7 +27,7 @@ import torch
 from ckptstore import failpoints, knobs
 from ckptstore.backends.base import Store
 from ckptstore.backends.tiered import TieredStore
-from ckptstore.commit import SaveInfo, commit_collective
+from ckptstore.commit import SaveInfo, commit_collective, commit_tier, unmark_saving
 from ckptstore.coordinate import Coordinator
 from ckptstore.dtypes import DTYPE_TO_NAME
 from ckptstore.errors import (
@@ -298,7 +297,7 @@ def plan_save_collective(
     # A tiered save commits on its local tier without asking the shared one (which may be
     # unreachable): whether the shared tier already holds this step is the replicator's
     # business. Every rank must name the same checkpoint (the shared URL for tiered paths).
-    primary = store.local if isinstance(store, TieredStore) else store
+    primary = commit_tier(store)
     shared_url = store.remote.url if isinstance(store, TieredStore) else store.url
     path_key = int.from_bytes(hashlib.blake2b(shared_url.encode(), digest_size=7).digest(), "big")
     exists = 0
@@ -318,8 +317,7 @@ def plan_save_collective(
         [my_plan_id, -my_plan_id, path_key, -path_key, exists, int(error is not None)]
     )
     if (failed or exists or path_hi != -path_neg_lo) and marked:
-        with contextlib.suppress(CkptStoreError):
-            primary.delete(SAVING_KEY)
+        unmark_saving(primary)
     if failed:
         coord.raise_failures(error)
     if path_hi != -path_neg_lo:

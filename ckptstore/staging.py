@@ -139,11 +139,12 @@ def _copy_host(src: torch.Tensor, dst: torch.Tensor) -> None:
     if n == 0:
         return
     if src.is_contiguous() and not (src.is_conj() or src.is_neg()):
-        if src.nbytes != n or not src.is_cpu:  # dst is bytes: both hold exactly n, in memory
-            raise UnsafeCopyError(
-                f"staging: {src.nbytes} bytes of a {src.device} tensor into a {n}-byte buffer"
-            )
-        ctypes.memmove(dst.data_ptr(), src.data_ptr(), n)  # any dtype, no kernel, GIL released
+        # dst was sized from src (``stage``): both hold exactly n bytes. A tensor without
+        # storage (meta device) has no address: refused before memmove could read from 0.
+        src_ptr = src.data_ptr()
+        if not src_ptr:
+            raise UnsafeCopyError(f"staging: a {src.device} tensor has no data to copy")
+        ctypes.memmove(dst.data_ptr(), src_ptr, n)  # any dtype, no kernel, GIL released
     else:  # strided, or a lazy conjugate / negative view: copy_ writes its values
         _typed(dst, src).copy_(src)
 

@@ -138,14 +138,13 @@ def _check_blocks(
     ``codec`` is set (a compressed chunk is decoded whole), and the problems found."""
     problems: list[tuple[int, str]] = []
     whole = np.empty(r.nbytes, dtype=np.uint8) if codec is not None else None
-    buf = np.empty(min(r.nbytes, VERIFY_WINDOW_BYTES), dtype=np.uint8)
+    buf = np.empty(min(r.nbytes, VERIFY_WINDOW_BYTES), dtype=np.uint8) if whole is None else None
     pos = index = filled = crc = 0
     while pos < r.nbytes:
-        n = min(len(buf), r.nbytes - pos)
-        view = memoryview(buf)[:n]
+        n = min(VERIFY_WINDOW_BYTES, r.nbytes - pos)
+        # A compressed chunk is read straight into the buffer it is decoded from.
+        view = memoryview(whole)[pos : pos + n] if whole is not None else memoryview(buf)[:n]
         store.read_into(key, r.offset + pos, view)
-        if whole is not None:
-            whole[pos : pos + n] = buf[:n]
         i = 0
         while i < n:
             take = min(block - filled, n - i)

@@ -142,7 +142,7 @@ def _parse_seconds(data: bytes, validated: bool, repeats: int = 7) -> float:
     from ckptstore.manifest import Manifest
 
     def exact_sizes(where, dims, ndims, itemsizes):
-        return manifest._row_numel(dims, ndims) * itemsizes
+        return manifest_rules.row_numel(dims, ndims) * itemsizes
 
     no_checks = {
         (manifest_rules, "check_names"): lambda *a: None,

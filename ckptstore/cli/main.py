@@ -16,20 +16,11 @@ from typing import Any
 
 from ckptstore.checkpoint import open_checkpoint
 from ckptstore.cli.format import human_age, human_bytes, table
-from ckptstore.errors import (
-    ChecksumError,
-    CkptStoreError,
-    CorruptDataError,
-    IncompleteCheckpointError,
-    ManifestError,
-    UnsafeCopyError,
-)
+from ckptstore.errors import DAMAGED_CONTENT, CkptStoreError, IncompleteCheckpointError
 from ckptstore.manifest import TensorRecord
 from ckptstore.verify import verify_checkpoint
 
 EXIT_OK, EXIT_DAMAGED, EXIT_USAGE = 0, 1, 2
-DAMAGE = (ChecksumError, ManifestError, CorruptDataError, UnsafeCopyError)
-"""Errors that mean the checkpoint itself is damaged (or crafted): exit code 1."""
 
 
 def _emit_error(args: argparse.Namespace, exc: CkptStoreError) -> int:
@@ -39,7 +30,7 @@ def _emit_error(args: argparse.Namespace, exc: CkptStoreError) -> int:
         print(json.dumps({"path": where, "state": state, "error": str(exc)}))
     else:
         print(f"ckpt: {where}: {state}: {exc}", file=sys.stderr)
-    return EXIT_DAMAGED if isinstance(exc, DAMAGE) else EXIT_USAGE
+    return EXIT_DAMAGED if isinstance(exc, DAMAGED_CONTENT) else EXIT_USAGE
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -177,37 +177,38 @@ def offset_near_2_64(doc: dict[str, Any]) -> None:
     doc["chunks"]["offset"] = pack(offsets, "<u8")
 
 
-@case("manifest")
-@_edit
-def box_negative_offset(doc: dict[str, Any]) -> None:
-    b, offs, shps = _boxes(doc)
+def _box_case(change: Callable[[np.ndarray, np.ndarray], None]) -> Callable:
+    """A case that edits the offsets and shapes of the "boxes" tensor in place."""
+
+    def mutate(doc: dict[str, Any]) -> None:
+        b, offs, shps = _boxes(doc)
+        change(offs, shps)
+        _set_boxes(b, offs, shps)
+
+    mutate.__name__ = change.__name__
+    CASES[change.__name__] = ("manifest", _edit(mutate))
+    return change
+
+
+@_box_case
+def box_negative_offset(offs: np.ndarray, shps: np.ndarray) -> None:
     offs[0, 0] -= 1
-    _set_boxes(b, offs, shps)
 
 
-@case("manifest")
-@_edit
-def box_past_the_end(doc: dict[str, Any]) -> None:
-    b, offs, shps = _boxes(doc)
+@_box_case
+def box_past_the_end(offs: np.ndarray, shps: np.ndarray) -> None:
     shps[-1, 1] += 1
-    _set_boxes(b, offs, shps)
 
 
-@case("manifest")
-@_edit
-def box_gap(doc: dict[str, Any]) -> None:
-    b, offs, shps = _boxes(doc)
+@_box_case
+def box_gap(offs: np.ndarray, shps: np.ndarray) -> None:
     shps[0, 0] -= 1
-    _set_boxes(b, offs, shps)
 
 
-@case("manifest")
-@_edit
-def box_overlap_same_volume(doc: dict[str, Any]) -> None:
-    b, offs, shps = _boxes(doc)  # move one box onto another: the volume still adds up
-    offs[1] = offs[0]
+@_box_case
+def box_overlap_same_volume(offs: np.ndarray, shps: np.ndarray) -> None:
+    offs[1] = offs[0]  # move one box onto another: the volume still adds up
     shps[1] = np.minimum(shps[1], shps[0])
-    _set_boxes(b, offs, shps)
 
 
 @case("manifest")
