@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ckptstore import knobs
+from ckptstore.absent_ranks import absent_ranks, absent_text
 from ckptstore.errors import CkptStoreError
 
 COORDINATOR = 0
@@ -23,6 +24,8 @@ COORDINATOR = 0
 
 _GROUPS: dict[tuple[str, tuple[int, ...]], Any] = {}  # (purpose, ranks) -> group
 _GROUP_OF: dict[tuple[str, int], Any] = {}  # (purpose, id(process_group)) -> group
+_ATTEMPTS: dict[tuple[str, tuple[int, ...]], int] = {}  # group creations tried, per key
+_ISSUED: dict[int, int] = {}  # id(group) -> collectives issued on it (the same on every rank)
 
 
 def own_group(process_group: dist.ProcessGroup | None, purpose: str) -> Any:
@@ -45,19 +48,29 @@ def own_group(process_group: dist.ProcessGroup | None, purpose: str) -> Any:
     group = _GROUPS.get((purpose, ranks))
     if group is None:
         subgroup = len(ranks) < dist.get_world_size()
+        attempt = _ATTEMPTS[(purpose, ranks)] = _ATTEMPTS.get((purpose, ranks), 0) + 1
         try:
             group = dist.new_group(
                 ranks=list(ranks), backend="gloo", use_local_synchronization=subgroup,
                 timeout=timedelta(seconds=knobs.collective_timeout_s()),
             )  # fmt: skip
         except RuntimeError as exc:
+            missing = absent_ranks(f"group/{purpose}/{_ranks_key(ranks)}/{attempt}", ranks)
             raise CollectiveTimeoutError(
                 f"ckptstore: creating its {purpose} group over ranks {_ranks_text(ranks)} "
-                f"failed: {exc}; a rank died or never called save/load"
+                f"failed: {absent_text(missing)}; a rank died or never called save/load "
+                f"({str(exc)[:200]})",
+                missing,
             ) from exc
         _GROUPS[(purpose, ranks)] = group
     _GROUP_OF[(purpose, id(process_group))] = group
     return group
+
+
+def _ranks_key(ranks: tuple[int, ...]) -> str:
+    import hashlib
+
+    return hashlib.blake2b(repr(ranks).encode(), digest_size=8).hexdigest()
 
 
 def _ranks_text(ranks: tuple[int, ...]) -> str:
@@ -73,6 +86,7 @@ class Coordinator:
     ) -> None:
         self.distributed = dist.is_available() and dist.is_initialized()
         self.group = group
+        self.purpose = purpose or "job"
         if self.distributed:
             if purpose is not None and dist.get_world_size(group) > 1:
                 self.group = own_group(group, purpose)
@@ -95,15 +109,19 @@ class Coordinator:
     @contextlib.contextmanager
     def _bounded(self, what: str) -> Iterator[None]:
         """A collective that did not complete in time (a rank died, or stopped calling
-        ckptstore) is a typed error naming the group's ranks, not a gloo RuntimeError."""
+        ckptstore) is a typed error naming the ranks that never arrived, not a gloo
+        RuntimeError."""
+        number = _ISSUED[id(self.group)] = _ISSUED.get(id(self.group), 0) + 1
         try:
             yield
         except RuntimeError as exc:
             ranks = tuple(dist.get_process_group_ranks(self.group or dist.group.WORLD))
+            missing = absent_ranks(f"op/{self.purpose}/{_ranks_key(ranks)}/{number}", ranks)
             raise CollectiveTimeoutError(
                 f"ckptstore: {what} over ranks {_ranks_text(ranks)} did not complete "
                 f"(timeout {knobs.collective_timeout_s():g} s, CKPTSTORE_COLLECTIVE_TIMEOUT_S): "
-                f"{str(exc)[:300]}"
+                f"{absent_text(missing)} ({str(exc)[:200]})",
+                missing,
             ) from exc
 
     def max_ints(self, values: list[int]) -> list[int]:
@@ -171,7 +189,12 @@ class Coordinator:
 class CollectiveTimeoutError(CkptStoreError):
     """A collective of ckptstore did not complete within its timeout: a rank died or
     stopped taking part. Raised instead of waiting for the job's own (often 30-minute)
-    process-group timeout."""
+    process-group timeout. ``absent_ranks``: the global ranks that never arrived (None when
+    unknown)."""
+
+    def __init__(self, message: str, absent_ranks: list[int] | None = None) -> None:
+        super().__init__(message)
+        self.absent_ranks = absent_ranks
 
 
 class CollectiveError(CkptStoreError):

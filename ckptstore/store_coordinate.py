@@ -120,10 +120,12 @@ class StoreCoordinator:
                 elif now - seen[r][1] > silent_limit:
                     silent.append(r)
             if silent or now - start > _timeout():
+                gone = [self.team.ranks[r] for r in silent]
                 raise CollectiveTimeoutError(
-                    f"ckptstore: ranks {silent} of the replication team {list(self.team.ranks)} "
+                    f"ckptstore: ranks {gone} of the replication team {list(self.team.ranks)} "
                     f"did not report within {silent_limit:g} s of their last sign of life "
-                    "(CKPTSTORE_COLLECTIVE_TIMEOUT_S): a rank died or stopped"
+                    "(CKPTSTORE_COLLECTIVE_TIMEOUT_S): a rank died or stopped",
+                    gone,
                 )
 
     def gather(self, obj: Any) -> list[Any] | None:

@@ -383,3 +383,22 @@ def store_exchange_with_a_silent_rank(rank: int, world: int) -> str:
     except CkptStoreError as exc:
         return f"{type(exc).__name__} after {time.monotonic() - t:.0f} s: {exc}"
     return "returned"
+
+
+def third_rank_stops_taking_part(rank: int, world: int, root: str, when: str) -> str:
+    """Rank 2 of 3 never calls ckptstore (``when="first"``: before any save, so ckptstore's
+    group creation is what waits; ``"later"``: after one save, inside a collective): ranks 0
+    and 1 end with a typed timeout naming rank 2 as the one that never arrived."""
+    import time
+
+    os.environ["CKPTSTORE_COLLECTIVE_TIMEOUT_S"] = "4"
+    if when == "later":
+        cs.save({"w": torch.ones(4)}, os.path.join(root, "first"))
+    if rank == 2:
+        time.sleep(10)
+        return "absent"
+    try:
+        cs.save({"w": torch.ones(4)}, os.path.join(root, "second"))
+    except CkptStoreError as exc:
+        return f"{type(exc).__name__} {getattr(exc, 'absent_ranks', None)}: {exc}"
+    return "returned"

@@ -125,6 +125,16 @@ def test_a_rank_that_stops_taking_part_is_a_typed_timeout(tmp_path, mode) -> Non
     assert seconds <= 40, out[0]  # the 4 s timeout (plus polling, on a busy machine), not 30 min
 
 
+@pytest.mark.parametrize("when", ["first", "later"])
+def test_a_collective_timeout_names_the_ranks_that_never_arrived(tmp_path, when) -> None:
+    out = run_ranks(3, dist_cases.third_rank_stops_taking_part, str(tmp_path), when,
+                    timeout=120)  # fmt: skip
+    assert out[2] == "absent"
+    for r in (0, 1):
+        assert out[r].startswith("CollectiveTimeoutError [2]"), out[r]
+        assert "1 rank(s) never arrived: [2]" in out[r], out[r]
+
+
 def test_a_silent_rank_ends_a_key_value_exchange_with_a_typed_error() -> None:
     out = run_ranks(2, dist_cases.store_exchange_with_a_silent_rank, timeout=60)
     assert out[0].startswith("CollectiveTimeoutError") and "ranks [1]" in out[0], out[0]
