@@ -43,7 +43,7 @@ from ckptstore.errors import (
     NotARegularFileError,
     TruncatedFileError,
 )
-from ckptstore.load import LoadInfo, load
+from ckptstore.load import LoadInfo, load, typed
 from ckptstore.manifest import DATA_PREFIX
 from ckptstore.policies import (
     EveryNSeconds,
@@ -59,6 +59,8 @@ from ckptstore.tier_state import REPLICATED, read_tier_state
 
 RESERVED = "_ckptstore"
 
+
+_RESTORE_TRIES = 16  # checkpoints one restore tries before it gives up
 
 DAMAGED = (
     *DAMAGED_CONTENT, KeyNotFoundError, IncompleteCheckpointError, TruncatedFileError,
@@ -336,8 +338,17 @@ class CheckpointManager:
         every data file) in the local tier of every rank -- a node's local tier holds only
         its own ranks' files, so a multi-node job restores local-only checkpoints once they
         are replicated (the usual case a few seconds after the save)."""
-        if self.local_dir is None:
-            return catalog.committed_steps(self._root_store())
+        if self.local_dir is None:  # listed once, so that every rank sees the same steps
+            listed: Any = None
+            if self._coord.is_coordinator:
+                try:
+                    listed = catalog.committed_steps(self._root_store())
+                except Exception as exc:  # every rank gets it: none waits in the broadcast
+                    listed = typed(exc, self.root)
+            listed = self._coord.broadcast(listed)
+            if isinstance(listed, BaseException):
+                raise listed
+            return listed
         complete = [s for s in catalog.committed_steps(self.local_dir) if self._complete_locally(s)]
         everyone = self._coord.gather(complete)
         agreed = None
@@ -379,34 +390,51 @@ class CheckpointManager:
             raise CheckpointNotFoundError(f"{self.root}: no committed checkpoint for step {step}")
         # The newest first; a damaged one (its manifest or its data) is skipped, and said so.
         # Every rank sees the same failure (load agrees on it), so all skip together.
-        candidates = [step] if step is not None else available[::-1]
-        if not candidates:
+        if not available:
             return None
         load_options.setdefault("per_rank", "keep")
         options = {**self._path_options(), **load_options}
-        for i, step in enumerate(candidates):
-            sd = self._state_dict(state, step, for_load=True)
+        tried: list[int] = []
+        candidate = step if step is not None else available[-1]
+        while True:
+            tried.append(candidate)
+            sd = self._state_dict(state, candidate, for_load=True)
             try:
-                info = load(sd, self._path(step), process_group=self.process_group, **options)
+                info = load(sd, self._path(candidate), process_group=self.process_group, **options)
                 break
             except CkptStoreError as exc:
-                # Fall back only if no rank failed for another reason (a mismatch of the
-                # caller's state is not damage): one more agreement, reached by every rank.
-                other = not isinstance(exc, (DAMAGED, CollectiveError))
-                if self._coord.max_ints([int(other)])[0] or i == len(candidates) - 1:
-                    raise
-                self.skipped_on_restore.append((step, str(exc)))
-                warnings.warn(
-                    f"checkpoint {step} under {self.root} is damaged ({type(exc).__name__}: "
-                    f"{exc}); restoring the one before it",
-                    stacklevel=2,
-                )
+                candidate = self._after_failed_restore(candidate, exc, step is not None, tried)
+        step = tried[-1]
         self.last_load = info
         self._apply(state, sd)
         if info.saved_world_size == self._coord.world_size:
             rng.restore(sd[RESERVED]["rng"])
         self._last_step, self._last_time = step, time.monotonic()
         return step
+
+    def _after_failed_restore(
+        self, failed: int, exc: CkptStoreError, pinned: bool, tried: list[int]
+    ) -> int:
+        """The step to try after ``failed`` could not be loaded (a collective: every rank
+        decides the same), or raise ``exc``. A damaged checkpoint is skipped for the one
+        before it; one deleted while it was read (retention of another process) for the
+        newest one committed now. A caller's mismatch, or a ``step`` asked for, raises."""
+        other = not isinstance(exc, (*DAMAGED, CheckpointNotFoundError, CollectiveError))
+        if pinned or len(tried) >= _RESTORE_TRIES or self._coord.max_ints([int(other)])[0]:
+            raise exc
+        now = self._agreed_steps()
+        vanished = failed not in now
+        left = [s for s in now if s not in tried and (vanished or s < failed)]
+        if not left:
+            raise exc
+        self.skipped_on_restore.append((failed, str(exc)))
+        how = "was deleted while it was read" if vanished else "is damaged"
+        warnings.warn(
+            f"checkpoint {failed} under {self.root} {how} ({type(exc).__name__}: {exc}); "
+            f"restoring checkpoint {left[-1]}",
+            stacklevel=3,
+        )
+        return left[-1]
 
     def close(self) -> None:
         """Finish the save in flight and (with ``local_dir``) its copy to ``root``."""

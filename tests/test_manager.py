@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import numpy as np
@@ -103,6 +104,35 @@ def test_resume_on_fewer_ranks_reshards_model_and_optimizer(tmp_path) -> None:
     assert one["resumed"] == 3
     for k, v in one["params"].items():
         assert torch.equal(v, saved.read(f"model.{k}")), k
+
+
+def test_restore_of_a_checkpoint_deleted_while_read_takes_the_newest(tmp_path, monkeypatch) -> None:
+    """Another process's retention deletes the checkpoint this restore picked, after it was
+    listed and before its files were read, and commits a newer one meanwhile: the restore
+    takes the newest committed now and says why."""
+
+    import ckptstore.manager as manager_module
+
+    writer = cs.CheckpointManager(str(tmp_path), async_save=False, keep=1)
+    writer.save(1, {"w": torch.full((64,), 1.0)})
+    real_load = manager_module.load
+    calls = []
+
+    def load_after_a_concurrent_retention(sd, path, **kw):
+        calls.append(str(path))
+        if len(calls) == 1:  # what the other process does between our listing and our read
+            writer.save(2, {"w": torch.full((64,), 2.0)})  # keep=1: step 1 goes
+            assert not os.path.exists(tmp_path / "step_00000001")
+        return real_load(sd, path, **kw)
+
+    monkeypatch.setattr(manager_module, "load", load_after_a_concurrent_retention)
+    reader = cs.CheckpointManager(str(tmp_path))
+    state = {"w": torch.zeros(64)}
+    with pytest.warns(UserWarning, match="deleted while it was read"):
+        assert reader.restore(state) == 2
+    assert torch.equal(state["w"], torch.full((64,), 2.0))
+    assert [s for s, _ in reader.skipped_on_restore] == [1]
+    assert calls[-1].endswith("step_00000002")
 
 
 def test_time_based_policy_and_errors(tmp_path) -> None:

@@ -39,27 +39,32 @@ class SeaweedServer:
     """``weed mini`` in a subprocess; ``endpoint`` is its S3 URL."""
 
     def __init__(self, data_dir: str, startup_timeout: float = 60.0) -> None:
+        os.makedirs(data_dir, exist_ok=True)
+        self.data_dir = data_dir
+        self.startup_timeout = startup_timeout
+        self.log_path = os.path.join(data_dir, "weed.log")
+        self.endpoint = f"http://127.0.0.1:{S3_PORT}"
+        self._start()
+
+    def _start(self) -> None:
         if _port_open(S3_PORT):
             raise RuntimeError(
                 f"port {S3_PORT} on 127.0.0.1 is already in use; cannot start SeaweedFS"
             )
-        os.makedirs(data_dir, exist_ok=True)
         env = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY)
-        self.log_path = os.path.join(data_dir, "weed.log")
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         # Every bucket is a collection with volumes of its own; left alone, `weed mini` caps
         # the volume count at free disk / 128 MB, and a session with many buckets on a fuller
         # disk fails with "no free volumes left" long before the disk is full. Volumes are
         # not preallocated, so a fixed cap costs no space.
         command = [
-            weed_binary(), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            weed_binary(), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-volume.max={MAX_VOLUMES}",
         ]  # fmt: skip
         self.proc = subprocess.Popen(
             command, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
-        self.endpoint = f"http://127.0.0.1:{S3_PORT}"
-        deadline = time.monotonic() + startup_timeout
+        deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(
@@ -70,8 +75,17 @@ class SeaweedServer:
             time.sleep(0.25)
         self.stop()
         raise RuntimeError(
-            f"SeaweedFS did not serve S3 within {startup_timeout} s; see {self.log_path}"
+            f"SeaweedFS did not serve S3 within {self.startup_timeout} s; see {self.log_path}"
         )
+
+    def restart(self) -> None:
+        """Stop the server (SIGTERM, as an operator would) and start it again on the same
+        data: what a client sees as a server restart."""
+        self.stop()
+        deadline = time.monotonic() + 30
+        while _port_open(S3_PORT) and time.monotonic() < deadline:  # its children let go
+            time.sleep(0.1)
+        self._start()
 
     def options(self, endpoint: str | None = None) -> dict[str, str]:
         """storage_options for ckptstore's s3:// URLs against this server."""
