@@ -120,7 +120,39 @@ class Leaf(NamedTuple):
 _NEW_LEAF = partial(tuple.__new__, Leaf)  # C-level construction, for the common leaf
 
 
-def _dtensor_box(t: DTensor) -> Box:
+_BOXES: dict[Any, tuple[tuple[int, ...], Box]] = {}  # DTensorSpec -> (global shape, box)
+_BOXES_MAX = 1 << 16
+
+
+def dtensor_local_and_box(t: DTensor) -> tuple[torch.Tensor, tuple[int, ...], Box]:
+    """A DTensor's local tensor, its global shape and the box of the global tensor this rank
+    holds, at the cost of a dict lookup in steady state.
+
+    The local tensor is read without an autograd node (``to_local`` builds one per call,
+    the largest per-tensor cost of a model's state_dict). The box depends only on the
+    DTensor's spec -- mesh, placements, shard order, global shape, stride, dtype -- and on
+    this process's coordinate in the mesh, which a process never changes: boxes are cached
+    by spec (DTensorSpec hashes and compares exactly those fields, and re-hashes when one
+    of them is reassigned), so the thousands of same-shaped norms of a model cost one
+    computation. The cache is bounded (cleared past 65,536 distinct specs).
+    """
+    spec = t._spec
+    known = _BOXES.get(spec)
+    if known is None:
+        known = (tuple(t.shape), _compute_box(t))
+        if len(_BOXES) >= _BOXES_MAX:
+            _BOXES.clear()
+        _BOXES[spec] = known
+    local = t._local_tensor
+    if local.shape != known[1][1]:  # a spec out of step with its data
+        raise StateDictError(
+            f"a DTensor's local tensor has shape {tuple(local.shape)} but its placements "
+            f"{t.placements} give {known[1][1]} on this rank"
+        )
+    return local, known[0], known[1]
+
+
+def _compute_box(t: DTensor) -> Box:
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     shape, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
@@ -135,7 +167,7 @@ def _classify(name: str, value: Any, per_rank: bool) -> Leaf:
     if isinstance(value, DTensor):
         if per_rank:
             raise StateDictError(f"{name}: a DTensor cannot be PerRank")
-        return Leaf(name, "tensor", value.to_local(), tuple(value.shape), _dtensor_box(value))
+        return Leaf(name, "tensor", *dtensor_local_and_box(value))
     if isinstance(value, Sharded):
         if per_rank:
             raise StateDictError(f"{name}: a Sharded shard cannot be PerRank")
@@ -188,6 +220,15 @@ def flatten(state_dict: Any) -> dict[str, Leaf]:
                     leaves[name] = new_leaf(
                         (name, "tensor", child, shape, ((0,) * len(shape), shape), inner, k)
                     )
+                    continue
+                if type(child) is DTensor and type(k) is str and (k or prefix):  # FSDP2, TP
+                    name = dot + k
+                    if name in leaves:
+                        raise StateDictError(
+                            f"two entries of the state_dict flatten to the same name {name!r}"
+                        )
+                    local, shape, box = dtensor_local_and_box(child)
+                    leaves[name] = new_leaf((name, "tensor", local, shape, box, inner, k))
                     continue
                 if not isinstance(k, (str, int)) or isinstance(k, bool):
                     raise StateDictError(f"{prefix or '<root>'}: key {k!r} is not a str or int")

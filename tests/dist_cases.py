@@ -11,7 +11,6 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 import ckptstore as cs
 from ckptstore.errors import CkptStoreError
-from ckptstore.leaves import _dtensor_box
 
 LAYOUTS = ("row", "col", "mesh2x2", "sharded", "replicated")
 
@@ -88,7 +87,12 @@ def build_state(layout: str, rank: int, world: int, zero: bool = False) -> dict:
 
 def local_and_box(leaf):
     if isinstance(leaf, DTensor):
-        return leaf.to_local(), _dtensor_box(leaf)
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, offsets = compute_local_shape_and_global_offset(
+            leaf.shape, leaf.device_mesh, leaf.placements
+        )  # torch's own answer, not ckptstore's cached one
+        return leaf.to_local(), (tuple(offsets), tuple(shape))
     if isinstance(leaf, cs.Sharded):
         return leaf.local_tensor, (leaf.offsets, tuple(leaf.local_tensor.shape))
     return leaf, ((0,) * leaf.dim(), tuple(leaf.shape))
@@ -402,3 +406,35 @@ def third_rank_stops_taking_part(rank: int, world: int, root: str, when: str) ->
     except CkptStoreError as exc:
         return f"{type(exc).__name__} {getattr(exc, 'absent_ranks', None)}: {exc}"
     return "returned"
+
+
+def dtensor_boxes_against_torch(rank: int, world: int) -> list[str]:
+    """Flatten DTensors of many specs -- same global shape under different placements, the
+    same placements on other shapes (uneven, empty), a redistributed one -- twice (the
+    second time from the box cache): every box and local tensor must be torch's."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    from ckptstore.leaves import flatten
+
+    mesh = init_device_mesh("cpu", (world,))
+    sd = {}
+    for shape in [(7, 3), (3, 7), (1025,), (0, 5), (1, 1)]:
+        full = torch.arange(int(torch.Size(shape).numel()), dtype=torch.float32).reshape(shape)
+        for placements in ([Shard(0)], [Shard(len(shape) - 1)], [Replicate()]):
+            sd[f"{shape}-{placements}"] = distribute_tensor(full, mesh, placements)
+    bad = []
+    for attempt in range(2):
+        leaves = flatten(sd)
+        for name, t in sd.items():
+            shape, offsets = compute_local_shape_and_global_offset(t.shape, mesh, t.placements)
+            leaf = leaves[name]
+            if leaf.box != (tuple(offsets), tuple(shape)) or leaf.global_shape != tuple(t.shape):
+                bad.append(f"{name} (pass {attempt}): {leaf.box} != {(offsets, shape)}")
+            if leaf.value.data_ptr() != t.to_local().data_ptr() and t.to_local().numel():
+                bad.append(f"{name}: not the DTensor's own local tensor")
+    moved = sd["(7, 3)-[Shard(dim=0)]"].redistribute(mesh, [Shard(1)])  # a new spec
+    leaf = flatten({"m": moved})["m"]
+    shape, offsets = compute_local_shape_and_global_offset(moved.shape, mesh, moved.placements)
+    if leaf.box != (tuple(offsets), tuple(shape)):
+        bad.append(f"redistributed: {leaf.box}")
+    return bad

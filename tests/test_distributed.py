@@ -139,3 +139,8 @@ def test_a_silent_rank_ends_a_key_value_exchange_with_a_typed_error() -> None:
     out = run_ranks(2, dist_cases.store_exchange_with_a_silent_rank, timeout=60)
     assert out[0].startswith("CollectiveTimeoutError") and "ranks [1]" in out[0], out[0]
     assert int(out[0].split(" after ")[1].split(" s")[0]) <= 30, out[0]  # 3 s, not 6 h
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_dtensor_boxes_equal_torchs_on_every_spec_and_from_the_cache(world) -> None:
+    assert run_ranks(world, dist_cases.dtensor_boxes_against_torch, timeout=120) == [[]] * world
