@@ -438,3 +438,43 @@ def dtensor_boxes_against_torch(rank: int, world: int) -> list[str]:
     if leaf.box != (tuple(offsets), tuple(shape)):
         bad.append(f"redistributed: {leaf.box}")
     return bad
+
+
+def _llama_shape():
+    from ckptstore.testing.llama import LlamaShape
+
+    return LlamaShape(vocab=250, dim=64, layers=2, heads=4, ffn=172)  # 3 divides none
+
+
+def llama_save(rank: int, world: int, root: str) -> dict | None:
+    """Training states of an FSDP2 and a TP+FSDP2 model (``get_state_dict``, AdamW after a
+    step) saved by ckptstore under ``root/<layout>``; rank 0 returns their tensors gathered
+    whole, by layout."""
+    from ckptstore.testing import llama
+
+    out = {}
+    for layout in LAYOUTS:
+        model, optim = llama.build(_llama_shape(), layout, world)
+        state = llama.training_state(model, optim)
+        cs.save(state, os.path.join(root, layout))
+        out[layout] = llama.full_tensors(state)
+    return out if rank == 0 else None
+
+
+def llama_load(rank: int, world: int, root: str) -> dict | None:
+    """Load each saved training state into a freshly initialized FSDP2 model on ``world``
+    ranks (resharded); rank 0 returns, by layout, the loaded tensors gathered whole and the
+    model's parameters gathered whole (the load must reach the model itself)."""
+    from ckptstore.testing import llama
+
+    out = {}
+    for layout in LAYOUTS:
+        model, optim = llama.build(_llama_shape(), "fsdp", world, seed=1)
+        state = llama.training_state(model, optim)
+        cs.load(state, os.path.join(root, layout))
+        params = {f"model.{k}": v.full_tensor() for k, v in model.state_dict().items()}
+        out[layout] = {"state": llama.full_tensors(state), "params": params}
+    return out if rank == 0 else None
+
+
+LAYOUTS = ("fsdp", "tp-fsdp")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 import ckptstore as cs
 from ckptstore.testing.ranks import run_ranks
@@ -144,3 +145,21 @@ def test_a_silent_rank_ends_a_key_value_exchange_with_a_typed_error() -> None:
 @pytest.mark.parametrize("world", [2, 3])
 def test_dtensor_boxes_equal_torchs_on_every_spec_and_from_the_cache(world) -> None:
     assert run_ranks(world, dist_cases.dtensor_boxes_against_torch, timeout=120) == [[]] * world
+
+
+def test_training_states_saved_on_4_ranks_load_bit_exactly_on_2_and_3(tmp_path) -> None:
+    """What jobs save: an FSDP2 and a TP + FSDP2 (2 x 2 mesh, _StridedShard) Llama-style model
+    with AdamW state from get_state_dict; loaded into FSDP2 on 2 and on 3 ranks (uneven
+    shards), every tensor equals the saved one gathered whole, and the model holds it."""
+    root = str(tmp_path)
+    saved = run_ranks(4, dist_cases.llama_save, root, timeout=300)[0]
+    for world in (2, 3):
+        loaded = run_ranks(world, dist_cases.llama_load, root, timeout=300)[0]
+        for layout in dist_cases.LAYOUTS:
+            want, got = saved[layout], loaded[layout]
+            assert any("exp_avg" in k for k in want) and len(want) > 20
+            assert got["state"].keys() == want.keys()
+            for name, tensor in want.items():
+                assert torch.equal(got["state"][name], tensor), (layout, world, name)
+            for name, tensor in got["params"].items():
+                assert torch.equal(tensor, want[name]), (layout, world, name)
