@@ -125,6 +125,10 @@ class Replicator:
         except BaseException as exc:
             if job.attempts <= _retries():
                 self._failed.append(job)
+            if isinstance(exc, Exception) and not isinstance(exc, CkptStoreError):  # typed
+                typed = ReplicationError(f"{job.tiered.remote.url}: {type(exc).__name__}: {exc}")
+                typed.__cause__ = exc
+                exc = typed
             if not job.future.done():
                 job.future.set_exception(exc)
             return

@@ -8,11 +8,13 @@ subgroups of a job may start using it independently, at different times. Payload
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import threading
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -128,10 +130,31 @@ class StoreCoordinator:
                     gone,
                 )
 
+    @contextlib.contextmanager
+    def _reachable(self) -> Iterator[None]:
+        """The job's store lives in rank 0's process (torchrun: the agent's); when it dies,
+        every store call fails with torch's untyped network error: a typed one instead."""
+        try:
+            yield
+        except CollectiveTimeoutError:
+            raise
+        except RuntimeError as exc:
+            self._stop.set()
+            raise CollectiveTimeoutError(
+                f"ckptstore: the job's key-value store became unreachable during an exchange "
+                f"of the replication team {list(self.team.ranks)} (the rank that hosts it "
+                f"died?): {type(exc).__name__}: {str(exc)[:200]}"
+            ) from exc
+
     def gather(self, obj: Any) -> list[Any] | None:
         """Every rank's ``obj`` (JSON-serializable) on the coordinator (None elsewhere)."""
         if self._store is None:
             return [obj]
+        with self._reachable():
+            return self._gather(obj)
+
+    def _gather(self, obj: Any) -> list[Any] | None:
+        assert self._store is not None
         self._store.set(self._key(f"gather/{self.rank}"), json.dumps(obj))
         if not self.is_coordinator:
             return None
@@ -147,6 +170,11 @@ class StoreCoordinator:
         """The coordinator's ``obj`` on every rank; ends the exchange (its keys go)."""
         if self._store is None:
             return obj
+        with self._reachable():
+            return self._broadcast(obj)
+
+    def _broadcast(self, obj: Any) -> Any:
+        assert self._store is not None
         verdict = self._key("broadcast")
         try:
             if self.is_coordinator:

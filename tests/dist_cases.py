@@ -478,3 +478,22 @@ def llama_load(rank: int, world: int, root: str) -> dict | None:
 
 
 LAYOUTS = ("fsdp", "tp-fsdp")
+
+
+def store_host_dies_during_an_exchange(rank: int, world: int) -> str:
+    """Rank 0 hosts the job's key-value store and dies while rank 1 waits in an exchange:
+    rank 1 gets a typed error, not torch's network error."""
+    import time
+
+    from ckptstore.store_coordinate import Team
+
+    os.environ["CKPTSTORE_COLLECTIVE_TIMEOUT_S"] = "3"
+    exchange = Team().next_exchange("test")
+    if rank == 0:
+        time.sleep(1)
+        os._exit(0)  # the store goes with this process
+    try:
+        exchange.broadcast(None)
+    except CkptStoreError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "returned"

@@ -136,6 +136,11 @@ def test_a_collective_timeout_names_the_ranks_that_never_arrived(tmp_path, when)
         assert "1 rank(s) never arrived: [2]" in out[r], out[r]
 
 
+def test_the_store_hosts_death_ends_a_key_value_exchange_with_a_typed_error() -> None:
+    out = run_ranks(2, dist_cases.store_host_dies_during_an_exchange, timeout=60, dying=(0,))
+    assert out[1].startswith("CollectiveTimeoutError") and "unreachable" in out[1], out[1]
+
+
 def test_a_silent_rank_ends_a_key_value_exchange_with_a_typed_error() -> None:
     out = run_ranks(2, dist_cases.store_exchange_with_a_silent_rank, timeout=60)
     assert out[0].startswith("CollectiveTimeoutError") and "ranks [1]" in out[0], out[0]

@@ -369,7 +369,10 @@ def _run_job(
         if missing:
             trial.problems.append(f"steps {missing} before the kill are not committed")
     if not trial.ok:
-        trial.problems.append(f"(root kept: {root})")
+        for rank, (_, err) in enumerate(errors):  # next to the root: it may be a tmpfs
+            with open(f"{root}.rank{rank}.stderr", "w") as f:
+                f.write(err)
+        trial.problems.append(f"(root kept: {root}; each rank's stderr in {root}.rankN.stderr)")
     return trial
 
 

@@ -48,11 +48,18 @@ class RankFailure(RuntimeError):
     pass
 
 
-def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 240.0) -> list[Any]:
+def run_ranks(
+    world: int,
+    fn: Callable[..., Any],
+    *args: Any,
+    timeout: float = 240.0,
+    dying: tuple[int, ...] = (),
+) -> list[Any]:
     """``fn(rank, world, *args)`` on ``world`` spawned processes; returns each rank's result.
 
     ``fn`` must be importable (module level). Raises :class:`RankFailure` with every failing
-    rank's traceback, or when a rank does not finish within ``timeout`` seconds.
+    rank's traceback, or when a rank does not finish within ``timeout`` seconds. Ranks in
+    ``dying`` are meant to die (their result is None; nobody waits for them).
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -68,17 +75,18 @@ def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 2
 
     deadline = time.monotonic() + timeout
     try:
-        while len(results) < world:
+        while len(results) < world - len(dying):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise RankFailure(f"ranks {sorted(set(range(world)) - set(results))} timed out")
+                missing = set(range(world)) - set(results) - set(dying)
+                raise RankFailure(f"ranks {sorted(missing)} timed out")
             try:
                 rank, ok, value = queue.get(timeout=min(remaining, 1.0))
             except queue_mod.Empty:
                 dead = [
                     i
                     for i, p in enumerate(procs)
-                    if p.exitcode not in (None, 0) and i not in results
+                    if p.exitcode not in (None, 0) and i not in results and i not in dying
                 ]
                 if dead:
                     raise RankFailure(
@@ -96,4 +104,4 @@ def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 2
     if failures:
         raise RankFailure("\n".join(failures))
     # The payloads come from processes this function just started, never from a checkpoint.
-    return [pickle.loads(results[r][1]) for r in range(world)]
+    return [pickle.loads(results[r][1]) if r in results else None for r in range(world)]
