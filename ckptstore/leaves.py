@@ -121,6 +121,7 @@ _NEW_LEAF = partial(tuple.__new__, Leaf)  # C-level construction, for the common
 
 
 _BOXES: dict[Any, tuple[tuple[int, ...], Box]] = {}  # DTensorSpec -> (global shape, box)
+_BY_ID: dict[int, tuple[Any, Any, tuple[tuple[int, ...], Box]]] = {}  # id(spec) -> entry
 _BOXES_MAX = 1 << 16
 
 
@@ -134,15 +135,26 @@ def dtensor_local_and_box(t: DTensor) -> tuple[torch.Tensor, tuple[int, ...], Bo
     this process's coordinate in the mesh, which a process never changes: boxes are cached
     by spec (DTensorSpec hashes and compares exactly those fields, and re-hashes when one
     of them is reassigned), so the thousands of same-shaped norms of a model cost one
-    computation. The cache is bounded (cleared past 65,536 distinct specs).
+    computation. The same spec object, seen again at the next save, is found by identity
+    without comparing specs. The caches are bounded (cleared past 65,536 specs) and hold
+    the specs they key, so an id is never reused while its entry lives.
     """
     spec = t._spec
-    known = _BOXES.get(spec)
-    if known is None:
-        known = (tuple(t.shape), _compute_box(t))
-        if len(_BOXES) >= _BOXES_MAX:
-            _BOXES.clear()
-        _BOXES[spec] = known
+    mine = _BY_ID.get(id(spec))  # the same spec object as last time: no spec comparison
+    if mine is not None and mine[0] is spec and mine[1] == getattr(spec, "_hash", None):
+        known = mine[2]
+    else:
+        known = _BOXES.get(spec)
+        if known is None:
+            known = (tuple(t.shape), _compute_box(t))
+            if len(_BOXES) >= _BOXES_MAX:
+                _BOXES.clear()
+            _BOXES[spec] = known
+        if len(_BY_ID) >= _BOXES_MAX:
+            _BY_ID.clear()
+        # DTensorSpec drops its cached hash when a field it hashes is reassigned, and
+        # hashing again gives a new one: a spec changed in place misses this entry.
+        _BY_ID[id(spec)] = (spec, getattr(spec, "_hash", None), known)
     local = t._local_tensor
     if local.shape != known[1][1]:  # a spec out of step with its data
         raise StateDictError(

@@ -273,7 +273,11 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description="ckptstore vs torch DCP")
     parser.add_argument(
-        "--workloads", nargs="*", default=["large", "small"], choices=list(WORKLOADS)
+        "--workloads",
+        nargs="*",
+        default=["large", "small"],
+        choices=list(WORKLOADS),
+        help="plain-tensor workloads (none: --workloads with no names)",
     )
     parser.add_argument(
         "--dir", default=None, help="scratch directory (default: a temp dir next to the repo)"
@@ -282,6 +286,9 @@ def main() -> int:
         "--no-sim", action="store_true", help="skip the 16,384-rank planning simulation"
     )
     parser.add_argument("--no-async", action="store_true", help="skip the asynchronous-save cases")
+    parser.add_argument(
+        "--no-training", action="store_true", help="skip the DTensor / FSDP2 / TP model cases"
+    )
     parser.add_argument(
         "--no-s3", action="store_true", help="skip the tiered-store / S3 cases (SeaweedFS)"
     )
@@ -302,8 +309,9 @@ def main() -> int:
         sink,
     )
     try:
-        bw = disk_write_bandwidth(scratch)
-        emit({"case": "disk_fsync_write", "GiB_per_s": round(bw / GiB, 3)}, sink)
+        bw = disk_write_bandwidth(scratch) if args.workloads else 0.0
+        if bw:
+            emit({"case": "disk_fsync_write", "GiB_per_s": round(bw / GiB, 3)}, sink)
         for workload in args.workloads:
             root = os.path.join(scratch, workload)
             os.makedirs(root)
@@ -372,6 +380,10 @@ def main() -> int:
                     sink,
                 )
             shutil.rmtree(root, ignore_errors=True)
+        if not args.no_training:
+            import bench_training
+
+            bench_training.run(scratch, emit, case, sink)
         if not args.no_async:
             import bench_async
 

@@ -1,0 +1,282 @@
+"""Benchmark cases on what training jobs hold (imported by tools/bench.py), each against torch
+DCP in the same run:
+
+- small-dtensor: 20,000 norms of 1,024 floats as DTensors -- ``Replicate()``, and
+  ``Shard(0)`` as FSDP2 shards 1-D parameters (over 4 ranks, and unevenly over 3) -- plus
+  one 64 MiB ``Shard(0)`` matrix: save (first, steady) and load into existing tensors;
+- model: a 24-layer Llama-style decoder under FSDP2 (``fully_shard``) with AdamW after one
+  step, state from ``get_state_dict`` as a training loop takes it (~1.3 GB): save, load
+  4 -> 4, load 4 -> 2 (resharded), and the async stall against the time the same ranks need
+  to memcpy their bytes into reused buffers (the floor, measured in the same run);
+- tp-fsdp: tensor parallelism plus FSDP2 on a 2 x 2 mesh, as torchtitan builds it
+  (``_StridedShard`` placements): save, and load onto a 1-D mesh of 2;
+- flatten + match: one process, 20,000 DTensors, microseconds per tensor.
+
+Every load is checked bit-exact (against the saved tensors, or against DCP's own load).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from bench import _median, _sharded, _timed
+
+NORMS = 20_000
+MODEL = {"vocab": 32_000, "dim": 512, "layers": 24, "heads": 8, "ffn": 1408}
+TP_MODEL = {"vocab": 32_000, "dim": 512, "layers": 8, "heads": 8, "ffn": 1408}
+
+
+# -- small-dtensor ---------------------------------------------------------------------------
+def dtensor_norms(rank: int, world: int, placement: str, fill: bool = True) -> dict:
+    """20,000 1-D norms as DTensors (every rank builds the same full values) and a 64 MiB
+    matrix ``Shard(0)``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    g = torch.Generator().manual_seed(11)
+    full = torch.rand(NORMS, 1024, generator=g) if fill else torch.zeros(NORMS, 1024)
+    params = {}
+    for i in range(NORMS):
+        if placement == "replicate":
+            params[f"layers.{i}.norm.weight"] = DTensor.from_local(
+                full[i].clone(), mesh, [Replicate()], run_check=False
+            )
+        else:  # FSDP2's Shard(0) of a 1-D parameter: torch.chunk sizes, the last one short
+            piece = full[i].chunk(world)[rank]
+            params[f"layers.{i}.norm.weight"] = DTensor.from_local(
+                piece.clone(), mesh, [Shard(0)], run_check=False, shape=(1024,), stride=(1,)
+            )
+    return {"model": params, "sharded": _sharded((4096, 4096), 0, world, rank, 99, fill)}
+
+
+def _same(a: dict, b: dict) -> bool:
+    from ckptstore.leaves import flatten
+
+    fa, fb = flatten(a), flatten(b)
+    return fa.keys() == fb.keys() and all(torch.equal(fa[k].value, fb[k].value) for k in fa)
+
+
+def small_dtensor(rank: int, world: int, root: str, placement: str) -> dict[str, float]:
+    import torch.distributed.checkpoint as dcp
+
+    import ckptstore as cs
+
+    sd = dtensor_norms(rank, world, placement)
+    times: dict[str, list[float]] = {}
+
+    def run(name: str, fn) -> None:
+        times.setdefault(name, []).append(_timed(fn))
+
+    run("dcp_save", lambda: dcp.save(sd, checkpoint_id=f"{root}/dcp"))
+    for i in range(3):
+        run("cs_save" if i == 0 else "cs_save_steady", lambda i=i: cs.save(sd, f"{root}/cs{i}"))
+    dest = dtensor_norms(rank, world, placement, fill=False)
+    run("dcp_load", lambda: dcp.load(dest, checkpoint_id=f"{root}/dcp"))
+    assert _same(dest, sd), "DCP load mismatch"
+    for _ in range(3):
+        dest = dtensor_norms(rank, world, placement, fill=False)
+        run("cs_load", lambda d=dest: cs.load(d, f"{root}/cs0"))
+        assert _same(dest, sd), "ckptstore load mismatch"
+    out = {k: _median(v) for k, v in times.items()}
+    out["cs_save"] = times["cs_save"][0]
+    return out
+
+
+# -- model and tp-fsdp -------------------------------------------------------------------------
+def _shape(spec: dict):
+    from ckptstore.testing.llama import LlamaShape
+
+    return LlamaShape(**spec)
+
+
+def _state(layout: str, world: int, spec: dict, seed: int = 0) -> dict:
+    from ckptstore.testing import llama
+
+    model, optim = llama.build(_shape(spec), layout, world, seed=seed)
+    return llama.training_state(model, optim)
+
+
+def _local_tensors(state: dict) -> list[torch.Tensor]:
+    from ckptstore.leaves import flatten
+
+    return [leaf.value for leaf in flatten(state).values() if isinstance(leaf.value, torch.Tensor)]
+
+
+def memcpy_floor(state: dict, repeats: int = 3) -> float:
+    """Seconds for every rank at once to copy its tensors of ``state`` into buffers that
+    already exist (warm): what any stall that takes a host copy must pay."""
+    tensors = _local_tensors(state)
+    buffers = [torch.empty_like(t) for t in tensors]
+    for b, t in zip(buffers, tensors, strict=True):
+        b.copy_(t)
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        for b, t in zip(buffers, tensors, strict=True):
+            b.copy_(t)
+        dist.barrier()
+        times.append(time.perf_counter() - t0)
+    return _median(times)
+
+
+def model_save_load(rank: int, world: int, root: str) -> dict[str, float]:
+    """FSDP2 decoder + AdamW: save and load 4 -> 4 (both tools, alternating), the async stall
+    and the memcpy floor."""
+    import torch.distributed.checkpoint as dcp
+
+    import ckptstore as cs
+
+    state = _state("fsdp", world, MODEL)
+    times: dict[str, list[float]] = {}
+
+    def run(name: str, fn) -> None:
+        times.setdefault(name, []).append(_timed(fn))
+
+    for i in range(3):
+        run("dcp_save", lambda i=i: dcp.save(state, checkpoint_id=f"{root}/dcp{i}"))
+        run("cs_save", lambda i=i: cs.save(state, f"{root}/cs{i}"))
+    dest = _state("fsdp", world, MODEL, seed=1)
+    for _ in range(3):
+        run("dcp_load", lambda: dcp.load(dest, checkpoint_id=f"{root}/dcp0"))
+        run("cs_load", lambda: cs.load(dest, f"{root}/cs0"))
+    assert _same(dest, state), "model load 4 -> 4 mismatch"
+    stalls = []
+    for i in range(4):
+        dist.barrier()
+        t = time.perf_counter()
+        handle = cs.async_save(state, f"{root}/async{i}")
+        stalls.append(time.perf_counter() - t)
+        handle.wait()
+    out = {k: _median(v) for k, v in times.items()}
+    out["cs_save_first"] = times["cs_save"][0]
+    out["cs_async_stall_first"], out["cs_async_stall_steady"] = stalls[0], _median(stalls[1:])
+    out["memcpy_floor"] = memcpy_floor(state)
+    out["rank_bytes"] = float(sum(t.numel() * t.element_size() for t in _local_tensors(state)))
+    return out
+
+
+def load_resharded(rank: int, world: int, root: str, layout: str) -> dict[str, float]:
+    """Load a checkpoint saved by 4 ranks onto an FSDP2 model of ``world`` ranks, with DCP
+    and with ckptstore (each into its own fresh state, checked equal)."""
+    import torch.distributed.checkpoint as dcp
+
+    import ckptstore as cs
+
+    spec = MODEL if layout == "fsdp" else TP_MODEL
+    times: dict[str, list[float]] = {}
+    by_dcp = _state("fsdp", world, spec, seed=1)
+    by_cs = _state("fsdp", world, spec, seed=2)
+    for _ in range(3):
+        times.setdefault("dcp_load", []).append(
+            _timed(lambda: dcp.load(by_dcp, checkpoint_id=f"{root}/dcp0"))
+        )
+        times.setdefault("cs_load", []).append(_timed(lambda: cs.load(by_cs, f"{root}/cs0")))
+    assert _same(by_cs, by_dcp), f"{layout}: ckptstore and DCP loaded different values"
+    return {k: _median(v) for k, v in times.items()}
+
+
+def tp_fsdp_save(rank: int, world: int, root: str) -> dict[str, float]:
+    import torch.distributed.checkpoint as dcp
+
+    import ckptstore as cs
+
+    state = _state("tp-fsdp", world, TP_MODEL)
+    times: dict[str, list[float]] = {}
+    for i in range(3):
+        times.setdefault("dcp_save", []).append(
+            _timed(lambda i=i: dcp.save(state, checkpoint_id=f"{root}/dcp{i}"))
+        )
+        times.setdefault("cs_save", []).append(_timed(lambda i=i: cs.save(state, f"{root}/cs{i}")))
+    return {k: _median(v) for k, v in times.items()}
+
+
+# -- flatten + match -------------------------------------------------------------------------
+def flatten_and_match(rank: int, world: int, root: str) -> dict[str, float]:
+    """Microseconds per tensor to flatten a state_dict and match it to a manifest, for 20,000
+    DTensors and for 20,000 plain tensors (one process)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    import ckptstore as cs
+    from ckptstore.coordinate import Coordinator
+    from ckptstore.leaves import flatten
+    from ckptstore.load import _match
+
+    mesh = init_device_mesh("cpu", (world,))
+    out = {}
+    for kind in ("dtensor", "plain"):
+
+        def make(kind=kind):
+            if kind == "plain":
+                return {f"layers.{i}.norm.weight": torch.zeros(1024) for i in range(NORMS)}
+            return {
+                f"layers.{i}.norm.weight": DTensor.from_local(
+                    torch.zeros(1024), mesh, [Shard(0)], run_check=False
+                )
+                for i in range(NORMS)
+            }
+
+        sd = make()
+        path = os.path.join(root, kind)
+        cs.save(sd, path)
+        manifest = cs.open(path).manifest
+        coord = Coordinator()
+        flat, matched = [], []
+        for _ in range(5):
+            sd = make()  # a fresh state_dict, as each load of a training loop gets
+            t = time.perf_counter()
+            flatten(sd)
+            flat.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            _match(sd, manifest, coord, True, False, "error")  # flattens again, then matches
+            matched.append(time.perf_counter() - t)
+        out[f"{kind}_flatten_us"] = _median(flat) / NORMS * 1e6
+        out[f"{kind}_flatten_match_us"] = _median(matched) / NORMS * 1e6
+    return out
+
+
+# -- driver ----------------------------------------------------------------------------------
+def run(scratch: str, emit, case, sink) -> None:
+    from ckptstore.testing.ranks import run_ranks
+
+    def worst(results: list[dict]) -> dict[str, float]:
+        return {k: max(r[k] for r in results) for k in results[0]}
+
+    root = os.path.join(scratch, "training")
+    os.makedirs(root)
+    fm = run_ranks(1, flatten_and_match, os.path.join(root, "flatten"), timeout=1800)[0]
+    emit({"case": "flatten_match_20000_dtensors", **{k: round(v, 2) for k, v in fm.items()},
+          "target_us": 10.0, "meets_target": fm["dtensor_flatten_match_us"] <= 10.0}, sink)  # fmt: skip
+    for placement, world in (("replicate", 4), ("shard", 4), ("shard", 3)):
+        where = os.path.join(root, f"small-{placement}-{world}")
+        r = worst(run_ranks(world, small_dtensor, where, placement, timeout=3600))
+        name = f"small_dtensor_{placement}_{world}_ranks"
+        emit(case(f"{name}_save", r["cs_save"], r["dcp_save"], 30.0), sink)
+        emit(case(f"{name}_save_steady", r["cs_save_steady"], r["dcp_save"], 30.0), sink)
+        emit(case(f"{name}_load", r["cs_load"], r["dcp_load"], 60.0), sink)
+    where = os.path.join(root, "model")
+    r = worst(run_ranks(4, model_save_load, where, timeout=3600))
+    emit(
+        case("model_save", r["cs_save"], r["dcp_save"], 3.0, first_s=round(r["cs_save_first"], 4)),
+        sink,
+    )
+    emit(case("model_load_4_to_4", r["cs_load"], r["dcp_load"], 10.0), sink)
+    few = worst(run_ranks(2, load_resharded, where, "fsdp", timeout=3600))
+    emit(case("model_load_4_to_2", few["cs_load"], few["dcp_load"], 10.0), sink)
+    stall, floor = r["cs_async_stall_steady"], r["memcpy_floor"]
+    emit({"case": "model_async_stall", "stall_first_s": round(r["cs_async_stall_first"], 4),
+          "stall_steady_s": round(stall, 4), "memcpy_floor_s": round(floor, 4),
+          "rank_MiB": round(r["rank_bytes"] / 2**20, 1),
+          "stall_vs_floor": round(stall / floor, 3), "first_vs_steady": round(r["cs_async_stall_first"] / stall, 3),
+          "targets": {"vs_floor": 1.3, "first_vs_steady": 2.0},
+          "meets_target": stall <= 1.3 * floor and r["cs_async_stall_first"] <= 2 * stall}, sink)  # fmt: skip
+    where = os.path.join(root, "tp-fsdp")
+    r = worst(run_ranks(4, tp_fsdp_save, where, timeout=3600))
+    emit(case("tp_fsdp_save", r["cs_save"], r["dcp_save"], 2.0), sink)
+    few = worst(run_ranks(2, load_resharded, where, "tp-fsdp", timeout=3600))
+    emit(case("tp_fsdp_load_onto_fsdp_2", few["cs_load"], few["dcp_load"], 2.0), sink)
