@@ -7,7 +7,7 @@
 """
 
 from ckptstore import errors
-from ckptstore.async_save import AsyncSaveHandle, async_save
+from ckptstore.async_save import AsyncSaveHandle, async_save, prepare_async_save
 from ckptstore.backends.tiered import TieredStore as Tiered
 from ckptstore.checkpoint import Checkpoint, ObjectMeta, TensorMeta
 from ckptstore.checkpoint import open_checkpoint as open
@@ -53,6 +53,7 @@ __all__ = [
     "errors",
     "load",
     "open",
+    "prepare_async_save",
     "replicate",
     "save",
 ]

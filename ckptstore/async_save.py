@@ -38,7 +38,7 @@ from ckptstore.save import (
     unwritable_error,
     write_planned,
 )
-from ckptstore.staging import StagedTensors, StagingPool
+from ckptstore.staging import StagedTensors, StagingPool, staged_layout
 from ckptstore.write import plan_files
 
 PERSIST_MODES = ("thread", "process")
@@ -214,6 +214,44 @@ def async_save(
         handle = AsyncSaveHandle(future, staged, planned.store.url, stall)
         state.last = handle
         return handle
+
+
+def prepare_async_save(
+    state_dict: Any,
+    *,
+    process_group: torch.distributed.ProcessGroup | None = None,
+    persist: str = "thread",
+    **options: Any,
+) -> None:
+    """Make the first :func:`async_save` of ``state_dict`` as quick as the later ones.
+
+    A collective, like ``async_save`` (same ``process_group``, ``persist`` and options; the
+    path is not needed). It plans the save now and caches the plan (the first save then
+    needs one ``all_reduce``, not the plan exchange), creates ckptstore's background group,
+    and has a background thread allocate and fault in a staging buffer of exactly the
+    bytes this rank will stage: copying into fresh memory costs a page fault per 4 KiB,
+    which otherwise makes the first stall several times the steady one. Returns once the
+    plan is made; the buffer is ready a moment later (a save that comes sooner waits for
+    it). Call it before the first checkpoint step, e.g. after building the model and
+    optimizer or after restoring; :class:`~ckptstore.CheckpointManager` calls it by itself.
+    Nothing is written.
+    """
+    if persist not in PERSIST_MODES:
+        raise ValueError(f"persist must be one of {PERSIST_MODES}, not {persist!r}")
+    state = _state()
+    with state.lock:
+        save_options = SaveOptions(**options)
+        coord = Coordinator(process_group)
+        own_group(process_group, "background")
+        with gc_paused():
+            planned = plan_save_collective(state_dict, None, coord, save_options, id(process_group))
+        tensors = planned.tensors_to_write()
+        on_cuda = any(t.is_cuda for t in tensors)
+        state.pool.prefault(
+            staged_layout(tensors)[2],
+            pinned=on_cuda and torch.cuda.is_available() and persist != "process",
+            shared=persist == "process",
+        )
 
 
 def _persist(

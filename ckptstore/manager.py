@@ -29,7 +29,12 @@ from typing import Any
 import torch
 
 from ckptstore import catalog, failpoints, rng
-from ckptstore.async_save import AsyncSaveHandle, async_save, raise_pending_error
+from ckptstore.async_save import (
+    AsyncSaveHandle,
+    async_save,
+    prepare_async_save,
+    raise_pending_error,
+)
 from ckptstore.backends.base import Store
 from ckptstore.backends.registry import open_store
 from ckptstore.backends.tiered import TieredStore
@@ -144,6 +149,7 @@ class CheckpointManager:
         self.last_load: LoadInfo | None = None
         """What the last :meth:`restore` read (``bytes_by_tier`` with ``local_dir``)."""
         self._root_store_cache: Store | None = None
+        self._prepared = False
 
     @property
     def tiered(self) -> bool:
@@ -178,7 +184,24 @@ class CheckpointManager:
             wanted = bool(self._coord.max_ints([int(wanted)])[0])
         if wanted:
             self.save(step, state)
+        elif not self._prepared:
+            self._prepare(step, state)
         return wanted
+
+    def _prepare(self, step: int, state: dict[str, Any]) -> None:
+        """Once, before the first save (at the first step that does not save, or at restore):
+        plan it and fault in its staging buffer (:func:`ckptstore.prepare_async_save`), so
+        that the first stall is as short as the later ones. A collective, as every call that
+        leads here is. A failure is the first save's to report, not this step's."""
+        self._prepared = True
+        if not self.async_save:
+            return
+        sd = self._state_dict(state, step, for_load=False)
+        options = {**self.save_options, **self._path_options()}
+        try:
+            prepare_async_save(sd, process_group=self.process_group, **options)
+        except CkptStoreError as exc:  # every rank gets it (the plan agrees on failures)
+            warnings.warn(f"preparing the first save failed: {exc}", stacklevel=3)
 
     def save(self, step: int, state: dict[str, Any]) -> None:
         """Save ``state`` as checkpoint ``step`` now (asynchronously if configured)."""
@@ -188,6 +211,7 @@ class CheckpointManager:
         sd = self._state_dict(state, step, for_load=False)
         path = self._path(step)
         options = {**self.save_options, **self._path_options()}
+        self._prepared = True
         t = time.perf_counter()
         if self.async_save:
             handle = async_save(sd, path, process_group=self.process_group, **options)
@@ -410,6 +434,8 @@ class CheckpointManager:
         if info.saved_world_size == self._coord.world_size:
             rng.restore(sd[RESERVED]["rng"])
         self._last_step, self._last_time = step, time.monotonic()
+        if not self._prepared:  # the next save will hold what was just restored
+            self._prepare(step, state)
         return step
 
     def _after_failed_restore(

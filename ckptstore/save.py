@@ -259,7 +259,7 @@ def replication_team_for(path: Any, process_group: Any) -> Any:
 
 def plan_save_collective(
     state_dict: Any,
-    path: str | os.PathLike[str] | Store,
+    path: str | os.PathLike[str] | Store | None,
     coord: Coordinator,
     options: SaveOptions,
     group_key: int,
@@ -268,9 +268,11 @@ def plan_save_collective(
 
     Collectives on ``coord``: one all_reduce; on a plan-cache miss an all_gather of
     declaration keys, a gather and a scatter. Raises on every rank if any rank failed.
+    ``path=None`` plans without a checkpoint (to prepare a later save): nothing is
+    checked, marked or written, and the returned plan has no store.
     """
     t0 = time.perf_counter()
-    store = store_for(path, options.storage_options)
+    store: Any = store_for(path, options.storage_options) if path is not None else None
     if options.codec is not None:
         from ckptstore.codecs import get_codec
 
@@ -297,17 +299,25 @@ def plan_save_collective(
     # A tiered save commits on its local tier without asking the shared one (which may be
     # unreachable): whether the shared tier already holds this step is the replicator's
     # business. Every rank must name the same checkpoint (the shared URL for tiered paths).
-    primary = commit_tier(store)
-    shared_url = store.remote.url if isinstance(store, TieredStore) else store.url
+    primary = commit_tier(store) if store is not None else None
+    shared_url = (
+        "" if store is None else store.remote.url if isinstance(store, TieredStore) else store.url
+    )
     path_key = int.from_bytes(hashlib.blake2b(shared_url.encode(), digest_size=7).digest(), "big")
     exists = 0
-    if coord.is_coordinator and not options.overwrite and error is None:
+    planning_only = primary is None
+    if not planning_only and coord.is_coordinator and not options.overwrite and error is None:
         try:
             exists = int(primary.exists(MANIFEST_KEY))
         except CkptStoreError as exc:
             error = exc
     marked = False
-    if error is None and not exists and (coord.is_coordinator or primary is not store):
+    if (
+        not planning_only
+        and error is None
+        and not exists
+        and (coord.is_coordinator or primary is not store)
+    ):
         try:  # before any rank writes data (the all_reduce below orders it): gc keeps off
             primary.write_volatile(SAVING_KEY, b"")  # no fsync: it is bookkeeping
             marked = True

@@ -507,3 +507,24 @@ def store_host_dies_during_an_exchange(rank: int, world: int) -> str:
     except CkptStoreError as exc:
         return f"{type(exc).__name__}: {exc}"
     return "returned"
+
+
+def prepared_async_save(rank: int, world: int, root: str) -> dict:
+    """prepare_async_save, then the first async_save: nothing written by the preparation, a
+    staging buffer of exactly this rank's bytes faulted in ahead and reused by the save,
+    whose plan comes from the cache."""
+    from ckptstore.async_save import _state
+
+    mesh = init_device_mesh("cpu", (world,))
+    full = torch.arange(1000 * 24, dtype=torch.float32).reshape(1000, 24)
+    sd = {"w": distribute_tensor(full, mesh, [Shard(0)]), "b": torch.ones(77), "step": 3}
+    cs.prepare_async_save(sd)
+    written = os.listdir(root)
+    pool = _state().pool
+    pool.wait_prefaulted()
+    sizes = [b.numel() for b in pool._free]
+    before = {b.data_ptr() for b in pool._free}
+    info = cs.async_save(sd, os.path.join(root, "c")).wait()
+    after = {b.data_ptr() for b in pool._free}
+    return {"written": written, "sizes": sizes, "plan_cached": info.plan_cached,
+            "reused": bool(before) and before == after}  # fmt: skip

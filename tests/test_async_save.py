@@ -101,3 +101,13 @@ def test_async_failure_on_one_rank_fails_all_ranks(tmp_path) -> None:
     assert out[0][0] == "SaveError"
     assert all(o[1] == "next ok" for o in out)
     assert not os.path.exists(tmp_path / "bad" / "manifest.json")
+
+
+def test_prepare_async_save_plans_and_faults_in_the_first_saves_buffer(tmp_path) -> None:
+    out = run_ranks(2, dist_cases.prepared_async_save, str(tmp_path), timeout=120)
+    assert all(o["written"] == [] for o in out)  # preparing writes nothing
+    assert all(o["plan_cached"] and o["reused"] for o in out), out
+    # one buffer per rank, together exactly the bytes the ranks stage: each rank's 500
+    # rows of w (48,000 bytes) and, on one of them, b (308 bytes, aligned to 320)
+    assert all(len(o["sizes"]) == 1 for o in out), out
+    assert sum(o["sizes"][0] for o in out) == 2 * 48_000 + 320, out
