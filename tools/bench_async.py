@@ -45,10 +45,25 @@ class PeakRss:
         self._thread.join()
 
 
+def async_stalls(sd: dict, root: str, saves: int = 4) -> tuple[float, float, object]:
+    """Prepared as a training loop prepares (``prepare_async_save`` before the first
+    checkpoint step), ``saves`` async saves: the first stall, the median of the others, and
+    the last save's SaveInfo."""
+    import ckptstore as cs
+
+    cs.prepare_async_save(sd)
+    stalls = []
+    for i in range(saves):
+        dist.barrier()
+        t = time.perf_counter()
+        handle = cs.async_save(sd, f"{root}/cs{i}")
+        stalls.append(time.perf_counter() - t)
+        info = handle.wait()
+    return stalls[0], _median(stalls[1:]), info
+
+
 def stall_and_memory(rank: int, world: int, root: str) -> dict:
     import torch.distributed.checkpoint as dcp
-
-    import ckptstore as cs
 
     sd = large_state(rank, world)
     out: dict = {}
@@ -65,16 +80,10 @@ def stall_and_memory(rank: int, world: int, root: str) -> dict:
     out["dcp_async_stall_first"], out["dcp_async_stall_steady"] = stalls[0], _median(stalls[1:])
 
     resting = rss_bytes()
-    stalls = []
     with PeakRss() as peak:
-        for i in range(4):
-            dist.barrier()
-            t = time.perf_counter()
-            handle = cs.async_save(sd, f"{root}/cs{i}")
-            stalls.append(time.perf_counter() - t)
-            handle.wait()
-    out["cs_async_stall_first"], out["cs_async_stall_steady"] = stalls[0], _median(stalls[1:])
-    written = handle.wait().rank_bytes_written
+        first, steady, info = async_stalls(sd, root)
+    out["cs_async_stall_first"], out["cs_async_stall_steady"] = first, steady
+    written = info.rank_bytes_written
     out["rss_resting"], out["rss_peak"], out["rank_bytes"] = resting, peak.peak, written
     return out
 

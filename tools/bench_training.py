@@ -23,6 +23,7 @@ import time
 import torch
 import torch.distributed as dist
 from bench import _median, _sharded, _timed
+from bench_async import async_stalls
 
 NORMS = 20_000
 MODEL = {"vocab": 32_000, "dim": 512, "layers": 24, "heads": 8, "ffn": 1408}
@@ -145,16 +146,10 @@ def model_save_load(rank: int, world: int, root: str) -> dict[str, float]:
         run("dcp_load", lambda: dcp.load(dest, checkpoint_id=f"{root}/dcp0"))
         run("cs_load", lambda: cs.load(dest, f"{root}/cs0"))
     assert _same(dest, state), "model load 4 -> 4 mismatch"
-    stalls = []
-    for i in range(4):
-        dist.barrier()
-        t = time.perf_counter()
-        handle = cs.async_save(state, f"{root}/async{i}")
-        stalls.append(time.perf_counter() - t)
-        handle.wait()
     out = {k: _median(v) for k, v in times.items()}
     out["cs_save_first"] = times["cs_save"][0]
-    out["cs_async_stall_first"], out["cs_async_stall_steady"] = stalls[0], _median(stalls[1:])
+    first, steady, _ = async_stalls(state, f"{root}/async")
+    out["cs_async_stall_first"], out["cs_async_stall_steady"] = first, steady
     out["memcpy_floor"] = memcpy_floor(state)
     out["rank_bytes"] = float(sum(t.numel() * t.element_size() for t in _local_tensors(state)))
     return out
