@@ -9,6 +9,7 @@ one file that are close together become one request, at most a window long.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import torch
 from ckptstore.dtypes import dtype_from_name, itemsize
 from ckptstore.errors import UnsafeCopyError
 from ckptstore.manifest import Manifest, TensorRecord
-from ckptstore.plan import Box, overlaps, whole_layout
+from ckptstore.plan import Box, GridLayout, overlaps, whole_layout
 
 _NBYTES = attrgetter("nbytes")
 
@@ -130,11 +131,25 @@ def _slices(box: Box, origin: tuple[int, ...]) -> tuple[slice, ...]:
     return tuple(slice(a - o, a - o + n) for a, o, n in zip(box[0], origin, box[1], strict=True))
 
 
+def exact_cell(layout: GridLayout, shape: tuple[int, ...], box: Box) -> int | None:
+    """The index of the grid cell that is exactly ``box`` (None when ``box`` is not one
+    cell): then the chunk's bytes are the box's bytes in C order."""
+    index = 0
+    for starts, off, size, extent in zip(layout.starts, box[0], box[1], shape, strict=True):
+        i = bisect.bisect_right(starts, off) - 1
+        end = starts[i + 1] if i + 1 < len(starts) else extent
+        if i < 0 or starts[i] != off or end != off + size:
+            return None
+        index = index * len(starts) + i
+    return index
+
+
 def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int) -> ReadPlan:
     """Byte-range requests for ``targets``, grouped and coalesced per file.
 
-    Whole one-block tensors (the many small tensors of a model) are looked up, sorted and
-    grouped with array operations; everything else becomes a :class:`Piece`.
+    One-block chunks that are exactly a destination -- a whole small tensor, or a shard
+    loaded with the sharding it was saved in (the many norms of a model) -- are looked up,
+    sorted and grouped with array operations; everything else becomes a :class:`Piece`.
     """
     table = manifest.chunks
     whole_of = [whole_layout(n) for n in range(8)]
@@ -146,16 +161,16 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
     for i, t in enumerate(targets):
         rec, dest = t[1], t[3]
         shape = rec.shape
-        if (
-            rec.codec is None
-            and len(shape) < 8
-            and rec.layout is whole_of[len(shape)]
-            and t[2][1] == shape
-            and dest.is_cpu
-            and dest.is_contiguous()
-        ):
+        cell: int | None = None
+        if rec.codec is None and len(shape) < 8 and dest.is_cpu and dest.is_contiguous():
+            layout = rec.layout
+            if layout is whole_of[len(shape)]:
+                cell = 0 if t[2][1] == shape else None
+            elif type(layout) is GridLayout:  # a shard loaded as it was saved (FSDP, TP)
+                cell = exact_cell(layout, shape, t[2])
+        if cell is not None:
             fast.append(i)
-            chunks.append(rec.chunk_start)
+            chunks.append(rec.chunk_start + cell)
             ptrs.append(dest.data_ptr())
             dests.append(dest)
         else:

@@ -463,7 +463,7 @@ def llama_save(rank: int, world: int, root: str) -> dict | None:
     from ckptstore.testing import llama
 
     out = {}
-    for layout in LAYOUTS:
+    for layout in LLAMA_LAYOUTS:
         model, optim = llama.build(_llama_shape(), layout, world)
         state = llama.training_state(model, optim)
         cs.save(state, os.path.join(root, layout))
@@ -478,7 +478,7 @@ def llama_load(rank: int, world: int, root: str) -> dict | None:
     from ckptstore.testing import llama
 
     out = {}
-    for layout in LAYOUTS:
+    for layout in LLAMA_LAYOUTS:
         model, optim = llama.build(_llama_shape(), "fsdp", world, seed=1)
         state = llama.training_state(model, optim)
         cs.load(state, os.path.join(root, layout))
@@ -487,7 +487,7 @@ def llama_load(rank: int, world: int, root: str) -> dict | None:
     return out if rank == 0 else None
 
 
-LAYOUTS = ("fsdp", "tp-fsdp")
+LLAMA_LAYOUTS = ("fsdp", "tp-fsdp")
 
 
 def store_host_dies_during_an_exchange(rank: int, world: int) -> str:
@@ -528,3 +528,11 @@ def prepared_async_save(rank: int, world: int, root: str) -> dict:
     after = {b.data_ptr() for b in pool._free}
     return {"written": written, "sizes": sizes, "plan_cached": info.plan_cached,
             "reused": bool(before) and before == after}  # fmt: skip
+
+
+def save_rows_uneven(rank: int, world: int, root: str) -> None:
+    """Rows of a 40 x 6 tensor cut unevenly over 3 ranks (14, 14, 12), saved as ``w``."""
+    full = torch.arange(40 * 6, dtype=torch.float32).reshape(40, 6)
+    cuts = [0, 14, 28, 40]
+    a, b = cuts[rank], cuts[rank + 1]
+    cs.save({"w": cs.Sharded(full[a:b].clone(), (40, 6), (a, 0))}, root)

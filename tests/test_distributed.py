@@ -160,7 +160,7 @@ def test_training_states_saved_on_4_ranks_load_bit_exactly_on_2_and_3(tmp_path) 
     saved = run_ranks(4, dist_cases.llama_save, root, timeout=300)[0]
     for world in (2, 3):
         loaded = run_ranks(world, dist_cases.llama_load, root, timeout=300)[0]
-        for layout in dist_cases.LAYOUTS:
+        for layout in dist_cases.LLAMA_LAYOUTS:
             want, got = saved[layout], loaded[layout]
             assert any("exp_avg" in k for k in want) and len(want) > 20
             assert got["state"].keys() == want.keys()

@@ -58,7 +58,13 @@ def _same(a: dict, b: dict) -> bool:
     from ckptstore.leaves import flatten
 
     fa, fb = flatten(a), flatten(b)
-    return fa.keys() == fb.keys() and all(torch.equal(fa[k].value, fb[k].value) for k in fa)
+
+    def equal(x, y) -> bool:
+        if isinstance(x, torch.Tensor):
+            return isinstance(y, torch.Tensor) and torch.equal(x, y)
+        return x == y
+
+    return fa.keys() == fb.keys() and all(equal(fa[k].value, fb[k].value) for k in fa)
 
 
 def small_dtensor(rank: int, world: int, root: str, placement: str) -> dict[str, float]:
