@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import json
 import math
 import re
@@ -454,6 +455,9 @@ def _raw_nbytes(cols: _TensorColumns, others: list[TensorRecord], count: int) ->
     return nbytes
 
 
+_SMALL_GRID = 64
+
+
 def _fill_raw_nbytes(t: TensorRecord, nbytes: np.ndarray) -> None:
     size = itemsize(t.dtype)
     n = t.chunk_count
@@ -466,6 +470,13 @@ def _fill_raw_nbytes(t: TensorRecord, nbytes: np.ndarray) -> None:
         vols = (
             np.prod(t.layout.shapes, axis=1) if t.layout.shapes.shape[1] else np.ones(n, np.int64)
         )
+    elif n <= _SMALL_GRID:  # FSDP's few shards of a norm: plain integers beat numpy set-up
+        sizes = [1]
+        for s, dim in zip(t.layout.starts, t.shape, strict=True):
+            cells = [b - a for a, b in itertools.pairwise((*s, dim))]
+            sizes = [v * c for v in sizes for c in cells]
+        nbytes[t.chunk_start : t.chunk_start + n] = [v * size for v in sizes]
+        return
     else:
         per_dim = [
             np.diff(np.append(np.asarray(s, dtype=np.int64), dim))

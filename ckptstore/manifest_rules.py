@@ -170,13 +170,13 @@ def check_grid(where: str, name: str, starts: Any, shape: tuple[int, ...]) -> tu
     empty = 0 in shape
     out = []
     for s, dim in zip(starts, shape, strict=True):
-        if not isinstance(s, list) or not set(map(type, s)) <= {int}:
+        if type(s) is not list or not all(type(x) is int for x in s):
             fail(where, f"tensor {name!r}: grid starts must be lists of integers")
         if not (empty and not s) and (
             not s
             or s[0] != 0
             or s[-1] >= max(dim, 1)
-            or any(b <= a for a, b in itertools.pairwise(s))
+            or (len(s) > 1 and any(b <= a for a, b in itertools.pairwise(s)))
         ):
             fail(where, f"tensor {name!r}: grid starts {s[:8]} do not partition a dim of {dim}")
         out.append(tuple(s))
