@@ -222,7 +222,7 @@ def prepare_async_save(
     process_group: torch.distributed.ProcessGroup | None = None,
     persist: str = "thread",
     **options: Any,
-) -> None:
+) -> Future:
     """Make the first :func:`async_save` of ``state_dict`` as quick as the later ones.
 
     A collective, like ``async_save`` (same ``process_group``, ``persist`` and options; the
@@ -231,10 +231,10 @@ def prepare_async_save(
     and has a background thread allocate and fault in a staging buffer of exactly the
     bytes this rank will stage: copying into fresh memory costs a page fault per 4 KiB,
     which otherwise makes the first stall several times the steady one. Returns once the
-    plan is made; the buffer is ready a moment later (a save that comes sooner waits for
-    it). Call it before the first checkpoint step, e.g. after building the model and
-    optimizer or after restoring; :class:`~ckptstore.CheckpointManager` calls it by itself.
-    Nothing is written.
+    plan is made, with a Future that is done when the buffer is ready (a save that comes
+    sooner waits for it). Call it before the first checkpoint step, e.g. after building the
+    model and optimizer or after restoring; :class:`~ckptstore.CheckpointManager` calls it
+    by itself. Nothing is written.
     """
     if persist not in PERSIST_MODES:
         raise ValueError(f"persist must be one of {PERSIST_MODES}, not {persist!r}")
@@ -247,7 +247,7 @@ def prepare_async_save(
             planned = plan_save_collective(state_dict, None, coord, save_options, id(process_group))
         tensors = planned.tensors_to_write()
         on_cuda = any(t.is_cuda for t in tensors)
-        state.pool.prefault(
+        return state.pool.prefault(
             staged_layout(tensors)[2],
             pinned=on_cuda and torch.cuda.is_available() and persist != "process",
             shared=persist == "process",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 
@@ -54,29 +55,38 @@ class StagingPool:
         self._cond = threading.Condition()
         self._prefaulting: threading.Thread | None = None
 
-    def prefault(self, nbytes: int, pinned: bool, shared: bool = False) -> None:
+    def prefault(self, nbytes: int, pinned: bool, shared: bool = False) -> Future:
         """Allocate a buffer of ``nbytes`` and touch every page of it in a background thread,
         then keep it for the next :meth:`acquire` (which waits for it rather than faulting
-        in fresh memory of its own): the first save's copy runs at the speed of later ones."""
+        in fresh memory of its own): the first save's copy runs at the speed of later ones.
+        Returns a Future done when the buffer is ready."""
+        ready: Future = Future()
 
         def fault_in() -> None:
-            buf = self._allocate(nbytes, pinned, shared)
-            buf.fill_(0)  # one write per page: the kernel maps them all now
-            with self._cond:
-                self._free.append(buf)
-                while len(self._free) > self._slots:
-                    self._drop(self._free.pop(0))
-                self._cond.notify_all()
+            try:
+                buf = self._allocate(nbytes, pinned, shared)
+                buf.fill_(0)  # one write per page: the kernel maps them all now
+                with self._cond:
+                    self._free.append(buf)
+                    while len(self._free) > self._slots:
+                        self._drop(self._free.pop(0))
+                    self._cond.notify_all()
+            except BaseException as exc:  # out of memory: the save will allocate (and say)
+                ready.set_exception(exc)
+                return
+            ready.set_result(nbytes)
 
         with self._cond:
             if self._prefaulting is not None or any(
                 b.numel() >= nbytes and self._kind_ok(b, pinned, shared) for b in self._free
             ):
-                return
+                ready.set_result(nbytes)
+                return ready
             self._prefaulting = threading.Thread(
                 target=fault_in, name="ckptstore-prefault", daemon=True
             )
             self._prefaulting.start()
+        return ready
 
     def _kind_ok(self, buf: torch.Tensor, pinned: bool, shared: bool) -> bool:
         return buf.is_pinned() == pinned and (buf.data_ptr() in self._shm) == shared

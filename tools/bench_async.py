@@ -46,12 +46,13 @@ class PeakRss:
 
 
 def async_stalls(sd: dict, root: str, saves: int = 4) -> tuple[float, float, object]:
-    """Prepared as a training loop prepares (``prepare_async_save`` before the first
-    checkpoint step), ``saves`` async saves: the first stall, the median of the others, and
+    """Prepared as a training loop prepares (``prepare_async_save`` at least a training
+    step before the first checkpoint step; here: until its buffer is ready), ``saves``
+    async saves: the first stall, the median of the others, and
     the last save's SaveInfo."""
     import ckptstore as cs
 
-    cs.prepare_async_save(sd)
+    cs.prepare_async_save(sd).result()  # a training step would pass meanwhile
     stalls = []
     for i in range(saves):
         dist.barrier()
