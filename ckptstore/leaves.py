@@ -120,8 +120,7 @@ class Leaf(NamedTuple):
 _NEW_LEAF = partial(tuple.__new__, Leaf)  # C-level construction, for the common leaf
 
 
-_BOXES: dict[Any, tuple[tuple[int, ...], Box]] = {}  # DTensorSpec -> (global shape, box)
-_BY_ID: dict[int, tuple[Any, Any, tuple[tuple[int, ...], Box]]] = {}  # id(spec) -> entry
+_BOXES: dict[tuple, tuple[Any, tuple[int, ...], Box]] = {}  # key -> (mesh, shape, box)
 _BOXES_MAX = 1 << 16
 
 
@@ -130,38 +129,32 @@ def dtensor_local_and_box(t: DTensor) -> tuple[torch.Tensor, tuple[int, ...], Bo
     holds, at the cost of a dict lookup in steady state.
 
     The local tensor is read without an autograd node (``to_local`` builds one per call,
-    the largest per-tensor cost of a model's state_dict). The box depends only on the
-    DTensor's spec -- mesh, placements, shard order, global shape, stride, dtype -- and on
-    this process's coordinate in the mesh, which a process never changes: boxes are cached
-    by spec (DTensorSpec hashes and compares exactly those fields, and re-hashes when one
-    of them is reassigned), so the thousands of same-shaped norms of a model cost one
-    computation. The same spec object, seen again at the next save, is found by identity
-    without comparing specs. The caches are bounded (cleared past 65,536 specs) and hold
-    the specs they key, so an id is never reused while its entry lives.
+    the largest per-tensor cost of a model's state_dict). The box depends only on the mesh,
+    the placements (and their shard order) and the global shape -- and on this process's
+    coordinate in the mesh, which a process never changes. Boxes are cached under exactly
+    those, read from the spec at each call (a spec changed in place gets its new box): the
+    thousands of same-shaped norms of a model cost one computation, and a fresh state_dict
+    costs a tuple hash per DTensor, not a DTensorSpec comparison. The mesh is keyed by
+    identity and kept alive by its entry (its id cannot be reused meanwhile); the cache is
+    bounded (cleared past 65,536 entries).
     """
     spec = t._spec
-    mine = _BY_ID.get(id(spec))  # the same spec object as last time: no spec comparison
-    if mine is not None and mine[0] is spec and mine[1] == getattr(spec, "_hash", None):
-        known = mine[2]
-    else:
-        known = _BOXES.get(spec)
-        if known is None:
-            known = (tuple(t.shape), _compute_box(t))
-            if len(_BOXES) >= _BOXES_MAX:
-                _BOXES.clear()
-            _BOXES[spec] = known
-        if len(_BY_ID) >= _BOXES_MAX:
-            _BY_ID.clear()
-        # DTensorSpec drops its cached hash when a field it hashes is reassigned, and
-        # hashing again gives a new one: a spec changed in place misses this entry.
-        _BY_ID[id(spec)] = (spec, getattr(spec, "_hash", None), known)
+    meta = spec.tensor_meta
+    mesh, shape = spec.mesh, (meta.shape if meta is not None else t.shape)
+    key = (id(mesh), spec.placements, shape, getattr(spec, "shard_order", None))
+    known = _BOXES.get(key)
+    if known is None:
+        known = (mesh, tuple(shape), _compute_box(t))
+        if len(_BOXES) >= _BOXES_MAX:
+            _BOXES.clear()
+        _BOXES[key] = known
     local = t._local_tensor
-    if local.shape != known[1][1]:  # a spec out of step with its data
+    if local.shape != known[2][1]:  # a spec out of step with its data
         raise StateDictError(
             f"a DTensor's local tensor has shape {tuple(local.shape)} but its placements "
-            f"{t.placements} give {known[1][1]} on this rank"
+            f"{t.placements} give {known[2][1]} on this rank"
         )
-    return local, known[0], known[1]
+    return local, known[1], known[2]
 
 
 def _compute_box(t: DTensor) -> Box:
