@@ -199,6 +199,9 @@ class CheckpointManager:
         sd = self._state_dict(state, step, for_load=False)
         options = {**self.save_options, **self._path_options()}
         try:
+            # Every rank opens the shared tier now (for S3: boto3's import and a client, most
+            # of a second), not inside the first save's stall.
+            self._root_store()
             prepare_async_save(sd, process_group=self.process_group, **options)
         except CkptStoreError as exc:  # every rank gets it (the plan agrees on failures)
             warnings.warn(f"preparing the first save failed: {exc}", stacklevel=3)
