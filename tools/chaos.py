@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -96,6 +97,7 @@ def run_campaign(
     finally:
         if owned is not None:
             owned.stop()
+            shutil.rmtree(owned.data_dir, ignore_errors=True)
 
 
 def _run_all(todo: list[Trial], seed: int, parallel: int, out, s3, server) -> list[Trial]:
