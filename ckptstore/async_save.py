@@ -38,7 +38,7 @@ from ckptstore.save import (
     unwritable_error,
     write_planned,
 )
-from ckptstore.staging import StagedTensors, StagingPool, staged_layout
+from ckptstore.staging import StagedTensors, StagingPool
 from ckptstore.write import plan_files
 
 PERSIST_MODES = ("thread", "process")
@@ -245,13 +245,7 @@ def prepare_async_save(
         own_group(process_group, "background")
         with gc_paused():
             planned = plan_save_collective(state_dict, None, coord, save_options, id(process_group))
-        tensors = planned.tensors_to_write()
-        on_cuda = any(t.is_cuda for t in tensors)
-        return state.pool.prefault(
-            staged_layout(tensors)[2],
-            pinned=on_cuda and torch.cuda.is_available() and persist != "process",
-            shared=persist == "process",
-        )
+        return state.pool.prefault(planned.tensors_to_write(), shared=persist == "process")
 
 
 def _persist(

@@ -8,7 +8,8 @@ code path serves a single process.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch.distributed as dist
 
 from ckptstore import knobs
 from ckptstore.absent_ranks import absent_ranks, absent_text
-from ckptstore.errors import CkptStoreError
+from ckptstore.errors import CkptStoreError, typed
 
 COORDINATOR = 0
 
@@ -55,7 +56,7 @@ def own_group(process_group: dist.ProcessGroup | None, purpose: str) -> Any:
                 timeout=timedelta(seconds=knobs.collective_timeout_s()),
             )  # fmt: skip
         except RuntimeError as exc:
-            missing = absent_ranks(f"group/{purpose}/{_ranks_key(ranks)}/{attempt}", ranks)
+            missing = absent_ranks(f"group/{purpose}/{ranks_key(ranks)}/{attempt}", ranks)
             raise CollectiveTimeoutError(
                 f"ckptstore: creating its {purpose} group over ranks {_ranks_text(ranks)} "
                 f"failed: {absent_text(missing)}; a rank died or never called save/load "
@@ -67,9 +68,8 @@ def own_group(process_group: dist.ProcessGroup | None, purpose: str) -> Any:
     return group
 
 
-def _ranks_key(ranks: tuple[int, ...]) -> str:
-    import hashlib
-
+def ranks_key(ranks: tuple[int, ...]) -> str:
+    """A short name for a set of ranks, the same on every rank (for keys in the job's store)."""
     return hashlib.blake2b(repr(ranks).encode(), digest_size=8).hexdigest()
 
 
@@ -116,7 +116,7 @@ class Coordinator:
             yield
         except RuntimeError as exc:
             ranks = tuple(dist.get_process_group_ranks(self.group or dist.group.WORLD))
-            missing = absent_ranks(f"op/{self.purpose}/{_ranks_key(ranks)}/{number}", ranks)
+            missing = absent_ranks(f"op/{self.purpose}/{ranks_key(ranks)}/{number}", ranks)
             raise CollectiveTimeoutError(
                 f"ckptstore: {what} over ranks {_ranks_text(ranks)} did not complete "
                 f"(timeout {knobs.collective_timeout_s():g} s, CKPTSTORE_COLLECTIVE_TIMEOUT_S): "
@@ -168,6 +168,21 @@ class Coordinator:
         with self._bounded("an all_gather"):
             dist.all_gather_object(out, obj, group=self.group)
         return out
+
+    def from_coordinator(self, compute: Callable[[], Any], where: str) -> Any:
+        """``compute()`` run by the coordinator alone, its result on every rank (a
+        broadcast); its failure is raised on every rank, typed, so that no rank waits in
+        the broadcast for a coordinator that raised."""
+        result: Any = None
+        if self.is_coordinator:
+            try:
+                result = compute()
+            except Exception as exc:
+                result = typed(exc, where)
+        result = self.broadcast(result)
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     def agree(self, error: BaseException | None) -> None:
         """Raise on every rank if any rank failed: the local error where there is one,

@@ -122,5 +122,16 @@ class ConversionError(CkptStoreError):
     """An export or import cannot represent something (a dtype, a layout, a file's content)."""
 
 
+def typed(exc: Exception, where: str) -> CkptStoreError:
+    """``exc`` as a ckptstore error (an I/O error is a :class:`StoreError`); anything that
+    reaches a caller through a collective is typed, with the original as its cause."""
+    if isinstance(exc, CkptStoreError):
+        return exc
+    kind = StoreError if isinstance(exc, OSError) else CkptStoreError
+    out = kind(f"{where}: {type(exc).__name__}: {exc}")
+    out.__cause__ = exc
+    return out
+
+
 DAMAGED_CONTENT = (ManifestError, ChecksumError, CorruptDataError, UnsafeCopyError)
 """Errors that mean a checkpoint's content is damaged or crafted (``ckpt`` exits with 1)."""

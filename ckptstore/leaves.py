@@ -187,6 +187,10 @@ def _classify(name: str, value: Any, per_rank: bool) -> Leaf:
     return Leaf(name, "rank_object" if per_rank else "object", value)
 
 
+def _clash(name: str) -> StateDictError:
+    return StateDictError(f"two entries of the state_dict flatten to the same name {name!r}")
+
+
 def flatten(state_dict: Any) -> dict[str, Leaf]:
     """Named leaves of ``state_dict`` in traversal order.
 
@@ -202,9 +206,7 @@ def flatten(state_dict: Any) -> dict[str, Leaf]:
     def visit(prefix: str, value: Any, container: Any, key: Any) -> None:
         if type(value) is torch.Tensor and prefix:  # fast path for the most common leaf
             if prefix in leaves:
-                raise StateDictError(
-                    f"two entries of the state_dict flatten to the same name {prefix!r}"
-                )
+                raise _clash(prefix)
             shape = tuple(value.shape)
             leaves[prefix] = Leaf(
                 prefix, "tensor", value, shape, ((0,) * len(shape), shape), container, key
@@ -218,9 +220,7 @@ def flatten(state_dict: Any) -> dict[str, Leaf]:
                 if type(child) is torch.Tensor and type(k) is str and (k or prefix):  # most leaves
                     name = dot + k
                     if name in leaves:
-                        raise StateDictError(
-                            f"two entries of the state_dict flatten to the same name {name!r}"
-                        )
+                        raise _clash(name)
                     shape = tuple(child.shape)
                     leaves[name] = new_leaf(
                         (name, "tensor", child, shape, ((0,) * len(shape), shape), inner, k)
@@ -229,9 +229,7 @@ def flatten(state_dict: Any) -> dict[str, Leaf]:
                 if type(child) is DTensor and type(k) is str and (k or prefix):  # FSDP2, TP
                     name = dot + k
                     if name in leaves:
-                        raise StateDictError(
-                            f"two entries of the state_dict flatten to the same name {name!r}"
-                        )
+                        raise _clash(name)
                     local, shape, box = dtensor_local_and_box(child)
                     leaves[name] = new_leaf((name, "tensor", local, shape, box, inner, k))
                     continue
@@ -246,9 +244,7 @@ def flatten(state_dict: Any) -> dict[str, Leaf]:
         if not prefix:
             raise StateDictError("state_dict must be a dict (or list) of leaves")
         if prefix in leaves:
-            raise StateDictError(
-                f"two entries of the state_dict flatten to the same name {prefix!r}"
-            )
+            raise _clash(prefix)
         leaf = _classify(prefix, inner, per_rank)
         where = (value, None) if per_rank else (container, key)
         leaves[prefix] = leaf._replace(container=where[0], key=where[1])

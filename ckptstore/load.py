@@ -25,11 +25,11 @@ from ckptstore.coordinate import Coordinator
 from ckptstore.dtypes import DTYPE_TO_NAME, dtype_name
 from ckptstore.errors import (
     ChecksumError,
-    CkptStoreError,
     LoadMismatchError,
     PickleNotAllowedError,
     StoreError,
     WorldSizeMismatchError,
+    typed,
 )
 from ckptstore.gcpause import with_gc_paused
 from ckptstore.leaves import Leaf, flatten
@@ -60,27 +60,8 @@ def fetch_manifest(store: Store, coord: Coordinator) -> Manifest:
 
     if isinstance(store, LocalStore) and coord.world_size < knobs.manifest_broadcast_min_ranks():
         return Manifest.from_json(read_manifest_bytes(store), where=store.url)
-    payload: Any = None
-    if coord.is_coordinator:
-        try:
-            payload = read_manifest_bytes(store)
-        except Exception as exc:  # every rank gets it: none waits in the broadcast
-            payload = typed(exc, store.url)
-    payload = coord.broadcast(payload)
-    if isinstance(payload, BaseException):
-        raise payload
+    payload = coord.from_coordinator(lambda: read_manifest_bytes(store), store.url)
     return Manifest.from_json(payload, where=store.url)
-
-
-def typed(exc: Exception, where: str) -> CkptStoreError:
-    """``exc`` as a ckptstore error (an I/O error is a :class:`StoreError`); anything that
-    reaches a caller through a collective is typed, with the original as its cause."""
-    if isinstance(exc, CkptStoreError):
-        return exc
-    kind = StoreError if isinstance(exc, OSError) else CkptStoreError
-    out = kind(f"{where}: {type(exc).__name__}: {exc}")
-    out.__cause__ = exc
-    return out
 
 
 def read_blob(store: Store, manifest: Manifest, name: str, record: ObjectRecord) -> bytes:

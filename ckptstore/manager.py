@@ -48,7 +48,7 @@ from ckptstore.errors import (
     NotARegularFileError,
     TruncatedFileError,
 )
-from ckptstore.load import LoadInfo, load, typed
+from ckptstore.load import LoadInfo, load
 from ckptstore.manifest import DATA_PREFIX
 from ckptstore.policies import (
     EveryNSeconds,
@@ -366,16 +366,9 @@ class CheckpointManager:
         its own ranks' files, so a multi-node job restores local-only checkpoints once they
         are replicated (the usual case a few seconds after the save)."""
         if self.local_dir is None:  # listed once, so that every rank sees the same steps
-            listed: Any = None
-            if self._coord.is_coordinator:
-                try:
-                    listed = catalog.committed_steps(self._root_store())
-                except Exception as exc:  # every rank gets it: none waits in the broadcast
-                    listed = typed(exc, self.root)
-            listed = self._coord.broadcast(listed)
-            if isinstance(listed, BaseException):
-                raise listed
-            return listed
+            return self._coord.from_coordinator(
+                lambda: catalog.committed_steps(self._root_store()), self.root
+            )
         complete = [s for s in catalog.committed_steps(self.local_dir) if self._complete_locally(s)]
         everyone = self._coord.gather(complete)
         agreed = None

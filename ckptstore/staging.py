@@ -55,11 +55,12 @@ class StagingPool:
         self._cond = threading.Condition()
         self._prefaulting: threading.Thread | None = None
 
-    def prefault(self, nbytes: int, pinned: bool, shared: bool = False) -> Future:
-        """Allocate a buffer of ``nbytes`` and touch every page of it in a background thread,
-        then keep it for the next :meth:`acquire` (which waits for it rather than faulting
-        in fresh memory of its own): the first save's copy runs at the speed of later ones.
-        Returns a Future done when the buffer is ready."""
+    def prefault(self, tensors: list[torch.Tensor], *, shared: bool = False) -> Future:
+        """Allocate the buffer :meth:`stage` will need for ``tensors`` and touch every page
+        of it in a background thread, then keep it for the next :meth:`acquire` (which waits
+        for it rather than faulting in fresh memory of its own): the first save's copy runs
+        at the speed of later ones. Returns a Future done when the buffer is ready."""
+        nbytes, pinned = _layout(tensors)[2], _pinned(tensors, shared)
         ready: Future = Future()
 
         def fault_in() -> None:
@@ -152,11 +153,8 @@ class StagingPool:
         self, tensors: list[torch.Tensor], *, wait_device: bool = True, shared: bool = False
     ) -> StagedTensors:
         """Copy ``tensors`` into one pooled buffer (device -> host on a side stream for CUDA)."""
-        sizes, offsets, total = staged_layout(tensors)
-        on_cuda = any(t.is_cuda for t in tensors)
-        buf = self.acquire(
-            total, pinned=on_cuda and torch.cuda.is_available() and not shared, shared=shared
-        )
+        sizes, offsets, total = _layout(tensors)
+        buf = self.acquire(total, pinned=_pinned(tensors, shared), shared=shared)
         try:
             views = [buf[o : o + n] for o, n in zip(offsets, sizes, strict=True)]
             staged = StagedTensors(buf, views)
@@ -174,7 +172,7 @@ class StagingPool:
             raise
 
 
-def staged_layout(tensors: list[torch.Tensor]) -> tuple[list[int], list[int], int]:
+def _layout(tensors: list[torch.Tensor]) -> tuple[list[int], list[int], int]:
     """Each tensor's byte size and offset in a staging buffer, and the buffer's size."""
     sizes = [t.numel() * t.element_size() for t in tensors]
     offsets, total = [], 0
@@ -182,6 +180,12 @@ def staged_layout(tensors: list[torch.Tensor]) -> tuple[list[int], list[int], in
         offsets.append(total)
         total += _aligned(n)
     return sizes, offsets, total
+
+
+def _pinned(tensors: list[torch.Tensor], shared: bool) -> bool:
+    """Whether ``tensors`` are staged in pinned memory: for device -> host copies, unless
+    the buffer is shared memory (for a helper process)."""
+    return not shared and torch.cuda.is_available() and any(t.is_cuda for t in tensors)
 
 
 def _typed(view: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

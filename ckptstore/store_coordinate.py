@@ -9,7 +9,6 @@ subgroups of a job may start using it independently, at different times. Payload
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import threading
@@ -21,7 +20,7 @@ from typing import Any
 import torch.distributed as dist
 
 from ckptstore import knobs
-from ckptstore.coordinate import COORDINATOR, CollectiveTimeoutError
+from ckptstore.coordinate import COORDINATOR, CollectiveTimeoutError, ranks_key
 
 
 def _timeout() -> float:
@@ -47,7 +46,7 @@ class Team:
         else:
             ranks, self.rank = [0], 0
         self.ranks = tuple(ranks)
-        self.key = hashlib.blake2b(repr(self.ranks).encode(), digest_size=8).hexdigest()
+        self.key = ranks_key(self.ranks)
         self._count = 0
         self._lock = threading.Lock()
 
@@ -136,9 +135,7 @@ class StoreCoordinator:
         every store call fails with torch's untyped network error: a typed one instead."""
         try:
             yield
-        except CollectiveTimeoutError:
-            raise
-        except RuntimeError as exc:
+        except RuntimeError as exc:  # torch's store errors (CollectiveTimeoutError is not one)
             self._stop.set()
             raise CollectiveTimeoutError(
                 f"ckptstore: the job's key-value store became unreachable during an exchange "

@@ -411,8 +411,8 @@ def third_rank_stops_taking_part(rank: int, world: int, root: str, when: str) ->
 def dtensor_boxes_against_torch(rank: int, world: int) -> list[str]:
     """Flatten DTensors of many specs -- same global shape under different placements, the
     same placements on other shapes (uneven, empty), a redistributed one, a spec changed in
-    place -- twice (the
-    second time from the box cache): every box and local tensor must be torch's."""
+    place -- twice (the second time from the box cache): every box and local tensor must be
+    torch's."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     from ckptstore.leaves import flatten
@@ -439,7 +439,7 @@ def dtensor_boxes_against_torch(rank: int, world: int) -> list[str]:
     if leaf.box != (tuple(offsets), tuple(shape)):
         bad.append(f"redistributed: {leaf.box}")
     # The same spec object changed in place (its placements, and the data to match them):
-    # the identity cache must not answer with the old box.
+    # the box cache must not answer with the old box.
     t = sd["(3, 7)-[Shard(dim=0)]"]
     t._local_tensor = torch.arange(21.0).reshape(3, 7).chunk(world, dim=1)[rank].clone()
     t._spec.placements = (Shard(1),)

@@ -164,13 +164,13 @@ def test_a_shard_loaded_as_it_was_saved_takes_the_whole_chunk_path(tmp_path) -> 
     """Shards saved on a grid (FSDP's rows of a norm, a TP block) and asked for cell by
     cell are whole-chunk copies; a box that is not one cell (resharded) takes the general
     path; both land the right bytes."""
-    full = torch.arange(40 * 6, dtype=torch.float32).reshape(40, 6)
-    cuts = [0, 14, 28, 40]  # uneven rows, as 40 rows over 3 ranks
     import itertools
 
     from ckptstore.testing.ranks import run_ranks
     from tests import dist_cases
 
+    full = torch.arange(40 * 6, dtype=torch.float32).reshape(40, 6)
+    cuts = [0, 14, 28, 40]  # uneven rows, as 40 rows over 3 ranks
     root = str(tmp_path / "c")
     run_ranks(3, dist_cases.save_rows_uneven, root, timeout=120)
     ck = cs.open(root)
@@ -180,13 +180,11 @@ def test_a_shard_loaded_as_it_was_saved_takes_the_whole_chunk_path(tmp_path) -> 
     targets = [Target("w", m.tensors["w"], ((a, 0), (b - a, 6)), t)
                for (a, b), t in zip(itertools.pairwise(cuts), cells, strict=True)]  # fmt: skip
     across = torch.zeros(20, 6)  # rows 10..30: parts of all three cells
-    plan = plan_reads(m, [*targets, Target("w", m.tensors["w"], ((10, 0), (20, 6)), across)],
-                      64 << 20, 256 << 10)  # fmt: skip
+    targets.append(Target("w", m.tensors["w"], ((10, 0), (20, 6)), across))
+    plan = plan_reads(m, targets, 64 << 20, 256 << 10)
     assert plan.simple_names == ["w", "w", "w"]  # the three exact cells
     assert sum(len(g.pieces) for g in plan.groups) == 3  # the resharded box: one per cell
-    ChunkReader(ck.store, m, root).fill(
-        [*targets, Target("w", m.tensors["w"], ((10, 0), (20, 6)), across)]
-    )
+    ChunkReader(ck.store, m, root).fill(targets)
     for (a, b), t in zip(itertools.pairwise(cuts), cells, strict=True):
         assert torch.equal(t, full[a:b])
     assert torch.equal(across, full[10:30])

@@ -22,7 +22,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from bench import _median, _sharded, _timed
+from bench import _equal, _median, _sharded, _timed
 from bench_async import async_stalls
 
 NORMS = 20_000
@@ -54,19 +54,6 @@ def dtensor_norms(rank: int, world: int, placement: str, fill: bool = True) -> d
     return {"model": params, "sharded": _sharded((4096, 4096), 0, world, rank, 99, fill)}
 
 
-def _same(a: dict, b: dict) -> bool:
-    from ckptstore.leaves import flatten
-
-    fa, fb = flatten(a), flatten(b)
-
-    def equal(x, y) -> bool:
-        if isinstance(x, torch.Tensor):
-            return isinstance(y, torch.Tensor) and torch.equal(x, y)
-        return x == y
-
-    return fa.keys() == fb.keys() and all(equal(fa[k].value, fb[k].value) for k in fa)
-
-
 def small_dtensor(rank: int, world: int, root: str, placement: str) -> dict[str, float]:
     import torch.distributed.checkpoint as dcp
 
@@ -83,11 +70,11 @@ def small_dtensor(rank: int, world: int, root: str, placement: str) -> dict[str,
         run("cs_save" if i == 0 else "cs_save_steady", lambda i=i: cs.save(sd, f"{root}/cs{i}"))
     dest = dtensor_norms(rank, world, placement, fill=False)
     run("dcp_load", lambda: dcp.load(dest, checkpoint_id=f"{root}/dcp"))
-    assert _same(dest, sd), "DCP load mismatch"
+    assert _equal(dest, sd), "DCP load mismatch"
     for _ in range(3):
         dest = dtensor_norms(rank, world, placement, fill=False)
         run("cs_load", lambda d=dest: cs.load(d, f"{root}/cs0"))
-        assert _same(dest, sd), "ckptstore load mismatch"
+        assert _equal(dest, sd), "ckptstore load mismatch"
     out = {k: _median(v) for k, v in times.items()}
     out["cs_save"] = times["cs_save"][0]
     return out
@@ -151,7 +138,7 @@ def model_save_load(rank: int, world: int, root: str) -> dict[str, float]:
     for _ in range(3):
         run("dcp_load", lambda: dcp.load(dest, checkpoint_id=f"{root}/dcp0"))
         run("cs_load", lambda: cs.load(dest, f"{root}/cs0"))
-    assert _same(dest, state), "model load 4 -> 4 mismatch"
+    assert _equal(dest, state), "model load 4 -> 4 mismatch"
     out = {k: _median(v) for k, v in times.items()}
     out["cs_save_first"] = times["cs_save"][0]
     first, steady, _ = async_stalls(state, f"{root}/async")
@@ -177,7 +164,7 @@ def load_resharded(rank: int, world: int, root: str, layout: str) -> dict[str, f
             _timed(lambda: dcp.load(by_dcp, checkpoint_id=f"{root}/dcp0"))
         )
         times.setdefault("cs_load", []).append(_timed(lambda: cs.load(by_cs, f"{root}/cs0")))
-    assert _same(by_cs, by_dcp), f"{layout}: ckptstore and DCP loaded different values"
+    assert _equal(by_cs, by_dcp), f"{layout}: ckptstore and DCP loaded different values"
     return {k: _median(v) for k, v in times.items()}
 
 

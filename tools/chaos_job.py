@@ -197,7 +197,6 @@ def check_tiered(root: str, remote: str, opts: dict) -> tuple[list[int], list[st
                 if found:
                     shutil.copy(found[0], os.path.join(merged, key))
                 else:  # replicated already and dropped from tier 0? then S3 has it
-                    s3 = S3Store(f"{remote[len('s3://') :]}/{name}", **opts)
                     with open(os.path.join(merged, key), "wb") as f:
                         f.write(s3.read(key))
             ck = cs.open(merged)
