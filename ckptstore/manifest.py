@@ -29,6 +29,7 @@ from ckptstore.codecs import CODEC_SPEC
 from ckptstore.dtypes import NAME_TO_DTYPE, itemsize
 from ckptstore.errors import ManifestError
 from ckptstore.gcpause import gc_paused
+from ckptstore.manifest_grids import GridRows, fill_raw_nbytes, split_grid_rows
 from ckptstore.plan import BoxLayout, GridLayout, Layout, whole_layout
 
 FORMAT_NAME = "ckptstore"
@@ -421,17 +422,26 @@ def _check_chunk_ranges(
 
     whole_count = (cols.whole_nbytes > 0).astype(np.int64)  # a tensor without elements has none
     bad = (cols.whole_start < 0) | (cols.whole_start + whole_count > count)
-    if bad.any() or any(map(outside, others)):
+    bad_grid = cols.grid_start + cols.grids.count > count
+    if bad.any() or bad_grid.any() or any(map(outside, others)):
         named = [*tensors.items()]
         named += [(n, e) for n, es in per_rank.items() for e in es if isinstance(e, TensorRecord)]
         for name, t in named:
             if outside(t):
                 raise ManifestError(f"{where}: tensor {name!r} refers to chunks outside the table")
     starts = np.concatenate(
-        [cols.whole_start[whole_count > 0], np.array([t.chunk_start for t in others], np.int64)]
+        [
+            cols.whole_start[whole_count > 0],
+            cols.grid_start,
+            np.array([t.chunk_start for t in others], np.int64),
+        ]
     )
     counts = np.concatenate(
-        [whole_count[whole_count > 0], np.array([t.chunk_count for t in others], np.int64)]
+        [
+            whole_count[whole_count > 0],
+            cols.grids.count,
+            np.array([t.chunk_count for t in others], np.int64),
+        ]
     )
     starts, counts = starts[counts > 0], counts[counts > 0]
     order = np.argsort(starts, kind="stable")
@@ -449,6 +459,7 @@ def _raw_nbytes(cols: _TensorColumns, others: list[TensorRecord], count: int) ->
     index, values = cols.whole_start, cols.whole_nbytes
     keep = (values > 0) & (index >= 0) & (index < count)  # the others fail the range check
     nbytes[index[keep]] = values[keep]
+    fill_raw_nbytes(cols.grids, cols.starts, cols.itemsizes, nbytes)
     for t in others:
         if t.chunk_start >= 0 and t.chunk_start + t.chunk_count <= count:
             _fill_raw_nbytes(t, nbytes)
@@ -519,8 +530,12 @@ class _TensorColumns(NamedTuple):
     records: dict[str, TensorRecord]
     whole_start: np.ndarray  # chunk index of each whole-chunk row
     whole_nbytes: np.ndarray  # its raw byte size (0 for a tensor without elements)
-    special: list[TensorRecord]  # the other rows (grids, boxes, codecs)
+    special: list[TensorRecord]  # the rows parsed one by one (boxes, codecs, ...)
     total_bytes: int  # raw bytes of all tensors
+    grids: GridRows  # rows that are a bare grid, parsed in bulk
+    grid_start: np.ndarray  # chunk index of each grid row's first chunk
+    itemsizes: np.ndarray  # of every row
+    starts: np.ndarray  # chunk_start of every row
 
 
 def _tensor_table_from_json(doc: Any, where: str) -> _TensorColumns:
@@ -565,8 +580,12 @@ def _tensor_table_from_json(doc: Any, where: str) -> _TensorColumns:
         )
     )  # fmt: skip
     is_whole = np.ones(n, dtype=bool)
+    grids, rest = split_grid_rows(special_doc, names, shape_tuples, row_bytes == 0, where)
+    for i, layout in zip(grids.rows.tolist(), grids.layouts, strict=True):
+        records[i] = new_record((dtypes[i], shape_tuples[i], starts[i], layout, None))
+    is_whole[grids.rows] = False
     special: list[TensorRecord] = []
-    for key, extra in special_doc.items():
+    for key, extra in rest.items():
         i = int(key) if key.isdigit() and len(key) < 12 else -1
         if not 0 <= i < n or key != str(i):
             raise ManifestError(f"{where}: tensor table: layouts refers to row {key[:20]!r} of {n}")
@@ -583,7 +602,15 @@ def _tensor_table_from_json(doc: Any, where: str) -> _TensorColumns:
         raise ManifestError(f"{where}: duplicate tensor names")
     start_col = np.array(starts, dtype=np.int64).reshape(n)
     return _TensorColumns(
-        out, start_col[is_whole], row_bytes[is_whole], special, int(row_bytes.sum())
+        out,
+        start_col[is_whole],
+        row_bytes[is_whole],
+        special,
+        int(row_bytes.sum()),
+        grids,
+        start_col[grids.rows],
+        sizes,
+        start_col,
     )
 
 

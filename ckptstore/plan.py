@@ -264,9 +264,18 @@ def plan_save(rank_plans: list[RankPlan]) -> GlobalPlan:
     ]
     whole_of = [whole_layout(d) for d in range(ndim + 1)]
     layouts: list[Layout] = list(map(whole_of.__getitem__, map(len, map(_SHAPE_OF, tensors))))
-    for g in np.flatnonzero(~single).tolist():  # sharded tensors: a grid or boxes each
-        a, b = int(t_start[g]), int(t_start[g + 1])
-        layouts[g] = _layout_of(tensors[g], u_off[a:b], u_shp[a:b])
+    # Sharded tensors: a grid or boxes each. FSDP shards thousands of tensors of one shape
+    # the same way: each distinct (shape, boxes) is worked out once.
+    seen: dict[tuple[tuple[int, ...], bytes, bytes], Layout] = {}
+    first_chunk = t_start.tolist()
+    for g in np.flatnonzero(~single).tolist():
+        rows = slice(first_chunk[g], first_chunk[g + 1])
+        offs, shps = u_off[rows], u_shp[rows]
+        key = (tensors[g].shape, offs.tobytes(), shps.tobytes())
+        layout = seen.get(key)
+        if layout is None:
+            layout = seen[key] = _layout_of(tensors[g], offs, shps)
+        layouts[g] = layout
 
     # -- writers: sole holders write their chunk; replicas go to the least-loaded holder ---
     replicas = group_end - group_start

@@ -158,6 +158,7 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
     ptrs: list[int] = []
     dests: list[torch.Tensor] = []
     others: list[Target] = []
+    cells: dict[tuple[int, tuple[int, ...], Box], int | None] = {}
     for i, t in enumerate(targets):
         rec, dest = t[1], t[3]
         shape = rec.shape
@@ -167,7 +168,11 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
             if layout is whole_of[len(shape)]:
                 cell = 0 if t[2][1] == shape else None
             elif type(layout) is GridLayout:  # a shard loaded as it was saved (FSDP, TP)
-                cell = exact_cell(layout, shape, t[2])
+                # Tensors of one shape and sharding share a layout: one lookup per box.
+                key = (id(layout), shape, t[2])
+                cell = cells.get(key, -1)
+                if cell == -1:
+                    cell = cells[key] = exact_cell(layout, shape, t[2])
         if cell is not None:
             fast.append(i)
             chunks.append(rec.chunk_start + cell)
