@@ -15,7 +15,7 @@ Keys are ``/``-separated relative paths without a leading slash.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ckptstore.errors import KeyExistsError, KeyNotFoundError
@@ -207,6 +207,44 @@ class Store(abc.ABC):
         for key in keys:
             self.delete(key)
         return len(keys)
+
+    # -- capabilities: what the core asks of a store instead of testing its type ---------
+    reads_are_local: bool = False
+    """Reads are served by this node's own disk: every rank may read a small object itself,
+    where otherwise one rank reads it and broadcasts it (object stores bill per request)."""
+
+    def is_temporary(self, key: str) -> bool:
+        """``key`` is the temporary object of a write in progress (or of one that was killed):
+        never part of a checkpoint, collected by ``ckpt gc`` once old enough.
+
+        Note for implementers: backends whose writers stage into temporary keys say which."""
+        return False
+
+    def prune_empty_dirs(self, prefix: str) -> None:
+        """Remove directories left empty under ``prefix`` after deletes (a no-op where
+        directories do not exist: object stores)."""
+        return None
+
+    def tiers(self) -> tuple[Store, Store] | None:
+        """(this node's tier, the shared tier) for a store that puts one in front of the
+        other; None for a single store. The save path commits on the first and replicates
+        to the second (``ckptstore.tier_seam``)."""
+        return None
+
+    def fallback_reader(self) -> Callable[[str, int, memoryview], None] | None:
+        """A second source for bytes whose copy here is missing or fails its checksum (a
+        tiered store's shared tier), with :meth:`read_into`'s signature; None if there is
+        none."""
+        return None
+
+    def count_mapped(self, nbytes: int) -> None:
+        """Readers that use :meth:`map` report the bytes they took from it (for per-tier
+        accounting; a no-op by default)."""
+        return None
+
+    def bytes_by_tier(self) -> dict[str, int] | None:
+        """Bytes served so far by each tier, for stores with tiers; None otherwise."""
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"

@@ -16,12 +16,15 @@ import fsspec
 from ckptstore.backends.base import ByteRange, Store, StoreWriter
 from ckptstore.errors import KeyExistsError, KeyNotFoundError
 
+TMP_MARK = ".tmp-"
+"""Written files are staged as ``<key>.tmp-<random>`` and moved into place on commit."""
+
 
 class _FsspecWriter(StoreWriter):
     def __init__(self, store: FsspecStore, key: str) -> None:
         self._store = store
         self._final = store._path(key)
-        self._tmp = f"{self._final}.tmp-{uuid.uuid4().hex[:8]}"
+        self._tmp = f"{self._final}{TMP_MARK}{uuid.uuid4().hex[:8]}"
         store.fs.makedirs(self._final.rsplit("/", 1)[0], exist_ok=True)
         self._file = store.fs.open(self._tmp, "wb")
 
@@ -46,6 +49,9 @@ class FsspecStore(Store):
 
     def _path(self, key: str) -> str:
         return f"{self.root}/{key}" if key else self.root
+
+    def is_temporary(self, key: str) -> bool:
+        return TMP_MARK in key.rsplit("/", 1)[-1]
 
     def read(self, key: str, byte_range: ByteRange | None = None) -> bytes:
         path = self._path(key)

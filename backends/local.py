@@ -270,7 +270,12 @@ class LocalStore(Store):
         for entry in entries:
             yield entry.name + "/" if entry.is_dir(follow_symlinks=False) else entry.name
 
-    def remove_empty_dirs(self, prefix: str) -> None:
+    reads_are_local = True
+
+    def is_temporary(self, key: str) -> bool:
+        return key.rsplit("/", 1)[-1].startswith(_TMP_MARK)
+
+    def prune_empty_dirs(self, prefix: str) -> None:
         """Remove the directories under ``prefix`` (itself included) that hold no file:
         directories are local-filesystem bookkeeping that object stores do not have."""
         top = os.path.join(self.root, prefix)

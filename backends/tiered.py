@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ckptstore.backends.base import ByteRange, Store, StoreWriter
@@ -85,8 +85,23 @@ class TieredStore(Store):
             return None
 
     def count_mapped(self, nbytes: int) -> None:
-        """Readers that use :meth:`map` report the bytes they took from it."""
         self._count(LOCAL, nbytes)
+
+    def fallback_reader(self) -> Callable[[str, int, memoryview], None]:
+        return self.fallback
+
+    def bytes_by_tier(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.bytes_read)
+
+    def tiers(self) -> tuple[Store, Store]:
+        return self.local, self.remote
+
+    def is_temporary(self, key: str) -> bool:
+        return self.local.is_temporary(key) or self.remote.is_temporary(key)
+
+    def prune_empty_dirs(self, prefix: str) -> None:
+        self.local.prune_empty_dirs(prefix)
 
     def size(self, key: str) -> int:
         try:

@@ -12,7 +12,6 @@ At most one save is in flight: ``async_save`` first waits for the previous one t
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
 import sys
 import threading
@@ -24,21 +23,21 @@ import torch
 
 from ckptstore import failpoints, knobs
 from ckptstore.backends.base import Store
-from ckptstore.backends.tiered import TieredStore
 from ckptstore.coordinate import Coordinator, own_group
 from ckptstore.errors import SaveError
 from ckptstore.gcpause import gc_paused
+from ckptstore.locate import store_for
 from ckptstore.save import (
     PlannedSave,
     SaveInfo,
     SaveOptions,
     commit_collective,
     plan_save_collective,
-    replication_team_for,
     unwritable_error,
     write_planned,
 )
 from ckptstore.staging import StagedTensors, StagingPool
+from ckptstore.tier_seam import save_target
 from ckptstore.write import plan_files
 
 PERSIST_MODES = ("thread", "process")
@@ -95,6 +94,9 @@ class _AsyncState:
         self.last: AsyncSaveHandle | None = None
         self.lock = threading.Lock()
         atexit.register(self.finish_at_exit)
+        from ckptstore.replicator import wait_before_exit
+
+        wait_before_exit(wait_pending_quietly)  # a tiered save in flight queues a replication
 
     def finish_at_exit(self) -> None:
         handle = self.last
@@ -190,9 +192,12 @@ def async_save(
         save_options = SaveOptions(**options)  # a TypeError names an unknown option
         coord = Coordinator(process_group)
         background = own_group(process_group, "background")
-        replication_team = replication_team_for(path, process_group)
+        target = save_target(store_for(path, save_options.storage_options))
+        replication_team = target.replication_team(process_group)
         with gc_paused():
-            planned = plan_save_collective(state_dict, path, coord, save_options, id(process_group))
+            planned = plan_save_collective(
+                state_dict, target, coord, save_options, id(process_group)
+            )
             planned.replication_team = replication_team
             failpoints.hit("planned", coord.rank)
             t_staging = time.perf_counter()
@@ -271,17 +276,16 @@ def _persist(
             staged.wait_copies()
             items = planned.write_items(staged.views)
             file_plan = None
-            if isinstance(planned.store, TieredStore) and not planned.options.codec:
-                # The shared tier gets the same bytes straight from the staging buffer while
+            assert planned.target is not None
+            if not planned.options.codec:
+                # A shared tier gets the same bytes straight from the staging buffer while
                 # tier 0 is written; the buffer is released once both are done.
-                from ckptstore.replicator import start_streamed_upload
-
                 file_plan = plan_files(
                     items, rank=planned.rank,
                     files=planned.options.files_per_rank or knobs.files_per_rank(),
                     spread=planned.options.spread_prefixes,
                 )  # fmt: skip
-                upload = start_streamed_upload(planned.store, items, file_plan)
+                upload = planned.target.stream_upload(items, file_plan)
                 planned.streamed_upload = upload
             result, error = write_planned(planned, items, file_plan)
     except Exception as exc:  # still join the commit collective, or the other ranks would hang
@@ -301,18 +305,6 @@ def _persist(
         return commit_collective(planned, result, error, Coordinator(background, purpose=None))
     except BaseException:
         if upload is not None:  # no checkpoint: what was streamed to the shared tier goes too
-            _discard_streamed(planned.store, upload)
+            assert planned.target is not None
+            planned.target.discard_streamed(upload)
         raise
-
-
-def _discard_streamed(store: TieredStore, upload: Future) -> None:
-    """Delete this save's streamed files from the shared tier once the upload has ended
-    (their names are unique to this save; an aborted upload left nothing)."""
-
-    def discard(done: Future) -> None:
-        if done.exception() is None:
-            for key in done.result():
-                with contextlib.suppress(Exception):  # best effort; `ckpt gc` finds the rest
-                    store.remote.delete(key)
-
-    upload.add_done_callback(discard)

@@ -6,7 +6,6 @@ import re
 from dataclasses import dataclass
 
 from ckptstore.backends.base import Store
-from ckptstore.backends.local import LocalStore
 from ckptstore.backends.registry import open_store
 from ckptstore.errors import CkptStoreError
 from ckptstore.locate import read_manifest_bytes
@@ -85,8 +84,7 @@ def delete_checkpoint(root: str | Store, step: int) -> None:
     store.delete(prefix + MANIFEST_KEY)
     for key in list(store.list(prefix)):
         store.delete(key)
-    if isinstance(store, LocalStore):
-        store.remove_empty_dirs(step_dir(step))
+    store.prune_empty_dirs(step_dir(step))
 
 
 @dataclass(frozen=True)

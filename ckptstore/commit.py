@@ -14,14 +14,13 @@ import numpy as np
 
 from ckptstore import failpoints
 from ckptstore.backends.base import Store
-from ckptstore.backends.tiered import TieredStore
 from ckptstore.coordinate import Coordinator
 from ckptstore.dtypes import dtype_name
-from ckptstore.errors import CheckpointExistsError, KeyExistsError, SaveError
+from ckptstore.errors import CheckpointExistsError, SaveError
+from ckptstore.layouts import GridLayout
 from ckptstore.locate import commit_manifest, delete_replaced
 from ckptstore.manifest import (
     DATA_PREFIX,
-    MANIFEST_KEY,
     SAVING_KEY,
     BlobRef,
     ChunkTable,
@@ -31,12 +30,13 @@ from ckptstore.manifest import (
     TensorRecord,
     new_record,
 )
-from ckptstore.plan import GlobalPlan, GridLayout
+from ckptstore.plan import GlobalPlan
 from ckptstore.write import WriteResult
 
 if TYPE_CHECKING:
     from ckptstore.replicator import ReplicationHandle
     from ckptstore.save import PlannedSave, _Local
+    from ckptstore.tier_seam import SaveTarget
 
 
 @dataclass
@@ -71,22 +71,26 @@ def commit_collective(
     )
     reports = coord.gather(report)
     outcome: Any = None
-    primary = commit_tier(planned.store)
+    target = planned.target
+    assert target is not None
+    primary = target.commit_store
     if coord.is_coordinator:
         assert reports is not None and planned.global_plan is not None
         try:
             outcome = _commit(
-                planned.store, primary, reports, planned.global_plan, local, options.block,
-                options.overwrite, options.metadata,
+                target, reports, planned.global_plan, local, options.block, options.overwrite,
+                options.metadata,
             )  # fmt: skip
         finally:  # no longer in flight, whatever the outcome: gc may look again
             unmark_saving(primary)
     outcome = coord.broadcast(outcome)
-    tiered = isinstance(planned.store, TieredStore)
     replication = None
-    if tiered and not isinstance(outcome, BaseException):
-        replication = _commit_tier0_and_replicate(planned, outcome["manifest"], coord)
-    if tiered and not coord.is_coordinator:  # this node's marker, after its local manifest
+    if not isinstance(outcome, BaseException):
+        replication = target.after_commit(
+            outcome["manifest"], coord, options.overwrite, planned.replication_team,
+            planned.streamed_upload,
+        )  # fmt: skip
+    if target.marks_every_node and not coord.is_coordinator:  # after this node's manifest
         unmark_saving(primary)
     if isinstance(outcome, BaseException):
         if error is not None:
@@ -106,38 +110,6 @@ def commit_collective(
         seconds=seconds,
         replication=replication,
     )
-
-
-def _commit_tier0_and_replicate(
-    planned: PlannedSave, manifest_bytes: bytes, coord: Coordinator
-) -> ReplicationHandle:
-    """Put the committed manifest on every node's local tier, then queue the upload."""
-    import warnings
-
-    from ckptstore.replicator import replicator
-    from ckptstore.tier_state import REPLICATING, TierState, write_tier_state
-
-    store = planned.store
-    assert isinstance(store, TieredStore)
-    if not coord.is_coordinator:  # the coordinator's node has it already
-        try:
-            if planned.options.overwrite:
-                store.local.write(MANIFEST_KEY, manifest_bytes)
-            elif not store.local.exists(MANIFEST_KEY):
-                store.local.write_if_absent(MANIFEST_KEY, manifest_bytes)
-        except KeyExistsError:
-            pass  # another rank of this node wrote the same manifest
-        except Exception as exc:  # the checkpoint is committed; this node's copy is not
-            warnings.warn(
-                f"{store.local.url}: could not write the local manifest ({exc}); this node's "
-                "tier-0 copy will be loadable once replicated",
-                stacklevel=2,
-            )
-    write_tier_state(store.local, TierState(store.remote.url, REPLICATING))
-    return replicator().submit(
-        store, manifest_bytes, planned.replication_team, planned.options.overwrite,
-        streamed=planned.streamed_upload,
-    )  # fmt: skip
 
 
 @dataclass
@@ -179,12 +151,6 @@ class _RankReport:
         )
 
 
-def commit_tier(store: Store) -> Store:
-    """Where a save commits its manifest: a tiered store's local tier (the shared tier is
-    the replicator's business), any other store itself."""
-    return store.local if isinstance(store, TieredStore) else store
-
-
 def unmark_saving(store: Store) -> None:
     """Remove the in-flight marker a save wrote before its data (best effort: a marker left
     behind only keeps gc off this checkpoint for the lease)."""
@@ -193,8 +159,7 @@ def unmark_saving(store: Store) -> None:
 
 
 def _commit(
-    store: Store,
-    primary: Store,
+    target: SaveTarget,
     reports: list[tuple[_RankReport | None, str | None]],
     plan: GlobalPlan,
     local: _Local,
@@ -202,15 +167,16 @@ def _commit(
     overwrite: bool,
     metadata: dict[str, Any] | None,
 ) -> Any:
-    """Build and commit the manifest on ``primary`` (coordinator only); returns a summary or
-    an exception."""
+    """Build and commit the manifest on the target's commit store (coordinator only); returns
+    a summary (with the manifest's bytes) or an exception."""
+    store, primary = target.store, target.commit_store
     failed = [f"rank {r}: {msg}" for r, (_, msg) in enumerate(reports) if msg is not None]
     if failed:
         return SaveError(f"{store.url}: save not committed; " + "; ".join(failed))
     try:
         manifest = _assemble(reports, plan, local, block, metadata)  # type: ignore[arg-type]
         data = manifest.to_json()
-        if primary is store:  # a shared store holds every rank's files: all must be there
+        if target.holds_every_rank:  # every rank's files are here: all must be there
             present = set(store.list(DATA_PREFIX))
             missing = [key for key in manifest.files if key not in present]
             if missing:  # deleted during the save (a gc that took it for a killed one)
@@ -230,7 +196,7 @@ def _commit(
         "tensors": len(manifest.tensors),
         "total_bytes": manifest.total_tensor_bytes(),
         "files": len(manifest.files),
-        "manifest": data if isinstance(store, TieredStore) else None,
+        "manifest": data if target.wants_manifest else None,
     }
 
 

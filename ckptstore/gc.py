@@ -25,7 +25,6 @@ from ckptstore.locate import read_manifest_bytes
 from ckptstore.manifest import DATA_PREFIX, MANIFEST_KEY, SAVING_KEY, Manifest
 
 _STEP = re.compile(r"^(step_\d+)/")
-_TEMP_MARK = ".tmp-"
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,9 @@ def find_garbage(
             if age is None or age < lease:  # a save is in flight here: whatever its age says
                 continue
         if prefix and prefix + MANIFEST_KEY not in keys:
-            if any(o.key.startswith(prefix + DATA_PREFIX) or _TEMP_MARK in o.key for o in objs):
+            if any(
+                o.key.startswith(prefix + DATA_PREFIX) or store.is_temporary(o.key) for o in objs
+            ):
                 age = _age(objs, now)
                 if _old_enough(age, older_than):
                     items.append(GarbageItem(
@@ -82,7 +83,7 @@ def find_garbage(
                     ))  # fmt: skip
             continue
         if not prefix and MANIFEST_KEY not in keys:  # a root that is not itself a checkpoint
-            items += _temps(objs, now, older_than)
+            items += _temps(store, objs, now, older_than)
             continue
         try:
             manifest = Manifest.from_json(read_manifest_bytes(store, prefix), where=store.url)
@@ -93,12 +94,12 @@ def find_garbage(
             if (
                 o.key.startswith(prefix + DATA_PREFIX)
                 and o.key not in live
-                and _TEMP_MARK not in o.key
+                and not store.is_temporary(o.key)
             ):
                 age = _age([o], now)
                 if _old_enough(age, older_than):
                     items.append(GarbageItem("orphan", o.key, (o.key,), o.size, age))
-        items += _temps(objs, now, older_than)
+        items += _temps(store, objs, now, older_than)
     for up in store.list_uploads(""):
         age = None if up.started_unix is None else now - up.started_unix
         if _old_enough(age, older_than):
@@ -106,10 +107,12 @@ def find_garbage(
     return items
 
 
-def _temps(objs: list[ObjectInfo], now: float, older_than: float) -> list[GarbageItem]:
+def _temps(
+    store: Store, objs: list[ObjectInfo], now: float, older_than: float
+) -> list[GarbageItem]:
     out = []
     for o in objs:
-        if _TEMP_MARK in o.key.rsplit("/", 1)[-1]:
+        if store.is_temporary(o.key):
             age = _age([o], now)
             if _old_enough(age, older_than):
                 out.append(GarbageItem("temp", o.key, (o.key,), o.size, age))
@@ -128,12 +131,9 @@ def delete_garbage(
         for upload in item.uploads:
             store.abort_upload(upload)
         freed += item.bytes
-    from ckptstore.backends.local import LocalStore
-
-    if isinstance(store, LocalStore):
-        for item in items:
-            if item.kind == "incomplete":
-                store.remove_empty_dirs(item.where)
+    for item in items:
+        if item.kind == "incomplete":
+            store.prune_empty_dirs(item.where)
     return freed
 
 

@@ -19,7 +19,6 @@ import torch
 
 from ckptstore import knobs
 from ckptstore.backends.base import ByteRange, Store
-from ckptstore.backends.tiered import TieredStore
 from ckptstore.checksum import block_crcs
 from ckptstore.coordinate import Coordinator
 from ckptstore.dtypes import DTYPE_TO_NAME, dtype_name
@@ -56,9 +55,7 @@ class LoadInfo:
 def fetch_manifest(store: Store, coord: Coordinator) -> Manifest:
     """The manifest on every rank: read by each rank from a local store in small jobs,
     else read once by the coordinator and broadcast (all ranks parse the same bytes)."""
-    from ckptstore.backends.local import LocalStore
-
-    if isinstance(store, LocalStore) and coord.world_size < knobs.manifest_broadcast_min_ranks():
+    if store.reads_are_local and coord.world_size < knobs.manifest_broadcast_min_ranks():
         return Manifest.from_json(read_manifest_bytes(store), where=store.url)
     payload = coord.from_coordinator(lambda: read_manifest_bytes(store), store.url)
     return Manifest.from_json(payload, where=store.url)
@@ -127,7 +124,7 @@ def load(
     t0 = time.perf_counter()
     coord = Coordinator(process_group)
     store = store_for(path, storage_options)
-    tier_bytes_before = dict(store.bytes_read) if isinstance(store, TieredStore) else None
+    tier_bytes_before = store.bytes_by_tier()
     # Every step that can fail on one rank ends in an agreement: no rank waits in a
     # collective for a rank that has already raised. (Reading the manifest and matching
     # share one: neither has a collective of its own that a failed rank would skip.)
@@ -165,9 +162,9 @@ def load(
     coord.agree(error)
     t_end = time.perf_counter()
     by_tier = None
-    if tier_bytes_before is not None:  # a tiered store
-        assert isinstance(store, TieredStore)
-        by_tier = {k: v - tier_bytes_before.get(k, 0) for k, v in store.bytes_read.items()}
+    tier_bytes_after = store.bytes_by_tier()
+    if tier_bytes_before is not None and tier_bytes_after is not None:  # a tiered store
+        by_tier = {k: v - tier_bytes_before.get(k, 0) for k, v in tier_bytes_after.items()}
     return LoadInfo(
         path=store.url,
         saved_world_size=manifest.world_size,

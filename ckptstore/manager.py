@@ -161,12 +161,15 @@ class CheckpointManager:
         return self._root_store_cache
 
     def _path(self, step: int) -> str | TieredStore:
-        remote = catalog.join(self.root, catalog.step_dir(step))
         if self.local_dir is None:
-            return remote
+            return catalog.join(self.root, catalog.step_dir(step))
+        return self._tiered_path(step)
+
+    def _tiered_path(self, step: int) -> TieredStore:
+        assert self.local_dir is not None
         return TieredStore(
             catalog.join(self.local_dir, catalog.step_dir(step)),
-            remote,
+            catalog.join(self.root, catalog.step_dir(step)),
             remote_options=self.storage_options,
         )
 
@@ -305,9 +308,7 @@ class CheckpointManager:
             common = sorted(set.intersection(*(set(x) for x in everyone)))
         steps: list[int] = self._coord.broadcast(common)
         for step in steps:
-            path = self._path(step)
-            assert isinstance(path, TieredStore)
-            replicate(path, process_group=self.process_group)
+            replicate(self._tiered_path(step), process_group=self.process_group)
         self._apply_retention()
         return steps
 

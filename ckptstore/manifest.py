@@ -29,8 +29,8 @@ from ckptstore.codecs import CODEC_SPEC
 from ckptstore.dtypes import NAME_TO_DTYPE, itemsize
 from ckptstore.errors import ManifestError
 from ckptstore.gcpause import gc_paused
+from ckptstore.layouts import BoxLayout, GridLayout, Layout, whole_layout
 from ckptstore.manifest_grids import GridRows, fill_raw_nbytes, split_grid_rows
-from ckptstore.plan import BoxLayout, GridLayout, Layout, whole_layout
 
 FORMAT_NAME = "ckptstore"
 FORMAT_VERSION = 2

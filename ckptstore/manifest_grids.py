@@ -4,7 +4,7 @@ FSDP2 shards every parameter -- a model's thousands of norms and biases included
 training checkpoint's tensor table holds tens of thousands of ``{"grid": [[0, 256, ...]]}``
 layout rows, and most of them repeat a handful of (shape, grid) pairs. Each distinct pair is
 validated once (:func:`~ckptstore.manifest_rules.check_grid`) and shares one
-:class:`~ckptstore.plan.GridLayout`; the types of every row are checked in one C-level pass
+:class:`~ckptstore.layouts.GridLayout`; the types of every row are checked in one C-level pass
 first, so that a cached result is only reused for a row that is the same list of exact
 integers. Rows with anything else (boxes, a codec, a tensor without elements, a malformed
 value) are left to the per-row parser, which names the row and the rule it breaks.
@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ckptstore import manifest_rules as rules
-from ckptstore.plan import GridLayout
+from ckptstore.layouts import GridLayout
 
 GridKey = tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]  # (shape, grid starts)
 

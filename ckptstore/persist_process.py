@@ -94,11 +94,8 @@ def write_in_helper(
 ) -> tuple[WriteResult | None, BaseException | None]:
     """Have the helper write this rank's staged items; errors come back as values."""
     global _HELPER
-    from ckptstore.backends.tiered import TieredStore
-
-    store = planned.store
-    if isinstance(store, TieredStore):  # data goes to the local tier; the rest stays here
-        store = store.local
+    assert planned.target is not None
+    store = planned.target.data_store  # a tiered save's data goes to its node's tier
     url = store.url
     if url.startswith("memory://"):
         return None, SaveError(f"{url}: persist='process' needs a store another process can reach")

@@ -6,12 +6,11 @@ tensor (replicas deduplicated), whether they form a rectilinear grid (then the m
 stores the grid, not one box per chunk), and which rank writes each chunk, chosen to
 balance bytes written across ranks.
 
-Load: :func:`overlaps` intersects a wanted region with the saved chunks of one tensor.
+The layouts themselves (grid or boxes) are the format's: ``ckptstore.layouts``.
 """
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import heapq
 import itertools
@@ -23,8 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ckptstore.errors import ShardingError
-
-Box = tuple[tuple[int, ...], tuple[int, ...]]
+from ckptstore.layouts import Box, BoxLayout, GridLayout, Layout, whole_layout
 
 
 class TensorDecl(NamedTuple):
@@ -106,43 +104,6 @@ class RankPlan:
         decl_key = _digest(decl_bytes)
         structure_key = _digest(decl_bytes, offsets.tobytes(), shapes.tobytes())
         return cls(tensors, offsets, shapes, decl_key, structure_key)
-
-
-@dataclass(frozen=True, slots=True)
-class GridLayout:
-    """Chunks on a rectilinear grid: ``starts[d]`` are the chunk starts along dim d."""
-
-    starts: tuple[tuple[int, ...], ...]
-
-    def chunk_count(self) -> int:
-        n = 1
-        for s in self.starts:
-            n *= len(s)
-        return n
-
-
-@dataclass(frozen=True, slots=True)
-class BoxLayout:
-    """Chunks that do not form a grid: one (offsets, shape) row per chunk."""
-
-    offsets: np.ndarray
-    shapes: np.ndarray
-
-    def chunk_count(self) -> int:
-        return len(self.offsets)
-
-
-Layout = GridLayout | BoxLayout
-
-_WHOLE: dict[int, GridLayout] = {}
-
-
-def whole_layout(ndim: int) -> GridLayout:
-    """The layout of a tensor stored as one chunk (shared instances: there are many)."""
-    layout = _WHOLE.get(ndim)
-    if layout is None:
-        layout = _WHOLE[ndim] = GridLayout(tuple((0,) for _ in range(ndim)))
-    return layout
 
 
 @dataclass
@@ -387,55 +348,3 @@ def _layout_of(decl: TensorDecl, offs: np.ndarray, shps: np.ndarray) -> Layout:
                 f"{offs[j, :nd].tolist()} overlap without being identical"
             )
     return BoxLayout(offs[:, :nd].copy(), shps[:, :nd].copy())
-
-
-def overlaps(layout: Layout, shape: tuple[int, ...], box: Box) -> list[tuple[int, Box, Box]]:
-    """Saved chunks that intersect ``box``: (chunk index in the tensor, chunk box, intersection)."""
-    offs, shp = box
-    nd = len(shape)
-    if 0 in shp or 0 in shape:
-        return []
-    if isinstance(layout, GridLayout):
-        if all(len(st) == 1 for st in layout.starts):  # one chunk: the whole tensor
-            return [(0, ((0,) * nd, shape), box)]
-        per_dim: list[list[tuple[int, int, int, int, int]]] = []
-        for d in range(nd):
-            starts = layout.starts[d]
-            lo, hi = offs[d], offs[d] + shp[d]
-            first = bisect.bisect_right(starts, lo) - 1
-            last = bisect.bisect_left(starts, hi)
-            cells = []
-            for i in range(max(first, 0), last):
-                c_lo = starts[i]
-                c_hi = starts[i + 1] if i + 1 < len(starts) else shape[d]
-                cells.append((i, c_lo, c_hi, max(lo, c_lo), min(hi, c_hi)))
-            per_dim.append(cells)
-        result = []
-        sizes = [len(s) for s in layout.starts]
-        for combo in itertools.product(*per_dim):
-            index = 0
-            for c, n in zip(combo, sizes, strict=True):
-                index = index * n + c[0]
-            result.append(
-                (
-                    index,
-                    (tuple(c[1] for c in combo), tuple(c[2] - c[1] for c in combo)),
-                    (tuple(c[3] for c in combo), tuple(c[4] - c[3] for c in combo)),
-                )
-            )
-        return result
-    lo = np.asarray(offs, dtype=np.int64)
-    hi = lo + np.asarray(shp, dtype=np.int64)
-    c_lo = layout.offsets
-    c_hi = layout.offsets + layout.shapes
-    i_lo = np.maximum(c_lo, lo)
-    i_hi = np.minimum(c_hi, hi)
-    hit = np.all(i_lo < i_hi, axis=1) if nd else np.ones(len(c_lo), dtype=bool)
-    return [
-        (
-            int(i),
-            (tuple(int(x) for x in c_lo[i]), tuple(int(x) for x in layout.shapes[i])),
-            (tuple(int(x) for x in i_lo[i]), tuple(int(x) for x in i_hi[i] - i_lo[i])),
-        )
-        for i in np.flatnonzero(hit)
-    ]

@@ -106,7 +106,7 @@ class ChunkReader:
         with self._lock:
             self.bytes_read += group.end - group.start
             self.requests += 1
-        fallback = getattr(self.store, "fallback", None)  # a tiered store's remote tier
+        fallback = self.store.fallback_reader()  # a tiered store's shared tier
         try:
             mapped = self._mapped(group.file)
             if mapped is not None:
@@ -116,8 +116,7 @@ class ChunkReader:
                         f"needs {group.end}: truncated?"
                     )
                 self._check_and_copy(group, mapped, 0, plan)
-                if fallback is not None:
-                    self.store.count_mapped(group.end - group.start)  # type: ignore[attr-defined]
+                self.store.count_mapped(group.end - group.start)
                 return
             self._read_and_copy(group, key, self.store.read_into, plan)
         except (ChecksumError, StoreError, CorruptDataError) as exc:

@@ -21,8 +21,8 @@ import torch
 
 from ckptstore.dtypes import dtype_from_name, itemsize
 from ckptstore.errors import UnsafeCopyError
+from ckptstore.layouts import Box, GridLayout, overlaps, whole_layout
 from ckptstore.manifest import Manifest, TensorRecord
-from ckptstore.plan import Box, GridLayout, overlaps, whole_layout
 
 _NBYTES = attrgetter("nbytes")
 

@@ -13,10 +13,12 @@ import atexit
 import os
 import sys
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from ckptstore.backends.base import Store
 from ckptstore.backends.tiered import TieredStore
 from ckptstore.coordinate import Coordinator
 from ckptstore.errors import CkptStoreError, ReplicationError
@@ -143,26 +145,33 @@ class Replicator:
             last.result(timeout)
 
     def _finish_at_exit(self) -> None:
-        from ckptstore.async_save import wait_pending_quietly
-
         try:
-            wait_pending_quietly()
+            for wait in list(_BEFORE_EXIT):  # saves still in flight may queue a replication
+                wait()
             self.wait_all(float(os.environ.get("CKPTSTORE_EXIT_WAIT_S", "600")))
         except BaseException as exc:  # an exit hook can only report
             print(f"ckptstore: replication did not finish: {exc}", file=sys.stderr)
 
 
 _UPLOADER: ThreadPoolExecutor | None = None
+_BEFORE_EXIT: list[Callable[[], None]] = []
 
 
-def start_streamed_upload(tiered: TieredStore, items: list[WriteItem], plan: FilePlan) -> Future:
+def wait_before_exit(wait: Callable[[], None]) -> None:
+    """Have the exit hook call ``wait`` (once, without raising) before it waits for the
+    replications queued: a save still in flight when the process exits queues one more."""
+    if wait not in _BEFORE_EXIT:
+        _BEFORE_EXIT.append(wait)
+
+
+def start_streamed_upload(shared: Store, items: list[WriteItem], plan: FilePlan) -> Future:
     """Upload ``plan``'s files to the shared tier from ``items`` (the staging buffer's bytes)
     on this process's upload thread; a Future of the keys written."""
     global _UPLOADER
     with _REPLICATOR_LOCK:
         if _UPLOADER is None:
             _UPLOADER = ThreadPoolExecutor(1, thread_name_prefix="ckptstore-stream-upload")
-    return _UPLOADER.submit(stream_items, tiered.remote, items, plan)
+    return _UPLOADER.submit(stream_items, shared, items, plan)
 
 
 _REPLICATOR: Replicator | None = None

@@ -26,6 +26,7 @@ from ckptstore.checkpoint import Checkpoint, open_checkpoint
 from ckptstore.chunk_writer import ChunkRow, ChunkWriter, blob_ref, chunk_table
 from ckptstore.dtypes import dtype_from_name
 from ckptstore.errors import ConversionError
+from ckptstore.layouts import GridLayout, whole_layout
 from ckptstore.load import read_blob
 from ckptstore.locate import commit_manifest, delete_replaced, refuse_existing, store_for
 from ckptstore.manifest import (
@@ -36,7 +37,6 @@ from ckptstore.manifest import (
     TensorRecord,
 )
 from ckptstore.pieces import contiguous_pieces
-from ckptstore.plan import GridLayout, whole_layout
 from ckptstore.tensor_bytes import as_bytes
 
 _MiB = 1 << 20

@@ -26,8 +26,7 @@ import torch
 
 from ckptstore import failpoints, knobs
 from ckptstore.backends.base import Store
-from ckptstore.backends.tiered import TieredStore
-from ckptstore.commit import SaveInfo, commit_collective, commit_tier, unmark_saving
+from ckptstore.commit import SaveInfo, commit_collective, unmark_saving
 from ckptstore.coordinate import Coordinator
 from ckptstore.dtypes import DTYPE_TO_NAME
 from ckptstore.errors import (
@@ -47,6 +46,7 @@ from ckptstore.manifest import (
 from ckptstore.manifest_rules import bad_name
 from ckptstore.plan import GlobalPlan, RankPlan, TensorDecl, plan_save
 from ckptstore.tensor_bytes import as_bytes, host_contiguous
+from ckptstore.tier_seam import SaveTarget, save_target
 from ckptstore.write import FilePlan, WriteItem, WriteResult, write_items
 
 
@@ -152,7 +152,7 @@ class SaveOptions:
 class PlannedSave:
     """A save after its foreground collectives: what this rank writes, ready to stage/write."""
 
-    store: Store
+    target: SaveTarget | None  # None: planned without a checkpoint (to prepare one)
     options: SaveOptions
     rank: int
     world_size: int
@@ -166,6 +166,11 @@ class PlannedSave:
     streamed_upload: Future | None = None
     """Tiered async saves: this rank's data files going to the shared tier straight from
     the staging buffer while tier 0 is written (a Future of the keys uploaded)."""
+
+    @property
+    def store(self) -> Any:
+        """The store saved into (None when planned without a checkpoint)."""
+        return self.target.store if self.target is not None else None
 
     def tensors_to_write(self) -> list[torch.Tensor]:
         """This rank's tensors in write order: its planned chunks, then per-rank tensors."""
@@ -229,9 +234,10 @@ def save(
         spread_prefixes=spread_prefixes,
     )
     coord = Coordinator(process_group)
-    team = replication_team_for(path, process_group)
+    target = save_target(store_for(path, options.storage_options))
+    team = target.replication_team(process_group)
     with gc_paused():  # bulk object creation; see ckptstore.gcpause
-        planned = plan_save_collective(state_dict, path, coord, options, id(process_group))
+        planned = plan_save_collective(state_dict, target, coord, options, id(process_group))
         planned.replication_team = team
         failpoints.hit("planned", coord.rank)
         t = time.perf_counter()
@@ -248,18 +254,9 @@ def save(
         return commit_collective(planned, result, error, coord)
 
 
-def replication_team_for(path: Any, process_group: Any) -> Any:
-    """For a tiered path: the team of ranks that agree on its replication; else None."""
-    if not isinstance(path, TieredStore):
-        return None
-    from ckptstore.replicator import replicator
-
-    return replicator().team_for(process_group)
-
-
 def plan_save_collective(
     state_dict: Any,
-    path: str | os.PathLike[str] | Store | None,
+    target: SaveTarget | None,
     coord: Coordinator,
     options: SaveOptions,
     group_key: int,
@@ -268,11 +265,11 @@ def plan_save_collective(
 
     Collectives on ``coord``: one all_reduce; on a plan-cache miss an all_gather of
     declaration keys, a gather and a scatter. Raises on every rank if any rank failed.
-    ``path=None`` plans without a checkpoint (to prepare a later save): nothing is
+    ``target=None`` plans without a checkpoint (to prepare a later save): nothing is
     checked, marked or written, and the returned plan has no store.
     """
     t0 = time.perf_counter()
-    store: Any = store_for(path, options.storage_options) if path is not None else None
+    store: Any = target.store if target is not None else None
     if options.codec is not None:
         from ckptstore.codecs import get_codec
 
@@ -299,10 +296,8 @@ def plan_save_collective(
     # A tiered save commits on its local tier without asking the shared one (which may be
     # unreachable): whether the shared tier already holds this step is the replicator's
     # business. Every rank must name the same checkpoint (the shared URL for tiered paths).
-    primary = commit_tier(store) if store is not None else None
-    shared_url = (
-        "" if store is None else store.remote.url if isinstance(store, TieredStore) else store.url
-    )
+    primary = target.commit_store if target is not None else None
+    shared_url = target.shared_url if target is not None else ""
     path_key = int.from_bytes(hashlib.blake2b(shared_url.encode(), digest_size=7).digest(), "big")
     exists = 0
     planning_only = primary is None
@@ -316,7 +311,7 @@ def plan_save_collective(
         not planning_only
         and error is None
         and not exists
-        and (coord.is_coordinator or primary is not store)
+        and (coord.is_coordinator or (target is not None and target.marks_every_node))
     ):
         try:  # before any rank writes data (the all_reduce below orders it): gc keeps off
             primary.write_volatile(SAVING_KEY, b"")  # no fsync: it is bookkeeping
@@ -379,7 +374,7 @@ def plan_save_collective(
             _PLAN_CACHE.popitem(last=False)
     t_end = time.perf_counter()
     return PlannedSave(
-        store, options, coord.rank, coord.world_size, local, writes, global_plan, plan_cached,
+        target, options, coord.rank, coord.world_size, local, writes, global_plan, plan_cached,
         {"prepare": t_plan - t0, "plan": t_end - t_plan},
     )  # fmt: skip
 

@@ -25,6 +25,7 @@ from ckptstore.errors import (
     PickleNotAllowedError,
     StateDictError,
 )
+from ckptstore.layouts import whole_layout
 from ckptstore.leaves import is_plain
 from ckptstore.locate import commit_manifest, delete_replaced, refuse_existing, store_for
 from ckptstore.manifest import (
@@ -35,7 +36,6 @@ from ckptstore.manifest import (
 )
 from ckptstore.manifest_rules import bad_name
 from ckptstore.pieces import contiguous_pieces
-from ckptstore.plan import whole_layout
 from ckptstore.tensor_bytes import as_bytes
 
 _MiB = 1 << 20

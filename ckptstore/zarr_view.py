@@ -23,8 +23,8 @@ from ckptstore.backends.base import ByteRange
 from ckptstore.checksum import block_crcs
 from ckptstore.dtypes import dtype_from_name
 from ckptstore.errors import ChecksumError, ConversionError
-from ckptstore.export import regular_chunks, zarr_dtype
 from ckptstore.manifest import TensorRecord
+from ckptstore.zarr_format import regular_chunks, zarr_dtype
 
 if TYPE_CHECKING:
     from ckptstore.checkpoint import Checkpoint

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from ckptstore import manifest_grids
 from ckptstore.errors import ManifestError
+from ckptstore.layouts import GridLayout, whole_layout
 from ckptstore.manifest import ChunkTable, Manifest, TensorRecord, encode_manifest
-from ckptstore.plan import GridLayout, whole_layout
 
 GRIDS = {  # shape -> grid starts (FSDP's torch.chunk shards, uneven ones, a 2-D grid)
     (10,): ((0, 3, 6, 9),),

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from ckptstore.errors import ShardingError
-from ckptstore.plan import BoxLayout, GridLayout, RankPlan, TensorDecl, overlaps, plan_save
+from ckptstore.layouts import BoxLayout, GridLayout, overlaps
+from ckptstore.plan import RankPlan, TensorDecl, plan_save
 
 
 def decl(name: str, shape: tuple[int, ...], itemsize: int = 4) -> TensorDecl:
