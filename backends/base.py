@@ -228,7 +228,7 @@ class Store(abc.ABC):
     def tiers(self) -> tuple[Store, Store] | None:
         """(this node's tier, the shared tier) for a store that puts one in front of the
         other; None for a single store. The save path commits on the first and replicates
-        to the second (``ckptstore.tier_seam``)."""
+        to the second (``ckptstore.tiers.seam``)."""
         return None
 
     def fallback_reader(self) -> Callable[[str, int, memoryview], None] | None:

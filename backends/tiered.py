@@ -6,7 +6,7 @@ copy fails its checksum is read again from the remote tier (:meth:`TieredStore.f
 Bytes served by each tier are counted, so a restore can say where its data came from.
 
 Replication (local -> remote) and the per-tier state of a checkpoint live in
-``ckptstore.replicate``: a Store moves bytes and knows nothing about checkpoints.
+``ckptstore.tiers.upload``: a Store moves bytes and knows nothing about checkpoints.
 """
 
 from __future__ import annotations

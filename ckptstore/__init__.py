@@ -7,14 +7,17 @@
 """
 
 from ckptstore import errors
-from ckptstore.async_save import AsyncSaveHandle, async_save, prepare_async_save
 from ckptstore.backends.tiered import TieredStore as Tiered
-from ckptstore.checkpoint import Checkpoint, ObjectMeta, TensorMeta
-from ckptstore.checkpoint import open_checkpoint as open
-from ckptstore.leaves import PerRank, Sharded
-from ckptstore.load import LoadInfo, load
-from ckptstore.manager import CheckpointManager
-from ckptstore.policies import (
+from ckptstore.loading.checkpoint import Checkpoint, ObjectMeta, TensorMeta
+from ckptstore.loading.checkpoint import open_checkpoint as open
+from ckptstore.loading.load import LoadInfo, load
+from ckptstore.saving.async_save import AsyncSaveHandle, async_save, prepare_async_save
+from ckptstore.saving.save import SaveInfo, save
+from ckptstore.state.leaves import PerRank, Sharded
+from ckptstore.tiers.replicator import ReplicationHandle, replicate
+from ckptstore.tiers.upload import ReplicationInfo
+from ckptstore.training.manager import CheckpointManager
+from ckptstore.training.policies import (
     AnyOf,
     EveryNSeconds,
     EveryNSteps,
@@ -23,9 +26,6 @@ from ckptstore.policies import (
     KeepEvery,
     KeepLast,
 )
-from ckptstore.replicate import ReplicationInfo
-from ckptstore.replicator import ReplicationHandle, replicate
-from ckptstore.save import SaveInfo, save
 
 __version__ = "0.1.0"
 

@@ -114,7 +114,7 @@ class ReplicationError(CkptStoreError):
     """Copying a checkpoint from the local tier to the shared tier failed.
 
     The local (tier-0) checkpoint is intact and loadable; the replication can be retried
-    (``CheckpointManager.replicate()``, ``ckptstore.replicate`` or ``ckpt cp``).
+    (``CheckpointManager.replicate()``, ``ckptstore.tiers.upload`` or ``ckpt cp``).
     """
 
 

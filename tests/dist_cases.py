@@ -373,7 +373,7 @@ def store_exchange_with_a_silent_rank(rank: int, world: int) -> str:
     gather ends with a typed error naming it, instead of waiting hours."""
     import time
 
-    from ckptstore.store_coordinate import Team
+    from ckptstore.coordination.key_value import Team
 
     os.environ["CKPTSTORE_COLLECTIVE_TIMEOUT_S"] = "3"
     exchange = Team().next_exchange("test")
@@ -415,7 +415,7 @@ def dtensor_boxes_against_torch(rank: int, world: int) -> list[str]:
     torch's."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    from ckptstore.leaves import flatten
+    from ckptstore.state.leaves import flatten
 
     mesh = init_device_mesh("cpu", (world,))
     sd = {}
@@ -495,7 +495,7 @@ def store_host_dies_during_an_exchange(rank: int, world: int) -> str:
     rank 1 gets a typed error, not torch's network error."""
     import time
 
-    from ckptstore.store_coordinate import Team
+    from ckptstore.coordination.key_value import Team
 
     os.environ["CKPTSTORE_COLLECTIVE_TIMEOUT_S"] = "3"
     exchange = Team().next_exchange("test")
@@ -513,7 +513,7 @@ def prepared_async_save(rank: int, world: int, root: str) -> dict:
     """prepare_async_save, then the first async_save: nothing written by the preparation, a
     staging buffer of exactly this rank's bytes faulted in ahead and reused by the save,
     whose plan comes from the cache."""
-    from ckptstore.async_save import _state
+    from ckptstore.saving.async_save import _state
 
     mesh = init_device_mesh("cpu", (world,))
     full = torch.arange(1000 * 24, dtype=torch.float32).reshape(1000, 24)

@@ -30,7 +30,7 @@ def test_tensors_may_change_as_soon_as_async_save_returns(tmp_path) -> None:
 
 
 def test_staging_buffer_is_reused_and_saves_are_serialized(tmp_path) -> None:
-    from ckptstore.async_save import _state
+    from ckptstore.saving.async_save import _state
 
     w = torch.randn(256, 256)
     first = cs.async_save({"w": w}, tmp_path / "a")

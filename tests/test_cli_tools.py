@@ -17,9 +17,10 @@ import torch
 import ckptstore as cs
 from ckptstore.cli.main import main as ckpt
 from ckptstore.errors import ConversionError
-from ckptstore.gc import delete_garbage, find_garbage
+from ckptstore.loading.zarr_view import CheckpointZarrMap
+from ckptstore.ops.gc import delete_garbage, find_garbage
 from ckptstore.testing.ranks import run_ranks
-from ckptstore.zarr_view import CheckpointZarrMap
+from ckptstore.training import catalog
 from tests import cli_cases
 from tests.dist_cases import global_state
 
@@ -223,7 +224,7 @@ def test_gc_deletes_only_what_it_listed(tmp_path, capsys) -> None:
     assert late.exists()
     assert not (root / "step_00000003").exists()
     assert ckpt(["verify", str(root / "step_00000002")]) == 0
-    assert [e.step for e in cs.catalog.scan(str(root))] == [1, 2]
+    assert [e.step for e in catalog.scan(str(root))] == [1, 2]
 
 
 def test_the_commands_against_s3(sharded, seaweed, tmp_path, monkeypatch, capsys) -> None:
@@ -262,12 +263,12 @@ def test_the_commands_against_s3(sharded, seaweed, tmp_path, monkeypatch, capsys
     assert ckpt(["gc", root, "--older-than", "0s", "--apply", "--json"]) == 0
     doc = _json(capsys)
     assert [(i["kind"], i["where"]) for i in doc["items"]] == [("incomplete", "step_00000102")]
-    assert [e.step for e in cs.catalog.scan(store)] == [100, 101]
+    assert [e.step for e in catalog.scan(store)] == [100, 101]
 
 
 def test_reshard_checksums_cut_at_block_boundaries(tmp_path, monkeypatch) -> None:
-    from ckptstore.reshard import reshard_checkpoint
-    from ckptstore.verify import verify_checkpoint
+    from ckptstore.format.verify import verify_checkpoint
+    from ckptstore.ops.reshard import reshard_checkpoint
 
     sd = {"w": torch.randn(50, 30), "b": torch.randn(7, 3).to(torch.bfloat16), "n": 4}
     cs.save(sd, tmp_path / "a")

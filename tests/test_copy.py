@@ -12,7 +12,7 @@ import torch
 import ckptstore as cs
 from ckptstore.backends.s3 import S3Store
 from ckptstore.cli.main import main as ckpt_main
-from ckptstore.copy import copy_checkpoint
+from ckptstore.ops.copy import copy_checkpoint
 
 
 @pytest.fixture

@@ -41,7 +41,7 @@ def test_sync_and_async_saves_of_device_tensors_are_bit_exact(tmp_path) -> None:
 
 
 def test_staging_buffer_is_pinned_and_reused(tmp_path) -> None:
-    from ckptstore import async_save as module
+    from ckptstore.saving import async_save as module
 
     sd = _state("cuda")
     cs.async_save(sd, tmp_path / "a").wait(timeout=120)

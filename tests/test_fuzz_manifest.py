@@ -23,10 +23,10 @@ from hypothesis import strategies as st
 
 import ckptstore as cs
 from ckptstore.errors import CkptStoreError, ManifestError
-from ckptstore.manifest import MANIFEST_KEY, Manifest, encode_manifest
+from ckptstore.format.manifest import MANIFEST_KEY, Manifest, encode_manifest
+from ckptstore.format.verify import verify_checkpoint
 from ckptstore.testing import hostile
 from ckptstore.testing.ranks import run_ranks
-from ckptstore.verify import verify_checkpoint
 
 EXAMPLES = int(os.environ.get("CKPTSTORE_FUZZ_EXAMPLES", "150"))
 SECONDS = float(os.environ.get("CKPTSTORE_FUZZ_SECONDS", "0"))

@@ -111,7 +111,7 @@ def test_restore_of_a_checkpoint_deleted_while_read_takes_the_newest(tmp_path, m
     listed and before its files were read, and commits a newer one meanwhile: the restore
     takes the newest committed now and says why."""
 
-    import ckptstore.manager as manager_module
+    import ckptstore.training.manager as manager_module
 
     writer = cs.CheckpointManager(str(tmp_path), async_save=False, keep=1)
     writer.save(1, {"w": torch.full((64,), 1.0)})

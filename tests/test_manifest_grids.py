@@ -1,4 +1,4 @@
-"""The tensor table's grid rows are parsed in bulk (``ckptstore.manifest_grids``): whatever a
+"""The tensor table's grid rows are parsed in bulk (``ckptstore.format.grids``): whatever a
 row holds, the bulk parse and the row-by-row parse agree -- the same records, or both a
 ``ManifestError``. A hostile row among thousands of identical ones is not let through by
 the cache of validated (shape, grid) pairs."""
@@ -13,10 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ckptstore import manifest_grids
 from ckptstore.errors import ManifestError
-from ckptstore.layouts import GridLayout, whole_layout
-from ckptstore.manifest import ChunkTable, Manifest, TensorRecord, encode_manifest
+from ckptstore.format import grids as manifest_grids
+from ckptstore.format.layouts import GridLayout, whole_layout
+from ckptstore.format.manifest import ChunkTable, Manifest, TensorRecord, encode_manifest
 
 GRIDS = {  # shape -> grid starts (FSDP's torch.chunk shards, uneven ones, a 2-D grid)
     (10,): ((0, 3, 6, 9),),
@@ -60,7 +60,7 @@ def _parse_both(data: bytes, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]
     bulk = parse()
     with monkeypatch.context() as m:
         m.setattr(
-            "ckptstore.manifest.split_grid_rows",
+            "ckptstore.format.manifest.split_grid_rows",
             lambda doc, *_: (manifest_grids.GridRows.empty(), doc),
         )
         rows = parse()

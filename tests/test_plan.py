@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from ckptstore.errors import ShardingError
-from ckptstore.layouts import BoxLayout, GridLayout, overlaps
-from ckptstore.plan import RankPlan, TensorDecl, plan_save
+from ckptstore.format.layouts import BoxLayout, GridLayout, overlaps
+from ckptstore.saving.plan import RankPlan, TensorDecl, plan_save
 
 
 def decl(name: str, shape: tuple[int, ...], itemsize: int = 4) -> TensorDecl:

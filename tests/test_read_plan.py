@@ -9,8 +9,8 @@ import torch
 
 import ckptstore as cs
 from ckptstore.errors import ChecksumError, ManifestError
-from ckptstore.read import ChunkReader
-from ckptstore.read_plan import Target, coalesce, plan_reads
+from ckptstore.loading.read import ChunkReader
+from ckptstore.loading.read_plan import Target, coalesce, plan_reads
 from ckptstore.testing import hostile
 
 BLOCK = 4096
@@ -125,7 +125,7 @@ def test_a_layout_for_a_row_that_does_not_exist_is_refused(tmp_path) -> None:
 def test_coalesce_joins_close_spans_cuts_at_the_window_and_never_crosses_files() -> None:
     import numpy as np
 
-    from ckptstore.read_plan import coalesce
+    from ckptstore.loading.read_plan import coalesce
 
     def run(spans, gap, window):
         f, s, e = (np.array(c, dtype=np.int64) for c in zip(*spans, strict=True))

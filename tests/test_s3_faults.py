@@ -115,7 +115,7 @@ def test_a_lost_response_to_the_manifest_put_is_recognised_as_our_own_commit(sea
 def test_gc_lists_and_aborts_unfinished_multipart_uploads(seaweed) -> None:
     """A writer killed mid-upload leaves a multipart upload that no listing shows; ``ckpt
     gc`` finds it (dry run), and aborts exactly it with --apply."""
-    from ckptstore.gc import delete_garbage, find_garbage
+    from ckptstore.ops.gc import delete_garbage, find_garbage
 
     url = _url(seaweed)
     cs.save(_state(), url, storage_options=seaweed.options())

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import ckptstore as cs
-from ckptstore.dtypes import NAME_TO_DTYPE
 from ckptstore.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -20,6 +19,7 @@ from ckptstore.errors import (
     ShardingError,
     StateDictError,
 )
+from ckptstore.format.dtypes import NAME_TO_DTYPE
 
 
 def random_of(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
@@ -214,7 +214,7 @@ def test_missing_and_incomplete_checkpoints_are_refused(tmp_path) -> None:
     # (they could belong to a save still in flight) until `ckpt gc` finds them orphaned
     cs.save({"w": torch.ones(2)}, tmp_path / "c")
     assert len(os.listdir(tmp_path / "c" / "data")) == 2
-    from ckptstore.gc import find_garbage
+    from ckptstore.ops.gc import find_garbage
 
     assert [g.kind for g in find_garbage(tmp_path / "c", older_than=0)] == ["orphan"]
 
@@ -234,7 +234,7 @@ def test_missing_and_incomplete_checkpoints_are_refused(tmp_path) -> None:
 )
 def test_damaged_manifest_is_a_typed_error(tmp_path, damage) -> None:
     from ckptstore.errors import ManifestError
-    from ckptstore.manifest import encode_manifest
+    from ckptstore.format.manifest import encode_manifest
 
     cs.save({"w": torch.ones(8), "x": 1}, tmp_path / "c")
     mpath = tmp_path / "c" / "manifest.json"
@@ -405,7 +405,7 @@ def test_gc_during_a_save(tmp_path, monkeypatch, lease) -> None:
     checkpoint of another step is untouched."""
     from ckptstore import failpoints
     from ckptstore.errors import SaveError
-    from ckptstore.gc import delete_garbage, find_garbage
+    from ckptstore.ops.gc import delete_garbage, find_garbage
 
     if lease is not None:
         monkeypatch.setenv("CKPTSTORE_SAVE_LEASE_S", lease)

@@ -9,6 +9,7 @@ import pytest
 
 from ckptstore.backends import FsspecStore, LocalStore, MemoryStore, open_store
 from ckptstore.backends.base import Store
+from ckptstore.backends.tiered import TieredStore
 from ckptstore.errors import UnsupportedURLError
 from ckptstore.testing.store_tests import StoreTests
 
@@ -98,3 +99,16 @@ def test_a_save_that_fills_the_disk_fails_cleanly_and_keeps_the_previous_one(ful
         cs.save({"w": torch.ones(1 << 20)}, full_disk / "step2")
     assert not os.path.exists(full_disk / "step2" / "manifest.json")
     assert torch.equal(cs.open(full_disk / "step1").read("w"), torch.ones(1000))
+
+
+class TestTieredStore(StoreTests):
+    """A node-local directory in front of a shared store: writes go to the local tier, reads
+    take the local copy first (the shared tier's behaviour is covered in tests/test_tiered.py)."""
+
+    @pytest.fixture
+    def store(self, tmp_path) -> Store:
+        return TieredStore(LocalStore(str(tmp_path / "local")), MemoryStore(uuid.uuid4().hex))
+
+    def raw_get(self, store: Store, key: str) -> bytes:
+        with open(os.path.join(store.local.root, key), "rb") as f:  # type: ignore[attr-defined]
+            return f.read()

@@ -115,7 +115,7 @@ def _timed(fn) -> float:
 
 
 def _equal(a: dict, b: dict) -> bool:
-    from ckptstore.leaves import flatten
+    from ckptstore.state.leaves import flatten
 
     fa, fb = flatten(a), flatten(b)
     return all(
@@ -138,8 +138,9 @@ def _parse_seconds(data: bytes, validated: bool, repeats: int = 7) -> float:
     from contextlib import ExitStack
     from unittest import mock
 
-    from ckptstore import manifest, manifest_rules
-    from ckptstore.manifest import Manifest
+    from ckptstore.format import manifest
+    from ckptstore.format import rules as manifest_rules
+    from ckptstore.format.manifest import Manifest
 
     def exact_sizes(where, dims, ndims, itemsizes):
         return manifest_rules.row_numel(dims, ndims) * itemsizes

@@ -95,7 +95,7 @@ def _state(layout: str, world: int, spec: dict, seed: int = 0) -> dict:
 
 
 def _local_tensors(state: dict) -> list[torch.Tensor]:
-    from ckptstore.leaves import flatten
+    from ckptstore.state.leaves import flatten
 
     return [leaf.value for leaf in flatten(state).values() if isinstance(leaf.value, torch.Tensor)]
 
@@ -123,7 +123,7 @@ def page_cache_floor(checkpoint: str, rank: int, verify: bool, repeats: int = 3)
     (warm in the page cache) into buffers that already exist -- with ``verify``, also
     taking their crc32c: the least a load of those bytes can cost, with and without the
     checksum pass ckptstore makes before any byte reaches a tensor."""
-    from ckptstore.checksum import crc32c
+    from ckptstore.format.checksum import crc32c
 
     data = os.path.join(checkpoint, "data")
     files = sorted(os.path.join(data, f) for f in os.listdir(data) if f.startswith(f"{rank:05d}-"))
@@ -219,9 +219,9 @@ def flatten_and_match(rank: int, world: int, root: str) -> dict[str, float]:
     from torch.distributed.tensor import DTensor, Shard
 
     import ckptstore as cs
-    from ckptstore.coordinate import Coordinator
-    from ckptstore.leaves import flatten
-    from ckptstore.load import _match
+    from ckptstore.coordination.collectives import Coordinator
+    from ckptstore.loading.load import _match
+    from ckptstore.state.leaves import flatten
 
     mesh = init_device_mesh("cpu", (world,))
     out = {}

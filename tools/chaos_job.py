@@ -162,7 +162,7 @@ def check_tiered(root: str, remote: str, opts: dict) -> tuple[list[int], list[st
     import ckptstore as cs
     from ckptstore.backends.s3 import S3Store
     from ckptstore.errors import CkptStoreError
-    from ckptstore.verify import verify_checkpoint
+    from ckptstore.format.verify import verify_checkpoint
 
     committed, problems = set(), []
     nodes = sorted(d for d in os.listdir(root) if d.startswith("node"))
@@ -215,7 +215,7 @@ def check_root(root: str) -> tuple[list[int], list[str]]:
 
     import ckptstore as cs
     from ckptstore.errors import CkptStoreError
-    from ckptstore.verify import verify_checkpoint
+    from ckptstore.format.verify import verify_checkpoint
 
     committed, problems = [], []
     steps = sorted(int(d[5:]) for d in os.listdir(root) if d.startswith("step_"))  # not .ready
@@ -453,7 +453,7 @@ def _faulty_proxy(seed: int, s3: dict):
 
 def _gc_everything(root: str, remote: str, s3: dict, trial: Trial) -> None:
     """``ckpt gc --older-than 0s --apply`` on every tier; no multipart upload may survive."""
-    from ckptstore.gc import delete_garbage, find_garbage
+    from ckptstore.ops.gc import delete_garbage, find_garbage
 
     nodes = [os.path.join(root, n) for n in sorted(os.listdir(root)) if n.startswith("node")]
     for where in [*nodes, remote] if remote else [root]:

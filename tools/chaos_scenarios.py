@@ -106,7 +106,7 @@ def run_scenario(trial: Trial) -> Trial:
 
     import ckptstore as cs
     from ckptstore.errors import CkptStoreError
-    from ckptstore.gc import delete_garbage, find_garbage
+    from ckptstore.ops.gc import delete_garbage, find_garbage
 
     root = tempfile.mkdtemp(prefix=f"chaos-{trial.id}-")
     path = os.path.join(root, "ckpt") if trial.mode == "overwrite-race" else root

@@ -18,9 +18,9 @@ import time
 import numpy as np
 import torch
 
-from ckptstore.manifest import ChunkTable, Manifest, TensorRecord
-from ckptstore.plan import RankPlan, TensorDecl, plan_save
-from ckptstore.read_plan import Target, plan_reads
+from ckptstore.format.manifest import ChunkTable, Manifest, TensorRecord
+from ckptstore.loading.read_plan import Target, plan_reads
+from ckptstore.saving.plan import RankPlan, TensorDecl, plan_save
 
 LAYERS, HIDDEN, FFN, KV, VOCAB = 126, 16384, 53248, 1024, 128256
 TP = 8

@@ -14,11 +14,11 @@ import json
 import sys
 from typing import Any
 
-from ckptstore.checkpoint import open_checkpoint
 from ckptstore.cli.format import human_age, human_bytes, table
 from ckptstore.errors import DAMAGED_CONTENT, CkptStoreError, IncompleteCheckpointError
-from ckptstore.manifest import TensorRecord
-from ckptstore.verify import verify_checkpoint
+from ckptstore.format.manifest import TensorRecord
+from ckptstore.format.verify import verify_checkpoint
+from ckptstore.loading.checkpoint import open_checkpoint
 
 EXIT_OK, EXIT_DAMAGED, EXIT_USAGE = 0, 1, 2
 
@@ -196,7 +196,7 @@ def _when(created: float | None) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from ckptstore.catalog import scan, scan_tiers
+    from ckptstore.training.catalog import scan, scan_tiers
 
     if args.local:
         tiers = scan_tiers(args.root, args.local)
@@ -242,8 +242,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def _recorded_replication(root: str, steps: list[int]) -> dict[int, str]:
     """For a local tier: each step's replication state as recorded next to its manifest."""
-    from ckptstore.catalog import step_store
-    from ckptstore.tier_state import read_tier_state
+    from ckptstore.tiers.state import read_tier_state
+    from ckptstore.training.catalog import step_store
 
     out = {}
     for step in steps:
@@ -254,9 +254,9 @@ def _recorded_replication(root: str, steps: list[int]) -> dict[int, str]:
 
 
 def cmd_cp(args: argparse.Namespace) -> int:
-    from ckptstore.checkpoint import open_checkpoint
     from ckptstore.cli.progress import Progress
-    from ckptstore.copy import copy_checkpoint
+    from ckptstore.loading.checkpoint import open_checkpoint
+    from ckptstore.ops.copy import copy_checkpoint
 
     total = open_checkpoint(args.src).manifest.stored_bytes()
     with Progress("copy", total, enabled=not args.json) as progress:
@@ -273,7 +273,7 @@ def cmd_cp(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from ckptstore.diff import diff_checkpoints
+    from ckptstore.ops.diff import diff_checkpoints
 
     report = diff_checkpoints(args.a, args.b, tensors=args.tensors, atol=args.atol)
     if args.json:
@@ -298,9 +298,9 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ckptstore.checkpoint import open_checkpoint
     from ckptstore.cli.progress import Progress
-    from ckptstore.export import export_checkpoint
+    from ckptstore.interop.export import export_checkpoint
+    from ckptstore.loading.checkpoint import open_checkpoint
 
     ck = open_checkpoint(args.path)  # once: the export reads this same manifest
     with Progress("export", ck.manifest.total_tensor_bytes(), enabled=not args.json) as progress:
@@ -323,7 +323,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from ckptstore.importer import import_checkpoint
+    from ckptstore.interop.importer import import_checkpoint
 
     info = import_checkpoint(
         args.src,
@@ -344,7 +344,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from ckptstore.gc import delete_garbage, find_garbage, parse_duration
+    from ckptstore.ops.gc import delete_garbage, find_garbage, parse_duration
 
     try:
         older = parse_duration(args.older_than)
@@ -371,9 +371,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_reshard(args: argparse.Namespace) -> int:
-    from ckptstore.checkpoint import open_checkpoint
     from ckptstore.cli.progress import Progress
-    from ckptstore.reshard import reshard_checkpoint
+    from ckptstore.loading.checkpoint import open_checkpoint
+    from ckptstore.ops.reshard import reshard_checkpoint
 
     ck = open_checkpoint(args.src)  # once: the reshard reads this same manifest
     with Progress("reshard", ck.manifest.total_tensor_bytes(), enabled=not args.json) as progress:

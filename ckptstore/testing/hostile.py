@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from ckptstore.checksum import block_crcs, crc32c
-from ckptstore.manifest import MANIFEST_KEY, encode_manifest
+from ckptstore.format.checksum import block_crcs, crc32c
+from ckptstore.format.manifest import MANIFEST_KEY, encode_manifest
 
 OP_SECONDS = 15
 SECRET = b"outside-the-checkpoint-root " * 64

@@ -152,7 +152,7 @@ def training_state(model: Llama, optim: torch.optim.Optimizer) -> dict:
 
 def full_tensors(state: dict) -> dict[str, torch.Tensor]:
     """Every tensor of a training state, gathered whole (a collective), by flattened name."""
-    from ckptstore.leaves import DTensor, flatten
+    from ckptstore.state.leaves import DTensor, flatten
 
     out = {}
     for name, leaf in flatten(state).items():

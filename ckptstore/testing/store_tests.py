@@ -133,3 +133,33 @@ class StoreTests:
         store.write("empty", b"")
         assert store.read("empty") == b""
         assert store.size("empty") == 0
+
+    # -- capabilities the core asks for ---------------------------------------------------
+    def test_uncommitted_writes_list_as_temporary(self, store: Store) -> None:
+        store.write("a/done.bin", b"x")
+        writer = store.open_writer("a/pending.bin")
+        writer.write(b"y" * 100)
+        try:
+            keys = set(store.list("a/"))
+            assert "a/done.bin" in keys and not store.is_temporary("a/done.bin")
+            assert "a/pending.bin" not in keys  # invisible until committed
+            assert all(store.is_temporary(k) for k in keys - {"a/done.bin"}), keys
+        finally:
+            writer.abort()
+        assert set(store.list("a/")) == {"a/done.bin"}
+
+    def test_pruning_empty_directories_keeps_every_object(self, store: Store) -> None:
+        store.write("s/data/x.bin", b"1")
+        store.write("s/manifest.json", b"2")
+        store.delete("s/data/x.bin")
+        store.prune_empty_dirs("s")
+        assert sorted(store.list()) == ["s/manifest.json"]
+        assert store.read("s/manifest.json") == b"2"
+
+    def test_tiers_and_fallback_agree(self, store: Store) -> None:
+        tiers, fallback = store.tiers(), store.fallback_reader()
+        assert (tiers is None) == (fallback is None)
+        store.write("k", b"abcdef")
+        if fallback is not None:  # a key only on this node's tier is not on the shared one
+            with pytest.raises(KeyNotFoundError):
+                fallback("k", 0, memoryview(bytearray(3)))

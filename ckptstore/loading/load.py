@@ -1,0 +1,315 @@
+"""``load``: fill the caller's state_dict in place from a checkpoint, whatever the sharding.
+
+Every rank asks for the regions it holds (a DTensor's local shard, a Sharded box, or the
+whole of a replicated tensor); those are intersected with the saved chunks and only the
+needed byte ranges are read. Keys, shapes and dtypes are checked on every rank before any
+tensor is written, and all ranks fail together if any rank finds a problem.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, NamedTuple
+
+import torch
+
+from ckptstore import knobs
+from ckptstore.backends.base import ByteRange, Store
+from ckptstore.coordination.collectives import Coordinator
+from ckptstore.errors import (
+    ChecksumError,
+    LoadMismatchError,
+    PickleNotAllowedError,
+    StoreError,
+    WorldSizeMismatchError,
+    typed,
+)
+from ckptstore.format.checksum import block_crcs
+from ckptstore.format.commit_point import read_manifest_bytes, store_for
+from ckptstore.format.dtypes import DTYPE_TO_NAME, dtype_name
+from ckptstore.format.manifest import Manifest, ObjectRecord, TensorRecord
+from ckptstore.gcpause import with_gc_paused
+from ckptstore.loading.read import ChunkReader, Target
+from ckptstore.state.leaves import Leaf, flatten
+
+PER_RANK_POLICIES = ("error", "keep", "wrap")
+_NEW_TARGET = partial(tuple.__new__, Target)  # a C-level constructor: one per tensor
+
+
+@dataclass
+class LoadInfo:
+    path: str
+    saved_world_size: int
+    tensors: int
+    bytes_read: int
+    read_requests: int
+    seconds: dict[str, float]
+    bytes_by_tier: dict[str, int] | None = None
+    """For a :class:`~ckptstore.Tiered` path: bytes this rank read from each tier."""
+
+
+def fetch_manifest(store: Store, coord: Coordinator) -> Manifest:
+    """The manifest on every rank: read by each rank from a local store in small jobs,
+    else read once by the coordinator and broadcast (all ranks parse the same bytes)."""
+    if store.reads_are_local and coord.world_size < knobs.manifest_broadcast_min_ranks():
+        return Manifest.from_json(read_manifest_bytes(store), where=store.url)
+    payload = coord.from_coordinator(lambda: read_manifest_bytes(store), store.url)
+    return Manifest.from_json(payload, where=store.url)
+
+
+def read_blob(store: Store, manifest: Manifest, name: str, record: ObjectRecord) -> bytes:
+    """A pickled object's bytes, checksum-verified (not unpickled)."""
+    assert record.blob is not None
+    b = record.blob
+    key = manifest.files[b.file]
+    if store.size(key) < b.offset + b.nbytes:  # before allocating what the manifest claims
+        raise StoreError(f"{store.url}/{key}: too short for pickled object {name!r} (truncated?)")
+    data = store.read(key, ByteRange(b.offset, b.offset + b.nbytes))
+    if (
+        len(data) != b.nbytes
+        or tuple(block_crcs(memoryview(data), manifest.chunks.block_bytes)) != b.crc32c
+    ):
+        raise ChecksumError(
+            f"{store.url}: checksum mismatch in pickled object {name!r}", bad=[name]
+        )
+    return data
+
+
+def _describe(t: TensorRecord) -> str:
+    return f"{t.dtype}{list(t.shape)}"
+
+
+def _check_tensor(leaf: Leaf, rec: TensorRecord, problems: list[str]) -> None:
+    if leaf.global_shape == rec.shape and DTYPE_TO_NAME.get(leaf.local.dtype) == rec.dtype:
+        return
+    want = f"{dtype_name(leaf.local.dtype)}{list(leaf.global_shape)}"
+    problems.append(f"{leaf.name}: the state_dict has {want}, the checkpoint has {_describe(rec)}")
+
+
+@with_gc_paused  # bulk object creation; see ckptstore.gcpause
+def load(
+    state_dict: Any,
+    path: str | os.PathLike[str] | Store,
+    *,
+    process_group: torch.distributed.ProcessGroup | None = None,
+    strict: bool = True,
+    allow_pickle: bool = False,
+    per_rank: str = "error",
+    storage_options: dict[str, Any] | None = None,
+    read_threads: int | None = None,
+) -> LoadInfo:
+    """Fill every tensor (and replace every plain value) of ``state_dict`` from ``path``.
+
+    A collective over ``process_group``. The caller's tensors keep their sharding; they are
+    filled from whatever sharding the checkpoint was saved with.
+
+    Args:
+        strict: fail on keys the state_dict lacks or the checkpoint lacks. Shape and dtype
+            mismatches always fail. Either way nothing is written before all checks pass.
+        allow_pickle: allow unpickling objects that were saved pickled.
+        per_rank: what :class:`PerRank` entries do when the world size changed: ``"error"``,
+            ``"keep"`` (leave the caller's value) or ``"wrap"`` (rank r takes the value of
+            saved rank ``r % saved_world_size``).
+
+    Raises:
+        LoadMismatchError: missing/unexpected keys, shape or dtype mismatches (all listed).
+        ChecksumError: stored bytes do not match their crc32c (nothing bad is copied).
+    """
+    if per_rank not in PER_RANK_POLICIES:
+        raise ValueError(f"per_rank must be one of {PER_RANK_POLICIES}, not {per_rank!r}")
+    t0 = time.perf_counter()
+    coord = Coordinator(process_group)
+    store = store_for(path, storage_options)
+    tier_bytes_before = store.bytes_by_tier()
+    # Every step that can fail on one rank ends in an agreement: no rank waits in a
+    # collective for a rank that has already raised. (Reading the manifest and matching
+    # share one: neither has a collective of its own that a failed rank would skip.)
+    error: BaseException | None = None
+    targets: list[Target] = []
+    assignments: list[tuple[Leaf, ObjectRecord]] = []
+    try:
+        manifest = fetch_manifest(store, coord)
+    except Exception as exc:
+        error = typed(exc, store.url)
+    t_manifest = time.perf_counter()
+    if error is None:
+        try:
+            targets, assignments = _match(
+                state_dict, manifest, coord, strict, allow_pickle, per_rank
+            )
+        except Exception as exc:
+            error = typed(exc, store.url)
+    coord.agree(error)
+    t_plan = time.perf_counter()
+
+    reader = ChunkReader(store, manifest, store.url, threads=read_threads)
+    error = None
+    try:
+        with torch.no_grad():  # destinations may be parameters that require grad
+            reader.fill(targets)
+        for leaf, rec in assignments:
+            if rec.blob is not None:
+                value = pickle.loads(read_blob(store, manifest, leaf.name, rec))
+            else:
+                value = rec.value
+            leaf.set_value(value)
+    except Exception as exc:
+        error = typed(exc, store.url)
+    coord.agree(error)
+    t_end = time.perf_counter()
+    by_tier = None
+    tier_bytes_after = store.bytes_by_tier()
+    if tier_bytes_before is not None and tier_bytes_after is not None:  # a tiered store
+        by_tier = {k: v - tier_bytes_before.get(k, 0) for k, v in tier_bytes_after.items()}
+    return LoadInfo(
+        path=store.url,
+        saved_world_size=manifest.world_size,
+        tensors=len(targets),
+        bytes_read=reader.bytes_read,
+        read_requests=reader.requests,
+        seconds={
+            "manifest": t_manifest - t0,
+            "plan": t_plan - t_manifest,
+            "read": t_end - t_plan,
+            "total": t_end - t0,
+        },
+        bytes_by_tier=by_tier,
+    )
+
+
+class _Matched(NamedTuple):
+    """What matching found: tensors to fill, values to assign, and what is wrong."""
+
+    targets: list[Target]
+    assignments: list[tuple[Leaf, ObjectRecord]]
+    problems: list[str]
+    pickled: list[str]  # entries saved pickled
+    resized_keys: list[str]  # per-rank entries of another world size
+
+
+def _match(
+    state_dict: Any,
+    manifest: Manifest,
+    coord: Coordinator,
+    strict: bool,
+    allow_pickle: bool,
+    per_rank: str,
+) -> tuple[list[Target], list[tuple[Leaf, ObjectRecord]]]:
+    """Pair every leaf of ``state_dict`` with its entry of ``manifest``; raise on any
+    mismatch (all of them listed) before anything is read."""
+    leaves = flatten(state_dict)
+    found = _Matched([], [], [], [], [])
+    _match_tensors(leaves, manifest, found)
+    for name, leaf in leaves.items():
+        if name in manifest.tensors:
+            continue
+        _match_other(name, leaf, manifest, coord, strict, allow_pickle, per_rank, found)
+    if strict:
+        _check_nothing_left(leaves, manifest, found.problems)
+    _raise_problems(found, manifest.world_size, coord.world_size)
+    return found.targets, found.assignments
+
+
+def _match_tensors(leaves: dict[str, Leaf], manifest: Manifest, found: _Matched) -> None:
+    """The common case, tens of thousands of times: a tensor leaf of a saved tensor."""
+    tensors = manifest.tensors
+    dtype_names, new_target, add_target = DTYPE_TO_NAME, _NEW_TARGET, found.targets.append
+    for name, leaf in leaves.items():
+        rec = tensors.get(name)
+        if rec is None:
+            continue
+        kind = leaf.kind
+        if kind == "tensor" or kind == "rank_tensor":
+            local = leaf.value  # == leaf.local, without the property call
+            if leaf.global_shape != rec.shape or dtype_names.get(local.dtype) != rec.dtype:
+                _check_tensor(leaf, rec, found.problems)
+            else:
+                add_target(new_target((name, rec, leaf.box, local)))
+        else:
+            found.problems.append(
+                f"{name}: the state_dict has a {type(leaf.value).__name__}, "
+                f"the checkpoint has tensor {_describe(rec)}"
+            )
+
+
+def _match_other(
+    name: str,
+    leaf: Leaf,
+    manifest: Manifest,
+    coord: Coordinator,
+    strict: bool,
+    allow_pickle: bool,
+    per_rank: str,
+    found: _Matched,
+) -> None:
+    """A leaf that is not a saved global tensor: a value, a per-rank entry, or missing."""
+    is_tensor = leaf.kind in ("tensor", "rank_tensor")
+    problems = found.problems
+    if name in manifest.objects:
+        obj = manifest.objects[name]
+        if is_tensor:
+            problems.append(f"{name}: the state_dict has a tensor, the checkpoint has a value")
+            return
+        if obj.blob is not None and not allow_pickle:
+            found.pickled.append(name)
+        found.assignments.append((leaf, obj))
+    elif name in manifest.per_rank:
+        entries = manifest.per_rank[name]
+        if manifest.world_size != coord.world_size:
+            if per_rank == "error":
+                found.resized_keys.append(name)
+                return
+            if per_rank == "keep":
+                return
+        entry = entries[coord.rank % len(entries)]
+        if isinstance(entry, TensorRecord):
+            if not is_tensor:
+                problems.append(f"{name}: the state_dict has a value, the checkpoint has a tensor")
+                return
+            want = f"{dtype_name(leaf.local.dtype)}{list(leaf.local.shape)}"
+            if want != _describe(entry):
+                problems.append(
+                    f"{name} (per-rank): the state_dict has {want}, the checkpoint has "
+                    f"{_describe(entry)}"
+                )
+                return
+            box = ((0,) * len(entry.shape), entry.shape)
+            found.targets.append(Target(name, entry, box, leaf.local))
+        else:
+            if entry.blob is not None and not allow_pickle:
+                found.pickled.append(name)
+            found.assignments.append((leaf, entry))
+    elif strict:
+        problems.append(f"{name}: missing from the checkpoint")
+
+
+def _check_nothing_left(leaves: dict[str, Leaf], manifest: Manifest, problems: list[str]) -> None:
+    """Strict loads: every saved entry has a leaf to go to."""
+    saved = [*manifest.tensors, *manifest.objects, *manifest.per_rank]
+    if len(leaves) != len(saved) or not leaves.keys() >= set(saved):
+        for name in saved:
+            if name not in leaves:
+                problems.append(f"{name}: in the checkpoint but not in the state_dict")
+
+
+def _raise_problems(found: _Matched, saved_world: int, world: int) -> None:
+    if found.problems:
+        raise LoadMismatchError(
+            f"{len(found.problems)} problem(s) matching the state_dict to the checkpoint:\n  "
+            + "\n  ".join(found.problems),
+            found.problems,
+        )
+    if found.resized_keys:
+        raise WorldSizeMismatchError(
+            f"per-rank entries {found.resized_keys} were saved by {saved_world} ranks and are "
+            f"being loaded by {world}; pass per_rank='keep' or per_rank='wrap'"
+        )
+    if found.pickled:
+        raise PickleNotAllowedError(
+            f"entries {found.pickled} were saved pickled; pass allow_pickle=True to unpickle "
+            "them (only for checkpoints you trust: unpickling can run arbitrary code)"
+        )

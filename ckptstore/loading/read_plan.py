@@ -1,0 +1,319 @@
+"""Read planning: which byte ranges of which data files fill which destination tensors.
+
+For every destination region the saved chunks that overlap it are found; each overlap
+becomes the smallest byte span of its chunk that holds it (the whole chunk when the chunk
+is compressed), widened to checksum-block boundaries. Whole small tensors (most of a
+model's) skip the per-region work: their spans are looked up and sorted as arrays. Spans of
+one file that are close together become one request, at most a window long.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+from dataclasses import dataclass, field
+from operator import attrgetter
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from ckptstore.errors import UnsafeCopyError
+from ckptstore.format.dtypes import dtype_from_name, itemsize
+from ckptstore.format.layouts import Box, GridLayout, overlaps, whole_layout
+from ckptstore.format.manifest import Manifest, TensorRecord
+
+_NBYTES = attrgetter("nbytes")
+
+
+class Target(NamedTuple):
+    """Fill ``dest`` (shape = ``box`` shape) with region ``box`` of tensor ``name``."""
+
+    name: str
+    record: TensorRecord
+    box: Box
+    dest: torch.Tensor
+
+
+@dataclass(slots=True)
+class Piece:
+    name: str
+    chunk: int
+    file: int
+    start: int  # absolute byte range to read in the file (block aligned)
+    end: int
+    block_lo: int
+    block_hi: int
+    src_byte: int  # absolute file byte of the first element to copy (raw chunks)
+    src_shape: tuple[int, ...]
+    src_strides: tuple[int, ...]
+    dest: torch.Tensor
+    dtype: torch.dtype
+    codec: str | None = None
+    raw_nbytes: int = 0
+    src_elem_in_raw: int = 0  # decoded chunks: element offset inside the raw chunk
+    dest_ptr: int = 0  # set when the piece is one contiguous run into contiguous host memory
+    chunk_base: int = 0  # the chunk's offset in its file, size and first checksum index
+    chunk_nbytes: int = 0
+    crc0: int = 0
+    dest_nbytes: int = 0  # bytes of ``dest`` (checked before a raw copy into ``dest_ptr``)
+
+
+class WholeChunks(NamedTuple):
+    """Whole one-block raw chunks copied into contiguous host memory: the fast path for the
+    tens of thousands of small tensors of a large model. Parallel lists, one entry per chunk
+    (file byte range, crc32c, destination address, index into ``names``/``chunks``)."""
+
+    start: list[int]
+    end: list[int]
+    crc: list[int]
+    dest_ptr: list[int]
+    item: list[int]
+
+
+NO_WHOLE_CHUNKS = WholeChunks([], [], [], [], [])
+
+
+@dataclass
+class Request:
+    file: int
+    start: int
+    end: int
+    pieces: list[Piece] = field(default_factory=list)
+    simple: WholeChunks = NO_WHOLE_CHUNKS
+
+
+@dataclass
+class ReadPlan:
+    """The byte-range requests of one fill, plus the names behind the fast-path chunks."""
+
+    groups: list[Request]
+    simple_names: list[str]
+    simple_chunks: list[int]
+
+
+def _c_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= s
+    return tuple(reversed(strides))
+
+
+def _split(overlap: Box, strides: tuple[int, ...], size: int, window: int) -> list[Box]:
+    """Cut ``overlap`` along its outer dims until each part's byte span fits in ``window``."""
+    offs, shp = overlap
+    span = (sum((s - 1) * st for s, st in zip(shp, strides, strict=True)) + 1) * size
+    if span <= window:
+        return [overlap]
+    for d, extent in enumerate(shp):
+        if extent > 1:
+            inner = (
+                sum((s - 1) * st for s, st in zip(shp[d + 1 :], strides[d + 1 :], strict=True)) + 1
+            )
+            per_step = strides[d] * size
+            rows = max(1, (window - inner * size) // per_step + 1) if per_step else extent
+            if rows >= extent:
+                continue
+            parts: list[Box] = []
+            for lo in range(0, extent, rows):
+                n = min(rows, extent - lo)
+                sub_offs = (*offs[:d], offs[d] + lo, *offs[d + 1 :])
+                sub_shp = (*shp[:d], n, *shp[d + 1 :])
+                parts.extend(_split((sub_offs, sub_shp), strides, size, window))
+            return parts
+    return [overlap]
+
+
+def _slices(box: Box, origin: tuple[int, ...]) -> tuple[slice, ...]:
+    """``box`` as slices of a tensor whose element 0 sits at ``origin``."""
+    return tuple(slice(a - o, a - o + n) for a, o, n in zip(box[0], origin, box[1], strict=True))
+
+
+def exact_cell(layout: GridLayout, shape: tuple[int, ...], box: Box) -> int | None:
+    """The index of the grid cell that is exactly ``box`` (None when ``box`` is not one
+    cell): then the chunk's bytes are the box's bytes in C order."""
+    index = 0
+    for starts, off, size, extent in zip(layout.starts, box[0], box[1], shape, strict=True):
+        i = bisect.bisect_right(starts, off) - 1
+        end = starts[i + 1] if i + 1 < len(starts) else extent
+        if i < 0 or starts[i] != off or end != off + size:
+            return None
+        index = index * len(starts) + i
+    return index
+
+
+def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int) -> ReadPlan:
+    """Byte-range requests for ``targets``, grouped and coalesced per file.
+
+    One-block chunks that are exactly a destination -- a whole small tensor, or a shard
+    loaded with the sharding it was saved in (the many norms of a model) -- are looked up,
+    sorted and grouped with array operations; everything else becomes a :class:`Piece`.
+    """
+    table = manifest.chunks
+    whole_of = [whole_layout(n) for n in range(8)]
+    fast: list[int] = []  # indexes into targets of candidates for the fast path
+    chunks: list[int] = []
+    ptrs: list[int] = []
+    dests: list[torch.Tensor] = []
+    others: list[Target] = []
+    cells: dict[tuple[int, tuple[int, ...], Box], int | None] = {}
+    for i, t in enumerate(targets):
+        rec, dest = t[1], t[3]
+        shape = rec.shape
+        cell: int | None = None
+        if rec.codec is None and len(shape) < 8 and dest.is_cpu and dest.is_contiguous():
+            layout = rec.layout
+            if layout is whole_of[len(shape)]:
+                cell = 0 if t[2][1] == shape else None
+            elif type(layout) is GridLayout:  # a shard loaded as it was saved (FSDP, TP)
+                # Tensors of one shape and sharding share a layout: one lookup per box.
+                key = (id(layout), shape, t[2])
+                cell = cells.get(key, -1)
+                if cell == -1:
+                    cell = cells[key] = exact_cell(layout, shape, t[2])
+        if cell is not None:
+            fast.append(i)
+            chunks.append(rec.chunk_start + cell)
+            ptrs.append(dest.data_ptr())
+            dests.append(dest)
+        else:
+            others.append(t)
+    chunk_col = np.array(chunks, dtype=np.int64)
+    nbytes = table.nbytes[chunk_col]
+    simple = (nbytes > 0) & (nbytes <= table.block_bytes) & (np.array(ptrs, np.int64) != 0)
+    if not simple.all():  # empty tensors and multi-block chunks take the general path
+        others += [targets[fast[i]] for i in np.flatnonzero(~simple).tolist()]
+        keep = np.flatnonzero(simple).tolist()
+        fast, chunks, ptrs, dests = (
+            [fast[i] for i in keep],
+            [chunks[i] for i in keep],
+            [ptrs[i] for i in keep],
+            [dests[i] for i in keep],
+        )
+        chunk_col, nbytes = chunk_col[keep], nbytes[keep]
+    names = [targets[i][0] for i in fast]
+    pieces = _pieces(table, others, window)
+
+    # All spans (fast-path chunks first, then pieces) sorted by (file, start).
+    n_simple = len(chunks)
+    files = np.concatenate([table.file[chunk_col], np.array([p.file for p in pieces], np.int64)])
+    starts = np.concatenate(
+        [table.offset[chunk_col], np.array([p.start for p in pieces], np.int64)]
+    )
+    ends = np.concatenate([starts[:n_simple] + nbytes, np.array([p.end for p in pieces], np.int64)])
+    order = np.lexsort((starts, files))
+    crc_col = table.crc32c[table.crc_first[chunk_col]] if n_simple else chunk_col
+    ptr_col = np.array(ptrs, dtype=np.int64)
+    room_col = np.fromiter(map(_NBYTES, dests), np.int64, len(dests))  # bytes of each dest
+    groups: list[Request] = []
+    for lo, hi, g_start, g_end in coalesce(files[order], starts[order], ends[order], gap, window):
+        items = order[lo:hi]
+        is_simple = items < n_simple
+        s_items = items[is_simple]
+        runs = NO_WHOLE_CHUNKS
+        if len(s_items):
+            s_start = table.offset[chunk_col[s_items]]
+            s_end = s_start + nbytes[s_items]
+            # The bounds of every raw copy of this request, checked here as one array
+            # operation: inside the request's bytes, exactly the destination's size. (The
+            # reader checks that its buffer holds the request's bytes.)
+            if not (
+                (s_start >= g_start) & (s_end <= g_end) & (s_end - s_start == room_col[s_items])
+            ).all():
+                raise UnsafeCopyError(
+                    f"a whole-chunk copy of file {int(files[items[0]])} would leave its request "
+                    f"({g_start}..{g_end}) or its destination"
+                )
+            runs = WholeChunks(
+                s_start.tolist(), s_end.tolist(),
+                crc_col[s_items].tolist(), ptr_col[s_items].tolist(), s_items.tolist(),
+            )  # fmt: skip
+        group_pieces = [pieces[i - n_simple] for i in items[~is_simple].tolist()]
+        groups.append(Request(int(files[items[0]]), g_start, g_end, group_pieces, runs))
+    return ReadPlan(groups, names, chunks)
+
+
+def coalesce(
+    files: np.ndarray, starts: np.ndarray, ends: np.ndarray, gap: int, window: int
+) -> list[tuple[int, int, int, int]]:
+    """Requests for byte spans sorted by (file, start): ``(lo, hi, start, end)`` reads bytes
+    ``[start, end)`` of one file for spans ``lo..hi-1``. Spans closer than ``gap`` share a
+    request, no request covering several spans exceeds ``window`` bytes. Array operations
+    throughout, but for one step per request: a rank may read tens of thousands of spans.
+    """
+    if not len(files):
+        return []
+    # The running maximum of span ends, restarted at each file (one pass per file read: few).
+    new_file = np.flatnonzero(files[1:] != files[:-1]) + 1
+    covered = np.empty_like(ends)
+    for lo, hi in itertools.pairwise([0, *new_file.tolist(), len(files)]):
+        np.maximum.accumulate(ends[lo:hi], out=covered[lo:hi])
+    gaps = starts[1:] - covered[:-1] > gap
+    gaps[new_file - 1] = True  # a file change always starts a new request
+    breaks = np.flatnonzero(gaps) + 1
+    out: list[tuple[int, int, int, int]] = []
+    bounds = [0, *breaks.tolist(), len(files)]
+    for lo, hi in itertools.pairwise(bounds):
+        while lo < hi:  # cut the run of close spans into requests of at most ``window`` bytes
+            start = int(starts[lo])
+            fits = int(np.searchsorted(covered[lo:hi], start + window, "right"))
+            end = lo + max(1, fits)
+            out.append((lo, end, start, int(covered[end - 1])))
+            lo = end
+    return out
+
+
+def _pieces(table: Any, targets: list[Target], window: int) -> list[Piece]:
+    """The reads of targets off the fast path: regions of chunks, or compressed chunks."""
+    block = table.block_bytes
+    pieces: list[Piece] = []
+    for t in targets:
+        rec = t.record
+        size = itemsize(rec.dtype)
+        dtype = dtype_from_name(rec.dtype)
+        for index, cbox, obox in overlaps(rec.layout, rec.shape, t.box):
+            chunk = rec.chunk_start + index
+            c_off, c_shape = cbox
+            strides = _c_strides(c_shape)
+            file, base = int(table.file[chunk]), int(table.offset[chunk])
+            nbytes, crc0 = int(table.nbytes[chunk]), int(table.crc_first[chunk])
+            if obox == cbox and not rec.codec and nbytes <= window:
+                # The common case (same sharding on save and load): the whole raw chunk.
+                dest = t.dest if t.box == cbox else t.dest[_slices(cbox, t.box[0])]
+                blocks = max(1, -(-nbytes // block))
+                ptr = dest.data_ptr() if dest.is_cpu and dest.is_contiguous() else 0
+                pieces.append(
+                    Piece(
+                        name=t.name, chunk=chunk, file=file, start=base, end=base + nbytes,
+                        block_lo=0, block_hi=blocks, src_byte=base, src_shape=c_shape,
+                        src_strides=strides, dest=dest, dtype=dtype, codec=None,
+                        raw_nbytes=nbytes, src_elem_in_raw=0, dest_ptr=ptr, chunk_base=base,
+                        chunk_nbytes=nbytes, crc0=crc0, dest_nbytes=dest.nbytes,
+                    )
+                )  # fmt: skip
+                continue
+            parts = [obox] if rec.codec else _split(obox, strides, size, window)
+            for o_off, o_shape in parts:
+                rel = tuple(a - b for a, b in zip(o_off, c_off, strict=True))
+                first = sum(r * s for r, s in zip(rel, strides, strict=True))
+                dest = t.dest[_slices((o_off, o_shape), t.box[0])] if t.box[1] else t.dest
+                if rec.codec:
+                    blo, bhi, lo, hi = 0, max(1, math.ceil(nbytes / block)), 0, nbytes
+                else:
+                    last = first + sum((n - 1) * s for n, s in zip(o_shape, strides, strict=True))
+                    span_lo, span_hi = first * size, (last + 1) * size
+                    blo, bhi = span_lo // block, math.ceil(span_hi / block)
+                    lo, hi = blo * block, min(bhi * block, nbytes)
+                pieces.append(
+                    Piece(
+                        name=t.name, chunk=chunk, file=file, start=base + lo, end=base + hi,
+                        block_lo=blo, block_hi=bhi, src_byte=base + first * size,
+                        src_shape=o_shape, src_strides=strides, dest=dest, dtype=dtype,
+                        codec=rec.codec, raw_nbytes=math.prod(c_shape) * size,
+                        src_elem_in_raw=first, dest_ptr=0, chunk_base=base, chunk_nbytes=nbytes,
+                        crc0=crc0,
+                    )
+                )  # fmt: skip
+    return pieces

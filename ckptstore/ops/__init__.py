@@ -1,0 +1,1 @@
+"""Operations on stored checkpoints: verify, diff, copy, reshard, garbage collection, bounded-memory regions."""

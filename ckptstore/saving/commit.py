@@ -1,0 +1,290 @@
+"""The end of a save: every rank's chunk index goes to the coordinator, which assembles ONE
+manifest and commits it atomically (create-if-absent), then tells every rank the outcome.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from itertools import repeat
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ckptstore import failpoints
+from ckptstore.backends.base import Store
+from ckptstore.coordination.collectives import Coordinator
+from ckptstore.errors import CheckpointExistsError, SaveError
+from ckptstore.format.commit_point import commit_manifest, delete_replaced
+from ckptstore.format.data_files import WriteResult
+from ckptstore.format.dtypes import dtype_name
+from ckptstore.format.layouts import GridLayout
+from ckptstore.format.manifest import (
+    DATA_PREFIX,
+    SAVING_KEY,
+    BlobRef,
+    ChunkTable,
+    Entry,
+    Manifest,
+    ObjectRecord,
+    TensorRecord,
+    new_record,
+)
+from ckptstore.saving.plan import GlobalPlan
+
+if TYPE_CHECKING:
+    from ckptstore.saving.save import PlannedSave, _Local
+    from ckptstore.tiers.replicator import ReplicationHandle
+    from ckptstore.tiers.seam import SaveTarget
+
+
+@dataclass
+class SaveInfo:
+    """What a save did; the same on every rank except the per-rank byte counts."""
+
+    path: str
+    world_size: int
+    tensors: int
+    total_bytes: int
+    rank_bytes_written: int
+    files: int
+    plan_cached: bool
+    seconds: dict[str, float] = field(default_factory=dict)
+    replication: ReplicationHandle | None = None
+    """For a :class:`~ckptstore.Tiered` path: the background copy to the shared tier
+    (``wait()``, ``done()``, ``state``); the save itself returned after the tier-0 commit."""
+
+
+def commit_collective(
+    planned: PlannedSave,
+    result: WriteResult | None,
+    error: BaseException | None,
+    coord: Coordinator,
+) -> SaveInfo:
+    """Gather chunk indexes, commit on the coordinator, tell everyone (a gather + a broadcast)."""
+    t = time.perf_counter()
+    local, options = planned.local, planned.options
+    report = (
+        _RankReport.of(result, local, options.codec) if result is not None else None,
+        None if error is None else f"{type(error).__name__}: {error}",
+    )
+    reports = coord.gather(report)
+    outcome: Any = None
+    target = planned.target
+    assert target is not None
+    primary = target.commit_store
+    if coord.is_coordinator:
+        assert reports is not None and planned.global_plan is not None
+        try:
+            outcome = _commit(
+                target, reports, planned.global_plan, local, options.block, options.overwrite,
+                options.metadata,
+            )  # fmt: skip
+        finally:  # no longer in flight, whatever the outcome: gc may look again
+            unmark_saving(primary)
+    outcome = coord.broadcast(outcome)
+    replication = None
+    if not isinstance(outcome, BaseException):
+        replication = target.after_commit(
+            outcome["manifest"], coord, options.overwrite, planned.replication_team,
+            planned.streamed_upload,
+        )  # fmt: skip
+    if target.marks_every_node and not coord.is_coordinator:  # after this node's manifest
+        unmark_saving(primary)
+    if isinstance(outcome, BaseException):
+        if error is not None:
+            raise error
+        raise outcome
+    seconds = dict(planned.seconds)
+    seconds["commit"] = time.perf_counter() - t
+    seconds["total"] = sum(seconds.values())
+    return SaveInfo(
+        path=planned.store.url,
+        world_size=planned.world_size,
+        tensors=outcome["tensors"],
+        total_bytes=outcome["total_bytes"],
+        rank_bytes_written=result.bytes_written if result else 0,
+        files=outcome["files"],
+        plan_cached=planned.plan_cached,
+        seconds=seconds,
+        replication=replication,
+    )
+
+
+@dataclass
+class _RankReport:
+    """What one rank sends the coordinator after writing: compact arrays, no tensors."""
+
+    files: list[str]
+    file: np.ndarray
+    offset: np.ndarray
+    nbytes: np.ndarray
+    crc_count: np.ndarray
+    crc: np.ndarray
+    n_global: int
+    rank_tensors: dict[str, tuple[str, tuple[int, ...]]]
+    rank_values: dict[str, Any]
+    blob_names: list[str]
+    rank_blob_names: list[str]
+    codec: str | None
+
+    @classmethod
+    def of(cls, result: WriteResult, local: _Local, codec: str | None) -> _RankReport:
+        n = len(result.file)
+        return cls(
+            files=result.files,
+            file=np.array(result.file, dtype=np.int64),
+            offset=np.array(result.offset, dtype=np.int64),
+            nbytes=np.array(result.nbytes, dtype=np.int64),
+            crc_count=np.array(result.crc_count, dtype=np.int64),
+            crc=np.array(result.crc, dtype=np.uint32),
+            n_global=n - len(local.rank_tensors) - len(local.blobs) - len(local.rank_blobs),
+            rank_tensors={
+                leaf.name: (dtype_name(leaf.local.dtype), tuple(leaf.local.shape))
+                for leaf in local.rank_tensors
+            },
+            rank_values=local.rank_values,
+            blob_names=list(local.blobs),
+            rank_blob_names=list(local.rank_blobs),
+            codec=codec,
+        )
+
+
+def unmark_saving(store: Store) -> None:
+    """Remove the in-flight marker a save wrote before its data (best effort: a marker left
+    behind only keeps gc off this checkpoint for the lease)."""
+    with contextlib.suppress(Exception):
+        store.delete(SAVING_KEY)
+
+
+def _commit(
+    target: SaveTarget,
+    reports: list[tuple[_RankReport | None, str | None]],
+    plan: GlobalPlan,
+    local: _Local,
+    block: int,
+    overwrite: bool,
+    metadata: dict[str, Any] | None,
+) -> Any:
+    """Build and commit the manifest on the target's commit store (coordinator only); returns
+    a summary (with the manifest's bytes) or an exception."""
+    store, primary = target.store, target.commit_store
+    failed = [f"rank {r}: {msg}" for r, (_, msg) in enumerate(reports) if msg is not None]
+    if failed:
+        return SaveError(f"{store.url}: save not committed; " + "; ".join(failed))
+    try:
+        manifest = _assemble(reports, plan, local, block, metadata)  # type: ignore[arg-type]
+        data = manifest.to_json()
+        if target.holds_every_rank:  # every rank's files are here: all must be there
+            present = set(store.list(DATA_PREFIX))
+            missing = [key for key in manifest.files if key not in present]
+            if missing:  # deleted during the save (a gc that took it for a killed one)
+                return SaveError(
+                    f"{store.url}: save not committed: {len(missing)} data file(s) vanished "
+                    f"before the commit ({missing[0]}, ...)"
+                )
+        failpoints.hit("before_commit")
+        replaced = commit_manifest(primary, data, overwrite=overwrite)
+        failpoints.hit("committed")
+    except CheckpointExistsError as exc:
+        return exc
+    except Exception as exc:
+        return SaveError(f"{store.url}: commit failed: {type(exc).__name__}: {exc}")
+    delete_replaced(primary, replaced, manifest)
+    return {
+        "tensors": len(manifest.tensors),
+        "total_bytes": manifest.total_tensor_bytes(),
+        "files": len(manifest.files),
+        "manifest": data if target.wants_manifest else None,
+    }
+
+
+def _assemble(
+    reports: list[tuple[_RankReport, None]],
+    plan: GlobalPlan,
+    local: _Local,
+    block: int,
+    metadata: dict[str, Any] | None,
+) -> Manifest:
+    reps = [r for r, _ in reports]
+    world = len(reps)
+    files: list[str] = []
+    file_base = []
+    for r in reps:
+        file_base.append(len(files))
+        files.extend(r.files)
+    # Flatten every rank's written chunks into one table, then pick rows in manifest order.
+    counts = np.array([len(r.file) for r in reps], dtype=np.int64)
+    row_base = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    all_file = np.concatenate([r.file + file_base[i] for i, r in enumerate(reps)])
+    all_offset = np.concatenate([r.offset for r in reps])
+    all_nbytes = np.concatenate([r.nbytes for r in reps])
+    all_crc_count = np.concatenate([r.crc_count for r in reps])
+    all_crc = np.concatenate([r.crc for r in reps])
+    crc_start = np.concatenate([[0], np.cumsum(all_crc_count)[:-1]])
+
+    rows = [row_base[plan.chunk_writer] + plan.chunk_slot]
+    names, dtypes, shapes, _ = zip(*plan.tensors, strict=True) if plan.tensors else ((),) * 4
+    tensors: dict[str, TensorRecord] = dict(
+        zip(
+            names,
+            map(new_record, zip(dtypes, shapes, plan.chunk_start, plan.layouts,
+                                repeat(reps[0].codec))),
+            strict=True,
+        )
+    )  # fmt: skip
+    next_chunk = plan.chunk_count
+    per_rank: dict[str, list[Entry]] = {}
+    objects: dict[str, ObjectRecord] = {
+        name: ObjectRecord(value=value) for name, value in local.values.items()
+    }
+    names = set(reps[0].rank_tensors) | set(reps[0].rank_values) | set(reps[0].rank_blob_names)
+    for r, rep in enumerate(reps):
+        mine = set(rep.rank_tensors) | set(rep.rank_values) | set(rep.rank_blob_names)
+        if mine != names:
+            raise SaveError(
+                f"per-rank entries differ between rank 0 and rank {r}: {sorted(names ^ mine)}"
+            )
+    for r, rep in enumerate(reps):
+        row = int(row_base[r]) + rep.n_global
+        for name, (dtype, shape) in rep.rank_tensors.items():
+            rows.append(np.array([row]))
+            layout = GridLayout(tuple((0,) for _ in shape))
+            per_rank.setdefault(name, [None] * world)[r] = TensorRecord(  # type: ignore[list-item]
+                dtype, shape, next_chunk, layout, rep.codec
+            )
+            next_chunk += 1
+            row += 1
+        for name, value in rep.rank_values.items():
+            per_rank.setdefault(name, [None] * world)[r] = ObjectRecord(value=value)  # type: ignore[list-item]
+        for name in [*rep.blob_names, *rep.rank_blob_names]:
+            c0, cn = int(crc_start[row]), int(all_crc_count[row])
+            ref = BlobRef(
+                int(all_file[row]), int(all_offset[row]), int(all_nbytes[row]),
+                tuple(int(x) for x in all_crc[c0 : c0 + cn]),
+            )  # fmt: skip
+            if name in rep.blob_names:
+                objects[name] = ObjectRecord(blob=ref)
+            else:
+                per_rank.setdefault(name, [None] * world)[r] = ObjectRecord(blob=ref)  # type: ignore[list-item]
+            row += 1
+    order = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    # crc runs of the chosen rows, in order
+    n_crc = all_crc_count[order]
+    starts = crc_start[order]
+    crc_idx = np.repeat(starts - np.concatenate([[0], np.cumsum(n_crc)[:-1]]), n_crc) + np.arange(
+        int(n_crc.sum())
+    )
+    table = ChunkTable(
+        all_file[order], all_offset[order], all_nbytes[order], all_crc[crc_idx], block
+    )
+    return Manifest(
+        world_size=world,
+        files=files,
+        chunks=table,
+        tensors=tensors,
+        objects=objects,
+        per_rank=per_rank,
+        metadata=dict(metadata or {}),
+    )

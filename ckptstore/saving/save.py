@@ -1,0 +1,420 @@
+"""``save``: the collective that writes one committed checkpoint.
+
+Flow: flatten -> plan (cached while the structure holds) -> write this rank's chunks ->
+gather every rank's chunk index -> the coordinator commits ONE manifest atomically ->
+everyone learns the outcome. Collectives per save: one all_reduce (cache check, existing
+checkpoint, local errors), a gather + scatter only when the plan is not cached, one gather
+of chunk indexes, one broadcast of the commit result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import pickle
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from functools import partial
+from operator import attrgetter
+from typing import Any
+
+import numpy as np
+import torch
+
+from ckptstore import failpoints, knobs
+from ckptstore.backends.base import Store
+from ckptstore.coordination.collectives import Coordinator
+from ckptstore.errors import (
+    CheckpointExistsError,
+    CkptStoreError,
+    PickleNotAllowedError,
+    SaveError,
+    StateDictError,
+)
+from ckptstore.format.commit_point import store_for
+from ckptstore.format.data_files import FilePlan, WriteItem, WriteResult, write_items
+from ckptstore.format.dtypes import DTYPE_TO_NAME
+from ckptstore.format.manifest import (
+    MANIFEST_KEY,
+    SAVING_KEY,
+)
+from ckptstore.format.rules import bad_name
+from ckptstore.gcpause import gc_paused
+from ckptstore.saving.commit import SaveInfo, commit_collective, unmark_saving
+from ckptstore.saving.plan import GlobalPlan, RankPlan, TensorDecl, plan_save
+from ckptstore.state.leaves import Leaf, flatten
+from ckptstore.state.tensor_bytes import as_bytes, host_contiguous
+from ckptstore.tiers.seam import SaveTarget, save_target
+
+
+@dataclass
+class _CachedPlan:
+    plan_id: int
+    writes: np.ndarray
+    global_plan: GlobalPlan | None  # only on the coordinator
+
+
+_PLAN_CACHE: OrderedDict[tuple[int, int], _CachedPlan] = OrderedDict()
+
+
+@dataclass
+class _Local:
+    """One rank's share of a save, ready to write."""
+
+    tensor_leaves: list[Leaf]
+    rank_plan: RankPlan
+    rank_tensors: list[Leaf]
+    values: dict[str, Any]
+    rank_values: dict[str, Any]
+    blobs: dict[str, bytes]
+    rank_blobs: dict[str, bytes]
+
+
+_NAME, _VALUE = attrgetter("name"), attrgetter("value")
+_SHAPE, _BOX = attrgetter("global_shape"), attrgetter("box")
+_NEW_DECL = partial(tuple.__new__, TensorDecl)  # C-level: one per tensor
+_ITEMSIZE = {name: dtype.itemsize for dtype, name in DTYPE_TO_NAME.items()}
+
+
+def _prepare(leaves: dict[str, Leaf], is_coordinator: bool, allow_pickle: bool) -> _Local:
+    problem = bad_name(list(leaves))  # what a reader would refuse is refused before writing
+    if problem:
+        raise StateDictError(f"state_dict entry {problem}")
+    tensor_leaves, rank_tensors = [], []
+    values: dict[str, Any] = {}
+    rank_values: dict[str, Any] = {}
+    blobs: dict[str, bytes] = {}
+    rank_blobs: dict[str, bytes] = {}
+    for leaf in leaves.values():
+        if leaf.kind == "tensor":
+            tensor_leaves.append(leaf)
+        elif leaf.kind == "rank_tensor":
+            rank_tensors.append(leaf)
+        elif leaf.kind == "value":
+            values[leaf.name] = leaf.value
+        elif leaf.kind == "rank_value":
+            rank_values[leaf.name] = leaf.value
+        else:
+            if not allow_pickle:
+                raise PickleNotAllowedError(
+                    f"state_dict entry {leaf.name!r} is a {type(leaf.value).__qualname__}, which "
+                    "is not a tensor or a plain value; pass allow_pickle=True to store it pickled "
+                    "(loading it will need allow_pickle=True too)"
+                )
+            if leaf.kind == "rank_object":
+                rank_blobs[leaf.name] = pickle.dumps(leaf.value, protocol=pickle.HIGHEST_PROTOCOL)
+            elif is_coordinator:
+                blobs[leaf.name] = pickle.dumps(leaf.value, protocol=pickle.HIGHEST_PROTOCOL)
+    # Column passes (map over attribute getters) instead of a Python loop per tensor: a
+    # state_dict may hold tens of thousands of them.
+    names = list(map(_NAME, tensor_leaves))
+    dtypes = [t.dtype for t in map(_VALUE, tensor_leaves)]
+    dtype_names = list(map(DTYPE_TO_NAME.get, dtypes))
+    unsupported = [leaf for leaf in rank_tensors if leaf.local.dtype not in DTYPE_TO_NAME]
+    if None in dtype_names:
+        unsupported.insert(0, tensor_leaves[dtype_names.index(None)])
+    if unsupported:
+        leaf = unsupported[0]
+        raise StateDictError(f"tensor {leaf.name!r}: unsupported tensor dtype {leaf.local.dtype}")
+    decls = list(
+        map(
+            _NEW_DECL,
+            zip(names, dtype_names, map(_SHAPE, tensor_leaves), map(_ITEMSIZE.get, dtype_names),
+                strict=True),
+        )
+    )  # fmt: skip
+    plan = RankPlan.build(decls, list(map(_BOX, tensor_leaves)))
+    return _Local(tensor_leaves, plan, rank_tensors, values, rank_values, blobs, rank_blobs)
+
+
+@dataclass
+class SaveOptions:
+    """Options of one save (see :func:`save` for their meaning)."""
+
+    overwrite: bool = False
+    codec: str | None = None
+    allow_pickle: bool = False
+    metadata: dict[str, Any] | None = None
+    files_per_rank: int | None = None
+    checksum_block_bytes: int | None = None
+    storage_options: dict[str, Any] | None = None
+    spread_prefixes: int = 0
+
+    @property
+    def block(self) -> int:
+        return self.checksum_block_bytes or knobs.checksum_block_bytes()
+
+
+@dataclass
+class PlannedSave:
+    """A save after its foreground collectives: what this rank writes, ready to stage/write."""
+
+    target: SaveTarget | None  # None: planned without a checkpoint (to prepare one)
+    options: SaveOptions
+    rank: int
+    world_size: int
+    local: _Local
+    writes: np.ndarray
+    global_plan: GlobalPlan | None
+    plan_cached: bool
+    seconds: dict[str, float] = field(default_factory=dict)
+    replication_team: Any = None
+    """The ranks that agree on this save's replication to a shared tier (tiered paths)."""
+    streamed_upload: Future | None = None
+    """Tiered async saves: this rank's data files going to the shared tier straight from
+    the staging buffer while tier 0 is written (a Future of the keys uploaded)."""
+
+    @property
+    def store(self) -> Any:
+        """The store saved into (None when planned without a checkpoint)."""
+        return self.target.store if self.target is not None else None
+
+    def tensors_to_write(self) -> list[torch.Tensor]:
+        """This rank's tensors in write order: its planned chunks, then per-rank tensors."""
+        leaves = self.local.tensor_leaves
+        return [leaves[i].local for i in self.writes.tolist()] + [
+            leaf.local for leaf in self.local.rank_tensors
+        ]
+
+    def blobs(self) -> list[bytes]:
+        return [*self.local.blobs.values(), *self.local.rank_blobs.values()]
+
+    def write_items(self, host_tensors: list[torch.Tensor]) -> list[WriteItem]:
+        """Write items for ``host_tensors`` (CPU, contiguous, in :meth:`tensors_to_write`
+        order) followed by the pickled blobs; the caller keeps the tensors alive."""
+        codec = self.options.codec
+        items = [WriteItem(as_bytes(t), codec) for t in host_tensors]
+        return items + [WriteItem(memoryview(b)) for b in self.blobs()]
+
+
+def save(
+    state_dict: Any,
+    path: str | os.PathLike[str] | Store,
+    *,
+    process_group: torch.distributed.ProcessGroup | None = None,
+    overwrite: bool = False,
+    codec: str | None = None,
+    allow_pickle: bool = False,
+    metadata: dict[str, Any] | None = None,
+    files_per_rank: int | None = None,
+    checksum_block_bytes: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+    spread_prefixes: int = 0,
+) -> SaveInfo:
+    """Save ``state_dict`` from every rank of ``process_group`` as one checkpoint at ``path``.
+
+    A collective: every rank calls it with its own state_dict. Returns after the manifest
+    is committed; raises on every rank if any rank failed, and then nothing is committed.
+
+    Args:
+        state_dict: nested dicts/lists of tensors, DTensors, :class:`Sharded`,
+            :class:`PerRank` and plain values.
+        path: a directory or URL (``file://``, ``memory://``, any fsspec URL) or a Store.
+        overwrite: replace a committed checkpoint at ``path`` (the old one stays loadable
+            until the new manifest replaces it).
+        codec: per-chunk compression (``"zstd"``, ``"zstd:3"``, ``"lz4"``); off by default.
+        allow_pickle: store objects that are not plain values pickled.
+        metadata: a JSON-able dict stored in the manifest.
+        files_per_rank: data files (and writer threads) per rank.
+        checksum_block_bytes: bytes covered by each crc32c.
+        spread_prefixes: spread data files over this many key prefixes (object stores limit
+            request rates per prefix); 0 keeps them all under ``data/``.
+    """
+    options = SaveOptions(
+        overwrite=overwrite,
+        codec=codec,
+        allow_pickle=allow_pickle,
+        metadata=metadata,
+        files_per_rank=files_per_rank,
+        checksum_block_bytes=checksum_block_bytes,
+        storage_options=storage_options,
+        spread_prefixes=spread_prefixes,
+    )
+    coord = Coordinator(process_group)
+    target = save_target(store_for(path, options.storage_options))
+    team = target.replication_team(process_group)
+    with gc_paused():  # bulk object creation; see ckptstore.gcpause
+        planned = plan_save_collective(state_dict, target, coord, options, id(process_group))
+        planned.replication_team = team
+        failpoints.hit("planned", coord.rank)
+        t = time.perf_counter()
+        try:
+            keep_alive = [host_contiguous(x) for x in planned.tensors_to_write()]
+            items = planned.write_items(keep_alive)
+        except Exception as exc:  # reported through the commit: no rank waits for this one
+            result, error = None, unwritable_error(planned, exc)
+        else:
+            result, error = write_planned(planned, items)
+            del keep_alive, items
+            failpoints.hit("written", coord.rank)
+        planned.seconds["write"] = time.perf_counter() - t
+        return commit_collective(planned, result, error, coord)
+
+
+def plan_save_collective(
+    state_dict: Any,
+    target: SaveTarget | None,
+    coord: Coordinator,
+    options: SaveOptions,
+    group_key: int,
+) -> PlannedSave:
+    """The foreground part of a save: flatten, agree, plan (or reuse the cached plan).
+
+    Collectives on ``coord``: one all_reduce; on a plan-cache miss an all_gather of
+    declaration keys, a gather and a scatter. Raises on every rank if any rank failed.
+    ``target=None`` plans without a checkpoint (to prepare a later save): nothing is
+    checked, marked or written, and the returned plan has no store.
+    """
+    t0 = time.perf_counter()
+    store: Any = target.store if target is not None else None
+    if options.codec is not None:
+        from ckptstore.format.codecs import get_codec
+
+        get_codec(options.codec)
+
+    # -- one all_reduce decides: plan cache hit everywhere? checkpoint exists? any error? ---
+    local: _Local | None = None
+    error: BaseException | None = None
+    try:
+        local = _prepare(flatten(state_dict), coord.is_coordinator, options.allow_pickle)
+        if options.metadata is not None:
+            import json
+
+            json.dumps(options.metadata)
+    except (CkptStoreError, TypeError, ValueError) as exc:
+        error = exc
+    cached = None
+    structure_key = local.rank_plan.structure_key if local else -1
+    if local is not None:
+        cached = _PLAN_CACHE.get((group_key, structure_key))
+        if cached is not None:
+            _PLAN_CACHE.move_to_end((group_key, structure_key))
+    my_plan_id = cached.plan_id if cached else -1
+    # A tiered save commits on its local tier without asking the shared one (which may be
+    # unreachable): whether the shared tier already holds this step is the replicator's
+    # business. Every rank must name the same checkpoint (the shared URL for tiered paths).
+    primary = target.commit_store if target is not None else None
+    shared_url = target.shared_url if target is not None else ""
+    path_key = int.from_bytes(hashlib.blake2b(shared_url.encode(), digest_size=7).digest(), "big")
+    exists = 0
+    planning_only = primary is None
+    if not planning_only and coord.is_coordinator and not options.overwrite and error is None:
+        try:
+            exists = int(primary.exists(MANIFEST_KEY))
+        except CkptStoreError as exc:
+            error = exc
+    marked = False
+    if (
+        not planning_only
+        and error is None
+        and not exists
+        and (coord.is_coordinator or (target is not None and target.marks_every_node))
+    ):
+        try:  # before any rank writes data (the all_reduce below orders it): gc keeps off
+            primary.write_volatile(SAVING_KEY, b"")  # no fsync: it is bookkeeping
+            marked = True
+        except CkptStoreError as exc:
+            error = exc
+    hi, neg_lo, path_hi, path_neg_lo, exists, failed = coord.max_ints(
+        [my_plan_id, -my_plan_id, path_key, -path_key, exists, int(error is not None)]
+    )
+    if (failed or exists or path_hi != -path_neg_lo) and marked:
+        unmark_saving(primary)
+    if failed:
+        coord.raise_failures(error)
+    if path_hi != -path_neg_lo:
+        urls = coord.all_gather(shared_url)
+        raise SaveError(
+            "the ranks passed different paths for one save: "
+            + ", ".join(f"rank {r}: {u}" for r, u in enumerate(urls) if u != urls[0])
+            + f" (rank 0: {urls[0]}); every rank must save to the same checkpoint"
+        )
+    if exists:
+        raise CheckpointExistsError(
+            f"{store.url}: a committed checkpoint is already there; pass overwrite=True to replace it"
+        )
+    assert local is not None
+    plan_cached = hi == -neg_lo and hi >= 0
+    t_plan = time.perf_counter()
+
+    # -- plan, only when some rank's structure changed --------------------------------------
+    if plan_cached:
+        assert cached is not None
+        writes, global_plan = cached.writes, cached.global_plan
+    else:
+        # Ranks of one pipeline stage declare the same tensors: only the first rank with a
+        # given declaration list sends it (an all_gather of 8-byte keys decides which).
+        decl_keys = coord.all_gather(local.rank_plan.decl_key)
+        first_with = {key: r for r, key in reversed(list(enumerate(decl_keys)))}
+        mine = local.rank_plan
+        if first_with[mine.decl_key] != coord.rank:
+            mine = dataclasses.replace(mine, tensors=None)
+        rank_plans = coord.gather(mine)
+        replies: list[Any] | None = None
+        global_plan = None
+        if coord.is_coordinator:
+            assert rank_plans is not None
+            for rp in rank_plans:
+                if rp.tensors is None:
+                    rp.tensors = rank_plans[first_with[rp.decl_key]].tensors
+            try:
+                global_plan = plan_save(rank_plans)
+                replies = [(global_plan.plan_id, w) for w in global_plan.writes]
+            except CkptStoreError as exc:
+                replies = [exc] * coord.world_size
+        reply = coord.scatter(replies)
+        if isinstance(reply, BaseException):
+            raise reply
+        plan_id, writes = reply
+        _PLAN_CACHE[(group_key, structure_key)] = _CachedPlan(plan_id, writes, global_plan)
+        while len(_PLAN_CACHE) > knobs.plan_cache_size():
+            _PLAN_CACHE.popitem(last=False)
+    t_end = time.perf_counter()
+    return PlannedSave(
+        target, options, coord.rank, coord.world_size, local, writes, global_plan, plan_cached,
+        {"prepare": t_plan - t0, "plan": t_end - t_plan},
+    )  # fmt: skip
+
+
+def unwritable_error(planned: PlannedSave, exc: Exception) -> SaveError:
+    """The error of a rank that could not copy its tensors to host memory, naming the
+    tensor when it is one that holds no dense data (sparse, or on the meta device)."""
+    leaves = [*planned.local.tensor_leaves, *planned.local.rank_tensors]
+    bad = next((x.name for x in leaves if x.local.layout != torch.strided or x.local.is_meta), None)
+    what = (
+        f"tensor {bad!r} is sparse or on the meta device: only dense tensors with data can "
+        "be saved (convert with .to_dense(), or materialize it first)"
+        if bad is not None
+        else f"{type(exc).__name__}: {exc}"
+    )
+    error = SaveError(f"{planned.store.url}: rank {planned.rank} cannot copy its tensors: {what}")
+    error.__cause__ = exc
+    return error
+
+
+def write_planned(
+    planned: PlannedSave, items: list[WriteItem], file_plan: FilePlan | None = None
+) -> tuple[WriteResult | None, BaseException | None]:
+    """Write this rank's items (no collective); an error is returned, to be reported at commit."""
+    try:
+        result = write_items(
+            planned.store,
+            items,
+            rank=planned.rank,
+            files=planned.options.files_per_rank or knobs.files_per_rank(),
+            block_bytes=planned.options.block,
+            pack_bytes=knobs.pack_bytes(),
+            spread=planned.options.spread_prefixes,
+            plan=file_plan,
+        )
+    except Exception as exc:  # reported to the coordinator, which aborts the commit
+        error = SaveError(
+            f"{planned.store.url}: rank {planned.rank} could not write its data: "
+            f"{type(exc).__name__}: {exc}"
+        )
+        error.__cause__ = exc
+        return None, error
+    return result, None

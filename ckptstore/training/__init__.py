@@ -1,0 +1,1 @@
+"""The training-loop hook: CheckpointManager, its save and retention policies, the catalog of steps, RNG state."""
