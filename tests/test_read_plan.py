@@ -53,7 +53,7 @@ def test_plan_reads_each_byte_once_within_the_window(tmp_path, where, window, ga
     spans = []
     for g in plan.groups:
         items = list(zip(g.simple.start, g.simple.end, strict=True))
-        items += [(p.start, p.end) for p in g.pieces]
+        items += [(p.start, p.end) for p in g.spans]
         assert items, "a request without anything to read"
         for lo, hi in items:
             assert g.start <= lo < hi <= g.end
@@ -62,7 +62,7 @@ def test_plan_reads_each_byte_once_within_the_window(tmp_path, where, window, ga
         spans += [(g.file, lo, hi) for lo, hi in items]
     if window == 56 << 10:  # the whole multi-block chunk starts a request of its own
         assert any(p.name == "big" and p.dest_ptr and p.start == g.start and g.start > 0
-                   for g in plan.groups for p in g.pieces)  # fmt: skip
+                   for g in plan.groups for p in g.spans)  # fmt: skip
     # every small tensor's chunk is read exactly once, by the fast path
     assert sorted(plan.simple_names) == sorted(k for k in sd if k.startswith("s"))
     assert len(spans) == len(set(spans))
@@ -183,7 +183,7 @@ def test_a_shard_loaded_as_it_was_saved_takes_the_whole_chunk_path(tmp_path) -> 
     targets.append(Target("w", m.tensors["w"], ((10, 0), (20, 6)), across))
     plan = plan_reads(m, targets, 64 << 20, 256 << 10)
     assert plan.simple_names == ["w", "w", "w"]  # the three exact cells
-    assert sum(len(g.pieces) for g in plan.groups) == 3  # the resharded box: one per cell
+    assert sum(len(g.spans) for g in plan.groups) == 3  # the resharded box: one per cell
     ChunkReader(ck.store, m, root).fill(targets)
     for (a, b), t in zip(itertools.pairwise(cuts), cells, strict=True):
         assert torch.equal(t, full[a:b])

@@ -384,7 +384,7 @@ def main() -> int:
         if not args.no_training:
             import bench_training
 
-            bench_training.run(scratch, emit, case, sink)
+            bench_training.run(scratch, emit, case, sink, disk_bw=bw)
         if not args.no_async:
             import bench_async
 

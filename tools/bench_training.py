@@ -173,6 +173,7 @@ def model_save_load(rank: int, world: int, root: str) -> dict[str, float]:
     out["page_cache_read"] = page_cache_floor(f"{root}/cs0", rank, verify=False)
     out["page_cache_read_crc"] = page_cache_floor(f"{root}/cs0", rank, verify=True)
     out["rank_bytes"] = float(sum(t.numel() * t.element_size() for t in _local_tensors(state)))
+    out["state_bytes"] = float(cs.open(f"{root}/cs0").manifest.stored_bytes())
     return out
 
 
@@ -208,7 +209,9 @@ def tp_fsdp_save(rank: int, world: int, root: str) -> dict[str, float]:
             _timed(lambda i=i: dcp.save(state, checkpoint_id=f"{root}/dcp{i}"))
         )
         times.setdefault("cs_save", []).append(_timed(lambda i=i: cs.save(state, f"{root}/cs{i}")))
-    return {k: _median(v) for k, v in times.items()}
+    out = {k: _median(v) for k, v in times.items()}
+    out["state_bytes"] = float(cs.open(f"{root}/cs0").manifest.stored_bytes())
+    return out
 
 
 # -- flatten + match -------------------------------------------------------------------------
@@ -257,7 +260,18 @@ def flatten_and_match(rank: int, world: int, root: str) -> dict[str, float]:
 
 
 # -- driver ----------------------------------------------------------------------------------
-def run(scratch: str, emit, case, sink) -> None:
+def _disk_floor(r: dict[str, float], disk_bw: float) -> dict[str, float]:
+    """A save against the disk: the seconds fsync'd sequential writes of the same bytes take
+    (the floor of a durable save) and the save's speed as a fraction of that bandwidth."""
+    if not disk_bw:
+        return {}
+    floor = r["state_bytes"] / disk_bw
+    return {"disk_floor_s": round(floor, 4), "fraction_of_disk_bw": round(floor / r["cs_save"], 3)}
+
+
+def run(scratch: str, emit, case, sink, disk_bw: float = 0.0) -> None:
+    """Every case; ``disk_bw`` (bytes/s, fsync'd sequential writes measured in the same run)
+    puts the saves next to the disk's floor."""
     from ckptstore.testing.ranks import run_ranks
 
     def worst(results: list[dict]) -> dict[str, float]:
@@ -278,9 +292,10 @@ def run(scratch: str, emit, case, sink) -> None:
     where = os.path.join(root, "model")
     r = worst(run_ranks(4, model_save_load, where, timeout=3600))
     emit(
-        case("model_save", r["cs_save"], r["dcp_save"], 3.0, first_s=round(r["cs_save_first"], 4)),
+        case("model_save", r["cs_save"], r["dcp_save"], 3.0, first_s=round(r["cs_save_first"], 4),
+             GiB=round(r["state_bytes"] / 2**30, 3), **_disk_floor(r, disk_bw)),
         sink,
-    )
+    )  # fmt: skip
     emit(
         case("model_load_4_to_4", r["cs_load"], r["dcp_load"], 10.0,
              page_cache_read_s=round(r["page_cache_read"], 4),
@@ -300,6 +315,10 @@ def run(scratch: str, emit, case, sink) -> None:
           "meets_target": stall <= 1.3 * floor and r["cs_async_stall_first"] <= 2 * stall}, sink)  # fmt: skip
     where = os.path.join(root, "tp-fsdp")
     r = worst(run_ranks(4, tp_fsdp_save, where, timeout=3600))
-    emit(case("tp_fsdp_save", r["cs_save"], r["dcp_save"], 2.0), sink)
+    emit(
+        case("tp_fsdp_save", r["cs_save"], r["dcp_save"], 2.0,
+             GiB=round(r["state_bytes"] / 2**30, 3), **_disk_floor(r, disk_bw)),
+        sink,
+    )  # fmt: skip
     few = worst(run_ranks(2, load_resharded, where, "tp-fsdp", timeout=3600))
     emit(case("tp_fsdp_load_onto_fsdp_2", few["cs_load"], few["dcp_load"], 2.0), sink)

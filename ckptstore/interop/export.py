@@ -1,6 +1,6 @@
 """Consolidated exports of a checkpoint: safetensors (Hugging Face layout), one ``torch.save``
 file, or a zarr v3 group. Every format is written tensor by tensor, region by region
-(:mod:`ckptstore.format.pieces`), so memory stays bounded by ``max_memory`` whatever the size.
+(:mod:`ckptstore.format.regions`), so memory stays bounded by ``max_memory`` whatever the size.
 
 Per-rank entries and plain values are not tensors of the model and are not exported (they
 are listed in :attr:`ExportInfo.skipped`).
@@ -23,7 +23,7 @@ from ckptstore.backends.base import Store
 from ckptstore.errors import ConversionError
 from ckptstore.format.dtypes import dtype_from_name
 from ckptstore.format.manifest import TensorRecord
-from ckptstore.format.pieces import contiguous_pieces
+from ckptstore.format.regions import bounded_regions
 from ckptstore.format.zarr import regular_chunks, to_numpy, zarr_dtype
 from ckptstore.interop.safetensors_format import encode_header, st_dtype
 from ckptstore.loading.checkpoint import Checkpoint, open_checkpoint
@@ -80,7 +80,7 @@ def stream_tensor(
 ):
     """(index, region) of tensor ``name`` in C order, each region at most ``max_memory``."""
     itemsize = max(dtype_from_name(rec.dtype).itemsize, out_dtype.itemsize)
-    for index in contiguous_pieces(rec.shape, itemsize, max_memory):
+    for index in bounded_regions(rec.shape, itemsize, max_memory):
         region = ckpt.read(name, index)
         yield index, region if region.dtype == out_dtype else region.to(out_dtype)
 

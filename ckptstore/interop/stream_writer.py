@@ -38,7 +38,7 @@ from ckptstore.format.manifest import (
     ObjectRecord,
     TensorRecord,
 )
-from ckptstore.format.pieces import contiguous_pieces
+from ckptstore.format.regions import bounded_regions
 from ckptstore.format.rules import bad_name
 from ckptstore.state.leaves import is_plain
 from ckptstore.state.tensor_bytes import as_bytes
@@ -91,7 +91,7 @@ class StreamingWriter:
             self.tensors[name] = record
             return
         self._chunks.begin()
-        for index in contiguous_pieces(shape, tensor.element_size(), max_memory):
+        for index in bounded_regions(shape, tensor.element_size(), max_memory):
             piece = tensor[index].detach().to("cpu").contiguous()
             self._chunks.add(as_bytes(piece))
         self._rows.append(self._chunks.end())

@@ -28,7 +28,7 @@ from ckptstore.errors import (
 from ckptstore.format import codecs
 from ckptstore.format.checksum import crc32c
 from ckptstore.format.manifest import Manifest
-from ckptstore.loading.read_plan import Piece, ReadPlan, Request, Target, plan_reads
+from ckptstore.loading.read_plan import ReadPlan, ReadSpan, Request, Target, plan_reads
 
 __all__ = ["ChunkReader", "Target", "plan_reads"]
 
@@ -141,7 +141,7 @@ class ChunkReader:
     def _check_and_copy(
         self, group: Request, buf: np.ndarray, buf_start: int, plan: ReadPlan
     ) -> None:
-        """Verify every block the pieces touch, then copy; ``buf[0]`` is file byte ``buf_start``."""
+        """Verify every block the spans touch, then copy; ``buf[0]`` is file byte ``buf_start``."""
         view = memoryview(buf)
         address = buf.ctypes.data - buf_start
         buf_end = buf_start + len(buf)
@@ -160,7 +160,7 @@ class ChunkReader:
                 )
             move(ptr, address + lo, hi - lo)
         checked: set[tuple[int, int]] = set()
-        for p in group.pieces:
+        for p in group.spans:
             if p.dest_ptr:
                 # A whole raw chunk into contiguous memory: verify and copy block by block, so
                 # the copy reads each block while it is still in cache from its checksum.
@@ -181,7 +181,7 @@ class ChunkReader:
             self._copy(p, buf, buf_start, self.where)
 
     def _verify_block(
-        self, p: Piece, b: int, view: memoryview, buf_start: int, file: int
+        self, p: ReadSpan, b: int, view: memoryview, buf_start: int, file: int
     ) -> tuple[int, int]:
         """Check block ``b`` of ``p``'s chunk; returns its file byte range."""
         block = self.manifest.chunks.block_bytes
@@ -212,7 +212,7 @@ class ChunkReader:
         )
 
     @staticmethod
-    def _copy(p: Piece, buf: np.ndarray, group_start: int, where: str) -> None:
+    def _copy(p: ReadSpan, buf: np.ndarray, group_start: int, where: str) -> None:
         size = p.dtype.itemsize
         if p.codec:
             if p.start < group_start or p.end > group_start + len(buf):

@@ -37,7 +37,7 @@ class Target(NamedTuple):
 
 
 @dataclass(slots=True)
-class Piece:
+class ReadSpan:
     name: str
     chunk: int
     file: int
@@ -53,7 +53,7 @@ class Piece:
     codec: str | None = None
     raw_nbytes: int = 0
     src_elem_in_raw: int = 0  # decoded chunks: element offset inside the raw chunk
-    dest_ptr: int = 0  # set when the piece is one contiguous run into contiguous host memory
+    dest_ptr: int = 0  # set when the span is one contiguous run into contiguous host memory
     chunk_base: int = 0  # the chunk's offset in its file, size and first checksum index
     chunk_nbytes: int = 0
     crc0: int = 0
@@ -80,7 +80,7 @@ class Request:
     file: int
     start: int
     end: int
-    pieces: list[Piece] = field(default_factory=list)
+    spans: list[ReadSpan] = field(default_factory=list)
     simple: WholeChunks = NO_WHOLE_CHUNKS
 
 
@@ -149,9 +149,58 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
 
     One-block chunks that are exactly a destination -- a whole small tensor, or a shard
     loaded with the sharding it was saved in (the many norms of a model) -- are looked up,
-    sorted and grouped with array operations; everything else becomes a :class:`Piece`.
+    sorted and grouped with array operations; everything else becomes a :class:`ReadSpan`.
     """
     table = manifest.chunks
+    fast, chunks, ptrs, dests, others = _whole_chunk_targets(targets, table)
+    chunk_col = np.array(chunks, dtype=np.int64)
+    nbytes = table.nbytes[chunk_col]
+    names = [targets[i][0] for i in fast]
+    spans = _spans(table, others, window)
+
+    # All spans (fast-path chunks first, then spans) sorted by (file, start).
+    n_simple = len(chunks)
+    files = np.concatenate([table.file[chunk_col], np.array([p.file for p in spans], np.int64)])
+    starts = np.concatenate([table.offset[chunk_col], np.array([p.start for p in spans], np.int64)])
+    ends = np.concatenate([starts[:n_simple] + nbytes, np.array([p.end for p in spans], np.int64)])
+    order = np.lexsort((starts, files))
+    crc_col = table.crc32c[table.crc_first[chunk_col]] if n_simple else chunk_col
+    ptr_col = np.array(ptrs, dtype=np.int64)
+    room_col = np.fromiter(map(_NBYTES, dests), np.int64, len(dests))  # bytes of each dest
+    groups: list[Request] = []
+    for lo, hi, g_start, g_end in coalesce(files[order], starts[order], ends[order], gap, window):
+        items = order[lo:hi]
+        is_simple = items < n_simple
+        s_items = items[is_simple]
+        runs = NO_WHOLE_CHUNKS
+        if len(s_items):
+            s_start = table.offset[chunk_col[s_items]]
+            s_end = s_start + nbytes[s_items]
+            # The bounds of every raw copy of this request, checked here as one array
+            # operation: inside the request's bytes, exactly the destination's size. (The
+            # reader checks that its buffer holds the request's bytes.)
+            if not (
+                (s_start >= g_start) & (s_end <= g_end) & (s_end - s_start == room_col[s_items])
+            ).all():
+                raise UnsafeCopyError(
+                    f"a whole-chunk copy of file {int(files[items[0]])} would leave its request "
+                    f"({g_start}..{g_end}) or its destination"
+                )
+            runs = WholeChunks(
+                s_start.tolist(), s_end.tolist(),
+                crc_col[s_items].tolist(), ptr_col[s_items].tolist(), s_items.tolist(),
+            )  # fmt: skip
+        group_spans = [spans[i - n_simple] for i in items[~is_simple].tolist()]
+        groups.append(Request(int(files[items[0]]), g_start, g_end, group_spans, runs))
+    return ReadPlan(groups, names, chunks)
+
+
+def _whole_chunk_targets(
+    targets: list[Target], table: Any
+) -> tuple[list[int], list[int], list[int], list[torch.Tensor], list[Target]]:
+    """The targets that are exactly one saved one-block raw chunk, copied into contiguous
+    host memory: (their indexes, chunks, destination addresses, destinations), and the
+    other targets (the general path)."""
     whole_of = [whole_layout(n) for n in range(8)]
     fast: list[int] = []  # indexes into targets of candidates for the fast path
     chunks: list[int] = []
@@ -180,59 +229,16 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
             dests.append(dest)
         else:
             others.append(t)
-    chunk_col = np.array(chunks, dtype=np.int64)
-    nbytes = table.nbytes[chunk_col]
+    nbytes = table.nbytes[np.array(chunks, dtype=np.int64)]
     simple = (nbytes > 0) & (nbytes <= table.block_bytes) & (np.array(ptrs, np.int64) != 0)
     if not simple.all():  # empty tensors and multi-block chunks take the general path
         others += [targets[fast[i]] for i in np.flatnonzero(~simple).tolist()]
         keep = np.flatnonzero(simple).tolist()
-        fast, chunks, ptrs, dests = (
-            [fast[i] for i in keep],
-            [chunks[i] for i in keep],
-            [ptrs[i] for i in keep],
-            [dests[i] for i in keep],
-        )
-        chunk_col, nbytes = chunk_col[keep], nbytes[keep]
-    names = [targets[i][0] for i in fast]
-    pieces = _pieces(table, others, window)
-
-    # All spans (fast-path chunks first, then pieces) sorted by (file, start).
-    n_simple = len(chunks)
-    files = np.concatenate([table.file[chunk_col], np.array([p.file for p in pieces], np.int64)])
-    starts = np.concatenate(
-        [table.offset[chunk_col], np.array([p.start for p in pieces], np.int64)]
-    )
-    ends = np.concatenate([starts[:n_simple] + nbytes, np.array([p.end for p in pieces], np.int64)])
-    order = np.lexsort((starts, files))
-    crc_col = table.crc32c[table.crc_first[chunk_col]] if n_simple else chunk_col
-    ptr_col = np.array(ptrs, dtype=np.int64)
-    room_col = np.fromiter(map(_NBYTES, dests), np.int64, len(dests))  # bytes of each dest
-    groups: list[Request] = []
-    for lo, hi, g_start, g_end in coalesce(files[order], starts[order], ends[order], gap, window):
-        items = order[lo:hi]
-        is_simple = items < n_simple
-        s_items = items[is_simple]
-        runs = NO_WHOLE_CHUNKS
-        if len(s_items):
-            s_start = table.offset[chunk_col[s_items]]
-            s_end = s_start + nbytes[s_items]
-            # The bounds of every raw copy of this request, checked here as one array
-            # operation: inside the request's bytes, exactly the destination's size. (The
-            # reader checks that its buffer holds the request's bytes.)
-            if not (
-                (s_start >= g_start) & (s_end <= g_end) & (s_end - s_start == room_col[s_items])
-            ).all():
-                raise UnsafeCopyError(
-                    f"a whole-chunk copy of file {int(files[items[0]])} would leave its request "
-                    f"({g_start}..{g_end}) or its destination"
-                )
-            runs = WholeChunks(
-                s_start.tolist(), s_end.tolist(),
-                crc_col[s_items].tolist(), ptr_col[s_items].tolist(), s_items.tolist(),
-            )  # fmt: skip
-        group_pieces = [pieces[i - n_simple] for i in items[~is_simple].tolist()]
-        groups.append(Request(int(files[items[0]]), g_start, g_end, group_pieces, runs))
-    return ReadPlan(groups, names, chunks)
+        fast = [fast[i] for i in keep]
+        chunks = [chunks[i] for i in keep]
+        ptrs = [ptrs[i] for i in keep]
+        dests = [dests[i] for i in keep]
+    return fast, chunks, ptrs, dests, others
 
 
 def coalesce(
@@ -265,10 +271,10 @@ def coalesce(
     return out
 
 
-def _pieces(table: Any, targets: list[Target], window: int) -> list[Piece]:
+def _spans(table: Any, targets: list[Target], window: int) -> list[ReadSpan]:
     """The reads of targets off the fast path: regions of chunks, or compressed chunks."""
     block = table.block_bytes
-    pieces: list[Piece] = []
+    spans: list[ReadSpan] = []
     for t in targets:
         rec = t.record
         size = itemsize(rec.dtype)
@@ -284,8 +290,8 @@ def _pieces(table: Any, targets: list[Target], window: int) -> list[Piece]:
                 dest = t.dest if t.box == cbox else t.dest[_slices(cbox, t.box[0])]
                 blocks = max(1, -(-nbytes // block))
                 ptr = dest.data_ptr() if dest.is_cpu and dest.is_contiguous() else 0
-                pieces.append(
-                    Piece(
+                spans.append(
+                    ReadSpan(
                         name=t.name, chunk=chunk, file=file, start=base, end=base + nbytes,
                         block_lo=0, block_hi=blocks, src_byte=base, src_shape=c_shape,
                         src_strides=strides, dest=dest, dtype=dtype, codec=None,
@@ -306,8 +312,8 @@ def _pieces(table: Any, targets: list[Target], window: int) -> list[Piece]:
                     span_lo, span_hi = first * size, (last + 1) * size
                     blo, bhi = span_lo // block, math.ceil(span_hi / block)
                     lo, hi = blo * block, min(bhi * block, nbytes)
-                pieces.append(
-                    Piece(
+                spans.append(
+                    ReadSpan(
                         name=t.name, chunk=chunk, file=file, start=base + lo, end=base + hi,
                         block_lo=blo, block_hi=bhi, src_byte=base + first * size,
                         src_shape=o_shape, src_strides=strides, dest=dest, dtype=dtype,
@@ -316,4 +322,4 @@ def _pieces(table: Any, targets: list[Target], window: int) -> list[Piece]:
                         crc0=crc0,
                     )
                 )  # fmt: skip
-    return pieces
+    return spans

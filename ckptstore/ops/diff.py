@@ -19,7 +19,7 @@ import torch
 from ckptstore.backends.base import Store
 from ckptstore.format.dtypes import dtype_from_name
 from ckptstore.format.manifest import TensorRecord
-from ckptstore.format.pieces import contiguous_pieces
+from ckptstore.format.regions import bounded_regions
 from ckptstore.loading.checkpoint import Checkpoint, open_checkpoint
 
 _MiB = 1 << 20
@@ -78,7 +78,7 @@ def _compare_values(
     max_abs = max_rel = 0.0
     mismatched = 0
     floating = dtype.is_floating_point or dtype.is_complex
-    for index in contiguous_pieces(rec.shape, 2 * size, max_memory):
+    for index in bounded_regions(rec.shape, 2 * size, max_memory):
         x, y = ca.read(name, index), cb.read(name, index)
         bits_x = x.reshape(-1).view(torch.uint8).view(-1, size)
         bits_y = y.reshape(-1).view(torch.uint8).view(-1, size)

@@ -39,7 +39,7 @@ from ckptstore.format.manifest import (
     ObjectRecord,
     TensorRecord,
 )
-from ckptstore.format.pieces import contiguous_pieces
+from ckptstore.format.regions import bounded_regions
 from ckptstore.loading.checkpoint import Checkpoint, open_checkpoint
 from ckptstore.loading.load import read_blob
 from ckptstore.state.tensor_bytes import as_bytes
@@ -128,7 +128,7 @@ def reshard_checkpoint(
         nonlocal written
         out.begin()
         size = dtype_from_name(rec.dtype).itemsize
-        for index in contiguous_pieces(tuple(shape), size, max_memory):
+        for index in bounded_regions(tuple(shape), size, max_memory):
             glob = tuple(slice(o + s.start, o + s.stop) for o, s in zip(offs, index, strict=True))
             region = ckpt.read(name, glob).contiguous()
             out.add(as_bytes(region))

@@ -8,7 +8,7 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -200,6 +200,55 @@ def _commit(
     }
 
 
+class _Written(NamedTuple):
+    """Every rank's written chunks as one table (rank after rank), file indexes global."""
+
+    files: list[str]
+    row_base: np.ndarray  # each rank's first row
+    file: np.ndarray
+    offset: np.ndarray
+    nbytes: np.ndarray
+    crc_count: np.ndarray
+    crc: np.ndarray
+    crc_start: np.ndarray
+
+    @classmethod
+    def of(cls, reps: list[_RankReport]) -> _Written:
+        files: list[str] = []
+        file_base = []
+        for r in reps:
+            file_base.append(len(files))
+            files.extend(r.files)
+        counts = np.array([len(r.file) for r in reps], dtype=np.int64)
+        crc_count = np.concatenate([r.crc_count for r in reps])
+        return cls(
+            files=files,
+            row_base=np.concatenate([[0], np.cumsum(counts)[:-1]]),
+            file=np.concatenate([r.file + file_base[i] for i, r in enumerate(reps)]),
+            offset=np.concatenate([r.offset for r in reps]),
+            nbytes=np.concatenate([r.nbytes for r in reps]),
+            crc_count=crc_count,
+            crc=np.concatenate([r.crc for r in reps]),
+            crc_start=np.concatenate([[0], np.cumsum(crc_count)[:-1]]),
+        )
+
+    def blob(self, row: int) -> BlobRef:
+        c0, cn = int(self.crc_start[row]), int(self.crc_count[row])
+        return BlobRef(
+            int(self.file[row]), int(self.offset[row]), int(self.nbytes[row]),
+            tuple(int(x) for x in self.crc[c0 : c0 + cn]),
+        )  # fmt: skip
+
+    def table(self, order: np.ndarray, block: int) -> ChunkTable:
+        """The chunk table of rows ``order`` (manifest order), with their crc runs."""
+        n_crc = self.crc_count[order]
+        first = self.crc_start[order] - np.concatenate([[0], np.cumsum(n_crc)[:-1]])
+        crc_idx = np.repeat(first, n_crc) + np.arange(int(n_crc.sum()))
+        return ChunkTable(
+            self.file[order], self.offset[order], self.nbytes[order], self.crc[crc_idx], block
+        )
+
+
 def _assemble(
     reports: list[tuple[_RankReport, None]],
     plan: GlobalPlan,
@@ -207,38 +256,42 @@ def _assemble(
     block: int,
     metadata: dict[str, Any] | None,
 ) -> Manifest:
+    """The manifest from every rank's report: the planned chunks first (in plan order), then
+    the per-rank entries and pickled objects."""
     reps = [r for r, _ in reports]
-    world = len(reps)
-    files: list[str] = []
-    file_base = []
-    for r in reps:
-        file_base.append(len(files))
-        files.extend(r.files)
-    # Flatten every rank's written chunks into one table, then pick rows in manifest order.
-    counts = np.array([len(r.file) for r in reps], dtype=np.int64)
-    row_base = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    all_file = np.concatenate([r.file + file_base[i] for i, r in enumerate(reps)])
-    all_offset = np.concatenate([r.offset for r in reps])
-    all_nbytes = np.concatenate([r.nbytes for r in reps])
-    all_crc_count = np.concatenate([r.crc_count for r in reps])
-    all_crc = np.concatenate([r.crc for r in reps])
-    crc_start = np.concatenate([[0], np.cumsum(all_crc_count)[:-1]])
-
-    rows = [row_base[plan.chunk_writer] + plan.chunk_slot]
-    names, dtypes, shapes, _ = zip(*plan.tensors, strict=True) if plan.tensors else ((),) * 4
-    tensors: dict[str, TensorRecord] = dict(
-        zip(
-            names,
-            map(new_record, zip(dtypes, shapes, plan.chunk_start, plan.layouts,
-                                repeat(reps[0].codec))),
-            strict=True,
-        )
-    )  # fmt: skip
-    next_chunk = plan.chunk_count
-    per_rank: dict[str, list[Entry]] = {}
+    written = _Written.of(reps)
+    rows = [written.row_base[plan.chunk_writer] + plan.chunk_slot]
+    tensors = _global_tensors(plan, reps[0].codec)
     objects: dict[str, ObjectRecord] = {
         name: ObjectRecord(value=value) for name, value in local.values.items()
     }
+    per_rank = _per_rank_entries(reps, written, plan.chunk_count, rows, objects)
+    order = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    return Manifest(
+        world_size=len(reps),
+        files=written.files,
+        chunks=written.table(order, block),
+        tensors=tensors,
+        objects=objects,
+        per_rank=per_rank,
+        metadata=dict(metadata or {}),
+    )
+
+
+def _global_tensors(plan: GlobalPlan, codec: str | None) -> dict[str, TensorRecord]:
+    names, dtypes, shapes, _ = zip(*plan.tensors, strict=True) if plan.tensors else ((),) * 4
+    records = map(new_record, zip(dtypes, shapes, plan.chunk_start, plan.layouts, repeat(codec)))
+    return dict(zip(names, records, strict=True))
+
+
+def _per_rank_entries(
+    reps: list[_RankReport], written: _Written, next_chunk: int, rows: list[np.ndarray],
+    objects: dict[str, ObjectRecord],
+) -> dict[str, list[Entry]]:  # fmt: skip
+    """Per-rank tensors (one chunk each, numbered after the planned ones; their rows are
+    appended to ``rows``), per-rank values, and pickled objects (global ones go to
+    ``objects``). Every rank must hold the same per-rank names."""
+    world = len(reps)
     names = set(reps[0].rank_tensors) | set(reps[0].rank_values) | set(reps[0].rank_blob_names)
     for r, rep in enumerate(reps):
         mine = set(rep.rank_tensors) | set(rep.rank_values) | set(rep.rank_blob_names)
@@ -246,45 +299,22 @@ def _assemble(
             raise SaveError(
                 f"per-rank entries differ between rank 0 and rank {r}: {sorted(names ^ mine)}"
             )
+    per_rank: dict[str, list[Any]] = {}
     for r, rep in enumerate(reps):
-        row = int(row_base[r]) + rep.n_global
+        row = int(written.row_base[r]) + rep.n_global
         for name, (dtype, shape) in rep.rank_tensors.items():
             rows.append(np.array([row]))
             layout = GridLayout(tuple((0,) for _ in shape))
-            per_rank.setdefault(name, [None] * world)[r] = TensorRecord(  # type: ignore[list-item]
-                dtype, shape, next_chunk, layout, rep.codec
-            )
+            record = TensorRecord(dtype, shape, next_chunk, layout, rep.codec)
+            per_rank.setdefault(name, [None] * world)[r] = record
             next_chunk += 1
             row += 1
         for name, value in rep.rank_values.items():
-            per_rank.setdefault(name, [None] * world)[r] = ObjectRecord(value=value)  # type: ignore[list-item]
+            per_rank.setdefault(name, [None] * world)[r] = ObjectRecord(value=value)
         for name in [*rep.blob_names, *rep.rank_blob_names]:
-            c0, cn = int(crc_start[row]), int(all_crc_count[row])
-            ref = BlobRef(
-                int(all_file[row]), int(all_offset[row]), int(all_nbytes[row]),
-                tuple(int(x) for x in all_crc[c0 : c0 + cn]),
-            )  # fmt: skip
             if name in rep.blob_names:
-                objects[name] = ObjectRecord(blob=ref)
+                objects[name] = ObjectRecord(blob=written.blob(row))
             else:
-                per_rank.setdefault(name, [None] * world)[r] = ObjectRecord(blob=ref)  # type: ignore[list-item]
+                per_rank.setdefault(name, [None] * world)[r] = ObjectRecord(blob=written.blob(row))
             row += 1
-    order = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
-    # crc runs of the chosen rows, in order
-    n_crc = all_crc_count[order]
-    starts = crc_start[order]
-    crc_idx = np.repeat(starts - np.concatenate([[0], np.cumsum(n_crc)[:-1]]), n_crc) + np.arange(
-        int(n_crc.sum())
-    )
-    table = ChunkTable(
-        all_file[order], all_offset[order], all_nbytes[order], all_crc[crc_idx], block
-    )
-    return Manifest(
-        world_size=world,
-        files=files,
-        chunks=table,
-        tensors=tensors,
-        objects=objects,
-        per_rank=per_rank,
-        metadata=dict(metadata or {}),
-    )
+    return per_rank

@@ -269,15 +269,32 @@ def plan_save_collective(
     checked, marked or written, and the returned plan has no store.
     """
     t0 = time.perf_counter()
-    store: Any = target.store if target is not None else None
     if options.codec is not None:
         from ckptstore.format.codecs import get_codec
 
         get_codec(options.codec)
+    local, error = _prepare_locally(state_dict, coord, options)
+    cached = _cached_plan(local, group_key)
+    exists, marked, error = _check_and_mark(target, coord, options, error)
+    plan_cached = _agree(target, coord, cached, exists, marked, error)
+    assert local is not None
+    t_plan = time.perf_counter()
+    if plan_cached:
+        assert cached is not None
+        writes, global_plan = cached.writes, cached.global_plan
+    else:
+        writes, global_plan = _plan_on_coordinator(local, coord, group_key)
+    t_end = time.perf_counter()
+    return PlannedSave(
+        target, options, coord.rank, coord.world_size, local, writes, global_plan, plan_cached,
+        {"prepare": t_plan - t0, "plan": t_end - t_plan},
+    )  # fmt: skip
 
-    # -- one all_reduce decides: plan cache hit everywhere? checkpoint exists? any error? ---
-    local: _Local | None = None
-    error: BaseException | None = None
+
+def _prepare_locally(
+    state_dict: Any, coord: Coordinator, options: SaveOptions
+) -> tuple[_Local | None, BaseException | None]:
+    """Flatten and declare this rank's state; an error is kept for the agreement."""
     try:
         local = _prepare(flatten(state_dict), coord.is_coordinator, options.allow_pickle)
         if options.metadata is not None:
@@ -285,44 +302,64 @@ def plan_save_collective(
 
             json.dumps(options.metadata)
     except (CkptStoreError, TypeError, ValueError) as exc:
-        error = exc
-    cached = None
-    structure_key = local.rank_plan.structure_key if local else -1
-    if local is not None:
-        cached = _PLAN_CACHE.get((group_key, structure_key))
-        if cached is not None:
-            _PLAN_CACHE.move_to_end((group_key, structure_key))
-    my_plan_id = cached.plan_id if cached else -1
-    # A tiered save commits on its local tier without asking the shared one (which may be
-    # unreachable): whether the shared tier already holds this step is the replicator's
-    # business. Every rank must name the same checkpoint (the shared URL for tiered paths).
-    primary = target.commit_store if target is not None else None
-    shared_url = target.shared_url if target is not None else ""
-    path_key = int.from_bytes(hashlib.blake2b(shared_url.encode(), digest_size=7).digest(), "big")
+        return None, exc
+    return local, None
+
+
+def _cached_plan(local: _Local | None, group_key: int) -> _CachedPlan | None:
+    """This rank's plan from an earlier save of the same structure, if any."""
+    if local is None:
+        return None
+    key = (group_key, local.rank_plan.structure_key)
+    cached = _PLAN_CACHE.get(key)
+    if cached is not None:
+        _PLAN_CACHE.move_to_end(key)
+    return cached
+
+
+def _check_and_mark(
+    target: SaveTarget | None, coord: Coordinator, options: SaveOptions,
+    error: BaseException | None,
+) -> tuple[int, bool, BaseException | None]:  # fmt: skip
+    """Before any rank writes data: does a committed checkpoint exist (the coordinator asks
+    the commit store; a tiered save never asks the shared tier, which may be unreachable),
+    and the in-flight marker that keeps gc off (on every node for tiered saves).
+    Returns (exists, marked, error)."""
+    if target is None:  # planning only
+        return 0, False, error
+    primary = target.commit_store
     exists = 0
-    planning_only = primary is None
-    if not planning_only and coord.is_coordinator and not options.overwrite and error is None:
+    if coord.is_coordinator and not options.overwrite and error is None:
         try:
             exists = int(primary.exists(MANIFEST_KEY))
         except CkptStoreError as exc:
             error = exc
     marked = False
-    if (
-        not planning_only
-        and error is None
-        and not exists
-        and (coord.is_coordinator or (target is not None and target.marks_every_node))
-    ):
-        try:  # before any rank writes data (the all_reduce below orders it): gc keeps off
+    if error is None and not exists and (coord.is_coordinator or target.marks_every_node):
+        try:  # the all_reduce of the agreement orders this before any rank's data
             primary.write_volatile(SAVING_KEY, b"")  # no fsync: it is bookkeeping
             marked = True
         except CkptStoreError as exc:
             error = exc
+    return exists, marked, error
+
+
+def _agree(
+    target: SaveTarget | None, coord: Coordinator, cached: _CachedPlan | None, exists: int,
+    marked: bool, error: BaseException | None,
+) -> bool:  # fmt: skip
+    """One all_reduce decides: is the plan cached on every rank, does every rank name the
+    same checkpoint, does it exist, did any rank fail. Raises the same on every rank;
+    returns whether the cached plan holds."""
+    shared_url = target.shared_url if target is not None else ""
+    path_key = int.from_bytes(hashlib.blake2b(shared_url.encode(), digest_size=7).digest(), "big")
+    my_plan_id = cached.plan_id if cached else -1
     hi, neg_lo, path_hi, path_neg_lo, exists, failed = coord.max_ints(
         [my_plan_id, -my_plan_id, path_key, -path_key, exists, int(error is not None)]
     )
     if (failed or exists or path_hi != -path_neg_lo) and marked:
-        unmark_saving(primary)
+        assert target is not None
+        unmark_saving(target.commit_store)
     if failed:
         coord.raise_failures(error)
     if path_hi != -path_neg_lo:
@@ -333,50 +370,47 @@ def plan_save_collective(
             + f" (rank 0: {urls[0]}); every rank must save to the same checkpoint"
         )
     if exists:
+        assert target is not None
         raise CheckpointExistsError(
-            f"{store.url}: a committed checkpoint is already there; pass overwrite=True to replace it"
+            f"{target.store.url}: a committed checkpoint is already there; pass overwrite=True "
+            "to replace it"
         )
-    assert local is not None
-    plan_cached = hi == -neg_lo and hi >= 0
-    t_plan = time.perf_counter()
+    return hi == -neg_lo and hi >= 0
 
-    # -- plan, only when some rank's structure changed --------------------------------------
-    if plan_cached:
-        assert cached is not None
-        writes, global_plan = cached.writes, cached.global_plan
-    else:
-        # Ranks of one pipeline stage declare the same tensors: only the first rank with a
-        # given declaration list sends it (an all_gather of 8-byte keys decides which).
-        decl_keys = coord.all_gather(local.rank_plan.decl_key)
-        first_with = {key: r for r, key in reversed(list(enumerate(decl_keys)))}
-        mine = local.rank_plan
-        if first_with[mine.decl_key] != coord.rank:
-            mine = dataclasses.replace(mine, tensors=None)
-        rank_plans = coord.gather(mine)
-        replies: list[Any] | None = None
-        global_plan = None
-        if coord.is_coordinator:
-            assert rank_plans is not None
-            for rp in rank_plans:
-                if rp.tensors is None:
-                    rp.tensors = rank_plans[first_with[rp.decl_key]].tensors
-            try:
-                global_plan = plan_save(rank_plans)
-                replies = [(global_plan.plan_id, w) for w in global_plan.writes]
-            except CkptStoreError as exc:
-                replies = [exc] * coord.world_size
-        reply = coord.scatter(replies)
-        if isinstance(reply, BaseException):
-            raise reply
-        plan_id, writes = reply
-        _PLAN_CACHE[(group_key, structure_key)] = _CachedPlan(plan_id, writes, global_plan)
-        while len(_PLAN_CACHE) > knobs.plan_cache_size():
-            _PLAN_CACHE.popitem(last=False)
-    t_end = time.perf_counter()
-    return PlannedSave(
-        target, options, coord.rank, coord.world_size, local, writes, global_plan, plan_cached,
-        {"prepare": t_plan - t0, "plan": t_end - t_plan},
-    )  # fmt: skip
+
+def _plan_on_coordinator(
+    local: _Local, coord: Coordinator, group_key: int
+) -> tuple[Any, GlobalPlan | None]:
+    """A plan-cache miss: the coordinator plans every rank's declarations and scatters each
+    rank its writes. Ranks of one pipeline stage declare the same tensors: only the first
+    rank with a given declaration list sends it (an all_gather of 8-byte keys decides)."""
+    decl_keys = coord.all_gather(local.rank_plan.decl_key)
+    first_with = {key: r for r, key in reversed(list(enumerate(decl_keys)))}
+    mine = local.rank_plan
+    if first_with[mine.decl_key] != coord.rank:
+        mine = dataclasses.replace(mine, tensors=None)
+    rank_plans = coord.gather(mine)
+    replies: list[Any] | None = None
+    global_plan = None
+    if coord.is_coordinator:
+        assert rank_plans is not None
+        for rp in rank_plans:
+            if rp.tensors is None:
+                rp.tensors = rank_plans[first_with[rp.decl_key]].tensors
+        try:
+            global_plan = plan_save(rank_plans)
+            replies = [(global_plan.plan_id, w) for w in global_plan.writes]
+        except CkptStoreError as exc:
+            replies = [exc] * coord.world_size
+    reply = coord.scatter(replies)
+    if isinstance(reply, BaseException):
+        raise reply
+    plan_id, writes = reply
+    key = (group_key, local.rank_plan.structure_key)
+    _PLAN_CACHE[key] = _CachedPlan(plan_id, writes, global_plan)
+    while len(_PLAN_CACHE) > knobs.plan_cache_size():
+        _PLAN_CACHE.popitem(last=False)
+    return writes, global_plan
 
 
 def unwritable_error(planned: PlannedSave, exc: Exception) -> SaveError:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 Index = tuple[int | slice, ...]
 
 
-def contiguous_pieces(shape: tuple[int, ...], itemsize: int, max_bytes: int) -> Iterator[Index]:
+def bounded_regions(shape: tuple[int, ...], itemsize: int, max_bytes: int) -> Iterator[Index]:
     """Indexes (ints and slices) of consecutive C-order runs of ``shape``, each at most
     ``max_bytes`` (or one element, whichever is larger), in order."""
     total = math.prod(shape) * itemsize
@@ -27,5 +27,5 @@ def contiguous_pieces(shape: tuple[int, ...], itemsize: int, max_bytes: int) -> 
             yield (slice(lo, min(lo + rows, shape[0])), *(slice(0, n) for n in shape[1:]))
         return
     for i in range(shape[0]):
-        for rest in contiguous_pieces(shape[1:], itemsize, max_bytes):
+        for rest in bounded_regions(shape[1:], itemsize, max_bytes):
             yield (slice(i, i + 1), *rest)
