@@ -310,7 +310,7 @@ def main() -> int:
         sink,
     )
     try:
-        bw = disk_write_bandwidth(scratch) if args.workloads else 0.0
+        bw = disk_write_bandwidth(scratch) if args.workloads or not args.no_training else 0.0
         if bw:
             emit({"case": "disk_fsync_write", "GiB_per_s": round(bw / GiB, 3)}, sink)
         for workload in args.workloads:
