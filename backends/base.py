@@ -251,6 +251,11 @@ class Store(abc.ABC):
 
 
 __all__ = [
-    "ByteRange", "KeyExistsError", "KeyNotFoundError", "ObjectInfo", "PendingUpload", "Store",
+    "ByteRange",
+    "KeyExistsError",
+    "KeyNotFoundError",
+    "ObjectInfo",
+    "PendingUpload",
+    "Store",
     "StoreWriter",
-]  # fmt: skip
+]

@@ -96,9 +96,12 @@ class _LocalWriter(StoreWriter):
 
 def _file_kind(mode: int) -> str:
     for test, kind in (
-        (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a device"),
-        (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"),
-    ):  # fmt: skip
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a device"),
+        (stat.S_ISBLK, "a device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
         if test(mode):
             return kind
     return "not a regular file"

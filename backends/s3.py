@@ -152,10 +152,17 @@ def _shared_client(
     from botocore.config import Config
 
     key = (
-        endpoint_url, region_name, access_key, secret_key, max_attempts, pool,
-        os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_ACCESS_KEY_ID"),
-        os.environ.get("AWS_PROFILE"), os.getpid(),
-    )  # fmt: skip
+        endpoint_url,
+        region_name,
+        access_key,
+        secret_key,
+        max_attempts,
+        pool,
+        os.environ.get("AWS_ENDPOINT_URL"),
+        os.environ.get("AWS_ACCESS_KEY_ID"),
+        os.environ.get("AWS_PROFILE"),
+        os.getpid(),
+    )
     with _CLIENTS_LOCK:
         client = _CLIENTS.get(key)
         if client is None:
@@ -166,9 +173,13 @@ def _shared_client(
                 read_timeout=60,
             )
             client = boto3.session.Session().client(
-                "s3", endpoint_url=endpoint_url, region_name=region_name,
-                aws_access_key_id=access_key, aws_secret_access_key=secret_key, config=config,
-            )  # fmt: skip
+                "s3",
+                endpoint_url=endpoint_url,
+                region_name=region_name,
+                aws_access_key_id=access_key,
+                aws_secret_access_key=secret_key,
+                config=config,
+            )
             _CLIENTS[key] = client
         return client
 
@@ -217,9 +228,13 @@ class S3Store(Store):
         self.throttle = Throttle(max_concurrent_uploads, max_upload_bytes_per_second)
         if client is None:
             client = _shared_client(
-                endpoint_url, region_name or "us-east-1", aws_access_key_id,
-                aws_secret_access_key, max_attempts, max(10, 2 * concurrency),
-            )  # fmt: skip
+                endpoint_url,
+                region_name or "us-east-1",
+                aws_access_key_id,
+                aws_secret_access_key,
+                max_attempts,
+                max(10, 2 * concurrency),
+            )
         self.client = client
         if create_bucket:
             try:
@@ -373,9 +388,10 @@ class S3Store(Store):
             for up in page.get("Uploads", []):
                 started = up.get("Initiated")
                 yield PendingUpload(
-                    up["Key"][cut:], up["UploadId"],
+                    up["Key"][cut:],
+                    up["UploadId"],
                     started.timestamp() if started is not None else None,
-                )  # fmt: skip
+                )
 
     def abort_upload(self, upload: PendingUpload) -> None:
         try:

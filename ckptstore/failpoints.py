@@ -18,8 +18,14 @@ import signal
 from collections.abc import Callable
 
 PHASES = (
-    "planned", "staged", "written", "before_commit", "committed", "replicated", "retention",
-)  # fmt: skip
+    "planned",
+    "staged",
+    "written",
+    "before_commit",
+    "committed",
+    "replicated",
+    "retention",
+)
 _ACTIONS: dict[str, Callable[[], None]] = {}
 
 

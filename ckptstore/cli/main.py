@@ -18,7 +18,7 @@ from ckptstore.cli.format import human_age, human_bytes, table
 from ckptstore.errors import DAMAGED_CONTENT, CkptStoreError, IncompleteCheckpointError
 from ckptstore.format.manifest import TensorRecord
 from ckptstore.format.verify import verify_checkpoint
-from ckptstore.loading.checkpoint import open_checkpoint
+from ckptstore.loading.checkpoint import Checkpoint, open_checkpoint
 
 EXIT_OK, EXIT_DAMAGED, EXIT_USAGE = 0, 1, 2
 
@@ -34,24 +34,39 @@ def _emit_error(args: argparse.Namespace, exc: CkptStoreError) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    ck = open_checkpoint(args.path)
+    summary = _inspect_summary(open_checkpoint(args.path), args.tensors)
+    if args.json:
+        print(json.dumps(summary, default=str))
+    else:
+        _print_inspect(summary, args.tree)
+    return EXIT_OK
+
+
+def _inspect_summary(ck: Checkpoint, pattern: str | None) -> dict[str, Any]:
+    """What ``ckpt inspect`` shows (and prints with ``--json``): entries matching
+    ``pattern`` (all without one), totals, metadata."""
     m = ck.manifest
     tensors = []
     for name, rec in m.tensors.items():
-        if args.tensors and not fnmatch.fnmatchcase(name, args.tensors):
+        if pattern and not fnmatch.fnmatchcase(name, pattern):
             continue
         meta = ck.meta(name)
         tensors.append(
             {
-                "name": name, "dtype": rec.dtype, "shape": list(rec.shape), "chunks": meta.chunks,
-                "bytes": meta.nbytes, "stored_bytes": meta.stored_nbytes, "codec": rec.codec,
+                "name": name,
+                "dtype": rec.dtype,
+                "shape": list(rec.shape),
+                "chunks": meta.chunks,
+                "bytes": meta.nbytes,
+                "stored_bytes": meta.stored_nbytes,
+                "codec": rec.codec,
                 "layout": meta.layout,
             }
-        )  # fmt: skip
+        )
     objects = [
         {"name": n, "pickled": o.blob is not None, **({} if o.blob else {"value": o.value})}
         for n, o in m.objects.items()
-        if not args.tensors or fnmatch.fnmatchcase(n, args.tensors)
+        if not pattern or fnmatch.fnmatchcase(n, pattern)
     ]
     per_rank = [
         {
@@ -61,7 +76,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         }
         for n, es in m.per_rank.items()
     ]
-    summary: dict[str, Any] = {
+    return {
         "path": ck.url,
         "state": "committed",
         "format_version": m.format_version,
@@ -79,11 +94,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         },
         "metadata": m.metadata,
     }
-    if args.json:
-        print(json.dumps(summary, default=str))
-        return EXIT_OK
-    print(f"checkpoint  {ck.url}")
-    print(f"state       committed (format v{m.format_version}), saved from {m.world_size} ranks")
+
+
+def _print_inspect(summary: dict[str, Any], tree: bool) -> None:
+    tensors, objects, per_rank = summary["tensors"], summary["objects"], summary["per_rank"]
+    print(f"checkpoint  {summary['path']}")
+    print(
+        f"state       committed (format v{summary['format_version']}), saved from "
+        f"{summary['world_size']} ranks"
+    )
     t = summary["totals"]
     print(
         f"totals      {t['tensors']} tensors, {t['chunks']} chunks, {human_bytes(t['bytes'])} "
@@ -93,7 +112,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     grid = sum(1 for x in tensors if x["chunks"] > 1 and x["layout"] == "grid")
     boxes = len(tensors) - whole - grid
     print(f"layout      {whole} whole, {grid} on a chunk grid, {boxes} as free boxes")
-    if tensors and args.tree:
+    if tensors and tree:
         print()
         print(_tree(tensors))
     elif tensors:
@@ -122,7 +141,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 ["per-rank entry", "kind", "ranks"],
             )
         )
-    return EXIT_OK
 
 
 def _tree(tensors: list[dict[str, Any]]) -> str:
@@ -169,11 +187,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(
             json.dumps(
                 {
-                    "path": ck.url, "ok": report.ok, "chunks": report.chunks,
-                    "bytes": report.bytes_checked, "bad": [b.as_dict() for b in report.bad],
+                    "path": ck.url,
+                    "ok": report.ok,
+                    "chunks": report.chunks,
+                    "bytes": report.bytes_checked,
+                    "bad": [b.as_dict() for b in report.bad],
                 }
             )
-        )  # fmt: skip
+        )
     elif report.ok:
         print(
             f"ok: {report.chunks} chunks, {human_bytes(report.bytes_checked)} verified in {ck.url}"
@@ -208,12 +229,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
             return EXIT_OK
         rows = [
             [
-                str(e.step), _when(e.created_unix),
+                str(e.step),
+                _when(e.created_unix),
                 human_bytes(e.bytes) if e.bytes is not None else "-",
-                str(e.world_size or "-"), e.local, e.remote,
+                str(e.world_size or "-"),
+                e.local,
+                e.remote,
             ]
             for e in tiers
-        ]  # fmt: skip
+        ]
         print(table(rows, ["step", "time (UTC)", "size", "ranks", "local", "remote"]))
         failed = [e for e in tiers if e.error]
         for e in failed:
@@ -277,8 +301,16 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
     report = diff_checkpoints(args.a, args.b, tensors=args.tensors, atol=args.atol)
     if args.json:
-        print(json.dumps({"a": report.a, "b": report.b, "same": report.same,
-                          "entries": [e.__dict__ for e in report.entries]}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "a": report.a,
+                    "b": report.b,
+                    "same": report.same,
+                    "entries": [e.__dict__ for e in report.entries],
+                }
+            )
+        )
         return EXIT_OK if report.same else EXIT_DAMAGED
     differing = [e for e in report.entries if e.status not in ("equal", "close")]
     close = [e for e in report.entries if e.status == "close"]
@@ -287,9 +319,11 @@ def cmd_diff(args: argparse.Namespace) -> int:
     if differing or close:
         rows = []
         for e in differing + close:
-            detail = e.how if e.max_abs is None else (
-                f"abs {e.max_abs:.3g} rel {e.max_rel:.3g} n={e.mismatched}"
-            )  # fmt: skip
+            detail = (
+                e.how
+                if e.max_abs is None
+                else (f"abs {e.max_abs:.3g} rel {e.max_rel:.3g} n={e.mismatched}")
+            )
             rows.append([e.name, e.status, detail[:40]])
         print()
         print(table(rows, ["entry", "status", "detail"], max_first=28))
@@ -305,10 +339,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     ck = open_checkpoint(args.path)  # once: the export reads this same manifest
     with Progress("export", ck.manifest.total_tensor_bytes(), enabled=not args.json) as progress:
         info = export_checkpoint(
-            ck, args.out, format=args.format, tensors=args.tensors, dtype=args.dtype,
+            ck,
+            args.out,
+            format=args.format,
+            tensors=args.tensors,
+            dtype=args.dtype,
             max_shard_bytes=parse_size(args.max_shard_size),
-            max_memory=parse_size(args.max_memory), progress=progress,
-        )  # fmt: skip
+            max_memory=parse_size(args.max_memory),
+            progress=progress,
+        )
     if args.json:
         print(json.dumps(info.__dict__))
     else:
@@ -317,8 +356,10 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"{info.out} ({len(info.files)} file(s))"
         )
         if info.skipped:
-            print(f"not exported (not tensors of the model): {', '.join(info.skipped[:8])}"
-                  + (" ..." if len(info.skipped) > 8 else ""))  # fmt: skip
+            print(
+                f"not exported (not tensors of the model): {', '.join(info.skipped[:8])}"
+                + (" ..." if len(info.skipped) > 8 else "")
+            )
     return EXIT_OK
 
 
@@ -353,9 +394,19 @@ def cmd_gc(args: argparse.Namespace) -> int:
     items = find_garbage(args.root, older_than=older)
     freed = delete_garbage(args.root, items) if args.apply else 0
     if args.json:
-        print(json.dumps({"root": args.root, "applied": args.apply, "freed_bytes": freed,
-                          "items": [{"kind": i.kind, "where": i.where, "bytes": i.bytes,
-                                     "age_s": i.age_s} for i in items]}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "root": args.root,
+                    "applied": args.apply,
+                    "freed_bytes": freed,
+                    "items": [
+                        {"kind": i.kind, "where": i.where, "bytes": i.bytes, "age_s": i.age_s}
+                        for i in items
+                    ],
+                }
+            )
+        )
         return EXIT_OK
     if not items:
         print(f"nothing to collect under {args.root} (older than {args.older_than})")
@@ -378,9 +429,14 @@ def cmd_reshard(args: argparse.Namespace) -> int:
     ck = open_checkpoint(args.src)  # once: the reshard reads this same manifest
     with Progress("reshard", ck.manifest.total_tensor_bytes(), enabled=not args.json) as progress:
         info = reshard_checkpoint(
-            ck, args.dst, world_size=args.world_size, placements=args.placement,
-            max_memory=parse_size(args.max_memory), overwrite=args.overwrite, progress=progress,
-        )  # fmt: skip
+            ck,
+            args.dst,
+            world_size=args.world_size,
+            placements=args.placement,
+            max_memory=parse_size(args.max_memory),
+            overwrite=args.overwrite,
+            progress=progress,
+        )
     if args.json:
         print(json.dumps(info.__dict__))
         return EXIT_OK
@@ -450,10 +506,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="new checkpoint directory or URL")
     p.add_argument("--world-size", type=int, required=True, help="ranks of the loading job")
     p.add_argument(
-        "--placement", action="append", default=[], metavar="GLOB=shard(d)|replicate",
+        "--placement",
+        action="append",
+        default=[],
+        metavar="GLOB=shard(d)|replicate",
         help="placement of matching tensors (first match wins; default shard(0) where dim 0 "
         "has at least N rows, else replicate); repeatable",
-    )  # fmt: skip
+    )
     p.add_argument("--max-memory", default="256MB", help="largest region held in memory (256MB)")
     p.add_argument("--overwrite", action="store_true", help="replace a committed checkpoint at DST")
     p.set_defaults(func=cmd_reshard)
@@ -475,9 +534,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="new checkpoint directory or URL")
     p.add_argument("--kind", choices=["dcp", "torch", "safetensors"], help="default: detected")
     p.add_argument(
-        "--trust", action="store_true",
+        "--trust",
+        action="store_true",
         help="read pickled metadata (DCP's .metadata is a pickle: only for trusted sources)",
-    )  # fmt: skip
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a committed checkpoint at DST")
     p.add_argument("--max-memory", default="1GB", help="DCP tensors read per batch (1GB)")
     p.set_defaults(func=cmd_import)

@@ -52,9 +52,11 @@ def own_group(process_group: dist.ProcessGroup | None, purpose: str) -> Any:
         attempt = _ATTEMPTS[(purpose, ranks)] = _ATTEMPTS.get((purpose, ranks), 0) + 1
         try:
             group = dist.new_group(
-                ranks=list(ranks), backend="gloo", use_local_synchronization=subgroup,
+                ranks=list(ranks),
+                backend="gloo",
+                use_local_synchronization=subgroup,
                 timeout=timedelta(seconds=knobs.collective_timeout_s()),
-            )  # fmt: skip
+            )
         except RuntimeError as exc:
             missing = absent_ranks(f"group/{purpose}/{ranks_key(ranks)}/{attempt}", ranks)
             raise CollectiveTimeoutError(

@@ -109,9 +109,12 @@ class ChunkTable:
     def columns(self) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
         """(file, offset, nbytes, crc_first, crc32c) as Python lists, for per-chunk loops."""
         return (
-            self.file.tolist(), self.offset.tolist(), self.nbytes.tolist(),
-            self.crc_first.tolist(), self.crc32c.tolist(),
-        )  # fmt: skip
+            self.file.tolist(),
+            self.offset.tolist(),
+            self.nbytes.tolist(),
+            self.crc_first.tolist(),
+            self.crc32c.tolist(),
+        )
 
     def crc_range(self, chunk: int) -> tuple[int, int]:
         return int(self.crc_first[chunk]), int(self.crc_first[chunk + 1])
@@ -273,16 +276,31 @@ class Manifest:
         except ManifestError:
             raise
         except (
-            KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError,
-            binascii.Error, RecursionError, MemoryError,
-        ) as exc:  # fmt: skip
+            KeyError,
+            TypeError,
+            ValueError,
+            IndexError,
+            AttributeError,
+            OverflowError,
+            binascii.Error,
+            RecursionError,
+            MemoryError,
+        ) as exc:
             raise ManifestError(
                 f"{where}: malformed manifest: {type(exc).__name__}: {str(exc)[:200]}"
             ) from exc
 
 
-_TOP_KEYS = {"format", "format_version", "world_size", "files", "chunks", "tensors", "objects",
-             "per_rank"}  # fmt: skip
+_TOP_KEYS = {
+    "format",
+    "format_version",
+    "world_size",
+    "files",
+    "chunks",
+    "tensors",
+    "objects",
+    "per_rank",
+}
 _CHUNK_KEYS = {"count", "block_bytes", "file", "offset", "crc32c"}
 
 
@@ -541,8 +559,9 @@ class _TensorColumns(NamedTuple):
 def _tensor_table_from_json(doc: Any, where: str) -> _TensorColumns:
     """Parse and check the column form of the tensor table with C-level passes over the
     columns, not a Python loop per tensor: a manifest may hold tens of thousands of tensors."""
-    rules.check_keys(where, "tensors", doc, {"names", "dtypes", "shapes", "chunk_starts"},
-                     {"layouts"})  # fmt: skip
+    rules.check_keys(
+        where, "tensors", doc, {"names", "dtypes", "shapes", "chunk_starts"}, {"layouts"}
+    )
     names, dtypes, shapes, starts = doc["names"], doc["dtypes"], doc["shapes"], doc["chunk_starts"]
     special_doc = doc.get("layouts") or {}
     if not all(isinstance(c, list) for c in (names, dtypes, shapes, starts)) or not isinstance(
@@ -575,10 +594,15 @@ def _tensor_table_from_json(doc: Any, where: str) -> _TensorColumns:
     records = list(
         map(
             new_record,
-            zip(dtypes, shape_tuples, starts, map(whole_of.__getitem__, ndims.tolist()),
-                repeat(None)),
+            zip(
+                dtypes,
+                shape_tuples,
+                starts,
+                map(whole_of.__getitem__, ndims.tolist()),
+                repeat(None),
+            ),
         )
-    )  # fmt: skip
+    )
     is_whole = np.ones(n, dtype=bool)
     grids, rest = split_grid_rows(special_doc, names, shape_tuples, row_bytes == 0, where)
     for i, layout in zip(grids.rows.tolist(), grids.layouts, strict=True):
@@ -592,8 +616,9 @@ def _tensor_table_from_json(doc: Any, where: str) -> _TensorColumns:
         rules.check_keys(where, f"layout of tensor {names[i]!r}", extra, set(), _LAYOUT_KEYS)
         records[i] = _tensor_from_json(
             {"dtype": dtypes[i], "shape": shapes[i], "chunk_start": starts[i], **extra},
-            names[i], where,
-        )  # fmt: skip
+            names[i],
+            where,
+        )
         if records[i].layout is not whole_of[len(shapes[i])] or records[i].codec:
             is_whole[i] = False
             special.append(records[i])
@@ -678,8 +703,9 @@ def _tensor_from_json(v: Any, name: str, where: str) -> TensorRecord:
         )
         nd = len(shape)
         offsets = _unpack(b["offsets"], "<i8").astype(np.int64)
-        n = rules.check_int(where, f"tensor {name!r}: boxes.count", b["count"], 0,
-                            len(offsets) // max(nd, 1))  # fmt: skip
+        n = rules.check_int(
+            where, f"tensor {name!r}: boxes.count", b["count"], 0, len(offsets) // max(nd, 1)
+        )
         shapes = _unpack(b["shapes"], "<i8").astype(np.int64)
         if len(offsets) != n * nd or len(shapes) != n * nd or (nd == 0 and n != 1):
             raise ManifestError(f"{where}: tensor {name!r}: boxes hold the wrong number of values")
@@ -727,8 +753,9 @@ def _object_to_json(o: ObjectRecord) -> dict[str, Any]:
 def _object_from_json(v: Any, name: str, where: str) -> ObjectRecord:
     if isinstance(v, dict) and v.keys() == {"pickle"}:
         p = v["pickle"]
-        rules.check_keys(where, f"pickled object {name!r}", p,
-                         {"file", "offset", "nbytes", "crc32c"}, set())  # fmt: skip
+        rules.check_keys(
+            where, f"pickled object {name!r}", p, {"file", "offset", "nbytes", "crc32c"}, set()
+        )
         crcs = p["crc32c"]
         if not isinstance(crcs, list) or not all(type(c) is int and 0 <= c < 1 << 32 for c in crcs):
             raise ManifestError(f"{where}: pickled object {name!r}: malformed checksums")

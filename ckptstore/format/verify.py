@@ -78,11 +78,15 @@ def stored_ranges(manifest: Manifest, file: int | None = None) -> list[StoredRan
     out = [
         StoredRange(c, None, f, o, n, t.crc32c[a:b])
         for c, f, o, n, a, b in zip(
-            rows.tolist(), t.file[rows].tolist(), t.offset[rows].tolist(),
-            t.nbytes[rows].tolist(), t.crc_first[rows].tolist(), t.crc_first[rows + 1].tolist(),
+            rows.tolist(),
+            t.file[rows].tolist(),
+            t.offset[rows].tolist(),
+            t.nbytes[rows].tolist(),
+            t.crc_first[rows].tolist(),
+            t.crc_first[rows + 1].tolist(),
             strict=True,
         )
-    ]  # fmt: skip
+    ]
     for name, blob in manifest.blobs():
         if file is None or blob.file == file:
             crcs = np.array(blob.crc32c, dtype=np.uint32)

@@ -12,9 +12,13 @@ from ckptstore.format.layouts import GridLayout
 from ckptstore.format.manifest import TensorRecord
 
 RAW_BITS = {
-    torch.bfloat16: "uint16", torch.float8_e4m3fn: "uint8", torch.float8_e5m2: "uint8",
-    torch.float8_e4m3fnuz: "uint8", torch.float8_e5m2fnuz: "uint8", torch.complex32: "uint32",
-}  # fmt: skip
+    torch.bfloat16: "uint16",
+    torch.float8_e4m3fn: "uint8",
+    torch.float8_e5m2: "uint8",
+    torch.float8_e4m3fnuz: "uint8",
+    torch.float8_e5m2fnuz: "uint8",
+    torch.complex32: "uint32",
+}
 for _name in ("float8_e8m0fnu", "float4_e2m1fn_x2"):
     if hasattr(torch, _name):
         RAW_BITS[getattr(torch, _name)] = "uint8"

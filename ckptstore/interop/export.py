@@ -31,11 +31,17 @@ from ckptstore.state.tensor_bytes import as_bytes
 
 FORMATS = ("safetensors", "torch", "zarr")
 DTYPE_ALIASES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-    "float16": torch.float16, "half": torch.float16, "fp32": torch.float32,
-    "float32": torch.float32, "float": torch.float32, "fp64": torch.float64,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp64": torch.float64,
     "float64": torch.float64,
-}  # fmt: skip
+}
 _MiB = 1 << 20
 
 
@@ -221,10 +227,14 @@ def _zarr(ckpt, items, out, cast, max_shard_bytes, max_memory, progress):
         if 0 in chunks:
             chunks = tuple(max(1, c) for c in chunks)
         arr = group.create_array(
-            name, shape=rec.shape, chunks=chunks, dtype=zdt, compressors=None,
-            fill_value=0, attributes={"torch_dtype": str(odt).replace("torch.", ""),
-                                      "raw_bits": raw},
-        )  # fmt: skip
+            name,
+            shape=rec.shape,
+            chunks=chunks,
+            dtype=zdt,
+            compressors=None,
+            fill_value=0,
+            attributes={"torch_dtype": str(odt).replace("torch.", ""), "raw_bits": raw},
+        )
         # write slabs of whole chunk rows along dim 0, each within max_memory
         if not rec.shape:
             arr[...] = to_numpy(ckpt.read(name).to(odt))

@@ -162,9 +162,13 @@ def import_checkpoint(
         raise ConversionError(f"unknown source kind {kind!r}; use one of {KINDS}")
     if kind == "dcp" and not trust:
         next(_dcp_batches(src, trust, max_memory))  # raises with the reason
-    writer = StreamingWriter(dst, overwrite=overwrite, allow_pickle=kind == "dcp",
-                             metadata={"imported_from": {"path": src, "kind": kind}},
-                             storage_options=storage_options)  # fmt: skip
+    writer = StreamingWriter(
+        dst,
+        overwrite=overwrite,
+        allow_pickle=kind == "dcp",
+        metadata={"imported_from": {"path": src, "kind": kind}},
+        storage_options=storage_options,
+    )
     try:
         if kind == "safetensors":
             for name, tensor in load_safetensors(src).items():

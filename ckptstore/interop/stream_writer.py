@@ -138,8 +138,9 @@ class StreamingWriter:
         """Make the data durable, then commit the manifest (create-if-absent)."""
         self._writer.commit()
         table = chunk_table(self._rows, self.block)
-        manifest = Manifest(1, [self.key], table, self.tensors, self.objects, {},
-                            metadata=self.metadata)  # fmt: skip
+        manifest = Manifest(
+            1, [self.key], table, self.tensors, self.objects, {}, metadata=self.metadata
+        )
         try:
             replaced = commit_manifest(self.store, manifest.to_json(), overwrite=self.overwrite)
         except CheckpointExistsError:

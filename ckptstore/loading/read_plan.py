@@ -187,9 +187,12 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
                     f"({g_start}..{g_end}) or its destination"
                 )
             runs = WholeChunks(
-                s_start.tolist(), s_end.tolist(),
-                crc_col[s_items].tolist(), ptr_col[s_items].tolist(), s_items.tolist(),
-            )  # fmt: skip
+                s_start.tolist(),
+                s_end.tolist(),
+                crc_col[s_items].tolist(),
+                ptr_col[s_items].tolist(),
+                s_items.tolist(),
+            )
         group_spans = [spans[i - n_simple] for i in items[~is_simple].tolist()]
         groups.append(Request(int(files[items[0]]), g_start, g_end, group_spans, runs))
     return ReadPlan(groups, names, chunks)
@@ -292,13 +295,28 @@ def _spans(table: Any, targets: list[Target], window: int) -> list[ReadSpan]:
                 ptr = dest.data_ptr() if dest.is_cpu and dest.is_contiguous() else 0
                 spans.append(
                     ReadSpan(
-                        name=t.name, chunk=chunk, file=file, start=base, end=base + nbytes,
-                        block_lo=0, block_hi=blocks, src_byte=base, src_shape=c_shape,
-                        src_strides=strides, dest=dest, dtype=dtype, codec=None,
-                        raw_nbytes=nbytes, src_elem_in_raw=0, dest_ptr=ptr, chunk_base=base,
-                        chunk_nbytes=nbytes, crc0=crc0, dest_nbytes=dest.nbytes,
+                        name=t.name,
+                        chunk=chunk,
+                        file=file,
+                        start=base,
+                        end=base + nbytes,
+                        block_lo=0,
+                        block_hi=blocks,
+                        src_byte=base,
+                        src_shape=c_shape,
+                        src_strides=strides,
+                        dest=dest,
+                        dtype=dtype,
+                        codec=None,
+                        raw_nbytes=nbytes,
+                        src_elem_in_raw=0,
+                        dest_ptr=ptr,
+                        chunk_base=base,
+                        chunk_nbytes=nbytes,
+                        crc0=crc0,
+                        dest_nbytes=dest.nbytes,
                     )
-                )  # fmt: skip
+                )
                 continue
             parts = [obox] if rec.codec else _split(obox, strides, size, window)
             for o_off, o_shape in parts:
@@ -314,12 +332,25 @@ def _spans(table: Any, targets: list[Target], window: int) -> list[ReadSpan]:
                     lo, hi = blo * block, min(bhi * block, nbytes)
                 spans.append(
                     ReadSpan(
-                        name=t.name, chunk=chunk, file=file, start=base + lo, end=base + hi,
-                        block_lo=blo, block_hi=bhi, src_byte=base + first * size,
-                        src_shape=o_shape, src_strides=strides, dest=dest, dtype=dtype,
-                        codec=rec.codec, raw_nbytes=math.prod(c_shape) * size,
-                        src_elem_in_raw=first, dest_ptr=0, chunk_base=base, chunk_nbytes=nbytes,
+                        name=t.name,
+                        chunk=chunk,
+                        file=file,
+                        start=base + lo,
+                        end=base + hi,
+                        block_lo=blo,
+                        block_hi=bhi,
+                        src_byte=base + first * size,
+                        src_shape=o_shape,
+                        src_strides=strides,
+                        dest=dest,
+                        dtype=dtype,
+                        codec=rec.codec,
+                        raw_nbytes=math.prod(c_shape) * size,
+                        src_elem_in_raw=first,
+                        dest_ptr=0,
+                        chunk_base=base,
+                        chunk_nbytes=nbytes,
                         crc0=crc0,
                     )
-                )  # fmt: skip
+                )
     return spans

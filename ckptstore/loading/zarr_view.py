@@ -50,7 +50,9 @@ def _array_doc(rec: TensorRecord) -> dict[str, Any]:
     chunks = regular_chunks(rec) if 0 not in rec.shape else tuple(max(1, n) for n in rec.shape)
     codec = (rec.codec or "").split(":")[0] or None
     return {
-        "zarr_format": 3, "node_type": "array", "shape": list(rec.shape),
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": list(rec.shape),
         "data_type": zdt if zdt != "bool" else "bool",
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks or ())}},
         "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
@@ -58,7 +60,7 @@ def _array_doc(rec: TensorRecord) -> dict[str, Any]:
         "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, *_CODECS[codec]],
         "attributes": {"torch_dtype": rec.dtype, "raw_bits": raw},
         "dimension_names": None,
-    }  # fmt: skip
+    }
 
 
 class CheckpointZarrMap:
@@ -78,8 +80,13 @@ class CheckpointZarrMap:
             )
         self.docs: dict[str, bytes] = {}
         self.chunks: dict[str, int] = {}  # zarr chunk key -> row of the chunk table
-        attrs = {"ckptstore": {"path": ckpt.url, "world_size": m.world_size,
-                               "not_viewable": self.skipped}}  # fmt: skip
+        attrs = {
+            "ckptstore": {
+                "path": ckpt.url,
+                "world_size": m.world_size,
+                "not_viewable": self.skipped,
+            }
+        }
         self.docs["zarr.json"] = _json(
             {"zarr_format": 3, "node_type": "group", "attributes": attrs}
         )
@@ -120,8 +127,11 @@ class CheckpointZarrMap:
         refs: dict[str, Any] = {k: v.decode() for k, v in self.docs.items()}
         base = self.ckpt.store.url.rstrip("/")
         for key, row in self.chunks.items():
-            refs[key] = [f"{base}/{m.files[int(t.file[row])]}", int(t.offset[row]),
-                         int(t.nbytes[row])]  # fmt: skip
+            refs[key] = [
+                f"{base}/{m.files[int(t.file[row])]}",
+                int(t.offset[row]),
+                int(t.nbytes[row]),
+            ]
         return {"version": 1, "refs": refs}
 
 

@@ -77,10 +77,15 @@ def find_garbage(
             ):
                 age = _age(objs, now)
                 if _old_enough(age, older_than):
-                    items.append(GarbageItem(
-                        "incomplete", prefix.rstrip("/"), tuple(sorted(keys)),
-                        sum(o.size for o in objs), age,
-                    ))  # fmt: skip
+                    items.append(
+                        GarbageItem(
+                            "incomplete",
+                            prefix.rstrip("/"),
+                            tuple(sorted(keys)),
+                            sum(o.size for o in objs),
+                            age,
+                        )
+                    )
             continue
         if not prefix and MANIFEST_KEY not in keys:  # a root that is not itself a checkpoint
             items += _temps(store, objs, now, older_than)

@@ -121,59 +121,17 @@ def reshard_checkpoint(
     tag = uuid.uuid4().hex[:10]
     files = [data_key(rank_file_name(r, tag, 0)) for r in range(world_size)]
     files.append(data_key(replicated_file_name(tag)))
+    copier = _RegionCopier(ckpt, max_memory, progress)
     rows: dict[tuple[str, int], ChunkRow] = {}
-    written = 0
-
-    def copy_box(out: ChunkWriter, name: str, rec: TensorRecord, offs, shape) -> None:
-        nonlocal written
-        out.begin()
-        size = dtype_from_name(rec.dtype).itemsize
-        for index in bounded_regions(tuple(shape), size, max_memory):
-            glob = tuple(slice(o + s.start, o + s.stop) for o, s in zip(offs, index, strict=True))
-            region = ckpt.read(name, glob).contiguous()
-            out.add(as_bytes(region))
-            written += region.numel() * size
-            if progress:
-                progress(region.numel() * size)
-
+    blobs: dict[tuple[str, int | None], BlobRef] = {}
+    dropped = [] if m.world_size == world_size else sorted(m.per_rank)
     try:
         for r in range(world_size):  # one sequential file per target rank
             with target.open_writer(files[r]) as w:
-                out = ChunkWriter(w, r, block)
-                for name, rec in m.tensors.items():
-                    dim = plan[name]
-                    if dim == REPLICATE or 0 in rec.shape:
-                        continue
-                    starts = shard_starts(rec.shape[dim], world_size)
-                    if r >= len(starts):
-                        continue
-                    lo = starts[r]
-                    hi = starts[r + 1] if r + 1 < len(starts) else rec.shape[dim]
-                    offs = [0] * len(rec.shape)
-                    shape = list(rec.shape)
-                    offs[dim], shape[dim] = lo, hi - lo
-                    copy_box(out, name, rec, offs, shape)
-                    rows[(name, r)] = out.end()
-        blobs: dict[tuple[str, int | None], BlobRef] = {}
-        dropped = [] if m.world_size == world_size else sorted(m.per_rank)
+                _write_rank_file(ChunkWriter(w, r, block), r, world_size, plan, copier, rows)
         with target.open_writer(files[-1]) as w:
             out = ChunkWriter(w, world_size, block)
-            for name, rec in m.tensors.items():
-                if plan[name] == REPLICATE and 0 not in rec.shape:
-                    copy_box(out, name, rec, [0] * len(rec.shape), rec.shape)
-                    rows[(name, -1)] = out.end()
-            objects = [(n, None, o) for n, o in m.objects.items()]
-            if not dropped:
-                objects += [(n, r, e) for n, es in m.per_rank.items() for r, e in enumerate(es)]
-            for name, rank, entry in objects:
-                if isinstance(entry, TensorRecord):
-                    key = (name, -2 - rank)
-                    _copy_rank_tensor(ckpt, out, name, rank, entry)
-                    rows[key] = out.end()
-                elif entry.blob is not None:
-                    label = name if rank is None else f"{name}[rank {rank}]"
-                    data = read_blob(ckpt.store, m, label, entry)  # checksum-verified
-                    blobs[(name, rank)] = blob_ref(out, data)
+            _write_replicated_file(out, plan, copier, rows, blobs, keep_per_rank=not dropped)
     except BaseException:
         for key in files:
             target.delete(key)
@@ -183,8 +141,84 @@ def reshard_checkpoint(
     replaced = commit_manifest(target, manifest.to_json(), overwrite=overwrite)
     delete_replaced(target, replaced, manifest)
     sharded = sum(1 for d in plan.values() if d != REPLICATE)
-    return ReshardInfo(ckpt.url, target.url, world_size, sharded, len(plan) - sharded, written,
-                       dropped)  # fmt: skip
+    return ReshardInfo(
+        ckpt.url, target.url, world_size, sharded, len(plan) - sharded, copier.written, dropped
+    )
+
+
+class _RegionCopier:
+    """Copies boxes of the source's tensors into a chunk writer, region by region (memory
+    bounded by ``max_memory``), counting the bytes."""
+
+    def __init__(
+        self, ckpt: Checkpoint, max_memory: int, progress: Callable[[int], None] | None
+    ) -> None:
+        self.ckpt, self.max_memory, self.progress = ckpt, max_memory, progress
+        self.written = 0
+
+    def copy_box(self, out: ChunkWriter, name: str, rec: TensorRecord, offs, shape) -> ChunkRow:
+        out.begin()
+        size = dtype_from_name(rec.dtype).itemsize
+        for index in bounded_regions(tuple(shape), size, self.max_memory):
+            glob = tuple(slice(o + s.start, o + s.stop) for o, s in zip(offs, index, strict=True))
+            region = self.ckpt.read(name, glob).contiguous()
+            out.add(as_bytes(region))
+            self.written += region.numel() * size
+            if self.progress:
+                self.progress(region.numel() * size)
+        return out.end()
+
+
+def _write_rank_file(
+    out: ChunkWriter,
+    r: int,
+    world_size: int,
+    plan: dict[str, int],
+    copier: _RegionCopier,
+    rows: dict[tuple[str, int], ChunkRow],
+) -> None:
+    """Target rank ``r``'s shard of every sharded tensor (``torch.chunk`` sizes)."""
+    for name, rec in copier.ckpt.manifest.tensors.items():
+        dim = plan[name]
+        if dim == REPLICATE or 0 in rec.shape:
+            continue
+        starts = shard_starts(rec.shape[dim], world_size)
+        if r >= len(starts):
+            continue
+        lo = starts[r]
+        hi = starts[r + 1] if r + 1 < len(starts) else rec.shape[dim]
+        offs = [0] * len(rec.shape)
+        shape = list(rec.shape)
+        offs[dim], shape[dim] = lo, hi - lo
+        rows[(name, r)] = copier.copy_box(out, name, rec, offs, shape)
+
+
+def _write_replicated_file(
+    out: ChunkWriter,
+    plan: dict[str, int],
+    copier: _RegionCopier,
+    rows: dict[tuple[str, int], ChunkRow],
+    blobs: dict[tuple[str, int | None], BlobRef],
+    keep_per_rank: bool,
+) -> None:
+    """The replicated tensors, then the per-rank tensors and pickled objects (per-rank
+    entries only when the world size is unchanged)."""
+    ckpt = copier.ckpt
+    m = ckpt.manifest
+    for name, rec in m.tensors.items():
+        if plan[name] == REPLICATE and 0 not in rec.shape:
+            rows[(name, -1)] = copier.copy_box(out, name, rec, [0] * len(rec.shape), rec.shape)
+    objects = [(n, None, o) for n, o in m.objects.items()]
+    if keep_per_rank:
+        objects += [(n, r, e) for n, es in m.per_rank.items() for r, e in enumerate(es)]
+    for name, rank, entry in objects:
+        if isinstance(entry, TensorRecord):
+            _copy_rank_tensor(ckpt, out, name, rank, entry)
+            rows[(name, -2 - rank)] = out.end()
+        elif entry.blob is not None:
+            label = name if rank is None else f"{name}[rank {rank}]"
+            data = read_blob(ckpt.store, m, label, entry)  # checksum-verified
+            blobs[(name, rank)] = blob_ref(out, data)
 
 
 def _copy_rank_tensor(ckpt: Checkpoint, out: ChunkWriter, name: str, rank: int, rec) -> None:
@@ -223,8 +257,9 @@ def _assemble(m, plan, world, files, rows, blobs, block, dropped, source) -> Man
             new = []
             for r, e in enumerate(entries):
                 if isinstance(e, TensorRecord):
-                    new.append(TensorRecord(e.dtype, e.shape, len(order),
-                                            whole_layout(len(e.shape)), None))  # fmt: skip
+                    new.append(
+                        TensorRecord(e.dtype, e.shape, len(order), whole_layout(len(e.shape)), None)
+                    )
                     add(rows[(name, -2 - r)])
                 elif e.blob is not None:
                     new.append(ObjectRecord(blob=blobs[(name, r)]))

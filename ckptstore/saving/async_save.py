@@ -205,9 +205,10 @@ def async_save(
             staged: StagedTensors | None = None
             try:
                 staged = state.pool.stage(
-                    planned.tensors_to_write(), wait_device=not stage_async,
+                    planned.tensors_to_write(),
+                    wait_device=not stage_async,
                     shared=persist == "process",
-                )  # fmt: skip
+                )
             except Exception as exc:  # the background still joins the commit, and fails it
                 failure = unwritable_error(planned, exc)
         failpoints.hit("staged", coord.rank)
@@ -281,10 +282,11 @@ def _persist(
                 # A shared tier gets the same bytes straight from the staging buffer while
                 # tier 0 is written; the buffer is released once both are done.
                 file_plan = plan_files(
-                    items, rank=planned.rank,
+                    items,
+                    rank=planned.rank,
                     files=planned.options.files_per_rank or knobs.files_per_rank(),
                     spread=planned.options.spread_prefixes,
-                )  # fmt: skip
+                )
                 upload = planned.target.stream_upload(items, file_plan)
                 planned.streamed_upload = upload
             result, error = write_planned(planned, items, file_plan)

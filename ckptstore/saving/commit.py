@@ -78,18 +78,26 @@ def commit_collective(
         assert reports is not None and planned.global_plan is not None
         try:
             outcome = _commit(
-                target, reports, planned.global_plan, local, options.block, options.overwrite,
+                target,
+                reports,
+                planned.global_plan,
+                local,
+                options.block,
+                options.overwrite,
                 options.metadata,
-            )  # fmt: skip
+            )
         finally:  # no longer in flight, whatever the outcome: gc may look again
             unmark_saving(primary)
     outcome = coord.broadcast(outcome)
     replication = None
     if not isinstance(outcome, BaseException):
         replication = target.after_commit(
-            outcome["manifest"], coord, options.overwrite, planned.replication_team,
+            outcome["manifest"],
+            coord,
+            options.overwrite,
+            planned.replication_team,
             planned.streamed_upload,
-        )  # fmt: skip
+        )
     if target.marks_every_node and not coord.is_coordinator:  # after this node's manifest
         unmark_saving(primary)
     if isinstance(outcome, BaseException):
@@ -235,9 +243,11 @@ class _Written(NamedTuple):
     def blob(self, row: int) -> BlobRef:
         c0, cn = int(self.crc_start[row]), int(self.crc_count[row])
         return BlobRef(
-            int(self.file[row]), int(self.offset[row]), int(self.nbytes[row]),
+            int(self.file[row]),
+            int(self.offset[row]),
+            int(self.nbytes[row]),
             tuple(int(x) for x in self.crc[c0 : c0 + cn]),
-        )  # fmt: skip
+        )
 
     def table(self, order: np.ndarray, block: int) -> ChunkTable:
         """The chunk table of rows ``order`` (manifest order), with their crc runs."""
@@ -285,9 +295,12 @@ def _global_tensors(plan: GlobalPlan, codec: str | None) -> dict[str, TensorReco
 
 
 def _per_rank_entries(
-    reps: list[_RankReport], written: _Written, next_chunk: int, rows: list[np.ndarray],
+    reps: list[_RankReport],
+    written: _Written,
+    next_chunk: int,
+    rows: list[np.ndarray],
     objects: dict[str, ObjectRecord],
-) -> dict[str, list[Entry]]:  # fmt: skip
+) -> dict[str, list[Entry]]:
     """Per-rank tensors (one chunk each, numbered after the planned ones; their rows are
     appended to ``rows``), per-rank values, and pickled objects (global ones go to
     ``objects``). Every rank must hold the same per-rank names."""

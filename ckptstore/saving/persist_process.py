@@ -145,10 +145,14 @@ def _serve(inp: BinaryIO, out: BinaryIO) -> None:
                 items = [WriteItem(as_bytes(buf[o : o + n]), req["codec"]) for o, n in req["spans"]]
                 items += [WriteItem(memoryview(base64.b64decode(b))) for b in req["blobs"]]
                 result = write_items(
-                    open_store(req["url"], **req["storage_options"]), items, rank=req["rank"],
-                    files=req["files"] or knobs.files_per_rank(), block_bytes=req["block"],
-                    pack_bytes=knobs.pack_bytes(), spread=req["spread"],
-                )  # fmt: skip
+                    open_store(req["url"], **req["storage_options"]),
+                    items,
+                    rank=req["rank"],
+                    files=req["files"] or knobs.files_per_rank(),
+                    block_bytes=req["block"],
+                    pack_bytes=knobs.pack_bytes(),
+                    spread=req["spread"],
+                )
                 del items, buf
             finally:
                 segment.close()

@@ -321,9 +321,12 @@ def _assign_writers(
         load[r] = least
     rank_list = rank_col.tolist()
     for u, s, e, nb in zip(
-        partial.tolist(), group_start[partial].tolist(), group_end[partial].tolist(),
-        u_nbytes[partial].tolist(), strict=True,
-    ):  # fmt: skip
+        partial.tolist(),
+        group_start[partial].tolist(),
+        group_end[partial].tolist(),
+        u_nbytes[partial].tolist(),
+        strict=True,
+    ):
         best = min(rank_list[s:e], key=load.__getitem__)
         writer[u] = best
         load[best] += nb

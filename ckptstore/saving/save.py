@@ -122,10 +122,15 @@ def _prepare(leaves: dict[str, Leaf], is_coordinator: bool, allow_pickle: bool) 
     decls = list(
         map(
             _NEW_DECL,
-            zip(names, dtype_names, map(_SHAPE, tensor_leaves), map(_ITEMSIZE.get, dtype_names),
-                strict=True),
+            zip(
+                names,
+                dtype_names,
+                map(_SHAPE, tensor_leaves),
+                map(_ITEMSIZE.get, dtype_names),
+                strict=True,
+            ),
         )
-    )  # fmt: skip
+    )
     plan = RankPlan.build(decls, list(map(_BOX, tensor_leaves)))
     return _Local(tensor_leaves, plan, rank_tensors, values, rank_values, blobs, rank_blobs)
 
@@ -286,9 +291,16 @@ def plan_save_collective(
         writes, global_plan = _plan_on_coordinator(local, coord, group_key)
     t_end = time.perf_counter()
     return PlannedSave(
-        target, options, coord.rank, coord.world_size, local, writes, global_plan, plan_cached,
+        target,
+        options,
+        coord.rank,
+        coord.world_size,
+        local,
+        writes,
+        global_plan,
+        plan_cached,
         {"prepare": t_plan - t0, "plan": t_end - t_plan},
-    )  # fmt: skip
+    )
 
 
 def _prepare_locally(
@@ -318,9 +330,11 @@ def _cached_plan(local: _Local | None, group_key: int) -> _CachedPlan | None:
 
 
 def _check_and_mark(
-    target: SaveTarget | None, coord: Coordinator, options: SaveOptions,
+    target: SaveTarget | None,
+    coord: Coordinator,
+    options: SaveOptions,
     error: BaseException | None,
-) -> tuple[int, bool, BaseException | None]:  # fmt: skip
+) -> tuple[int, bool, BaseException | None]:
     """Before any rank writes data: does a committed checkpoint exist (the coordinator asks
     the commit store; a tiered save never asks the shared tier, which may be unreachable),
     and the in-flight marker that keeps gc off (on every node for tiered saves).
@@ -345,9 +359,13 @@ def _check_and_mark(
 
 
 def _agree(
-    target: SaveTarget | None, coord: Coordinator, cached: _CachedPlan | None, exists: int,
-    marked: bool, error: BaseException | None,
-) -> bool:  # fmt: skip
+    target: SaveTarget | None,
+    coord: Coordinator,
+    cached: _CachedPlan | None,
+    exists: int,
+    marked: bool,
+    error: BaseException | None,
+) -> bool:
     """One all_reduce decides: is the plan cached on every rank, does every rank name the
     same checkpoint, does it exist, did any rank fail. Raises the same on every rank;
     returns whether the cached plan holds."""

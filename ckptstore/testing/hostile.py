@@ -383,9 +383,8 @@ def unpickle_without_opt_in(ckpt: str, outside: str) -> None:
     with open(path, "ab") as f:
         f.write(payload)
     doc["objects"]["x"] = {
-        "pickle": {"file": 0, "offset": offset, "nbytes": len(payload),
-                   "crc32c": [crc32c(payload)]}
-    }  # fmt: skip
+        "pickle": {"file": 0, "offset": offset, "nbytes": len(payload), "crc32c": [crc32c(payload)]}
+    }
     write_doc(ckpt, doc)
 
 

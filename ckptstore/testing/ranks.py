@@ -23,10 +23,14 @@ def _entry(
     rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any
 ) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
         OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-    )  # fmt: skip
+    )
     import torch
 
     torch.set_num_threads(1)

@@ -58,9 +58,13 @@ class SeaweedServer:
         # disk fails with "no free volumes left" long before the disk is full. Volumes are
         # not preallocated, so a fixed cap costs no space.
         command = [
-            weed_binary(), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            weed_binary(),
+            "mini",
+            f"-dir={self.data_dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
             f"-volume.max={MAX_VOLUMES}",
-        ]  # fmt: skip
+        ]
         self.proc = subprocess.Popen(
             command, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )

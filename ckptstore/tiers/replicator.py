@@ -121,9 +121,13 @@ class Replicator:
         streamed, job.streamed = job.streamed, None  # a retry uploads from tier 0
         try:
             info = replicate_collective(
-                job.tiered, job.manifest_bytes, job.team.next_exchange("replicate"),
-                overwrite=job.overwrite, attempt=job.attempts, streamed=streamed,
-            )  # fmt: skip
+                job.tiered,
+                job.manifest_bytes,
+                job.team.next_exchange("replicate"),
+                overwrite=job.overwrite,
+                attempt=job.attempts,
+                streamed=streamed,
+            )
         except BaseException as exc:
             if job.attempts <= _retries():
                 self._failed.append(job)

@@ -75,9 +75,13 @@ class SaveTarget:
         """Remove what :meth:`stream_upload` wrote once it ends (the save failed)."""
 
     def after_commit(
-        self, manifest_bytes: bytes | None, coord: Coordinator, overwrite: bool, team: Any,
+        self,
+        manifest_bytes: bytes | None,
+        coord: Coordinator,
+        overwrite: bool,
+        team: Any,
         streamed: Future | None,
-    ) -> ReplicationHandle | None:  # fmt: skip
+    ) -> ReplicationHandle | None:
         """Every rank, once the coordinator committed the manifest (its bytes when
         :attr:`wants_manifest`)."""
         return None
@@ -139,9 +143,13 @@ class TieredTarget(SaveTarget):
         upload.add_done_callback(discard)
 
     def after_commit(
-        self, manifest_bytes: bytes | None, coord: Coordinator, overwrite: bool, team: Any,
+        self,
+        manifest_bytes: bytes | None,
+        coord: Coordinator,
+        overwrite: bool,
+        team: Any,
         streamed: Future | None,
-    ) -> ReplicationHandle:  # fmt: skip
+    ) -> ReplicationHandle:
         """Put the committed manifest on every node's local tier, then queue the upload."""
         from ckptstore.tiers.replicator import replicator
         from ckptstore.tiers.state import REPLICATING, TierState, write_tier_state

@@ -69,9 +69,12 @@ RESERVED = "_ckptstore"
 _RESTORE_TRIES = 16  # checkpoints one restore tries before it gives up
 
 DAMAGED = (
-    *DAMAGED_CONTENT, KeyNotFoundError, IncompleteCheckpointError, TruncatedFileError,
+    *DAMAGED_CONTENT,
+    KeyNotFoundError,
+    IncompleteCheckpointError,
+    TruncatedFileError,
     NotARegularFileError,
-)  # fmt: skip
+)
 """Load failures that mean the checkpoint is damaged (its content, or its files missing,
 short or not regular): ``restore`` tries the one before."""
 
