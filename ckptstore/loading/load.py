@@ -131,6 +131,7 @@ def load(
     error: BaseException | None = None
     targets: list[Target] = []
     assignments: list[tuple[Leaf, ObjectRecord]] = []
+    statefuls: list[tuple[Any, Any]] = []  # (object, the state dict filled for it)
     try:
         manifest = fetch_manifest(store, coord)
     except Exception as exc:
@@ -139,7 +140,7 @@ def load(
     if error is None:
         try:
             targets, assignments = _match(
-                state_dict, manifest, coord, strict, allow_pickle, per_rank
+                state_dict, manifest, coord, strict, allow_pickle, per_rank, statefuls
             )
         except Exception as exc:
             error = typed(exc, store.url)
@@ -157,6 +158,8 @@ def load(
             else:
                 value = rec.value
             leaf.set_value(value)
+        for obj, own in statefuls:  # as torch DCP does: the filled state dict goes back
+            obj.load_state_dict(own)
     except Exception as exc:
         error = typed(exc, store.url)
     coord.agree(error)
@@ -198,10 +201,12 @@ def _match(
     strict: bool,
     allow_pickle: bool,
     per_rank: str,
+    statefuls: list[tuple[Any, Any]],
 ) -> tuple[list[Target], list[tuple[Leaf, ObjectRecord]]]:
     """Pair every leaf of ``state_dict`` with its entry of ``manifest``; raise on any
-    mismatch (all of them listed) before anything is read."""
-    leaves = flatten(state_dict)
+    mismatch (all of them listed) before anything is read. Stateful objects are flattened
+    as their ``state_dict()`` and listed in ``statefuls``."""
+    leaves = flatten(state_dict, statefuls)
     found = _Matched([], [], [], [], [])
     _match_tensors(leaves, manifest, found)
     for name, leaf in leaves.items():

@@ -191,11 +191,26 @@ def _clash(name: str) -> StateDictError:
     return StateDictError(f"two entries of the state_dict flatten to the same name {name!r}")
 
 
-def flatten(state_dict: Any) -> dict[str, Leaf]:
+def is_stateful(value: Any) -> bool:
+    """``value`` has ``state_dict()`` and ``load_state_dict()`` (the ``Stateful`` protocol of
+    torch.distributed.checkpoint): a module, an optimizer, a scheduler, an app's own state
+    object. Its state dict is saved in its place and handed back to it on load."""
+    cls = type(value)
+    return (
+        not isinstance(value, torch.Tensor)
+        and callable(getattr(cls, "state_dict", None))
+        and callable(getattr(cls, "load_state_dict", None))
+    )
+
+
+def flatten(state_dict: Any, statefuls: list[tuple[Any, Any]] | None = None) -> dict[str, Leaf]:
     """Named leaves of ``state_dict`` in traversal order.
 
     Args:
         state_dict: nested dicts and lists ending in leaves (see the module docstring).
+            A Stateful object (:func:`is_stateful`) stands for its ``state_dict()``.
+        statefuls: if given, each Stateful met is appended with the state dict flattened in
+            its place, as ``(object, state_dict)`` (a load hands the filled dict back).
 
     Raises:
         StateDictError: two paths flatten to the same name, or a key is not a str/int.
@@ -240,6 +255,12 @@ def flatten(state_dict: Any) -> dict[str, Leaf]:
         if isinstance(inner, list) and not per_rank:
             for i, child in enumerate(inner):
                 visit(f"{prefix}.{i}" if prefix else str(i), child, inner, i)
+            return
+        if not per_rank and is_stateful(inner):
+            own = inner.state_dict()
+            if statefuls is not None:
+                statefuls.append((inner, own))
+            visit(prefix, own, container, key)
             return
         if not prefix:
             raise StateDictError("state_dict must be a dict (or list) of leaves")
