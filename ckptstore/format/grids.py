@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ckptstore.format import rules
-from ckptstore.format.layouts import GridLayout
+from ckptstore.format.layouts import GridLayout, grid_cell_elements
 
 GridKey = tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]  # (shape, grid starts)
 
@@ -138,10 +138,7 @@ def _validate(key: GridKey, name: str, grid: Any, where: str) -> GridShape:
     """Check one distinct (shape, grid) pair of a tensor with elements."""
     shape = key[0]
     starts = rules.check_grid(where, name, grid, shape)
-    elements = np.ones(1, dtype=np.int64)
-    for s, dim in zip(starts, shape, strict=True):
-        elements = np.outer(elements, np.diff(np.array((*s, dim), dtype=np.int64))).ravel()
-    return GridShape(GridLayout(starts), elements)
+    return GridShape(GridLayout(starts), grid_cell_elements(starts, shape))
 
 
 def fill_raw_nbytes(

@@ -48,6 +48,14 @@ Layout = GridLayout | BoxLayout
 _WHOLE: dict[int, GridLayout] = {}
 
 
+def grid_cell_elements(starts: tuple[tuple[int, ...], ...], shape: tuple[int, ...]) -> np.ndarray:
+    """Elements of each cell of a grid (``starts`` per dim of ``shape``), in C order of cells."""
+    elements = np.ones(1, dtype=np.int64)
+    for s, dim in zip(starts, shape, strict=True):
+        elements = np.outer(elements, np.diff(np.array((*s, dim), dtype=np.int64))).ravel()
+    return elements
+
+
 def whole_layout(ndim: int) -> GridLayout:
     """The layout of a tensor stored as one chunk (shared instances: there are many)."""
     layout = _WHOLE.get(ndim)

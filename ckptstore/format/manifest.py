@@ -29,7 +29,13 @@ from ckptstore.format.checksum import crc32c
 from ckptstore.format.codecs import CODEC_SPEC
 from ckptstore.format.dtypes import NAME_TO_DTYPE, itemsize
 from ckptstore.format.grids import GridRows, fill_raw_nbytes, split_grid_rows
-from ckptstore.format.layouts import BoxLayout, GridLayout, Layout, whole_layout
+from ckptstore.format.layouts import (
+    BoxLayout,
+    GridLayout,
+    Layout,
+    grid_cell_elements,
+    whole_layout,
+)
 from ckptstore.gcpause import gc_paused
 
 FORMAT_NAME = "ckptstore"
@@ -507,13 +513,7 @@ def _fill_raw_nbytes(t: TensorRecord, nbytes: np.ndarray) -> None:
         nbytes[t.chunk_start : t.chunk_start + n] = [v * size for v in sizes]
         return
     else:
-        per_dim = [
-            np.diff(np.append(np.asarray(s, dtype=np.int64), dim))
-            for s, dim in zip(t.layout.starts, t.shape, strict=True)
-        ]
-        vols = np.ones(1, dtype=np.int64)
-        for sizes in per_dim:
-            vols = np.outer(vols, sizes).ravel()
+        vols = grid_cell_elements(t.layout.starts, t.shape)
     nbytes[t.chunk_start : t.chunk_start + n] = vols * size
 
 

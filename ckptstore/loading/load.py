@@ -208,10 +208,7 @@ def _match(
     as their ``state_dict()`` and listed in ``statefuls``."""
     leaves = flatten(state_dict, statefuls)
     found = _Matched([], [], [], [], [])
-    _match_tensors(leaves, manifest, found)
-    for name, leaf in leaves.items():
-        if name in manifest.tensors:
-            continue
+    for name, leaf in _match_tensors(leaves, manifest, found):
         _match_other(name, leaf, manifest, coord, strict, allow_pickle, per_rank, found)
     if strict:
         _check_nothing_left(leaves, manifest, found.problems)
@@ -219,13 +216,18 @@ def _match(
     return found.targets, found.assignments
 
 
-def _match_tensors(leaves: dict[str, Leaf], manifest: Manifest, found: _Matched) -> None:
-    """The common case, tens of thousands of times: a tensor leaf of a saved tensor."""
+def _match_tensors(
+    leaves: dict[str, Leaf], manifest: Manifest, found: _Matched
+) -> list[tuple[str, Leaf]]:
+    """The common case, tens of thousands of times: a tensor leaf of a saved tensor. Returns
+    the leaves of names the tensor table lacks (for :func:`_match_other`)."""
     tensors = manifest.tensors
     dtype_names, new_target, add_target = DTYPE_TO_NAME, _NEW_TARGET, found.targets.append
+    rest: list[tuple[str, Leaf]] = []
     for name, leaf in leaves.items():
         rec = tensors.get(name)
         if rec is None:
+            rest.append((name, leaf))
             continue
         kind = leaf.kind
         if kind == "tensor" or kind == "rank_tensor":
@@ -239,6 +241,7 @@ def _match_tensors(leaves: dict[str, Leaf], manifest: Manifest, found: _Matched)
                 f"{name}: the state_dict has a {type(leaf.value).__name__}, "
                 f"the checkpoint has tensor {_describe(rec)}"
             )
+    return rest
 
 
 def _match_other(
