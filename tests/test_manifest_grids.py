@@ -25,7 +25,7 @@ GRIDS = {  # shape -> grid starts (FSDP's torch.chunk shards, uneven ones, a 2-D
 }
 
 
-def _manifest(rows: int = 60) -> Manifest:
+def _manifest(rows: int = 60, version: int = 2) -> Manifest:
     shapes = list(GRIDS)
     tensors: dict[str, TensorRecord] = {}
     sizes: list[int] = []
@@ -45,7 +45,7 @@ def _manifest(rows: int = 60) -> Manifest:
     chunks = ChunkTable(
         np.zeros(len(sizes), np.int64), offset, nbytes, np.zeros(len(sizes), np.uint32), 1 << 22
     )
-    return Manifest(1, ["data/00000-a-0.bin"], chunks, tensors, {}, {})
+    return Manifest(1, ["data/00000-a-0.bin"], chunks, tensors, {}, {}, format_version=version)
 
 
 def _parse_both(data: bytes, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
@@ -88,8 +88,9 @@ def test_bulk_parse_equals_row_by_row(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(layouts) == 1
 
 
-def _doc() -> dict[str, Any]:
-    return json.loads(_manifest().to_json())
+def _doc(version: int = 2) -> dict[str, Any]:
+    """A format-2 table (a layout row per grid tensor) or a format-3 one (the grid column)."""
+    return json.loads(_manifest(version=version).to_json())
 
 
 def _signed(doc: dict[str, Any]) -> bytes:
@@ -159,3 +160,105 @@ def test_any_row_value_parses_alike(
     for r in rows:
         doc["tensors"]["layouts"][str(r)] = value
     _same(*_parse_both(_signed(doc), monkeypatch))
+
+
+# -- the grid column of format 3 -------------------------------------------------------------
+def test_the_grid_column_parses_to_the_same_records_as_layout_rows() -> None:
+    v2, v3 = _manifest(version=2), _manifest(version=3)
+    doc = json.loads(v3.to_json())
+    assert "layouts" not in doc["tensors"] or not doc["tensors"]["layouts"]
+    assert len(doc["tensors"]["grids"]) == len(GRIDS)  # each distinct grid once
+    parsed2, parsed3 = Manifest.from_json(v2.to_json()), Manifest.from_json(v3.to_json())
+    assert parsed3.tensors == parsed2.tensors == v3.tensors
+    assert np.array_equal(parsed3.chunks.nbytes, v3.chunks.nbytes)
+    layouts = {id(t.layout) for t in parsed3.tensors.values() if t.shape == (10,)}
+    assert len(layouts) == 1
+
+
+def _column_doc() -> dict[str, Any]:
+    return json.loads(_manifest(version=3).to_json())
+
+
+def _grid_of(doc: dict[str, Any]) -> np.ndarray:
+    import base64
+
+    return np.frombuffer(base64.b64decode(doc["tensors"]["grid_of"]), "<i4").copy()
+
+
+def _set_grid_of(doc: dict[str, Any], values: np.ndarray) -> None:
+    import base64
+
+    doc["tensors"]["grid_of"] = base64.b64encode(values.astype("<i4").tobytes()).decode()
+
+
+def _refused(doc: dict[str, Any], *words: str) -> None:
+    with pytest.raises(ManifestError) as info:
+        Manifest.from_json(_signed(doc))
+    for word in words:
+        assert word in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("what", sorted(set(HOSTILE_ROWS) - {"an extra key", "a string"}))
+def test_a_hostile_grid_in_the_column_is_refused_naming_a_tensor(what: str) -> None:
+    doc = _column_doc()
+    # Give row 30 (shape (10,)) a grid of its own: the hostile value.
+    doc["tensors"]["grids"].append(HOSTILE_ROWS[what]["grid"])
+    grid_of = _grid_of(doc)
+    grid_of[30] = len(doc["tensors"]["grids"]) - 1
+    _set_grid_of(doc, grid_of)
+    _refused(doc, "layers.30.norm")
+
+
+def test_a_grid_of_another_shape_is_refused() -> None:
+    doc = _column_doc()
+    grid_of = _grid_of(doc)
+    grid_of[30] = grid_of[31]  # row 31 has shape (1024,): its grid does not fit (10,)
+    _set_grid_of(doc, grid_of)
+    _refused(doc, "layers.30.norm")
+
+
+@pytest.mark.parametrize("value", [-2, 3, 2**31 - 1])
+def test_a_grid_index_outside_the_list_is_refused(value: int) -> None:
+    doc = _column_doc()
+    grid_of = _grid_of(doc)
+    grid_of[7] = value
+    _set_grid_of(doc, grid_of)
+    _refused(doc, "layers.7.norm", "grid_of")
+
+
+def test_malformed_grid_columns_are_refused() -> None:
+    doc = _column_doc()
+    _set_grid_of(doc, _grid_of(doc)[:-1])
+    _refused(doc, "grid_of has 60 entries for 61 tensors")
+    doc = _column_doc()
+    del doc["tensors"]["grids"]
+    _refused(doc, "grids and grid_of go together")
+    doc = _column_doc()
+    doc["tensors"]["grid_of"] = "not base64!"
+    _refused(doc, "grid_of")
+    doc = _column_doc()
+    doc["tensors"]["grids"] = {"0": [[0]]}
+    _refused(doc, "grids must be a list")
+
+
+def test_a_row_with_a_grid_index_and_a_layout_row_is_refused() -> None:
+    doc = _column_doc()
+    doc["tensors"]["layouts"] = {"30": {"grid": [[0, 3, 6, 9]]}}
+    _refused(doc, "layers.30.norm", "grid_of and a layout row")
+    doc = _column_doc()
+    doc["tensors"]["layouts"] = {"30": {"codec": "zstd"}}
+    _refused(doc, "layers.30.norm", "grid_of and a layout row")
+
+
+def test_a_tensor_without_elements_has_no_grid_index() -> None:
+    doc = _column_doc()
+    doc["tensors"]["shapes"][30] = [0]
+    _refused(doc, "layers.30.norm", "no elements")
+
+
+def test_a_format_2_manifest_is_written_without_the_grid_column() -> None:
+    """A manifest read from a format-2 checkpoint keeps its version when written again
+    (a copy of an old checkpoint stays readable by the readers that read it)."""
+    doc = _doc(version=2)
+    assert doc["format_version"] == 2
+    assert "grid_of" not in doc["tensors"] and len(doc["tensors"]["layouts"]) == 60

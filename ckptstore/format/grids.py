@@ -12,12 +12,14 @@ value) are left to the per-row parser, which names the row and the rule it break
 
 from __future__ import annotations
 
+import base64
 from itertools import chain
 from operator import itemgetter
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from ckptstore.errors import ManifestError
 from ckptstore.format import rules
 from ckptstore.format.layouts import GridLayout, grid_cell_elements
 
@@ -43,6 +45,80 @@ class GridRows(NamedTuple):
     def empty(cls) -> GridRows:
         none = np.zeros(0, dtype=np.int64)
         return cls(none, none, [], [])
+
+    def merged(self, other: GridRows) -> GridRows:
+        """These rows and ``other``'s (rows of a table appear in one of them only)."""
+        if not len(other.rows):
+            return self
+        if not len(self.rows):
+            return other
+        shift = len(self.rows)
+        return GridRows(
+            np.concatenate([self.rows, other.rows]),
+            np.concatenate([self.count, other.count]),
+            self.layouts + other.layouts,
+            self.groups + [(pos + shift, elements) for pos, elements in other.groups],
+        )
+
+
+def column_grid_rows(
+    grids_doc: Any,
+    grid_of_doc: Any,
+    names: list[str],
+    shapes: list[tuple[int, ...]],
+    empty: np.ndarray,
+    where: str,
+) -> GridRows:
+    """Parse the grid column of a format-3 tensor table: ``grids`` lists each distinct grid
+    once, ``grid_of`` (packed ``<i4``, one per row) names a row's grid or is -1. Rows are
+    grouped by (shape, grid) with array operations; each distinct pair is validated once."""
+    if not isinstance(grids_doc, list) or type(grid_of_doc) is not str:
+        raise ManifestError(
+            f"{where}: tensor table: grids must be a list and grid_of packed integers"
+        )
+    try:
+        grid_of = np.frombuffer(base64.b64decode(grid_of_doc.encode("ascii"), validate=True), "<i4")
+    except (ValueError, UnicodeError) as exc:
+        raise ManifestError(f"{where}: tensor table: grid_of is not base64") from exc
+    n = len(names)
+    if len(grid_of) != n:
+        raise ManifestError(
+            f"{where}: tensor table: grid_of has {len(grid_of)} entries for {n} tensors"
+        )
+    if n and (grid_of.min() < -1 or grid_of.max() >= len(grids_doc)):
+        bad = int(np.flatnonzero((grid_of < -1) | (grid_of >= len(grids_doc)))[0])
+        raise ManifestError(
+            f"{where}: tensor {names[bad]!r}: grid_of {int(grid_of[bad])} is not one of the "
+            f"{len(grids_doc)} grids"
+        )
+    rows = np.flatnonzero(grid_of >= 0)
+    if not len(rows):
+        return GridRows.empty()
+    if empty[rows].any():
+        bad = int(rows[np.flatnonzero(empty[rows])[0]])
+        raise ManifestError(f"{where}: tensor {names[bad]!r} has no elements, so no grid (grid_of)")
+    row_list = rows.tolist()
+    row_shapes = list(map(shapes.__getitem__, row_list))
+    shape_id = {s: i for i, s in enumerate(dict.fromkeys(row_shapes))}
+    ids = np.fromiter(map(shape_id.__getitem__, row_shapes), np.int64, len(row_list))
+    gids = grid_of[rows].astype(np.int64)
+    pairs, first, inverse = np.unique(
+        ids * len(grids_doc) + gids, return_index=True, return_inverse=True
+    )
+    validated: list[GridShape] = []
+    for pos in first.tolist():
+        i = row_list[pos]
+        validated.append(_validate_row(shapes[i], names[i], grids_doc[int(gids[pos])], where))
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.searchsorted(inverse[order], np.arange(len(pairs) + 1))
+    groups = [
+        (order[lo:hi], v.elements)
+        for lo, hi, v in zip(bounds[:-1].tolist(), bounds[1:].tolist(), validated, strict=True)
+    ]
+    per_pair = [v.layout for v in validated]
+    layouts = list(map(per_pair.__getitem__, inverse.tolist()))
+    count = np.array([len(v.elements) for v in validated], dtype=np.int64)[inverse]
+    return GridRows(rows.astype(np.int64), count, layouts, groups)
 
 
 def split_grid_rows(
@@ -136,7 +212,10 @@ def _exact_int_lists(grids: list[Any]) -> bool:
 
 def _validate(key: GridKey, name: str, grid: Any, where: str) -> GridShape:
     """Check one distinct (shape, grid) pair of a tensor with elements."""
-    shape = key[0]
+    return _validate_row(key[0], name, grid, where)
+
+
+def _validate_row(shape: tuple[int, ...], name: str, grid: Any, where: str) -> GridShape:
     starts = rules.check_grid(where, name, grid, shape)
     return GridShape(GridLayout(starts), grid_cell_elements(starts, shape))
 

@@ -28,7 +28,12 @@ from ckptstore.format import rules
 from ckptstore.format.checksum import crc32c
 from ckptstore.format.codecs import CODEC_SPEC
 from ckptstore.format.dtypes import NAME_TO_DTYPE, itemsize
-from ckptstore.format.grids import GridRows, fill_raw_nbytes, split_grid_rows
+from ckptstore.format.grids import (
+    GridRows,
+    column_grid_rows,
+    fill_raw_nbytes,
+    split_grid_rows,
+)
 from ckptstore.format.layouts import (
     BoxLayout,
     GridLayout,
@@ -39,7 +44,7 @@ from ckptstore.format.layouts import (
 from ckptstore.gcpause import gc_paused
 
 FORMAT_NAME = "ckptstore"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """1: the first format. 2: the manifest carries its own checksum (``docs/format.md``)."""
 MANIFEST_KEY = "manifest.json"
 DATA_PREFIX = "data/"
@@ -250,7 +255,7 @@ class Manifest:
             "byte_order": "little",
             "files": self.files,
             "chunks": chunks,
-            "tensors": _tensor_table_to_json(self.tensors),
+            "tensors": _tensor_table_to_json(self.tensors, grid_column=self.format_version >= 3),
             "objects": {name: _object_to_json(o) for name, o in self.objects.items()},
             "per_rank": {
                 name: [_entry_to_json(e) for e in entries]
@@ -517,28 +522,49 @@ def _fill_raw_nbytes(t: TensorRecord, nbytes: np.ndarray) -> None:
     nbytes[t.chunk_start : t.chunk_start + n] = vols * size
 
 
-def _tensor_table_to_json(tensors: dict[str, TensorRecord]) -> dict[str, Any]:
+def _tensor_table_to_json(
+    tensors: dict[str, TensorRecord], grid_column: bool = True
+) -> dict[str, Any]:
     """The tensor table as parallel columns (a manifest may hold tens of thousands of tensors:
-    columns are several times faster to write and parse than one object per tensor)."""
+    columns are several times faster to write and parse than one object per tensor).
+
+    With ``grid_column`` (format 3), uncompressed tensors on a grid -- FSDP's and TP's shards
+    -- name one of the table's distinct grids in ``grid_of`` instead of a layout row each."""
     records = list(tensors.values())
     dtypes, shapes, starts, layouts, codecs = zip(*records, strict=True) if records else ((),) * 5
     whole_of = [whole_layout(d) for d in range(max(map(len, shapes), default=0) + 1)]
     special: dict[str, dict[str, Any]] = {}
+    grid_ids: dict[tuple[tuple[int, ...], ...], int] = {}
+    grid_of = np.full(len(records), -1, dtype=np.int32) if grid_column else None
     plain = map(is_, layouts, map(whole_of.__getitem__, map(len, shapes)))
     for i, is_plain in enumerate(plain):
-        if not is_plain or codecs[i] is not None:
-            extra = _tensor_to_json(records[i])
-            for key in ("dtype", "shape", "chunk_start"):
-                del extra[key]
-            if extra:
-                special[str(i)] = extra
-    return {
+        if is_plain and codecs[i] is None:
+            continue
+        layout = layouts[i]
+        if (
+            grid_of is not None
+            and codecs[i] is None
+            and type(layout) is GridLayout
+            and all(shapes[i])  # a tensor without elements keeps its row
+        ):
+            grid_of[i] = grid_ids.setdefault(layout.starts, len(grid_ids))
+            continue
+        extra = _tensor_to_json(records[i])
+        for key in ("dtype", "shape", "chunk_start"):
+            del extra[key]
+        if extra:
+            special[str(i)] = extra
+    out: dict[str, Any] = {
         "names": list(tensors),
         "dtypes": list(dtypes),
         "shapes": list(shapes),
         "chunk_starts": list(starts),
         "layouts": special,
     }
+    if grid_ids:
+        out["grids"] = [[list(s) for s in g] for g in grid_ids]
+        out["grid_of"] = _pack(grid_of, "<i4")
+    return out
 
 
 class _TensorColumns(NamedTuple):
@@ -560,8 +586,10 @@ def _tensor_table_from_json(doc: Any, where: str) -> _TensorColumns:
     """Parse and check the column form of the tensor table with C-level passes over the
     columns, not a Python loop per tensor: a manifest may hold tens of thousands of tensors."""
     rules.check_keys(
-        where, "tensors", doc, {"names", "dtypes", "shapes", "chunk_starts"}, {"layouts"}
+        where, "tensors", doc, {"names", "dtypes", "shapes", "chunk_starts"}, _TABLE_OPTIONAL
     )
+    if ("grids" in doc) != ("grid_of" in doc):
+        raise ManifestError(f"{where}: tensor table: grids and grid_of go together")
     names, dtypes, shapes, starts = doc["names"], doc["dtypes"], doc["shapes"], doc["chunk_starts"]
     special_doc = doc.get("layouts") or {}
     if not all(isinstance(c, list) for c in (names, dtypes, shapes, starts)) or not isinstance(
@@ -591,28 +619,29 @@ def _tensor_table_from_json(doc: Any, where: str) -> _TensorColumns:
     sizes = np.fromiter(map(_ITEMSIZE.__getitem__, dtypes), np.int64, n)
     row_bytes = rules.check_shape_sizes(where, np.array(dims, dtype=np.int64), ndims, sizes)
     whole_of = [whole_layout(d) for d in range(int(ndims.max(initial=0)) + 1)]
-    records = list(
-        map(
-            new_record,
-            zip(
-                dtypes,
-                shape_tuples,
-                starts,
-                map(whole_of.__getitem__, ndims.tolist()),
-                repeat(None),
-            ),
-        )
-    )
-    is_whole = np.ones(n, dtype=bool)
-    grids, rest = split_grid_rows(special_doc, names, shape_tuples, row_bytes == 0, where)
+    layouts: list[Layout] = list(map(whole_of.__getitem__, ndims.tolist()))
+    empty = row_bytes == 0
+    grids, rest = split_grid_rows(special_doc, names, shape_tuples, empty, where)
+    in_column = np.zeros(n, dtype=bool)
+    if "grid_of" in doc:
+        column = column_grid_rows(doc["grids"], doc["grid_of"], names, shape_tuples, empty, where)
+        in_column[column.rows] = True
+        if in_column[grids.rows].any():
+            bad = int(grids.rows[in_column[grids.rows]][0])
+            raise ManifestError(f"{where}: tensor {names[bad]!r} has a grid_of and a layout row")
+        grids = grids.merged(column)
     for i, layout in zip(grids.rows.tolist(), grids.layouts, strict=True):
-        records[i] = new_record((dtypes[i], shape_tuples[i], starts[i], layout, None))
+        layouts[i] = layout
+    records = list(map(new_record, zip(dtypes, shape_tuples, starts, layouts, repeat(None))))
+    is_whole = np.ones(n, dtype=bool)
     is_whole[grids.rows] = False
     special: list[TensorRecord] = []
     for key, extra in rest.items():
         i = int(key) if key.isdigit() and len(key) < 12 else -1
         if not 0 <= i < n or key != str(i):
             raise ManifestError(f"{where}: tensor table: layouts refers to row {key[:20]!r} of {n}")
+        if in_column[i]:
+            raise ManifestError(f"{where}: tensor {names[i]!r} has a grid_of and a layout row")
         rules.check_keys(where, f"layout of tensor {names[i]!r}", extra, set(), _LAYOUT_KEYS)
         records[i] = _tensor_from_json(
             {"dtype": dtypes[i], "shape": shapes[i], "chunk_start": starts[i], **extra},
@@ -640,6 +669,7 @@ def _tensor_table_from_json(doc: Any, where: str) -> _TensorColumns:
 
 
 _LAYOUT_KEYS = {"grid", "boxes", "codec"}
+_TABLE_OPTIONAL = {"layouts", "grids", "grid_of"}
 _SHAPE_OF, _DTYPE_OF = itemgetter(1), itemgetter(0)
 new_record = partial(tuple.__new__, TensorRecord)
 """TensorRecord from one (dtype, shape, chunk_start, layout, codec) tuple, at C speed."""

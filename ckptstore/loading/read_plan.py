@@ -13,7 +13,8 @@ import bisect
 import itertools
 import math
 from dataclasses import dataclass, field
-from operator import attrgetter
+from functools import partial
+from operator import attrgetter, is_, itemgetter
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -203,45 +204,50 @@ def _whole_chunk_targets(
 ) -> tuple[list[int], list[int], list[int], list[torch.Tensor], list[Target]]:
     """The targets that are exactly one saved one-block raw chunk, copied into contiguous
     host memory: (their indexes, chunks, destination addresses, destinations), and the
-    other targets (the general path)."""
-    whole_of = [whole_layout(n) for n in range(8)]
-    fast: list[int] = []  # indexes into targets of candidates for the fast path
-    chunks: list[int] = []
-    ptrs: list[int] = []
-    dests: list[torch.Tensor] = []
-    others: list[Target] = []
-    cells: dict[tuple[int, tuple[int, ...], Box], int | None] = {}
-    for i, t in enumerate(targets):
-        rec, dest = t[1], t[3]
-        shape = rec.shape
-        cell: int | None = None
-        if rec.codec is None and len(shape) < 8 and dest.is_cpu and dest.is_contiguous():
-            layout = rec.layout
-            if layout is whole_of[len(shape)]:
-                cell = 0 if t[2][1] == shape else None
-            elif type(layout) is GridLayout:  # a shard loaded as it was saved (FSDP, TP)
-                # Tensors of one shape and sharding share a layout: one lookup per box.
-                key = (id(layout), shape, t[2])
-                cell = cells.get(key, -1)
-                if cell == -1:
-                    cell = cells[key] = exact_cell(layout, shape, t[2])
-        if cell is not None:
-            fast.append(i)
-            chunks.append(rec.chunk_start + cell)
-            ptrs.append(dest.data_ptr())
-            dests.append(dest)
-        else:
-            others.append(t)
-    nbytes = table.nbytes[np.array(chunks, dtype=np.int64)]
-    simple = (nbytes > 0) & (nbytes <= table.block_bytes) & (np.array(ptrs, np.int64) != 0)
-    if not simple.all():  # empty tensors and multi-block chunks take the general path
-        others += [targets[fast[i]] for i in np.flatnonzero(~simple).tolist()]
-        keep = np.flatnonzero(simple).tolist()
-        fast = [fast[i] for i in keep]
-        chunks = [chunks[i] for i in keep]
-        ptrs = [ptrs[i] for i in keep]
-        dests = [dests[i] for i in keep]
-    return fast, chunks, ptrs, dests, others
+    other targets (the general path).
+
+    C-level passes over the targets: tensors of one shape and sharding share a layout, so
+    the chunk cell of each distinct (layout, shape, box) is worked out once."""
+    if not targets:
+        return [], [], [], [], []
+    records = list(map(_RECORD, targets))
+    dests = list(map(_DEST, targets))
+    layouts = list(map(_LAYOUT, records))
+    layout_of = dict(zip(map(id, layouts), layouts, strict=True))  # boxes are not hashable
+    keys = list(zip(map(id, layouts), map(_SHAPE, records), map(_BOX, targets), strict=True))
+    cells = {key: _cell(layout_of[key[0]], *key[1:]) for key in dict.fromkeys(keys)}
+    cell = np.fromiter(map(cells.__getitem__, keys), np.int64, len(keys))
+    usable = np.fromiter(map(_IS_CPU, dests), bool, len(dests))
+    usable &= np.fromiter(map(torch.Tensor.is_contiguous, dests), bool, len(dests))
+    usable &= np.fromiter(map(_CODEC_IS_NONE, map(_CODEC, records)), bool, len(records))
+    ptr = np.fromiter(map(torch.Tensor.data_ptr, dests), np.int64, len(dests))
+    chunk = np.fromiter(map(_CHUNK_START, records), np.int64, len(records)) + cell
+    usable &= (cell >= 0) & (ptr != 0)
+    nbytes = np.zeros(len(chunk), dtype=np.int64)
+    nbytes[usable] = table.nbytes[chunk[usable]]
+    # Empty tensors and multi-block chunks take the general path.
+    usable &= (nbytes > 0) & (nbytes <= table.block_bytes)
+    fast = np.flatnonzero(usable)
+    fast_list = fast.tolist()
+    others = [targets[i] for i in np.flatnonzero(~usable).tolist()]
+    picked_dests = list(map(dests.__getitem__, fast_list))
+    return fast_list, chunk[fast].tolist(), ptr[fast].tolist(), picked_dests, others
+
+
+def _cell(layout: Any, shape: tuple[int, ...], box: Box) -> int:
+    """The chunk (relative to the tensor's first) that is exactly ``box``, or -1."""
+    if layout is whole_layout(len(shape)):
+        return 0 if box[1] == shape else -1
+    if type(layout) is GridLayout:  # a shard loaded as it was saved (FSDP, TP)
+        found = exact_cell(layout, shape, box)
+        return -1 if found is None else found
+    return -1
+
+
+_RECORD, _BOX, _DEST = itemgetter(1), itemgetter(2), itemgetter(3)
+_LAYOUT, _SHAPE, _CODEC = attrgetter("layout"), attrgetter("shape"), attrgetter("codec")
+_CHUNK_START, _IS_CPU = attrgetter("chunk_start"), attrgetter("is_cpu")
+_CODEC_IS_NONE = partial(is_, None)
 
 
 def coalesce(

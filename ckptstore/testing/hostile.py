@@ -101,8 +101,17 @@ def resum(checkpoint: str, doc: dict[str, Any], nbytes: np.ndarray) -> None:
 
 
 def layout_row(doc: dict[str, Any], name: str) -> dict[str, Any]:
+    """The layout row of tensor ``name``, to edit; a tensor in the grid column of format 3
+    is first moved to an equivalent layout row (a manifest may mix both forms)."""
     t = doc["tensors"]
-    return t["layouts"][str(t["names"].index(name))]
+    i = t["names"].index(name)
+    if "grid_of" in t:
+        grid_of = unpack(t["grid_of"], "<i4").copy()
+        if grid_of[i] >= 0:
+            t.setdefault("layouts", {})[str(i)] = {"grid": t["grids"][grid_of[i]]}
+            grid_of[i] = -1
+            t["grid_of"] = pack(grid_of, "<i4")
+    return t["layouts"][str(i)]
 
 
 def _boxes(doc: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
@@ -215,6 +224,28 @@ def box_overlap_same_volume(offs: np.ndarray, shps: np.ndarray) -> None:
 @_edit
 def grid_not_increasing(doc: dict[str, Any]) -> None:
     layout_row(doc, "grid")["grid"][0] = [0, 6, 3]
+
+
+def _grid_index(doc: dict[str, Any], name: str, change: Callable[[int], int]) -> None:
+    t = doc["tensors"]
+    grid_of = unpack(t["grid_of"], "<i4").copy()
+    i = t["names"].index(name)
+    grid_of[i] = change(int(grid_of[i]))
+    t["grid_of"] = pack(grid_of, "<i4")
+
+
+@case("manifest")
+@_edit
+def grid_index_past_the_list(doc: dict[str, Any]) -> None:
+    _grid_index(doc, "grid", lambda g: len(doc["tensors"]["grids"]))
+
+
+@case("manifest")
+@_edit
+def grid_index_of_another_shape(doc: dict[str, Any]) -> None:
+    """The grid tensor points at a grid that partitions a larger dim (chunks past its end)."""
+    doc["tensors"]["grids"].append([[0, 1 << 20], [0]])
+    _grid_index(doc, "grid", lambda g: len(doc["tensors"]["grids"]) - 1)
 
 
 @case("manifest")
