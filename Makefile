@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test fuzz chaos demo bench lint format clean
+.PHONY: venv test fuzz chaos demo s3 bench lint format clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,10 @@ chaos: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) tools/demo.py
+
+# The demo's S3 server again, over the data `make demo` left (for the docs/cli.md examples).
+s3: $(STAMP)
+	$(PY) tools/s3_server.py
 
 bench: $(STAMP)
 	$(PY) tools/bench.py

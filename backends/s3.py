@@ -25,7 +25,7 @@ from typing import Any
 
 from ckptstore.backends.base import ByteRange, ObjectInfo, PendingUpload, Store, StoreWriter
 from ckptstore.backends.throttle import Throttle
-from ckptstore.errors import KeyExistsError, KeyNotFoundError, StoreError
+from ckptstore.errors import KeyExistsError, KeyNotFoundError, StoreAccessError, StoreError
 
 _MiB = 1 << 20
 
@@ -35,6 +35,39 @@ def _code(exc: Exception) -> str:
     if not isinstance(response, dict):
         return ""
     return str(response.get("Error", {}).get("Code", ""))
+
+
+_ACCESS_PROBLEMS = {  # error codes a retry cannot fix -> what to tell the user
+    "AccessDenied": "access denied (the credentials lack permission)",
+    "403": "access denied (HTTP 403: the credentials lack permission, or are wrong)",
+    "AllAccessDisabled": "all access to this bucket is disabled",
+    "InvalidAccessKeyId": "the access key id is not known to the server",
+    "SignatureDoesNotMatch": "the secret access key is wrong (the signature does not match)",
+    "InvalidToken": "the session token is malformed or invalid",
+    "ExpiredToken": "the session token has expired",
+    "NoSuchBucket": "the bucket does not exist",
+    "InvalidBucketName": "the bucket name is not valid",
+}
+_NO_CREDENTIALS = (
+    "no AWS credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
+    "or storage_options={'aws_access_key_id': ..., 'aws_secret_access_key': ...})"
+)
+
+
+def access_problem(exc: BaseException) -> str | None:
+    """Why a request failed, when no retry can help (else None)."""
+    if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+        return _NO_CREDENTIALS
+    return _ACCESS_PROBLEMS.get(_code(exc))  # type: ignore[arg-type]
+
+
+def _failure(url: str, what: str, exc: BaseException) -> StoreError:
+    """The typed error for a failed request: :class:`StoreAccessError` (one line: the URL
+    and the cause) when no retry can fix it, else a :class:`StoreError`."""
+    problem = access_problem(exc)
+    if problem is not None:
+        return StoreAccessError(f"{url}: {problem} ({what})")
+    return StoreError(f"{url}: {what} failed: {exc}")
 
 
 class _MultipartWriter(StoreWriter):
@@ -68,9 +101,11 @@ class _MultipartWriter(StoreWriter):
     def _submit(self, chunk: bytes) -> None:
         s = self._store
         if self._upload_id is None:
-            self._upload_id = s.client.create_multipart_upload(Bucket=s.bucket, Key=self._key)[
-                "UploadId"
-            ]
+            try:
+                reply = s.client.create_multipart_upload(Bucket=s.bucket, Key=self._key)
+            except Exception as exc:
+                raise _failure(s.url, f"starting the upload of {self._key!r}", exc) from None
+            self._upload_id = reply["UploadId"]
             self._pool = ThreadPoolExecutor(s.concurrency, thread_name_prefix="ckptstore-s3-upload")
         number = len(self._futures) + 1
         assert self._pool is not None
@@ -113,7 +148,7 @@ class _MultipartWriter(StoreWriter):
             )
         except Exception as exc:
             self.abort()
-            raise StoreError(f"{s.url}: upload of {self._key!r} failed: {exc}") from exc
+            raise _failure(s.url, f"upload of {self._key!r}", exc) from None
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
@@ -160,6 +195,8 @@ def _shared_client(
         pool,
         os.environ.get("AWS_ENDPOINT_URL"),
         os.environ.get("AWS_ACCESS_KEY_ID"),
+        os.environ.get("AWS_SECRET_ACCESS_KEY"),  # held in memory only, like the client
+        os.environ.get("AWS_SESSION_TOKEN"),
         os.environ.get("AWS_PROFILE"),
         os.getpid(),
     )
@@ -284,6 +321,8 @@ class S3Store(Store):
                     raise KeyNotFoundError(f"{self.url}: no such key {key!r}") from None
                 if _code(exc) == "InvalidRange":
                     return 0 if into is not None else b""
+                if access_problem(exc) is not None:
+                    raise _failure(self.url, f"reading {key!r}", exc) from None
                 if attempt == self.max_attempts - 1:
                     raise StoreError(
                         f"{self.url}: reading {key!r} failed after {self.max_attempts} attempts: {exc}"
@@ -328,7 +367,7 @@ class S3Store(Store):
         except Exception as exc:
             if _code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
                 raise KeyExistsError(f"{self.url}: {key!r} already exists") from None
-            raise StoreError(f"{self.url}: conditional put of {key!r} failed: {exc}") from exc
+            raise _failure(self.url, f"conditional put of {key!r}", exc) from None
 
     def size(self, key: str) -> int:
         try:
@@ -338,7 +377,19 @@ class S3Store(Store):
         except Exception as exc:
             if _code(exc) in ("404", "NoSuchKey", "NotFound"):
                 raise KeyNotFoundError(f"{self.url}: no such key {key!r}") from None
-            raise StoreError(f"{self.url}: HEAD {key!r} failed: {exc}") from exc
+            raise _failure(self.url, f"HEAD {key!r}", self._diagnosed(exc)) from None
+
+    def _diagnosed(self, exc: Exception) -> Exception:
+        """A HEAD refused with a bare 403 carries no reason (HEAD has no body): one listing
+        request, on this error path only, gets the server's code (a wrong secret, an
+        unknown key id, or access denied)."""
+        if _code(exc) != "403":
+            return exc
+        try:
+            self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._key(""), MaxKeys=1)
+        except Exception as reason:
+            return reason if access_problem(reason) is not None else exc
+        return exc
 
     def _listing(self, prefix: str, delimiter: bool = False) -> Iterator[dict[str, Any]]:
         """Pages of ``list_objects_v2`` under ``prefix`` (one level with ``delimiter``)."""
@@ -354,7 +405,7 @@ class S3Store(Store):
             try:
                 page = next(pages, None)
             except Exception as exc:
-                raise StoreError(f"{self.url}: listing {prefix!r} failed: {exc}") from exc
+                raise _failure(self.url, f"listing {prefix!r}", exc) from None
             if page is None:
                 return
             yield page
@@ -408,7 +459,7 @@ class S3Store(Store):
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
         except Exception as exc:
-            raise StoreError(f"{self.url}: DELETE {key!r} failed: {exc}") from exc
+            raise _failure(self.url, f"DELETE {key!r}", exc) from None
 
     def delete_prefix(self, prefix: str) -> int:
         keys = list(self.list(prefix))
@@ -419,5 +470,5 @@ class S3Store(Store):
                     Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
                 )
             except Exception as exc:
-                raise StoreError(f"{self.url}: deleting under {prefix!r} failed: {exc}") from exc
+                raise _failure(self.url, f"deleting under {prefix!r}", exc) from None
         return len(keys)

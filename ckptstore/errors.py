@@ -16,6 +16,11 @@ class StoreError(CkptStoreError):
     """A storage backend could not complete an operation."""
 
 
+class StoreAccessError(StoreError):
+    """The store refused for a reason no retry can fix: credentials missing or wrong, access
+    denied, the bucket does not exist. Raised at once, naming the URL and the cause."""
+
+
 class KeyNotFoundError(StoreError, KeyError):
     """A key (file) that was expected in a store is not there."""
 
@@ -42,6 +47,18 @@ class UnsupportedURLError(StoreError):
 
 class CheckpointNotFoundError(CkptStoreError):
     """The path holds no checkpoint at all."""
+
+
+class EntryNotFoundError(CkptStoreError, KeyError):
+    """A name asked of a checkpoint is not one of its entries; ``suggestions`` holds the
+    nearest names it does hold."""
+
+    def __init__(self, message: str, name: str, suggestions: list[str]) -> None:
+        super().__init__(message)
+        self.name, self.suggestions = name, suggestions
+
+    def __str__(self) -> str:  # the message, not KeyError's repr of it
+        return str(self.args[0])
 
 
 class IncompleteCheckpointError(CkptStoreError):

@@ -536,3 +536,17 @@ def save_rows_uneven(rank: int, world: int, root: str) -> None:
     cuts = [0, 14, 28, 40]
     a, b = cuts[rank], cuts[rank + 1]
     cs.save({"w": cs.Sharded(full[a:b].clone(), (40, 6), (a, 0))}, root)
+
+
+def mismatch_messages(rank: int, world: int, root: str) -> str:
+    """Every rank loads a state_dict whose optimizer is named differently from the saved
+    one; returns this rank's error message (rank 0 lists the problems, the others say so)."""
+    state = {"model": {"w": torch.ones(4)}, "optim": {"m": torch.ones(4)}}
+    cs.save(state, f"{root}/ckpt")
+    try:
+        cs.load(
+            {"model": {"w": torch.zeros(4)}, "optimizer": {"m": torch.zeros(4)}}, f"{root}/ckpt"
+        )
+    except CkptStoreError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"

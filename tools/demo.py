@@ -162,7 +162,12 @@ def train_across_a_crash(steps: int = 30, every: int = 5, kill_at: int = 23) -> 
             AWS_ACCESS_KEY_ID=opts["aws_access_key_id"],
             AWS_SECRET_ACCESS_KEY=opts["aws_secret_access_key"],
         )
-        return _train_tiered(f"s3://{bucket}/run", steps, every, kill_at)
+        code = _train_tiered(f"s3://{bucket}/run", steps, every, kill_at)
+        print(
+            f"   the shared tier is s3://{bucket}/run; `make s3` starts its server again "
+            "(for the examples of docs/cli.md)"
+        )
+        return code
     finally:
         server.stop()
 
@@ -218,27 +223,56 @@ def _train_tiered(root: str, steps: int, every: int, kill_at: int) -> int:
 
 
 def _plot(records: list[dict], kill_at: int, resumed: int, path: str) -> None:
+    """Three panels: the loss across the crash (the 2-rank run after resuming drawn over the
+    4-rank one), the stall of each save (the first one marked as the warm-up), and where
+    each rank's restored bytes came from (its node's local tier or S3)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for world, color in ((4, "tab:blue"), (2, "tab:orange")):
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.5))
+    style = {
+        4: {"color": "tab:blue", "marker": ".", "label": "4 ranks (before the crash)"},
+        2: {"color": "tab:orange", "marker": "x", "linestyle": "--",
+            "label": f"2 ranks, resumed from step {resumed} (drawn over the 4-rank steps "
+                     f"{resumed + 1}..{kill_at})"},
+    }  # fmt: skip
+    for world in (4, 2):
         pts = [
             (r["step"], r["loss"]) for r in records if r["event"] == "step" and r["world"] == world
         ]
         if pts:
-            ax1.plot(*zip(*pts, strict=True), color=color, marker=".", label=f"{world} ranks")
-    ax1.axvline(kill_at, color="red", linestyle="--", label=f"SIGKILL (step {kill_at})")
-    ax1.axvline(resumed, color="green", linestyle=":", label=f"resumed from step {resumed}")
+            ax1.plot(*zip(*pts, strict=True), **style[world])
+    ax1.axvline(kill_at, color="red", linestyle="--", label=f"SIGKILL of rank 1 (step {kill_at})")
+    ax1.axvline(
+        resumed, color="green", linestyle=":", label=f"restored checkpoint (step {resumed})"
+    )
     ax1.set(xlabel="step", ylabel="loss", title="loss across the crash")
-    ax1.legend()
+    ax1.legend(fontsize=7)
+
     saves = [r for r in records if r["event"] == "save"]
     labels = [f"{r['step']}\n({r['world']}r)" for r in saves]
-    ax2.bar(range(len(saves)), [r["stall_s"] * 1e3 for r in saves], color="tab:purple")
+    colors = ["tab:gray" if i == 0 else "tab:purple" for i in range(len(saves))]
+    bars = ax2.bar(range(len(saves)), [r["stall_s"] * 1e3 for r in saves], color=colors)
+    if saves:
+        ax2.annotate("first save:\nwarm-up", (bars[0].get_x() + bars[0].get_width() / 2,
+                     bars[0].get_height()), ha="center", va="bottom", fontsize=8)  # fmt: skip
     ax2.set_xticks(range(len(saves)), labels)
-    ax2.set(xlabel="checkpoint step", ylabel="stall (ms)", title="training stall per async save")
+    ax2.set(xlabel="checkpoint step (ranks)", ylabel="stall (ms)",
+            title="training stall per async save")  # fmt: skip
+
+    restores = [r for r in records if r["event"] == "restore"]
+    if restores:
+        last = restores[-1]
+        ranks = range(len(last["bytes_by_rank"]))
+        local = [b[0] / 2**20 for b in last["bytes_by_rank"]]
+        remote = [b[1] / 2**20 for b in last["bytes_by_rank"]]
+        ax3.bar(ranks, local, color="tab:green", label="node-local tier")
+        ax3.bar(ranks, remote, bottom=local, color="tab:red", label="S3 (node 1's lost share)")
+        ax3.set_xticks(list(ranks), [f"rank {r}" for r in ranks])
+        ax3.legend(fontsize=8)
+    ax3.set(ylabel="MiB restored", title=f"where the restore of step {resumed} read from")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

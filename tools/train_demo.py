@@ -115,7 +115,10 @@ def main() -> None:
     t = time.perf_counter()
     resumed = mgr.restore(state) or 0
     if resumed and local_dir is not None:
-        _report_tiers(mgr, rank, world)
+        by_rank = _report_tiers(mgr, rank, world)
+        if rank == 0:
+            log.write(json.dumps({"event": "restore", "world": world, "step": resumed,
+                                  "bytes_by_rank": by_rank}) + "\n")  # fmt: skip
     if rank == 0:
         params = sum(p.numel() for p in model.parameters())
         how = (
@@ -171,8 +174,9 @@ def main() -> None:
     dist.destroy_process_group()
 
 
-def _report_tiers(mgr: cs.CheckpointManager, rank: int, world: int) -> None:
-    """Print, per simulated node, how many restored bytes came from each tier."""
+def _report_tiers(mgr: cs.CheckpointManager, rank: int, world: int) -> list[list[int]]:
+    """Print, per simulated node, how many restored bytes came from each tier; returns
+    [local, remote] bytes per rank."""
     assert mgr.last_load is not None and mgr.last_load.bytes_by_tier is not None
     mine = torch.tensor(
         [mgr.last_load.bytes_by_tier["local"], mgr.last_load.bytes_by_tier["remote"]],
@@ -180,6 +184,7 @@ def _report_tiers(mgr: cs.CheckpointManager, rank: int, world: int) -> None:
     )
     every = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(every, mine)
+    by_rank = [[int(x) for x in t.tolist()] for t in every]
     if rank == 0:
         for r, t in enumerate(every):
             local, remote = (int(x) for x in t.tolist())
@@ -188,6 +193,7 @@ def _report_tiers(mgr: cs.CheckpointManager, rank: int, world: int) -> None:
                 f"local tier, {remote / 2**20:6.2f} MiB from S3",
                 flush=True,
             )
+    return by_rank
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
-"""Human-readable sizes and tables for the CLI (80 columns)."""
+"""Human-readable sizes and tables for the CLI: whole names when piped, the terminal's
+width on a terminal."""
 
 from __future__ import annotations
+
+import shutil
+import sys
 
 
 def human_bytes(n: float) -> str:
@@ -11,25 +15,45 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def table(rows: list[list[str]], header: list[str], max_first: int = 44) -> str:
+def table(rows: list[list[str]], header: list[str], elide: int = 0) -> str:
+    """Aligned columns. Cells are never cut when the output is not a terminal (piped to a
+    file or a program, every name arrives whole); on a terminal that is too narrow, column
+    ``elide`` loses the middle of its longest cells -- the head and the distinguishing tail
+    of a name stay (``model.layers.1…23.mlp.w1``)."""
     cells = [header, *rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    widths[0] = min(widths[0], max_first)
+    room = terminal_columns()
+    if room is not None:
+        others = sum(widths) - widths[elide] + 2 * (len(widths) - 1)
+        widths[elide] = max(len(header[elide]), 12, min(widths[elide], room - others))
 
-    def fit(text: str, width: int) -> str:
-        return text if len(text) <= width else "…" + text[-(width - 1) :]
+    def cell(j: int, text: str, width: int) -> str:
+        text = elided(text, width) if j == elide else text
+        return text.ljust(width) if j == 0 else text.rjust(width)
 
     lines = []
     for i, r in enumerate(cells):
-        parts = [fit(r[0], widths[0]).ljust(widths[0])]
-        parts += [
-            c.rjust(w) if j > 0 else c
-            for j, (c, w) in enumerate(zip(r[1:], widths[1:], strict=True), 1)
-        ]
+        parts = [cell(j, c, w) for j, (c, w) in enumerate(zip(r, widths, strict=True))]
         lines.append("  ".join(parts).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def elided(text: str, width: int) -> str:
+    """``text`` in ``width`` characters: the middle replaced by "…" when it does not fit
+    (a third of the room for the head, the rest for the tail)."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 3
+    return text[:head] + "…" + text[len(text) - (width - 1 - head) :]
+
+
+def terminal_columns() -> int | None:
+    """The terminal's width when stdout is a terminal, else None (no limit)."""
+    if not sys.stdout.isatty():
+        return None
+    return shutil.get_terminal_size((100, 24)).columns
 
 
 def human_age(seconds: float | None) -> str:

@@ -15,10 +15,11 @@ import sys
 from typing import Any
 
 from ckptstore.cli.format import human_age, human_bytes, table
+from ckptstore.cli.paths import check_root, open_for_cli
 from ckptstore.errors import DAMAGED_CONTENT, CkptStoreError, IncompleteCheckpointError
 from ckptstore.format.manifest import TensorRecord
 from ckptstore.format.verify import verify_checkpoint
-from ckptstore.loading.checkpoint import Checkpoint, open_checkpoint
+from ckptstore.loading.checkpoint import Checkpoint
 
 EXIT_OK, EXIT_DAMAGED, EXIT_USAGE = 0, 1, 2
 
@@ -28,13 +29,18 @@ def _emit_error(args: argparse.Namespace, exc: CkptStoreError) -> int:
     where = getattr(args, "path", None) or getattr(args, "root", None) or getattr(args, "src", "")
     if getattr(args, "json", False):
         print(json.dumps({"path": where, "state": state, "error": str(exc)}))
-    else:
+    elif where and where not in str(exc):
         print(f"ckpt: {where}: {state}: {exc}", file=sys.stderr)
+    else:  # the message names the path already
+        print(f"ckpt: {state}: {exc}", file=sys.stderr)
     return EXIT_DAMAGED if isinstance(exc, DAMAGED_CONTENT) else EXIT_USAGE
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    summary = _inspect_summary(open_checkpoint(args.path), args.tensors)
+    ck = open_for_cli(args.path)
+    summary = _inspect_summary(ck, args.tensors)
+    if args.tensors and not (summary["tensors"] or summary["objects"] or summary["per_rank"]):
+        raise UsageError(_no_match(args.tensors, ck.keys()))
     if args.json:
         print(json.dumps(summary, default=str))
     else:
@@ -75,6 +81,7 @@ def _inspect_summary(ck: Checkpoint, pattern: str | None) -> dict[str, Any]:
             "kind": "tensor" if isinstance(es[0], TensorRecord) else "value",
         }
         for n, es in m.per_rank.items()
+        if not pattern or fnmatch.fnmatchcase(n, pattern)
     ]
     return {
         "path": ck.url,
@@ -128,11 +135,11 @@ def _print_inspect(summary: dict[str, Any], tree: bool) -> None:
             for x in tensors
         ]
         print()
-        print(table(rows, ["tensor", "dtype", "shape", "chunks", "bytes", "codec"], max_first=34))
+        print(table(rows, ["tensor", "dtype", "shape", "chunks", "bytes", "codec"]))
     if objects:
         print()
-        rows = [[o["name"], "pickled" if o["pickled"] else repr(o["value"])[:30]] for o in objects]
-        print(table(rows, ["object", "value"]))
+        rows = [[o["name"], "pickled" if o["pickled"] else repr(o["value"])] for o in objects]
+        print(table(rows, ["object", "value"], elide=1))
     if per_rank:
         print()
         print(
@@ -170,7 +177,7 @@ def _tree(tensors: list[dict[str, Any]]) -> str:
                 label = f"{key}  {leaf['dtype']} {shape}  {human_bytes(leaf['bytes'])}"
             else:
                 label = f"{key}/  {human_bytes(size(child))}"
-            lines.append((prefix + branch + label)[:80])
+            lines.append(prefix + branch + label)
             walk({k: v for k, v in child.items() if k}, prefix + ("   " if last else "│  "))
 
     walk(root, "")
@@ -180,7 +187,7 @@ def _tree(tensors: list[dict[str, Any]]) -> str:
 def cmd_verify(args: argparse.Namespace) -> int:
     from ckptstore.cli.progress import Progress
 
-    ck = open_checkpoint(args.path)
+    ck = open_for_cli(args.path)
     with Progress("verify", ck.manifest.stored_bytes(), enabled=not args.json) as progress:
         report = verify_checkpoint(ck.store, ck.manifest, jobs=args.jobs, progress=progress)
     if args.json:
@@ -243,6 +250,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         for e in failed:
             print(f"step {e.step}: replication failed: {e.error}")
         return EXIT_OK
+    if check_root(args.root):  # one checkpoint, not a run root: show it
+        return _ls_one(args)
     entries = scan(args.root, details=True)
     replication = _recorded_replication(args.root, [e.step for e in entries])
     if args.json:
@@ -264,6 +273,34 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _ls_one(args: argparse.Namespace) -> int:
+    """``ckpt ls`` of a checkpoint rather than a run root: its one line."""
+    m = open_for_cli(args.root).manifest
+    entry = {
+        "path": args.root,
+        "state": "committed",
+        "created_unix": m.created_unix,
+        "bytes": m.stored_bytes(),
+        "world_size": m.world_size,
+    }
+    if args.json:
+        print(json.dumps([entry]))
+        return EXIT_OK
+    row = [args.root, _when(m.created_unix), human_bytes(m.stored_bytes()), str(m.world_size)]
+    print(table([[*row, "committed"]], ["checkpoint", "time (UTC)", "size", "ranks", "state"]))
+    return EXIT_OK
+
+
+def _no_match(pattern: str, names: list[str]) -> str:
+    """The error for a --tensors glob that matches nothing: a few names to aim at."""
+    import difflib
+
+    near = difflib.get_close_matches(pattern.strip("*"), names[:50_000], n=3, cutoff=0.5)
+    example = near or names[:3]
+    hint = f"; e.g. {', '.join(example)}" if example else ""
+    return f"no entry matches --tensors {pattern!r} ({len(names)} entries{hint})"
+
+
 def _recorded_replication(root: str, steps: list[int]) -> dict[int, str]:
     """For a local tier: each step's replication state as recorded next to its manifest."""
     from ckptstore.tiers.state import read_tier_state
@@ -279,10 +316,9 @@ def _recorded_replication(root: str, steps: list[int]) -> dict[int, str]:
 
 def cmd_cp(args: argparse.Namespace) -> int:
     from ckptstore.cli.progress import Progress
-    from ckptstore.loading.checkpoint import open_checkpoint
     from ckptstore.ops.copy import copy_checkpoint
 
-    total = open_checkpoint(args.src).manifest.stored_bytes()
+    total = open_for_cli(args.src).manifest.stored_bytes()
     with Progress("copy", total, enabled=not args.json) as progress:
         info = copy_checkpoint(
             args.src, args.dst, jobs=args.jobs, overwrite=args.overwrite, progress=progress
@@ -297,9 +333,15 @@ def cmd_cp(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
+    from ckptstore.cli.progress import Progress
     from ckptstore.ops.diff import diff_checkpoints
 
-    report = diff_checkpoints(args.a, args.b, tensors=args.tensors, atol=args.atol)
+    a, b = open_for_cli(args.a), open_for_cli(args.b)
+    total = a.manifest.total_tensor_bytes()
+    with Progress("diff", total, enabled=not args.json) as progress:
+        report = diff_checkpoints(a, b, tensors=args.tensors, atol=args.atol, progress=progress)
+    if args.tensors and not report.entries:
+        raise UsageError(_no_match(args.tensors, sorted({*a.keys(), *b.keys()})))
     if args.json:
         print(
             json.dumps(
@@ -324,9 +366,9 @@ def cmd_diff(args: argparse.Namespace) -> int:
                 if e.max_abs is None
                 else (f"abs {e.max_abs:.3g} rel {e.max_rel:.3g} n={e.mismatched}")
             )
-            rows.append([e.name, e.status, detail[:40]])
+            rows.append([e.name, e.status, detail])
         print()
-        print(table(rows, ["entry", "status", "detail"], max_first=28))
+        print(table(rows, ["entry", "status", "detail"]))
     print(f"\n{equal} equal, {len(close)} within atol, {len(differing)} different")
     return EXIT_OK if report.same else EXIT_DAMAGED
 
@@ -334,9 +376,12 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from ckptstore.cli.progress import Progress
     from ckptstore.interop.export import export_checkpoint
-    from ckptstore.loading.checkpoint import open_checkpoint
+    from ckptstore.interop.key_map import KeyMap, parse_rename
 
-    ck = open_checkpoint(args.path)  # once: the export reads this same manifest
+    key_map = KeyMap(
+        args.subtree or "", args.strip_prefix, parse_rename(args.rename), args.add_prefix
+    )
+    ck = open_for_cli(args.path)  # once: the export reads this same manifest
     with Progress("export", ck.manifest.total_tensor_bytes(), enabled=not args.json) as progress:
         info = export_checkpoint(
             ck,
@@ -347,33 +392,41 @@ def cmd_export(args: argparse.Namespace) -> int:
             max_shard_bytes=parse_size(args.max_shard_size),
             max_memory=parse_size(args.max_memory),
             progress=progress,
+            key_map=key_map,
         )
     if args.json:
         print(json.dumps(info.__dict__))
     else:
         print(
             f"exported {info.tensors} tensors, {human_bytes(info.bytes)} as {info.format} to "
-            f"{info.out} ({len(info.files)} file(s))"
+            f"{info.out} in {len(info.files)} file(s):"
         )
+        for name in info.files:
+            print(f"  {name}")
         if info.skipped:
             print(
-                f"not exported (not tensors of the model): {', '.join(info.skipped[:8])}"
+                f"not exported ({len(info.skipped)}: values, per-rank entries"
+                + (f", entries outside {args.subtree!r}" if args.subtree else "")
+                + f"): {', '.join(info.skipped[:8])}"
                 + (" ..." if len(info.skipped) > 8 else "")
             )
     return EXIT_OK
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from ckptstore.cli.progress import Progress
     from ckptstore.interop.importer import import_checkpoint
 
-    info = import_checkpoint(
-        args.src,
-        args.dst,
-        kind=args.kind,
-        trust=args.trust,
-        overwrite=args.overwrite,
-        max_memory=parse_size(args.max_memory),
-    )
+    with Progress("import", None, enabled=not args.json) as progress:
+        info = import_checkpoint(
+            args.src,
+            args.dst,
+            kind=args.kind,
+            trust=args.trust,
+            overwrite=args.overwrite,
+            max_memory=parse_size(args.max_memory),
+            progress=progress,
+        )
     if args.json:
         print(json.dumps(info.__dict__))
     else:
@@ -385,13 +438,15 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from ckptstore.ops.gc import delete_garbage, find_garbage, parse_duration
+    from ckptstore.ops.gc import delete_garbage, parse_duration, survey_garbage
 
     try:
         older = parse_duration(args.older_than)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    items = find_garbage(args.root, older_than=older)
+    check_root(args.root)
+    survey = survey_garbage(args.root, older_than=older)
+    items = survey.items
     freed = delete_garbage(args.root, items) if args.apply else 0
     if args.json:
         print(
@@ -404,15 +459,21 @@ def cmd_gc(args: argparse.Namespace) -> int:
                         {"kind": i.kind, "where": i.where, "bytes": i.bytes, "age_s": i.age_s}
                         for i in items
                     ],
+                    "skipped": [s.__dict__ for s in survey.skipped],
                 }
             )
         )
         return EXIT_OK
+    if survey.skipped:
+        print(f"left alone ({len(survey.skipped)}):")
+        for skipped in survey.skipped:
+            print(f"  {skipped.where} ({skipped.kind}): {skipped.why}")
+        print()
     if not items:
         print(f"nothing to collect under {args.root} (older than {args.older_than})")
         return EXIT_OK
     rows = [[i.where, i.kind, human_bytes(i.bytes), human_age(i.age_s)] for i in items]
-    print(table(rows, ["path", "kind", "size", "age"], max_first=48))
+    print(table(rows, ["path", "kind", "size", "age"]))
     total = sum(i.bytes for i in items)
     if args.apply:
         print(f"deleted {len(items)} item(s), {human_bytes(freed)} freed")
@@ -423,10 +484,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def cmd_reshard(args: argparse.Namespace) -> int:
     from ckptstore.cli.progress import Progress
-    from ckptstore.loading.checkpoint import open_checkpoint
     from ckptstore.ops.reshard import reshard_checkpoint
 
-    ck = open_checkpoint(args.src)  # once: the reshard reads this same manifest
+    ck = open_for_cli(args.src)  # once: the reshard reads this same manifest
     with Progress("reshard", ck.manifest.total_tensor_bytes(), enabled=not args.json) as progress:
         info = reshard_checkpoint(
             ck,
@@ -465,10 +525,13 @@ class UsageError(CkptStoreError):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ckptstore import __version__
+
     parser = argparse.ArgumentParser(
         prog="ckpt",
         description="List, inspect, verify, compare, copy, reshard, export, import and collect ckptstore checkpoints.",
     )
+    parser.add_argument("--version", action="version", version=f"ckpt (ckptstore) {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)  # what every command accepts
     common.add_argument("--json", action="store_true", help="machine-readable output")
@@ -524,6 +587,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["safetensors", "torch", "zarr"])
     p.add_argument("--tensors", metavar="GLOB", help="only tensors whose name matches GLOB")
     p.add_argument("--dtype", help="cast floating-point tensors: bf16, fp16, fp32")
+    p.add_argument(
+        "--subtree",
+        metavar="NAME",
+        help="export only entries under NAME. and drop that prefix (e.g. model)",
+    )
+    p.add_argument(
+        "--strip-prefix",
+        action="append",
+        default=[],
+        metavar="P",
+        help="remove P from the start of names that have it (e.g. _orig_mod.); repeatable",
+    )
+    p.add_argument(
+        "--rename",
+        action="append",
+        default=[],
+        metavar="OLD=NEW",
+        help="replace a leading OLD with NEW (e.g. model.=transformer.); repeatable",
+    )
+    p.add_argument("--add-prefix", default="", metavar="P", help="put P in front of every name")
     p.add_argument("--max-shard-size", default="5GB", help="safetensors file size limit (5GB)")
     p.add_argument("--max-memory", default="256MB", help="largest region held in memory (256MB)")
     p.set_defaults(func=cmd_export)
@@ -559,6 +642,18 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except CkptStoreError as exc:
         return _emit_error(args, exc)
+    except BrokenPipeError:  # `ckpt inspect X | head`: the reader has what it wanted
+        _quiet_stdout()
+        return EXIT_OK
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe: send what is left of stdout nowhere, so that the interpreter's
+    final flush does not fail again (the recipe of Python's signal documentation)."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 if __name__ == "__main__":

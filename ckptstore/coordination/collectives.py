@@ -199,8 +199,12 @@ class Coordinator:
             f"{type(error).__name__}: {error}" if error is not None else None
         )
         if error is not None:
+            if self.rank != 0 and messages[0] == messages[self.rank] and _long(messages[0]):
+                # The same (long) report on every rank: rank 0 prints it, the others say so.
+                first = str(error).split("\n", 1)[0]
+                error.args = (f"{first} (the same as on rank 0, whose message lists them)",)
             raise error
-        raise CollectiveError(messages)
+        raise CollectiveError(messages, self.rank)
 
 
 class CollectiveTimeoutError(CkptStoreError):
@@ -217,7 +221,30 @@ class CollectiveTimeoutError(CkptStoreError):
 class CollectiveError(CkptStoreError):
     """Another rank failed; this rank stops too so that no rank hangs or goes on alone."""
 
-    def __init__(self, messages: list[str | None]) -> None:
+    def __init__(self, messages: list[str | None], rank: int = 0) -> None:
+        """``messages``: each rank's failure or None; ``rank``: the raising one (rank 0 shows
+        long messages in full, the others their first line)."""
         self.failed_ranks = [r for r, m in enumerate(messages) if m is not None]
-        parts = [f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None]
+        by_message: dict[str, list[int]] = {}
+        for r in self.failed_ranks:
+            by_message.setdefault(messages[r], []).append(r)  # type: ignore[arg-type]
+        parts = [
+            f"{_ranks(ranks)}: {message if rank == 0 or not _long(message) else _head(message)}"
+            for message, ranks in by_message.items()
+        ]
         super().__init__("failed on other ranks: " + "; ".join(parts))
+
+
+def _long(message: str | None) -> bool:
+    return message is not None and message.count("\n") > 1
+
+
+def _head(message: str) -> str:
+    return message.split("\n", 1)[0] + " (...)"
+
+
+def _ranks(ranks: list[int]) -> str:
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    shown = ", ".join(map(str, ranks[:8])) + (", ..." if len(ranks) > 8 else "")
+    return f"ranks {shown}"

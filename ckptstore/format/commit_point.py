@@ -35,7 +35,10 @@ def refuse_existing(store: Store, *, overwrite: bool) -> None:
         CheckpointExistsError: there is one and ``overwrite`` is not set.
     """
     if not overwrite and store.exists(MANIFEST_KEY):
-        raise CheckpointExistsError(f"{store.url}: a committed checkpoint is already there")
+        raise CheckpointExistsError(
+            f"{store.url}: a committed checkpoint is already there (overwrite=True, or "
+            "--overwrite on the command line, replaces it)"
+        )
 
 
 def commit_manifest(store: Store, data: bytes, *, overwrite: bool) -> bytes | None:

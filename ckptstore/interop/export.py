@@ -25,6 +25,7 @@ from ckptstore.format.dtypes import dtype_from_name
 from ckptstore.format.manifest import TensorRecord
 from ckptstore.format.regions import bounded_regions
 from ckptstore.format.zarr import regular_chunks, to_numpy, zarr_dtype
+from ckptstore.interop.key_map import KeyMap
 from ckptstore.interop.safetensors_format import encode_header, st_dtype
 from ckptstore.loading.checkpoint import Checkpoint, open_checkpoint
 from ckptstore.state.tensor_bytes import as_bytes
@@ -102,6 +103,7 @@ def export_checkpoint(
     max_memory: int = 256 * _MiB,
     storage_options: dict[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
+    key_map: KeyMap | None = None,
 ) -> ExportInfo:
     """Write the checkpoint's tensors (matching the glob ``tensors``) consolidated to ``out``.
 
@@ -113,6 +115,9 @@ def export_checkpoint(
             ``"zarr"`` (``out`` is a zarr v3 group; bfloat16/float8 as raw bits, see docs).
         dtype: cast floating-point tensors (``"bf16"``, ``"fp16"``, ``"fp32"``).
         max_memory: the largest region held in memory at a time.
+        key_map: which entries go out under which names (a sub-tree such as ``model`` of a
+            training checkpoint, prefixes stripped, renamed or added); ``tensors`` matches
+            the checkpoint's names.
     """
     if format not in FORMATS:
         raise ConversionError(f"unknown export format {format!r}; use one of {FORMATS}")
@@ -120,9 +125,27 @@ def export_checkpoint(
     ckpt = open_checkpoint(path, storage_options=storage_options)
     items = selected(ckpt, tensors)
     skipped = [*ckpt.manifest.objects, *ckpt.manifest.per_rank]
+    source: Any = ckpt
+    if key_map:
+        names = key_map.apply([name for name, _ in items], ckpt.url)
+        records = dict(items)
+        skipped += [name for name, _ in items if not key_map.selects(name)]
+        items = [(new, records[old]) for new, old in names.items()]
+        source = _Renamed(ckpt, names)
     writer = {"safetensors": _safetensors, "torch": _torch_file, "zarr": _zarr}[format]
-    files, nbytes = writer(ckpt, items, str(out), cast, max_shard_bytes, max_memory, progress)
+    files, nbytes = writer(source, items, str(out), cast, max_shard_bytes, max_memory, progress)
     return ExportInfo(str(out), format, len(items), nbytes, files, skipped)
+
+
+class _Renamed:
+    """A checkpoint read under the exported names (what the writers see)."""
+
+    def __init__(self, ckpt: Checkpoint, source_of: dict[str, str]) -> None:
+        self._ckpt, self._source_of = ckpt, source_of
+        self.url = ckpt.url
+
+    def read(self, name: str, index: Any = None) -> Any:
+        return self._ckpt.read(self._source_of[name], index)
 
 
 def _safetensors(ckpt, items, out, cast, max_shard_bytes, max_memory, progress):

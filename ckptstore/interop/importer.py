@@ -16,6 +16,8 @@ import glob
 import json
 import mmap
 import os
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +99,17 @@ def load_safetensors(src: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def _dcp_load(batch: dict[str, Any], src: str) -> None:
+    """DCP's single-process load, without its warning that torch.distributed is not
+    initialized (an import is one process on purpose)."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*distributed is disabled.*")
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to.*")
+        dcp.load(batch, storage_reader=dcp.FileSystemReader(src), no_dist=True)
+
+
 def _dcp_batches(src: str, trust: bool, max_memory: int):
     """A DCP checkpoint's entries, a batch of at most ``max_memory`` tensor bytes at a time
     (needs ``trust``: its metadata is a pickle)."""
@@ -120,13 +133,13 @@ def _dcp_batches(src: str, trust: bool, max_memory: int):
             continue
         nbytes = torch.Size(meta.size).numel() * meta.properties.dtype.itemsize
         if batch and size + nbytes > max_memory:
-            dcp.load(batch, storage_reader=dcp.FileSystemReader(src), no_dist=True)
+            _dcp_load(batch, src)
             yield batch
             batch, size = {}, 0
         batch[fqn] = torch.empty(meta.size, dtype=meta.properties.dtype)
         size += nbytes
     if batch:
-        dcp.load(batch, storage_reader=dcp.FileSystemReader(src), no_dist=True)
+        _dcp_load(batch, src)
         yield batch
     if values:
         dcp.load(values, storage_reader=dcp.FileSystemReader(src), no_dist=True)
@@ -150,13 +163,16 @@ def import_checkpoint(
     overwrite: bool = False,
     max_memory: int = 1 << 30,
     storage_options: dict[str, Any] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> ImportInfo:
     """Write the checkpoint at ``src`` (another tool's) as a ckptstore checkpoint at ``dst``.
 
     Entries are written one by one as they are read (safetensors and torch.save files through
     memory maps; DCP in batches of at most ``max_memory`` bytes), so a checkpoint larger than
     memory can be imported. The result is committed only once everything is written.
+    ``progress(n)`` is told the bytes of each tensor written.
     """
+    done = progress or (lambda n: None)
     kind = kind or detect(src)
     if kind not in KINDS:
         raise ConversionError(f"unknown source kind {kind!r}; use one of {KINDS}")
@@ -173,10 +189,12 @@ def import_checkpoint(
         if kind == "safetensors":
             for name, tensor in load_safetensors(src).items():
                 writer.add_tensor(name, tensor)
+                done(tensor.nbytes)
         elif kind == "dcp":
             for batch in _dcp_batches(src, trust, max_memory):
                 for name, value in batch.items():
                     writer.add(name, value)
+                    done(value.nbytes if isinstance(value, torch.Tensor) else 0)
         else:
             try:
                 loaded = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
@@ -190,6 +208,7 @@ def import_checkpoint(
                 )
             for name, value in _flat_entries(loaded):
                 writer.add(name, value)
+                done(value.nbytes if isinstance(value, torch.Tensor) else 0)
         writer.commit()
     except BaseException:
         writer.abort()

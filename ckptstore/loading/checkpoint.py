@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ckptstore.backends.base import Store
-from ckptstore.errors import AllocationError, PickleNotAllowedError
+from ckptstore.errors import AllocationError, EntryNotFoundError, PickleNotAllowedError
 from ckptstore.format.commit_point import read_manifest, store_for
 from ckptstore.format.dtypes import dtype_from_name
 from ckptstore.format.manifest import Manifest, ObjectRecord, TensorRecord
@@ -78,15 +80,25 @@ class Checkpoint:
 
     @property
     def world_size(self) -> int:
+        """The number of ranks that saved it."""
         return self.manifest.world_size
 
     @property
     def metadata(self) -> dict[str, Any]:
+        """The ``metadata=`` dict given to the save."""
         return self.manifest.metadata
 
     def keys(self) -> list[str]:
+        """Every entry's name: tensors, then plain values, then per-rank entries."""
         m = self.manifest
         return [*m.tensors, *m.objects, *m.per_rank]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        m = self.manifest
+        return len(m.tensors) + len(m.objects) + len(m.per_rank)
 
     def __contains__(self, name: str) -> bool:
         m = self.manifest
@@ -101,13 +113,34 @@ class Checkpoint:
         if name in m.per_rank:
             entries = m.per_rank[name]
             if rank is None:
-                raise KeyError(
-                    f"{self.url}: {name!r} is saved per rank; pass rank=0..{len(entries) - 1}"
+                raise EntryNotFoundError(
+                    f"{self.url}: {name!r} is saved per rank; pass rank=0..{len(entries) - 1}",
+                    name,
+                    [],
                 )
             return entries[rank]
-        raise KeyError(f"{self.url}: no entry {name!r} in this checkpoint")
+        raise self._not_found(name)
+
+    def _not_found(self, name: str) -> EntryNotFoundError:
+        """The error for an unknown name, with the nearest names the checkpoint holds."""
+        keys = self.keys()
+        top = name.split(".", 1)[0]
+        pool = [k for k in keys if k.split(".", 1)[0] == top] or keys
+        near = difflib.get_close_matches(name, pool[:50_000], n=3, cutoff=0.6)
+        if not near and top not in {k.split(".", 1)[0] for k in keys}:
+            tops = list(dict.fromkeys(k.split(".", 1)[0] for k in keys))
+            near = [f"{t}.*" for t in difflib.get_close_matches(top, tops, n=3, cutoff=0.6)]
+        hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
+        return EntryNotFoundError(
+            f"{self.url}: no entry {name!r} in this checkpoint ({len(keys)} entries; "
+            f"`ckpt inspect {self.url}` lists them){hint}",
+            name,
+            near,
+        )
 
     def meta(self, name: str, rank: int | None = None) -> TensorMeta | ObjectMeta:
+        """What is saved under ``name`` (dtype, global shape, chunks, bytes; or an object's
+        kind), without reading data."""
         per_rank = name in self.manifest.per_rank
         rec = self._record(name, 0 if per_rank and rank is None else rank)
         if isinstance(rec, ObjectRecord):

@@ -8,11 +8,12 @@ tensor is written, and all ranks fail together if any rank finds a problem.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import time
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -33,11 +34,12 @@ from ckptstore.format.commit_point import read_manifest_bytes, store_for
 from ckptstore.format.dtypes import DTYPE_TO_NAME, dtype_name
 from ckptstore.format.manifest import Manifest, ObjectRecord, TensorRecord
 from ckptstore.gcpause import with_gc_paused
+from ckptstore.loading.mismatch import Mismatch
 from ckptstore.loading.read import ChunkReader, Target
 from ckptstore.state.leaves import Leaf, flatten
 
 PER_RANK_POLICIES = ("error", "keep", "wrap")
-_NEW_TARGET = partial(tuple.__new__, Target)  # a C-level constructor: one per tensor
+_NEW_TARGET = functools.partial(tuple.__new__, Target)  # a C-level constructor: one per tensor
 
 
 @dataclass
@@ -50,6 +52,8 @@ class LoadInfo:
     seconds: dict[str, float]
     bytes_by_tier: dict[str, int] | None = None
     """For a :class:`~ckptstore.Tiered` path: bytes this rank read from each tier."""
+    missing: list[str] = field(default_factory=list)
+    """Entries named in ``optional=`` that the checkpoint lacks (left as they were)."""
 
 
 def fetch_manifest(store: Store, coord: Coordinator) -> Manifest:
@@ -101,6 +105,9 @@ def load(
     per_rank: str = "error",
     storage_options: dict[str, Any] | None = None,
     read_threads: int | None = None,
+    prefix: str = "",
+    partial: bool = False,
+    optional: Collection[str] = (),
 ) -> LoadInfo:
     """Fill every tensor (and replace every plain value) of ``state_dict`` from ``path``.
 
@@ -114,13 +121,23 @@ def load(
         per_rank: what :class:`PerRank` entries do when the world size changed: ``"error"``,
             ``"keep"`` (leave the caller's value) or ``"wrap"`` (rank r takes the value of
             saved rank ``r % saved_world_size``).
+        prefix: ``state_dict`` is the checkpoint's sub-tree of that name: load only the
+            model of a ``{"model": ..., "optim": ...}`` checkpoint with
+            ``load(model.state_dict(), path, prefix="model")`` (or pass the module). Strict
+            within the sub-tree; the rest of the checkpoint is not read.
+        partial: load what ``state_dict`` holds and leave the checkpoint's other entries
+            unread (torch DCP's default); every entry of ``state_dict`` must still be saved.
+        optional: names or sub-trees of ``state_dict`` that may be absent from the
+            checkpoint: left as they are and listed in :attr:`LoadInfo.missing`.
 
     Raises:
-        LoadMismatchError: missing/unexpected keys, shape or dtype mismatches (all listed).
+        LoadMismatchError: missing/unexpected keys, shape or dtype mismatches: summarized in
+            the message (on rank 0; the other ranks say they match it), all in ``problems``.
         ChecksumError: stored bytes do not match their crc32c (nothing bad is copied).
     """
     if per_rank not in PER_RANK_POLICIES:
         raise ValueError(f"per_rank must be one of {PER_RANK_POLICIES}, not {per_rank!r}")
+    scope = _Scope(prefix, partial, optional)  # bad arguments raise here, on every rank
     t0 = time.perf_counter()
     coord = Coordinator(process_group)
     store = store_for(path, storage_options)
@@ -139,8 +156,8 @@ def load(
     t_manifest = time.perf_counter()
     if error is None:
         try:
-            targets, assignments = _match(
-                state_dict, manifest, coord, strict, allow_pickle, per_rank, statefuls
+            targets, assignments, missing = _match(
+                state_dict, manifest, coord, strict, allow_pickle, per_rank, statefuls, scope
             )
         except Exception as exc:
             error = typed(exc, store.url)
@@ -181,6 +198,7 @@ def load(
             "total": t_end - t0,
         },
         bytes_by_tier=by_tier,
+        missing=missing,
     )
 
 
@@ -189,9 +207,35 @@ class _Matched(NamedTuple):
 
     targets: list[Target]
     assignments: list[tuple[Leaf, ObjectRecord]]
-    problems: list[str]
+    mismatch: Mismatch
     pickled: list[str]  # entries saved pickled
     resized_keys: list[str]  # per-rank entries of another world size
+    missing: list[str]  # optional entries the checkpoint lacks
+
+
+class _Scope:
+    """Which names a load covers: a sub-tree (``prefix``), only the state_dict's entries
+    (``partial``), and entries that may be absent (``optional``)."""
+
+    def __init__(self, prefix: str, partial: bool, optional: Collection[str]) -> None:
+        if prefix and (not isinstance(prefix, str) or prefix.startswith(".") or ".." in prefix):
+            raise ValueError(f"prefix must be a dotted name such as 'model', not {prefix!r}")
+        self.prefix = prefix.rstrip(".")
+        self.partial = partial
+        if isinstance(optional, str):
+            raise TypeError("optional must be a collection of names, not one string")
+        lead = f"{self.prefix}." if self.prefix else ""
+        self.optional = tuple(lead + name for name in optional)
+
+    def is_optional(self, name: str) -> bool:
+        return any(name == o or name.startswith(o + ".") for o in self.optional)
+
+    def covers(self, saved_name: str) -> bool:
+        """Whether a saved entry the state_dict lacks is a problem (strict loads)."""
+        if self.partial:
+            return False
+        p = self.prefix
+        return not p or saved_name == p or saved_name.startswith(p + ".")
 
 
 def _match(
@@ -202,18 +246,19 @@ def _match(
     allow_pickle: bool,
     per_rank: str,
     statefuls: list[tuple[Any, Any]],
-) -> tuple[list[Target], list[tuple[Leaf, ObjectRecord]]]:
+    scope: _Scope,
+) -> tuple[list[Target], list[tuple[Leaf, ObjectRecord]], list[str]]:
     """Pair every leaf of ``state_dict`` with its entry of ``manifest``; raise on any
     mismatch (all of them listed) before anything is read. Stateful objects are flattened
     as their ``state_dict()`` and listed in ``statefuls``."""
-    leaves = flatten(state_dict, statefuls)
-    found = _Matched([], [], [], [], [])
+    leaves = flatten(state_dict, statefuls, scope.prefix)
+    found = _Matched([], [], Mismatch(), [], [], [])
     for name, leaf in _match_tensors(leaves, manifest, found):
-        _match_other(name, leaf, manifest, coord, strict, allow_pickle, per_rank, found)
-    if strict:
-        _check_nothing_left(leaves, manifest, found.problems)
-    _raise_problems(found, manifest.world_size, coord.world_size)
-    return found.targets, found.assignments
+        _match_other(name, leaf, manifest, coord, strict, allow_pickle, per_rank, found, scope)
+    if strict and not scope.partial:
+        _check_nothing_left(leaves, manifest, found.mismatch, scope)
+    _raise_problems(found, manifest, coord.world_size)
+    return found.targets, found.assignments, found.missing
 
 
 def _match_tensors(
@@ -233,11 +278,11 @@ def _match_tensors(
         if kind == "tensor" or kind == "rank_tensor":
             local = leaf.value  # == leaf.local, without the property call
             if leaf.global_shape != rec.shape or dtype_names.get(local.dtype) != rec.dtype:
-                _check_tensor(leaf, rec, found.problems)
+                _check_tensor(leaf, rec, found.mismatch.other)
             else:
                 add_target(new_target((name, rec, leaf.box, local)))
         else:
-            found.problems.append(
+            found.mismatch.other.append(
                 f"{name}: the state_dict has a {type(leaf.value).__name__}, "
                 f"the checkpoint has tensor {_describe(rec)}"
             )
@@ -253,10 +298,11 @@ def _match_other(
     allow_pickle: bool,
     per_rank: str,
     found: _Matched,
+    scope: _Scope,
 ) -> None:
     """A leaf that is not a saved global tensor: a value, a per-rank entry, or missing."""
     is_tensor = leaf.kind in ("tensor", "rank_tensor")
-    problems = found.problems
+    problems = found.mismatch.other
     if name in manifest.objects:
         obj = manifest.objects[name]
         if is_tensor:
@@ -291,26 +337,28 @@ def _match_other(
             if entry.blob is not None and not allow_pickle:
                 found.pickled.append(name)
             found.assignments.append((leaf, entry))
+    elif scope.is_optional(name):
+        found.missing.append(name)
     elif strict:
-        problems.append(f"{name}: missing from the checkpoint")
+        found.mismatch.missing.append(name)
 
 
-def _check_nothing_left(leaves: dict[str, Leaf], manifest: Manifest, problems: list[str]) -> None:
-    """Strict loads: every saved entry has a leaf to go to."""
+def _check_nothing_left(
+    leaves: dict[str, Leaf], manifest: Manifest, mismatch: Mismatch, scope: _Scope
+) -> None:
+    """Strict loads: every saved entry (of the loaded sub-tree) has a leaf to go to."""
     saved = [*manifest.tensors, *manifest.objects, *manifest.per_rank]
-    if len(leaves) != len(saved) or not leaves.keys() >= set(saved):
+    if scope.prefix or len(leaves) != len(saved) or not leaves.keys() >= set(saved):
         for name in saved:
-            if name not in leaves:
-                problems.append(f"{name}: in the checkpoint but not in the state_dict")
+            if name not in leaves and scope.covers(name):
+                mismatch.unexpected.append(name)
 
 
-def _raise_problems(found: _Matched, saved_world: int, world: int) -> None:
-    if found.problems:
-        raise LoadMismatchError(
-            f"{len(found.problems)} problem(s) matching the state_dict to the checkpoint:\n  "
-            + "\n  ".join(found.problems),
-            found.problems,
-        )
+def _raise_problems(found: _Matched, manifest: Manifest, world: int) -> None:
+    saved_world = manifest.world_size
+    if found.mismatch:
+        saved = [*manifest.tensors, *manifest.objects, *manifest.per_rank]
+        raise LoadMismatchError(found.mismatch.summary(saved), found.mismatch.problems())
     if found.resized_keys:
         raise WorldSizeMismatchError(
             f"per-rank entries {found.resized_keys} were saved by {saved_world} ranks and are "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 
 from ckptstore.backends.base import Store
 from ckptstore.format.dtypes import dtype_from_name
-from ckptstore.format.manifest import TensorRecord
+from ckptstore.format.manifest import ObjectRecord, TensorRecord
 from ckptstore.format.regions import bounded_regions
 from ckptstore.loading.checkpoint import Checkpoint, open_checkpoint
 
@@ -30,7 +31,7 @@ class EntryDiff:
     name: str
     status: str
     """``equal``, ``close`` (within atol), ``differs``, ``dtype``, ``shape``, ``only_a``,
-    ``only_b``."""
+    ``only_b``, ``ranks`` (a per-rank entry saved by different numbers of ranks)."""
     how: str = ""
     """How it was decided: ``checksums`` or ``values``; or what differs."""
     max_abs: float | None = None
@@ -117,10 +118,13 @@ def diff_checkpoints(
     atol: float = 0.0,
     max_memory: int = 128 * _MiB,
     storage_options: dict[str, Any] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> DiffReport:
-    """Which tensors (names matching the glob ``tensors``) and values differ between a and b."""
+    """Which tensors, values and per-rank entries (names matching the glob ``tensors``)
+    differ between a and b. ``progress(n)`` is told the bytes of each tensor compared."""
     ca = open_checkpoint(a, storage_options=storage_options)
     cb = open_checkpoint(b, storage_options=storage_options)
+    done = progress or (lambda n: None)
     report = DiffReport(ca.url, cb.url)
 
     def wanted(name: str) -> bool:
@@ -135,6 +139,7 @@ def diff_checkpoints(
             report.entries.append(EntryDiff(name, "only_b"))
             continue
         ra, rb = ta[name], tb[name]
+        done(ra.nbytes)
         if ra.dtype != rb.dtype:
             report.entries.append(EntryDiff(name, "dtype", f"{ra.dtype} vs {rb.dtype}"))
             continue
@@ -170,4 +175,47 @@ def diff_checkpoints(
                 if va == vb
                 else EntryDiff(name, "differs", f"{va!r} vs {vb!r}"[:120])
             )
+    pa, pb = ca.manifest.per_rank, cb.manifest.per_rank
+    for name in sorted(n for n in set(pa) | set(pb) if wanted(n)):
+        if name not in pb:
+            report.entries.append(EntryDiff(name, "only_a", "per-rank"))
+        elif name not in pa:
+            report.entries.append(EntryDiff(name, "only_b", "per-rank"))
+        elif len(pa[name]) != len(pb[name]):
+            report.entries.append(
+                EntryDiff(name, "ranks", f"saved by {len(pa[name])} vs {len(pb[name])} ranks")
+            )
+        else:
+            report.entries.append(_compare_per_rank(ca, cb, name))
     return report
+
+
+def _compare_per_rank(ca: Checkpoint, cb: Checkpoint, name: str) -> EntryDiff:
+    """One per-rank entry, rank by rank: tensors by their checksums, values by value."""
+    for rank, (ea, eb) in enumerate(
+        zip(ca.manifest.per_rank[name], cb.manifest.per_rank[name], strict=True)
+    ):
+        if isinstance(ea, TensorRecord) and isinstance(eb, TensorRecord):
+            if ea.dtype != eb.dtype or ea.shape != eb.shape:
+                what = f"rank {rank}: {ea.dtype}{list(ea.shape)} vs {eb.dtype}{list(eb.shape)}"
+                return EntryDiff(name, "differs", what)
+            na, crc_a = _crcs(ca, ea)
+            nb, crc_b = _crcs(cb, eb)
+            if ea.codec == eb.codec:
+                same = np.array_equal(na, nb) and np.array_equal(crc_a, crc_b)
+            else:  # stored differently: compare what they decode to
+                same = torch.equal(ca.read(name, rank=rank), cb.read(name, rank=rank))
+            if not same:
+                return EntryDiff(name, "differs", f"rank {rank}: checksums")
+        elif isinstance(ea, ObjectRecord) and isinstance(eb, ObjectRecord):
+            if ea.blob is not None or eb.blob is not None:
+                same = (
+                    ea.blob is not None and eb.blob is not None and ea.blob.crc32c == eb.blob.crc32c
+                )
+            else:
+                same = ea.value == eb.value
+            if not same:
+                return EntryDiff(name, "differs", f"rank {rank}: values")
+        else:
+            return EntryDiff(name, "differs", f"rank {rank}: a tensor vs a value")
+    return EntryDiff(name, "equal", "per-rank")

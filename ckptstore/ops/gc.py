@@ -41,6 +41,21 @@ class GarbageItem:
     uploads: tuple[PendingUpload, ...] = field(default=(), repr=False)
 
 
+@dataclass(frozen=True)
+class SkippedItem:
+    """Something that looks like garbage but was left alone, and why."""
+
+    kind: str
+    where: str
+    why: str
+
+
+@dataclass
+class GarbageSurvey:
+    items: list[GarbageItem] = field(default_factory=list)
+    skipped: list[SkippedItem] = field(default_factory=list)
+
+
 def _age(objs: list[ObjectInfo], now: float) -> float | None:
     times = [o.modified_unix for o in objs]
     if not times or any(t is None for t in times):
@@ -48,52 +63,93 @@ def _age(objs: list[ObjectInfo], now: float) -> float | None:
     return now - max(t for t in times if t is not None)
 
 
-def _old_enough(age: float | None, older_than: float) -> bool:
-    return older_than <= 0 or (age is not None and age >= older_than)
+class _Collector:
+    """Candidates in, items or skipped (with the reason) out."""
+
+    def __init__(self, older_than: float) -> None:
+        self.now = time.time()
+        self.older_than = older_than
+        self.survey = GarbageSurvey()
+
+    def age(self, objs: list[ObjectInfo]) -> float | None:
+        return _age(objs, self.now)
+
+    def consider(self, item: GarbageItem) -> None:
+        if self.older_than <= 0 or (item.age_s is not None and item.age_s >= self.older_than):
+            self.survey.items.append(item)
+        elif item.age_s is None:
+            why = "its age is unknown (the store reports no modification time): --older-than 0"
+            self.skip(item.kind, item.where, why)
+        else:
+            why = f"younger ({_human_age(item.age_s)}) than --older-than {_human_age(self.older_than)}"
+            self.skip(item.kind, item.where, why)
+
+    def skip(self, kind: str, where: str, why: str) -> None:
+        self.survey.skipped.append(SkippedItem(kind, where, why))
+
+    def temps(self, store: Store, objs: list[ObjectInfo]) -> None:
+        for o in objs:
+            if store.is_temporary(o.key):
+                self.consider(GarbageItem("temp", o.key, (o.key,), o.size, self.age([o])))
+
+
+def _human_age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 def find_garbage(
     root: str | os.PathLike[str] | Store, *, older_than: float = 3600.0, **storage_options
 ) -> list[GarbageItem]:
     """What under ``root`` (a CheckpointManager root, or one checkpoint) no checkpoint needs."""
+    return survey_garbage(root, older_than=older_than, **storage_options).items
+
+
+def survey_garbage(
+    root: str | os.PathLike[str] | Store, *, older_than: float = 3600.0, **storage_options
+) -> GarbageSurvey:
+    """:func:`find_garbage`, plus what looked like garbage but was left alone, and why (a
+    save in flight, too young, a corrupt manifest)."""
     store = open_store(root, **storage_options)
-    now = time.time()
+    found = _Collector(older_than)
     groups: dict[str, list[ObjectInfo]] = defaultdict(list)
     for obj in store.list_details(""):
         m = _STEP.match(obj.key)
         groups[m.group(1) + "/" if m else ""].append(obj)
-    items: list[GarbageItem] = []
     lease = knobs.save_lease_s()
     for prefix, objs in sorted(groups.items()):
         keys = {o.key for o in objs}
+        where = prefix.rstrip("/") or "."
         marker = next((o for o in objs if SAVING_KEY in o.key.rsplit("/", 1)[-1]), None)
         if marker is not None:
-            age = _age([marker], now)
+            age = found.age([marker])
             if age is None or age < lease:  # a save is in flight here: whatever its age says
+                found.skip("checkpoint", where, "a save is in flight (its marker is fresh)")
                 continue
         if prefix and prefix + MANIFEST_KEY not in keys:
             if any(
                 o.key.startswith(prefix + DATA_PREFIX) or store.is_temporary(o.key) for o in objs
             ):
-                age = _age(objs, now)
-                if _old_enough(age, older_than):
-                    items.append(
-                        GarbageItem(
-                            "incomplete",
-                            prefix.rstrip("/"),
-                            tuple(sorted(keys)),
-                            sum(o.size for o in objs),
-                            age,
-                        )
+                found.consider(
+                    GarbageItem(
+                        "incomplete",
+                        prefix.rstrip("/"),
+                        tuple(sorted(keys)),
+                        sum(o.size for o in objs),
+                        found.age(objs),
                     )
+                )
             continue
         if not prefix and MANIFEST_KEY not in keys:  # a root that is not itself a checkpoint
-            items += _temps(store, objs, now, older_than)
+            found.temps(store, objs)
             continue
         try:
             manifest = Manifest.from_json(read_manifest_bytes(store, prefix), where=store.url)
-        except CkptStoreError:
-            continue  # a corrupt manifest is for a human to look at, not for gc
+        except CkptStoreError as exc:  # a corrupt manifest is for a human to look at
+            found.skip("checkpoint", where, f"its manifest does not parse ({exc}); see ckpt verify")
+            continue
         live = {prefix + f for f in manifest.files}
         for o in objs:
             if (
@@ -101,27 +157,12 @@ def find_garbage(
                 and o.key not in live
                 and not store.is_temporary(o.key)
             ):
-                age = _age([o], now)
-                if _old_enough(age, older_than):
-                    items.append(GarbageItem("orphan", o.key, (o.key,), o.size, age))
-        items += _temps(store, objs, now, older_than)
+                found.consider(GarbageItem("orphan", o.key, (o.key,), o.size, found.age([o])))
+        found.temps(store, objs)
     for up in store.list_uploads(""):
-        age = None if up.started_unix is None else now - up.started_unix
-        if _old_enough(age, older_than):
-            items.append(GarbageItem("upload", up.key, (), 0, age, (up,)))
-    return items
-
-
-def _temps(
-    store: Store, objs: list[ObjectInfo], now: float, older_than: float
-) -> list[GarbageItem]:
-    out = []
-    for o in objs:
-        if store.is_temporary(o.key):
-            age = _age([o], now)
-            if _old_enough(age, older_than):
-                out.append(GarbageItem("temp", o.key, (o.key,), o.size, age))
-    return out
+        age = None if up.started_unix is None else found.now - up.started_unix
+        found.consider(GarbageItem("upload", up.key, (), 0, age, (up,)))
+    return found.survey
 
 
 def delete_garbage(

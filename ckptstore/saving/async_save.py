@@ -65,6 +65,8 @@ class AsyncSaveHandle:
             self._staged.wait_copies()
 
     def done(self) -> bool:
+        """Whether the background part has finished (committed, or failed: :meth:`wait`
+        says which); never blocks."""
         return self._future.done()
 
     def wait(self, timeout: float | None = None) -> SaveInfo:

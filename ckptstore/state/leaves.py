@@ -203,7 +203,9 @@ def is_stateful(value: Any) -> bool:
     )
 
 
-def flatten(state_dict: Any, statefuls: list[tuple[Any, Any]] | None = None) -> dict[str, Leaf]:
+def flatten(
+    state_dict: Any, statefuls: list[tuple[Any, Any]] | None = None, prefix: str = ""
+) -> dict[str, Leaf]:
     """Named leaves of ``state_dict`` in traversal order.
 
     Args:
@@ -211,6 +213,8 @@ def flatten(state_dict: Any, statefuls: list[tuple[Any, Any]] | None = None) -> 
             A Stateful object (:func:`is_stateful`) stands for its ``state_dict()``.
         statefuls: if given, each Stateful met is appended with the state dict flattened in
             its place, as ``(object, state_dict)`` (a load hands the filled dict back).
+        prefix: the name of ``state_dict`` itself: its leaves are named ``prefix.<path>``
+            (a sub-tree of a larger state, as ``load(prefix=...)`` reads it).
 
     Raises:
         StateDictError: two paths flatten to the same name, or a key is not a str/int.
@@ -270,5 +274,5 @@ def flatten(state_dict: Any, statefuls: list[tuple[Any, Any]] | None = None) -> 
         where = (value, None) if per_rank else (container, key)
         leaves[prefix] = leaf._replace(container=where[0], key=where[1])
 
-    visit("", state_dict, None, None)
+    visit(prefix, state_dict, None, None)
     return leaves

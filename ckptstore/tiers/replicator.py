@@ -42,10 +42,12 @@ class ReplicationHandle:
         return self._job.future
 
     def done(self) -> bool:
+        """Whether the copy has finished (replicated or failed); never blocks."""
         return self._future.done()
 
     @property
     def state(self) -> str:
+        """``replicating``, ``replicated`` or ``failed``."""
         if not self._future.done():
             return REPLICATING
         return FAILED if self._future.exception() is not None else REPLICATED
@@ -55,6 +57,7 @@ class ReplicationHandle:
         return self._future.result(timeout)
 
     def error(self) -> BaseException | None:
+        """Why the copy failed (None while it runs, or when it succeeded)."""
         return self._future.exception() if self._future.done() else None
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ckptstore.backends.base import Store
 from ckptstore.backends.registry import open_store
-from ckptstore.errors import CkptStoreError
+from ckptstore.errors import CkptStoreError, StoreAccessError
 from ckptstore.format.commit_point import read_manifest_bytes
 from ckptstore.format.manifest import MANIFEST_KEY, Manifest
 
@@ -67,6 +67,8 @@ def scan(root: str | Store, *, details: bool = False) -> list[CheckpointEntry]:
                     manifest.world_size,
                 )
             )
+        except StoreAccessError:  # not the checkpoint's fault: say so, once
+            raise
         except CkptStoreError:
             entries.append(CheckpointEntry(step, path, "corrupt"))
     return entries

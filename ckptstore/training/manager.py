@@ -22,6 +22,7 @@ optimizer restored on another world size is correct.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import warnings
 from typing import Any
@@ -64,6 +65,7 @@ from ckptstore.training.policies import (
 )
 
 RESERVED = "_ckptstore"
+_log = logging.getLogger(__name__)
 
 
 _RESTORE_TRIES = 16  # checkpoints one restore tries before it gives up
@@ -157,6 +159,7 @@ class CheckpointManager:
 
     @property
     def tiered(self) -> bool:
+        """Whether checkpoints go to ``local_dir`` first, then ``root`` in the background."""
         return self.local_dir is not None
 
     def _root_store(self) -> Store:
@@ -358,6 +361,7 @@ class CheckpointManager:
         return sorted(steps)
 
     def latest_step(self) -> int | None:
+        """The newest restorable step (see :meth:`steps`), or None."""
         steps = self.steps()
         return steps[-1] if steps else None
 
@@ -408,6 +412,12 @@ class CheckpointManager:
         Tensors are filled in place and resharded as needed; modules, optimizers and Stateful
         objects get ``load_state_dict``; plain values in ``state`` are replaced. RNG states
         are restored when the world size is unchanged.
+
+        ``load_options`` go to :func:`ckptstore.load`; ``partial=True`` restores only what
+        ``state`` holds -- ``restore({"model": model}, partial=True)`` loads the weights of a
+        training checkpoint for evaluation, and still fails if any of them is missing. A
+        checkpoint without the manager's own entries (written by ``ckptstore.save``,
+        ``ckpt import`` or ``ckpt reshard``) restores too, RNG states left as they are.
         """
         self._finish_pending()
         available = self._agreed_steps()
@@ -418,6 +428,7 @@ class CheckpointManager:
         if not available:
             return None
         load_options.setdefault("per_rank", "keep")
+        load_options["optional"] = (*load_options.get("optional", ()), RESERVED)
         options = {**self._path_options(), **load_options}
         tried: list[int] = []
         candidate = step if step is not None else available[-1]
@@ -432,8 +443,15 @@ class CheckpointManager:
         step = tried[-1]
         self.last_load = info
         self._apply(state, sd)
-        if info.saved_world_size == self._coord.world_size:
-            rng.restore(sd[RESERVED]["rng"])
+        if f"{RESERVED}.step" in info.missing:
+            _log.warning(
+                "checkpoint %s under %s has no RNG states of ckptstore's manager (it was "
+                "written by ckptstore.save, ckpt import or ckpt reshard): RNG left as it is",
+                step,
+                self.root,
+            )
+        elif info.saved_world_size == self._coord.world_size:
+            rng.restore(sd[RESERVED]["rng"])  # a generator saved without a state keeps its own
         self._last_step, self._last_time = step, time.monotonic()
         if not self._prepared:  # the next save will hold what was just restored
             self._prepare(step, state)
@@ -493,7 +511,7 @@ class CheckpointManager:
                 raise ValueError(f"{RESERVED!r} is reserved for ckptstore's own entries")
             if isinstance(obj, torch.nn.Module):
                 sd[name] = get_model_state_dict(obj)
-            elif isinstance(obj, torch.optim.Optimizer):
+            elif _is_plain_optimizer(obj):
                 if len(models) != 1:
                     raise ValueError(
                         f"{name}: an optimizer is saved through its model; put exactly one nn.Module "
@@ -518,12 +536,24 @@ class CheckpointManager:
         for name, obj in state.items():
             if isinstance(obj, torch.nn.Module):
                 set_model_state_dict(obj, sd[name])
-            elif isinstance(obj, torch.optim.Optimizer):
+            elif _is_plain_optimizer(obj):
                 set_optimizer_state_dict(models[0], obj, sd[name])
             elif _is_stateful(obj):
                 obj.load_state_dict(sd[name])
             elif not isinstance(obj, torch.Tensor) and not _is_tensor_tree(obj):
                 state[name] = sd[name]
+
+
+def _is_plain_optimizer(obj: Any) -> bool:
+    """An optimizer whose state dict is torch's own (saved through its model, FSDP2 and
+    reshard aware). One that defines its own ``state_dict`` -- torchtitan's
+    ``OptimizersContainer``, which is an Optimizer *and* Stateful -- is Stateful: its
+    ``state_dict()`` / ``load_state_dict()`` are used as they are."""
+    cls = type(obj)
+    return isinstance(obj, torch.optim.Optimizer) and (
+        cls.state_dict is torch.optim.Optimizer.state_dict
+        and cls.load_state_dict is torch.optim.Optimizer.load_state_dict
+    )
 
 
 def _is_tensor_tree(obj: Any) -> bool:

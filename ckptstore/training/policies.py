@@ -31,6 +31,8 @@ class EveryNSteps:
     def should_save(
         self, step: int, now: float, last_step: int | None, last_time: float | None
     ) -> bool:
+        """Whether to save at ``step`` (``now``: monotonic seconds; the last save's step
+        and time, None before the first)."""
         return step % self.n == 0 and step != last_step
 
 
@@ -44,6 +46,7 @@ class EveryNSeconds:
     def should_save(
         self, step: int, now: float, last_step: int | None, last_time: float | None
     ) -> bool:
+        """Whether to save at ``step`` (see :meth:`EveryNSteps.should_save`)."""
         return last_time is None or now - last_time >= self.seconds
 
 
@@ -55,11 +58,13 @@ class AnyOf:
 
     @property
     def agreed(self) -> bool:  # type: ignore[override]
+        """Every rank answers alike without a collective (all the policies do)."""
         return all(p.agreed for p in self.policies)
 
     def should_save(
         self, step: int, now: float, last_step: int | None, last_time: float | None
     ) -> bool:
+        """Whether any of the policies saves at ``step``."""
         return any(p.should_save(step, now, last_step, last_time) for p in self.policies)
 
 
@@ -76,6 +81,7 @@ class KeepLast:
     n: int
 
     def keep(self, steps: list[int]) -> set[int]:
+        """Of the committed ``steps`` (ascending), those to keep."""
         return set(steps[-self.n :]) if self.n > 0 else set()
 
 
@@ -86,12 +92,16 @@ class KeepEvery:
     k: int
 
     def keep(self, steps: list[int]) -> set[int]:
+        """Of the committed ``steps`` (ascending), those to keep."""
         return {s for s in steps if s % self.k == 0}
 
 
 @dataclass(frozen=True)
 class KeepAll:
+    """Every checkpoint (the manager's default)."""
+
     def keep(self, steps: list[int]) -> set[int]:
+        """Of the committed ``steps`` (ascending), those to keep: all."""
         return set(steps)
 
 
@@ -102,6 +112,7 @@ class KeepAny:
     policies: tuple[RetentionPolicy, ...]
 
     def keep(self, steps: list[int]) -> set[int]:
+        """Of the committed ``steps`` (ascending), those any policy keeps."""
         kept: set[int] = set()
         for p in self.policies:
             kept |= p.keep(steps)
