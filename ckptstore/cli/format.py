@@ -3,6 +3,7 @@ width on a terminal."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 
@@ -27,9 +28,11 @@ def table(rows: list[list[str]], header: list[str], elide: int = 0) -> str:
         others = sum(widths) - widths[elide] + 2 * (len(widths) - 1)
         widths[elide] = max(len(header[elide]), 12, min(widths[elide], room - others))
 
+    numeric = [j > 0 and all(_NUMERIC.fullmatch(r[j]) for r in rows) for j in range(len(header))]
+
     def cell(j: int, text: str, width: int) -> str:
         text = elided(text, width) if j == elide else text
-        return text.ljust(width) if j == 0 else text.rjust(width)
+        return text.rjust(width) if numeric[j] else text.ljust(width)
 
     lines = []
     for i, r in enumerate(cells):
@@ -38,6 +41,10 @@ def table(rows: list[list[str]], header: list[str], elide: int = 0) -> str:
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+_NUMERIC = re.compile(r"[-\d.:x ]*(?:[KMGT]?i?B|[smhd]|%)?|-|scalar")
+"""Cells right-aligned as numbers: counts, sizes, shapes, times, ages."""
 
 
 def elided(text: str, width: int) -> str:
