@@ -29,6 +29,15 @@ from ckptstore.training.policies import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):  # ``cs.dcp``, imported on first use (it loads torch DCP)
+    if name == "dcp":
+        import importlib
+
+        return importlib.import_module("ckptstore.dcp")
+    raise AttributeError(f"module 'ckptstore' has no attribute {name!r}")
+
+
 __all__ = [
     "AnyOf",
     "AsyncSaveHandle",
@@ -50,6 +59,7 @@ __all__ = [
     "TensorMeta",
     "Tiered",
     "async_save",
+    "dcp",
     "errors",
     "load",
     "open",

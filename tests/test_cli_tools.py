@@ -5,6 +5,7 @@ same commands against S3."""
 
 from __future__ import annotations
 
+import base64
 import glob
 import json
 import os
@@ -122,11 +123,12 @@ def test_export_torch_with_dtype_and_zarr(sharded, tmp_path) -> None:
 
 def test_zarr_view_reads_the_saved_bytes(sharded) -> None:
     ck = cs.open(sharded)
-    with pytest.raises(ConversionError, match="export --format zarr"):
-        ck.zarr()  # 37 rows over 4 ranks: chunks of 10, 10, 10, 7 are not a regular grid
-    group = ck.zarr(strict=False)
-    skipped = group.attrs["ckptstore"]["not_viewable"]
-    assert "model.w0" in skipped and "model.w1" not in skipped
+    group = ck.zarr()  # uneven FSDP-style shards too: zarr's partial edge chunk
+    assert group.attrs["ckptstore"]["not_viewable"] == {}
+    w0 = group["model.w0"]  # 37 rows over 4 ranks: chunks of 10, 10, 10 and an edge of 7
+    assert w0.chunks == (10, 19)
+    assert np.array_equal(w0[:], FULL["model.w0"].numpy())
+    assert np.array_equal(w0[25:37, 3:9], FULL["model.w0"][25:37, 3:9].numpy())
     w1 = group["model.w1"]  # 64 rows over 4 ranks: a regular grid of 16-row chunks
     assert w1.chunks == (16, 48)
     region = w1[10:40, 5:20]
@@ -140,6 +142,29 @@ def test_zarr_view_reads_the_saved_bytes(sharded) -> None:
     url, offset, length = refs["model.w1/c/1/0"]
     assert url.endswith(ck.manifest.files[int(ck.manifest.chunks.file[second])])
     assert (offset, length) == (int(ck.manifest.chunks.offset[second]), 16 * 48 * 2)
+
+
+def test_zarr_view_leaves_out_an_irregular_split_only(tmp_path) -> None:
+    path = str(tmp_path / "irregular")
+    run_ranks(2, cli_cases.save_irregular, path)
+    ck = cs.open(path)
+    group = ck.zarr()
+    assert "irregular split" in group.attrs["ckptstore"]["not_viewable"]["odd"]
+    assert np.array_equal(group["even"][:], torch.arange(16.0).reshape(8, 2).numpy())
+    with pytest.raises(ConversionError, match="odd"):
+        ck.zarr(["odd"])  # asked for by name: refused
+    edge = CheckpointZarrMap(cs.open(sharded_edge_case(tmp_path)), None, strict=True)
+    padded = edge.references()["refs"]["w/c/1/0"]  # rows 3..4 of 3-row chunks: inline, padded
+    assert padded.startswith("base64:")
+    values = np.frombuffer(base64.b64decode(padded[len("base64:") :]), dtype=np.float32)
+    assert values.tolist() == [6.0, 7.0, 8.0, 9.0, 0.0, 0.0]
+
+
+def sharded_edge_case(tmp_path) -> str:
+    """A 5-row tensor saved as torch.chunk's 3 + 2 rows (one process, two Sharded boxes)."""
+    path = str(tmp_path / "edge")
+    run_ranks(2, cli_cases.save_edge, path)
+    return path
 
 
 def test_import_dcp_needs_trust_then_loads(tmp_path, capsys) -> None:

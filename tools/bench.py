@@ -293,6 +293,11 @@ def main() -> int:
     parser.add_argument(
         "--no-s3", action="store_true", help="skip the tiered-store / S3 cases (SeaweedFS)"
     )
+    parser.add_argument(
+        "--no-dcp-layer",
+        action="store_true",
+        help="skip DCP through ckptstore's storage layer vs DCP's FileSystemWriter/Reader",
+    )
     parser.add_argument("--out", default="bench-out", help="where results.jsonl is appended")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -385,6 +390,10 @@ def main() -> int:
             import bench_training
 
             bench_training.run(scratch, emit, case, sink, disk_bw=bw)
+        if not args.no_dcp_layer:
+            import bench_dcp
+
+            bench_dcp.run(scratch, emit, case, sink)
         if not args.no_async:
             import bench_async
 

@@ -223,7 +223,7 @@ def flatten_and_match(rank: int, world: int, root: str) -> dict[str, float]:
 
     import ckptstore as cs
     from ckptstore.coordination.collectives import Coordinator
-    from ckptstore.loading.load import _match
+    from ckptstore.loading.load import _match, _Scope
     from ckptstore.state.leaves import flatten
 
     mesh = init_device_mesh("cpu", (world,))
@@ -252,7 +252,7 @@ def flatten_and_match(rank: int, world: int, root: str) -> dict[str, float]:
             flatten(sd)
             flat.append(time.perf_counter() - t)
             t = time.perf_counter()
-            _match(sd, manifest, coord, True, False, "error")  # flattens again, then matches
+            _match(sd, manifest, coord, True, False, "error", [], _Scope("", False, ()))
             matched.append(time.perf_counter() - t)
         out[f"{kind}_flatten_us"] = _median(flat) / NORMS * 1e6
         out[f"{kind}_flatten_match_us"] = _median(matched) / NORMS * 1e6

@@ -381,6 +381,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     key_map = KeyMap(
         args.subtree or "", args.strip_prefix, parse_rename(args.rename), args.add_prefix
     )
+    if args.config and args.format != "hf":
+        raise UsageError("--config goes with --format hf")
+
     ck = open_for_cli(args.path)  # once: the export reads this same manifest
     with Progress("export", ck.manifest.total_tensor_bytes(), enabled=not args.json) as progress:
         info = export_checkpoint(
@@ -403,6 +406,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
         for name in info.files:
             print(f"  {name}")
+        if args.format == "hf":
+            _hf_config(args.config, args.out)
         if info.skipped:
             print(
                 f"not exported ({len(info.skipped)}: values, per-rank entries"
@@ -411,6 +416,20 @@ def cmd_export(args: argparse.Namespace) -> int:
                 + (" ..." if len(info.skipped) > 8 else "")
             )
     return EXIT_OK
+
+
+def _hf_config(config: str | None, out: str) -> None:
+    """Copy ``config`` into ``out`` as ``config.json``, or say that from_pretrained needs one."""
+    import os
+    import shutil
+
+    if config:
+        if not os.path.isfile(config):
+            raise UsageError(f"--config {config}: no such file")
+        shutil.copyfile(config, os.path.join(out, "config.json"))
+        print(f"  config.json (from {config})")
+    elif not os.path.exists(os.path.join(out, "config.json")):
+        print(f"from_pretrained({out!r}) also needs the model's config.json there (--config FILE)")
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -584,7 +603,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("path", help="checkpoint directory or URL")
     p.add_argument("out", help="output directory (safetensors, zarr) or file (torch)")
-    p.add_argument("--format", required=True, choices=["safetensors", "torch", "zarr"])
+    p.add_argument("--format", required=True, choices=["hf", "safetensors", "torch", "zarr"])
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="with --format hf: copy this config.json into OUT (from_pretrained needs one)",
+    )
     p.add_argument("--tensors", metavar="GLOB", help="only tensors whose name matches GLOB")
     p.add_argument("--dtype", help="cast floating-point tensors: bf16, fp16, fp32")
     p.add_argument(

@@ -55,3 +55,19 @@ def regular_chunks(rec: TensorRecord) -> tuple[int, ...] | None:
             return None
         shape.append(sizes.pop())
     return tuple(shape)
+
+
+def regular_grid(rec: TensorRecord) -> tuple[int, ...] | None:
+    """The chunk shape of zarr's regular grid that the saved layout is, partial edge chunks
+    included -- ``torch.chunk`` / DTensor ``Shard(d)`` splits: equal chunks and a smaller
+    last one (37 rows over 4 ranks: 10, 10, 10, 7) -- else None (a truly irregular split)."""
+    layout = rec.layout
+    if not isinstance(layout, GridLayout):
+        return None
+    shape = []
+    for starts, n in zip(layout.starts, rec.shape, strict=True):
+        step = starts[1] - starts[0] if len(starts) > 1 else max(n, 1)
+        if list(starts) != list(range(0, n, step)):
+            return None
+        shape.append(step)
+    return tuple(shape)

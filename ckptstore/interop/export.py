@@ -25,12 +25,13 @@ from ckptstore.format.dtypes import dtype_from_name
 from ckptstore.format.manifest import TensorRecord
 from ckptstore.format.regions import bounded_regions
 from ckptstore.format.zarr import regular_chunks, to_numpy, zarr_dtype
+from ckptstore.interop.hf_names import hf_key_map
 from ckptstore.interop.key_map import KeyMap
 from ckptstore.interop.safetensors_format import encode_header, st_dtype
 from ckptstore.loading.checkpoint import Checkpoint, open_checkpoint
 from ckptstore.state.tensor_bytes import as_bytes
 
-FORMATS = ("safetensors", "torch", "zarr")
+FORMATS = ("hf", "safetensors", "torch", "zarr")
 DTYPE_ALIASES = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
@@ -108,7 +109,9 @@ def export_checkpoint(
     """Write the checkpoint's tensors (matching the glob ``tensors``) consolidated to ``out``.
 
     Args:
-        format: ``"safetensors"`` (``out`` is a directory: ``model.safetensors``, or
+        format: ``"hf"`` (safetensors as Hugging Face's ``from_pretrained`` reads it, under
+            the model's own names: see :mod:`ckptstore.interop.hf_names`; ``key_map``
+            overrides the names), ``"safetensors"`` (``out`` is a directory: ``model.safetensors``, or
             ``model-0000k-of-0000n.safetensors`` files of at most ``max_shard_bytes`` and a
             ``model.safetensors.index.json``), ``"torch"`` (``out`` is one ``torch.save``
             file of ``{name: tensor}``, loadable with ``torch.load(weights_only=True)``) or
@@ -126,13 +129,17 @@ def export_checkpoint(
     items = selected(ckpt, tensors)
     skipped = [*ckpt.manifest.objects, *ckpt.manifest.per_rank]
     source: Any = ckpt
+    if format == "hf" and not key_map:
+        key_map = hf_key_map(name for name, _ in items)
     if key_map:
         names = key_map.apply([name for name, _ in items], ckpt.url)
         records = dict(items)
         skipped += [name for name, _ in items if not key_map.selects(name)]
         items = [(new, records[old]) for new, old in names.items()]
         source = _Renamed(ckpt, names)
-    writer = {"safetensors": _safetensors, "torch": _torch_file, "zarr": _zarr}[format]
+    writer = {"hf": _safetensors, "safetensors": _safetensors, "torch": _torch_file, "zarr": _zarr}[
+        format
+    ]
     files, nbytes = writer(source, items, str(out), cast, max_shard_bytes, max_memory, progress)
     return ExportInfo(str(out), format, len(items), nbytes, files, skipped)
 

@@ -186,10 +186,12 @@ class Checkpoint:
     def zarr(self, tensors: list[str] | None = None, *, strict: bool = True) -> Any:
         """A read-only zarr v3 group over this checkpoint, without copying data.
 
-        Tensors saved as a regular grid of chunks are arrays named like the checkpoint's
-        entries; bfloat16 / float8 are their raw bits (see ``ckptstore.loading.zarr_view``). With
-        ``strict`` a tensor that cannot be viewed raises ``ConversionError``; otherwise it
-        is left out and listed in the group attribute ``ckptstore.not_viewable``.
+        Tensors saved as zarr's regular chunk grid -- whole, or split as ``torch.chunk`` and
+        DTensor ``Shard(d)`` split (uneven FSDP2 shards included: a partial edge chunk) --
+        are arrays named like the checkpoint's entries; bfloat16 / float8 are their raw bits
+        (see ``ckptstore.loading.zarr_view``). A tensor that cannot be viewed (an irregular
+        split) is left out and listed in the group attribute ``ckptstore.not_viewable``;
+        with ``strict``, naming such a tensor in ``tensors`` raises ``ConversionError``.
         """
         from ckptstore.loading.zarr_view import open_zarr
 

@@ -1,13 +1,16 @@
 """A read-only zarr v3 view of a checkpoint, without copying data.
 
-Every tensor whose saved layout is a grid of identical chunks (the usual result of sharding
-with DTensor or torch.chunk on sizes the ranks divide evenly, and every tensor saved whole) is
-a zarr array; zarr's chunk keys map onto byte ranges of the data files, read through the
+Every tensor whose saved layout is zarr's regular chunk grid is a zarr array: every tensor
+saved whole, and every ``torch.chunk`` / DTensor ``Shard(d)`` split -- equal chunks and a
+smaller last one, as FSDP2 shards a dimension the ranks do not divide (zarr's partial edge
+chunk). zarr's chunk keys map onto byte ranges of the data files, read through the
 checkpoint's own Store (local, S3, any backend) and verified against their crc32c before zarr
-sees a byte. bfloat16, float8 and complex32, which zarr v3 has no type for, appear as their
-raw bits (uint16 / uint8 / uint32) with the torch dtype in the array attributes
-(``torch_dtype``, ``raw_bits``). Tensors whose chunks differ in shape (uneven shards) cannot
-be zarr arrays: they are listed and ``ckpt export --format zarr`` writes a real copy instead.
+sees a byte; interior chunks are handed over as read, edge chunks padded to the chunk shape
+(zarr ignores the padding). bfloat16, float8 and complex32, which zarr v3 has no type for,
+appear as their raw bits (uint16 / uint8 / uint32) with the torch dtype in the array
+attributes (``torch_dtype``, ``raw_bits``). A truly irregular split (or a compressed tensor
+with edge chunks) cannot be a zarr array: it is left out and listed in the group attribute
+``ckptstore.not_viewable``; ``ckpt export --format zarr`` writes a real copy instead.
 
 :meth:`references` gives the same mapping as fsspec reference-filesystem JSON
 (``{key: json | [url, offset, length]}``) for other tools.
@@ -15,6 +18,7 @@ be zarr arrays: they are listed and ``ckpt export --format zarr`` writes a real 
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any
@@ -24,7 +28,7 @@ from ckptstore.errors import ChecksumError, ConversionError
 from ckptstore.format.checksum import block_crcs
 from ckptstore.format.dtypes import dtype_from_name
 from ckptstore.format.manifest import TensorRecord
-from ckptstore.format.zarr import regular_chunks, zarr_dtype
+from ckptstore.format.zarr import regular_chunks, regular_grid, zarr_dtype
 
 if TYPE_CHECKING:
     from ckptstore.loading.checkpoint import Checkpoint
@@ -39,15 +43,17 @@ def viewable(rec: TensorRecord) -> str | None:
         return f"its chunks are compressed with {rec.codec}, which zarr v3 cannot decode"
     if 0 in rec.shape:
         return None
-    if regular_chunks(rec) is None:
-        return "its chunks are not all the same shape (not a regular grid)"
+    if regular_grid(rec) is None:
+        return "its chunks do not form a regular grid (an irregular split)"
+    if codec and regular_chunks(rec) is None:
+        return "its edge chunks are compressed (zarr would need them padded before encoding)"
     return None
 
 
 def _array_doc(rec: TensorRecord) -> dict[str, Any]:
     dtype = dtype_from_name(rec.dtype)
     zdt, raw = zarr_dtype(dtype)
-    chunks = regular_chunks(rec) if 0 not in rec.shape else tuple(max(1, n) for n in rec.shape)
+    chunks = regular_grid(rec) if 0 not in rec.shape else tuple(max(1, n) for n in rec.shape)
     codec = (rec.codec or "").split(":")[0] or None
     return {
         "zarr_format": 3,
@@ -71,7 +77,9 @@ class CheckpointZarrMap:
         m = ckpt.manifest
         names = list(tensors) if tensors is not None else list(m.tensors)
         self.skipped = {n: why for n in names if (why := viewable(m.tensors[n]))}
-        if self.skipped and strict:
+        # Chunks smaller than the grid's chunk shape (edge chunks): key -> (box, chunk) shape.
+        self.edges: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        if self.skipped and strict and tensors is not None:
             listed = "; ".join(f"{n}: {why}" for n, why in list(self.skipped.items())[:5])
             raise ConversionError(
                 f"{ckpt.url}: {len(self.skipped)} tensor(s) cannot be viewed as zarr arrays "
@@ -97,14 +105,23 @@ class CheckpointZarrMap:
             self.docs[f"{name}/zarr.json"] = _json(_array_doc(rec))
             if 0 in rec.shape:
                 continue
-            grid = [len(s) for s in rec.layout.starts]  # type: ignore[union-attr]
+            starts = rec.layout.starts  # type: ignore[union-attr]
+            grid = [len(s) for s in starts]
+            chunk_shape = regular_grid(rec) or ()
             for flat in range(rec.chunk_count):
                 idx, rest = [], flat
                 for n in reversed(grid):
                     idx.append(rest % n)
                     rest //= n
-                key = "/".join(["c", *map(str, reversed(idx))]) if grid else "c"
-                self.chunks[f"{name}/{key}"] = rec.chunk_start + flat
+                idx.reverse()
+                key = f"{name}/" + ("/".join(["c", *map(str, idx)]) if grid else "c")
+                self.chunks[key] = rec.chunk_start + flat
+                box = tuple(
+                    min(c, dim - s[i])
+                    for c, dim, s, i in zip(chunk_shape, rec.shape, starts, idx, strict=True)
+                )
+                if box != chunk_shape:
+                    self.edges[key] = (box, chunk_shape)
 
     def read_chunk(self, key: str) -> bytes:
         row = self.chunks[key]
@@ -118,6 +135,8 @@ class CheckpointZarrMap:
                 f"bytes {off}..{off + n}) does not match its crc32c",
                 bad=[key.split("/c")[0]],
             )
+        if key in self.edges:
+            return _padded(data, *self.edges[key])
         return data
 
     def references(self) -> dict[str, Any]:
@@ -127,12 +146,26 @@ class CheckpointZarrMap:
         refs: dict[str, Any] = {k: v.decode() for k, v in self.docs.items()}
         base = self.ckpt.store.url.rstrip("/")
         for key, row in self.chunks.items():
+            if key in self.edges:  # padded: no byte range of a file holds it
+                refs[key] = "base64:" + base64.b64encode(self.read_chunk(key)).decode()
+                continue
             refs[key] = [
                 f"{base}/{m.files[int(t.file[row])]}",
                 int(t.offset[row]),
                 int(t.nbytes[row]),
             ]
         return {"version": 1, "refs": refs}
+
+
+def _padded(data: bytes, box: tuple[int, ...], chunk: tuple[int, ...]) -> bytes:
+    """An edge chunk's bytes (C order over ``box``) inside a zero chunk of shape ``chunk``."""
+    import numpy as np
+
+    itemsize = len(data) // max(1, int(np.prod(box)))
+    src = np.frombuffer(data, dtype=np.uint8).reshape(*box, itemsize)
+    out = np.zeros((*chunk, itemsize), dtype=np.uint8)
+    out[tuple(slice(0, n) for n in box)] = src
+    return out.tobytes()
 
 
 def _json(doc: dict[str, Any]) -> bytes:
