@@ -41,5 +41,6 @@ def train_and_save(rank: int, world: int, kind: str, root: str, config_dir: str)
     optim.step()
     with cs.CheckpointManager(root, async_save=False) as mgr:
         mgr.save(1, {"model": model, "optim": optim})
+    model.eval()  # no dropout (GPT-2 has some), as from_pretrained returns a model
     with torch.no_grad():
         return model(PROMPT).logits.tolist()

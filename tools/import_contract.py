@@ -27,7 +27,8 @@ LAYERS: list[list[str]] = [
     ["ckptstore.testing"],  # helpers for tests, benchmarks and the campaign
     ["ckptstore.cli"],  # the `ckpt` command
     ["ckptstore"],  # the public API (``import ckptstore as cs``)
-    ["ckptstore.training", "ckptstore.ops", "ckptstore.interop"],  # built on save and load
+    # built on save and load; integrations: plugins for training frameworks
+    ["ckptstore.training", "ckptstore.ops", "ckptstore.interop", "ckptstore.integrations"],
     ["ckptstore.saving", "ckptstore.loading"],
     ["ckptstore.tiers"],  # what a save does for a store with tiers
     ["ckptstore.coordination", "ckptstore.state"],

@@ -84,9 +84,13 @@ class Coordinator:
     group of those ranks, see :func:`own_group`; ``purpose=None`` uses ``group`` as is)."""
 
     def __init__(
-        self, group: dist.ProcessGroup | None = None, purpose: str | None = "control"
+        self,
+        group: dist.ProcessGroup | None = None,
+        purpose: str | None = "control",
+        alone: bool = False,
     ) -> None:
-        self.distributed = dist.is_available() and dist.is_initialized()
+        # ``alone``: this process acts by itself, even inside a distributed job (no collective).
+        self.distributed = not alone and dist.is_available() and dist.is_initialized()
         self.group = group
         self.purpose = purpose or "job"
         if self.distributed:

@@ -208,6 +208,7 @@ def save(
     checksum_block_bytes: int | None = None,
     storage_options: dict[str, Any] | None = None,
     spread_prefixes: int = 0,
+    no_dist: bool = False,
 ) -> SaveInfo:
     """Save ``state_dict`` from every rank of ``process_group`` as one checkpoint at ``path``.
 
@@ -227,6 +228,9 @@ def save(
         checksum_block_bytes: bytes covered by each crc32c.
         spread_prefixes: spread data files over this many key prefixes (object stores limit
             request rates per prefix); 0 keeps them all under ``data/``.
+        no_dist: this process saves by itself, even inside a distributed job -- no
+            collective (as torch DCP's ``no_dist``): rank 0 writing a consolidated state, a
+            framework hook that runs on one rank. Not with a tiered path.
     """
     options = SaveOptions(
         overwrite=overwrite,
@@ -238,11 +242,14 @@ def save(
         storage_options=storage_options,
         spread_prefixes=spread_prefixes,
     )
-    coord = Coordinator(process_group)
+    coord = Coordinator(process_group, alone=no_dist)
     target = save_target(store_for(path, options.storage_options))
-    team = target.replication_team(process_group)
+    if no_dist and target.store.tiers() is not None:
+        raise ValueError("no_dist=True saves one process's state; a tiered path needs every rank")
+    team = None if no_dist else target.replication_team(process_group)
     with gc_paused():  # bulk object creation; see ckptstore.gcpause
-        planned = plan_save_collective(state_dict, target, coord, options, id(process_group))
+        group_key = -1 if no_dist else id(process_group)  # plans cached per set of ranks
+        planned = plan_save_collective(state_dict, target, coord, options, group_key)
         planned.replication_team = team
         failpoints.hit("planned", coord.rank)
         t = time.perf_counter()

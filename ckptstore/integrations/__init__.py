@@ -1,0 +1,1 @@
+"""Plugins for training frameworks (imported on demand: each needs its framework)."""
