@@ -64,8 +64,7 @@ def save_through_dcp(rank: int, world: int, path: str, mode: str) -> dict[str, A
         from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
         kind = AsyncCheckpointerType.PROCESS if mode == "process" else AsyncCheckpointerType.THREAD
-        result = dcp.async_save(state, storage_writer=writer, async_checkpointer_type=kind)
-        (result.upload_completion if hasattr(result, "upload_completion") else result).result()
+        _wait(dcp.async_save(state, storage_writer=writer, async_checkpointer_type=kind))
     return full_state(model, optim)
 
 
@@ -92,3 +91,47 @@ def load_with_ckptstore(rank: int, world: int, path: str) -> dict[str, Any]:
     out = full_state(model, optim)
     out["step"] = state["step"]
     return out
+
+
+def torchtitan_save(rank: int, world: int, root: str) -> dict[str, Any]:
+    """The calls torchtitan's CheckpointManager makes, with ckptstore underneath: the TP x
+    FSDP layout (``_StridedShard`` placements), ``get_model_state_dict`` / the optimizer's
+    flattened state dict, ``dcp.save`` and ``dcp.async_save`` with a ``checkpoint_id``."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    from ckptstore.testing import llama
+
+    model, optim = llama.build(llama.LlamaShape(), "tp-fsdp", world)
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    state = {
+        "model": get_model_state_dict(model),
+        "optimizer": get_optimizer_state_dict(model, optim, options=flat),
+        "train_state": {"step": 10},
+    }
+    step10 = f"{root}/step-10"
+    dcp.save(state, checkpoint_id=step10, storage_writer=cs.dcp.Writer(step10))
+    step20 = f"{root}/step-20"
+    _wait(dcp.async_save(state, checkpoint_id=step20, storage_writer=cs.dcp.Writer(step20)))
+    return llama.full_tensors({"model": state["model"]})
+
+
+def torchtitan_load(rank: int, world: int, root: str) -> dict[str, Any]:
+    """torchtitan's restore (``dcp.load`` by ``checkpoint_id``), onto FSDP over ``world``."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from ckptstore.testing import llama
+
+    model, _ = llama.build(llama.LlamaShape(), "fsdp", world, seed=3)
+    state = {"model": get_model_state_dict(model)}
+    step20 = f"{root}/step-20"
+    dcp.load(state, checkpoint_id=step20, storage_reader=cs.dcp.Reader(step20))
+    return llama.full_tensors(state)
+
+
+def _wait(result: Any) -> None:
+    """DCP's async_save returns a Future, or (newer torch) a response holding one."""
+    (result.upload_completion if hasattr(result, "upload_completion") else result).result()
