@@ -550,3 +550,18 @@ def mismatch_messages(rank: int, world: int, root: str) -> str:
     except CkptStoreError as exc:
         return f"{type(exc).__name__}: {exc}"
     return "no error"
+
+
+def load_hf_directory(rank: int, world: int, path: str) -> dict:
+    """Fill row-sharded DTensors from a directory of safetensors files (resharded)."""
+    mesh = init_device_mesh("cpu", (world,))
+    sd = {
+        "embed.weight": distribute_tensor(torch.zeros(37, 8), mesh, [Shard(0)]),
+        "head.bias": distribute_tensor(torch.zeros(11), mesh, [Replicate()]),
+    }
+    info = cs.load(sd, path)
+    return {
+        "embed.weight": sd["embed.weight"].full_tensor(),
+        "head.bias": sd["head.bias"].full_tensor(),
+        "bytes_read": info.bytes_read,
+    }

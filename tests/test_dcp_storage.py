@@ -58,6 +58,8 @@ def test_dcp_async_save_through_ckptstore_thread_and_process(tmp_path) -> None:
         for name, value in saved.items():
             if isinstance(value, torch.Tensor):
                 assert torch.equal(loaded.read(name), value), (mode, name)
+
+
 def test_a_ckptstore_checkpoint_loads_through_dcp(tmp_path) -> None:
     sd = {"w": torch.arange(12.0).reshape(3, 4), "n": 3, "names": ["a", "b"], "t": (1, 2.5)}
     cs.save(sd, tmp_path / "c")

@@ -15,15 +15,7 @@ import ckptstore as cs
 from ckptstore.errors import LoadMismatchError
 from ckptstore.testing.ranks import run_ranks
 from tests import dist_cases
-
-
-def _trained(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-    optim = torch.optim.AdamW(model.parameters(), lr=1e-3 * (seed + 1))
-    model(torch.randn(5, 8)).sum().backward()
-    optim.step()
-    return model, optim
+from tests.models import trained_mlp as _trained
 
 
 def _same_weights(a: nn.Module, b: nn.Module) -> bool:

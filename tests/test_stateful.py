@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import ckptstore as cs
+from tests.models import trained_mlp as _trained
 
 
 class AppState:
@@ -26,15 +27,6 @@ class AppState:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optim"])
         self.loaded += 1
-
-
-def _trained(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-    optim = torch.optim.AdamW(model.parameters(), lr=1e-3 * (seed + 1))
-    model(torch.randn(5, 8)).sum().backward()
-    optim.step()
-    return model, optim
 
 
 def test_an_app_state_round_trips(tmp_path) -> None:

@@ -116,6 +116,24 @@ class ChunkTable:
     def __len__(self) -> int:
         return len(self.file)
 
+    @classmethod
+    def from_lists(
+        cls,
+        file: list[int],
+        offset: list[int],
+        nbytes: list[int],
+        crc32c: list[int],
+        block_bytes: int,
+    ) -> ChunkTable:
+        """A table from Python lists (a manifest built chunk by chunk)."""
+        return cls(
+            np.array(file, dtype=np.int64),
+            np.array(offset, dtype=np.int64),
+            np.array(nbytes, dtype=np.int64),
+            np.array(crc32c, dtype=np.uint32),
+            block_bytes,
+        )
+
     @cached_property
     def columns(self) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
         """(file, offset, nbytes, crc_first, crc32c) as Python lists, for per-chunk loops."""

@@ -296,13 +296,7 @@ def _manifest(
             cols["nbytes"].append(stored.nbytes)
             cols["crc"].extend(stored.crcs)
         tensors[fqn] = TensorRecord(dtype, shape, start, layout)
-    table = ChunkTable(
-        np.array(cols["file"], dtype=np.int64),
-        np.array(cols["offset"], dtype=np.int64),
-        np.array(cols["nbytes"], dtype=np.int64),
-        np.array(cols["crc"], dtype=np.uint32),
-        block,
-    )
+    table = ChunkTable.from_lists(cols["file"], cols["offset"], cols["nbytes"], cols["crc"], block)
     extra = {_LISTS: lists, "planner_data": _planner_data(metadata.planner_data, allow_pickle)}
     return Manifest(
         world_size=world_size,

@@ -24,10 +24,10 @@ from ckptstore.errors import ConversionError
 from ckptstore.format.dtypes import dtype_from_name
 from ckptstore.format.manifest import TensorRecord
 from ckptstore.format.regions import bounded_regions
+from ckptstore.format.safetensors import encode_header, st_dtype
 from ckptstore.format.zarr import regular_chunks, to_numpy, zarr_dtype
 from ckptstore.interop.hf_names import hf_key_map
 from ckptstore.interop.key_map import KeyMap
-from ckptstore.interop.safetensors_format import encode_header, st_dtype
 from ckptstore.loading.checkpoint import Checkpoint, open_checkpoint
 from ckptstore.state.tensor_bytes import as_bytes
 

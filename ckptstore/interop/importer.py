@@ -25,7 +25,7 @@ import torch
 
 from ckptstore.backends.base import Store
 from ckptstore.errors import ConversionError, PickleNotAllowedError
-from ckptstore.interop.safetensors_format import read_header
+from ckptstore.format.safetensors import read_header
 from ckptstore.interop.stream_writer import StreamingWriter
 
 KINDS = ("dcp", "torch", "safetensors")

@@ -15,7 +15,8 @@ from ckptstore.backends.base import Store
 from ckptstore.errors import AllocationError, EntryNotFoundError, PickleNotAllowedError
 from ckptstore.format.commit_point import read_manifest, store_for
 from ckptstore.format.dtypes import dtype_from_name
-from ckptstore.format.manifest import Manifest, ObjectRecord, TensorRecord
+from ckptstore.format.manifest import MANIFEST_KEY, Manifest, ObjectRecord, TensorRecord
+from ckptstore.format.safetensors_manifest import is_safetensors_dir, safetensors_manifest
 from ckptstore.loading.load import read_blob
 from ckptstore.loading.read import ChunkReader, Target
 
@@ -206,7 +207,8 @@ def open_checkpoint(
     *,
     storage_options: dict[str, Any] | None = None,
 ) -> Checkpoint:
-    """Open the committed checkpoint at ``path`` read-only (an open one is returned as is).
+    """Open the committed checkpoint at ``path`` read-only (an open one is returned as is);
+    a local directory of safetensors files (a Hugging Face model) opens as one too.
 
     Raises:
         CheckpointNotFoundError / IncompleteCheckpointError / ManifestError.
@@ -214,4 +216,6 @@ def open_checkpoint(
     if isinstance(path, Checkpoint):
         return path
     store = store_for(path, storage_options)
+    if store.reads_are_local and not store.exists(MANIFEST_KEY) and is_safetensors_dir(store):
+        return Checkpoint(store, safetensors_manifest(store))  # a Hugging Face directory
     return Checkpoint(store, read_manifest(store))

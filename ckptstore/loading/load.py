@@ -32,7 +32,8 @@ from ckptstore.errors import (
 from ckptstore.format.checksum import block_crcs
 from ckptstore.format.commit_point import read_manifest_bytes, store_for
 from ckptstore.format.dtypes import DTYPE_TO_NAME, dtype_name
-from ckptstore.format.manifest import Manifest, ObjectRecord, TensorRecord
+from ckptstore.format.manifest import MANIFEST_KEY, Manifest, ObjectRecord, TensorRecord
+from ckptstore.format.safetensors_manifest import is_safetensors_dir, safetensors_manifest
 from ckptstore.gcpause import with_gc_paused
 from ckptstore.loading.mismatch import Mismatch
 from ckptstore.loading.read import ChunkReader, Target
@@ -58,7 +59,10 @@ class LoadInfo:
 
 def fetch_manifest(store: Store, coord: Coordinator) -> Manifest:
     """The manifest on every rank: read by each rank from a local store in small jobs,
-    else read once by the coordinator and broadcast (all ranks parse the same bytes)."""
+    else read once by the coordinator and broadcast (all ranks parse the same bytes). A
+    local directory of safetensors files (a Hugging Face model) is read as a checkpoint."""
+    if store.reads_are_local and not store.exists(MANIFEST_KEY) and is_safetensors_dir(store):
+        return safetensors_manifest(store)
     if store.reads_are_local and coord.world_size < knobs.manifest_broadcast_min_ranks():
         return Manifest.from_json(read_manifest_bytes(store), where=store.url)
     payload = coord.from_coordinator(lambda: read_manifest_bytes(store), store.url)
@@ -112,7 +116,9 @@ def load(
     """Fill every tensor (and replace every plain value) of ``state_dict`` from ``path``.
 
     A collective over ``process_group``. The caller's tensors keep their sharding; they are
-    filled from whatever sharding the checkpoint was saved with.
+    filled from whatever sharding the checkpoint was saved with. ``path`` may also be a
+    local directory of safetensors files (a Hugging Face model, sharded with its index or
+    not): its tensors are read the same way, resharded, every block checked.
 
     Args:
         strict: fail on keys the state_dict lacks or the checkpoint lacks. Shape and dtype
