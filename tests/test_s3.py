@@ -101,3 +101,23 @@ def test_data_files_spread_over_prefixes(seaweed) -> None:
     out = {k: torch.zeros(64, 64) for k in sd}
     cs.load(out, url, storage_options=opts)
     assert all(torch.equal(out[k], sd[k]) for k in sd)
+
+
+def test_retention_deletes_a_checkpoint_in_batches(seaweed) -> None:
+    """A retired checkpoint costs one DELETE (its manifest, first) and DeleteObjects batches,
+    not one DELETE per data file (a 16k-rank checkpoint has 16k files)."""
+    from ckptstore.testing.faultproxy import FaultProxy
+    from ckptstore.testing.seaweed import S3_PORT
+    from ckptstore.training import catalog
+
+    root = f"s3://ret-{uuid.uuid4().hex[:10]}/run"
+    opts = {**seaweed.options(), "create_bucket": True}
+    cs.save(
+        {"w": torch.ones(1 << 16)}, f"{root}/step_00000001", storage_options=opts, files_per_rank=8
+    )
+    with FaultProxy(("127.0.0.1", S3_PORT)) as proxy:
+        store = S3Store(root[5:], **seaweed.options(proxy.endpoint))
+        catalog.delete_checkpoint(store, 1)
+    methods = [r.method for r in proxy.requests]
+    assert methods.count("DELETE") == 1 and methods.count("POST") == 1, methods
+    assert list(S3Store(root[5:], **seaweed.options()).list("")) == []

@@ -80,12 +80,13 @@ def committed_steps(root: str | Store) -> list[int]:
 
 
 def delete_checkpoint(root: str | Store, step: int) -> None:
-    """Remove one checkpoint: the manifest first (it stops existing), then its data."""
+    """Remove one checkpoint: the manifest first (it stops existing), then its data in
+    batches where the store has them (S3: ``DeleteObjects``, 1,000 keys a request, instead
+    of one DELETE per data file -- a 16k-rank checkpoint has as many files)."""
     store = open_store(root)
     prefix = f"{step_dir(step)}/"
     store.delete(prefix + MANIFEST_KEY)
-    for key in list(store.list(prefix)):
-        store.delete(key)
+    store.delete_prefix(prefix)
     store.prune_empty_dirs(step_dir(step))
 
 
