@@ -27,6 +27,15 @@ INDEX = "model.safetensors.index.json"
 _MAX_HEADER = 100 << 20
 
 
+def or_safetensors(store: Store, missing: CheckpointNotFoundError) -> Manifest:
+    """For a store without a manifest: the manifest of its safetensors files when it is a
+    local directory of them, else ``missing`` raised. Called only once a manifest was not
+    found, so a checkpoint's load pays nothing for it."""
+    if store.reads_are_local and is_safetensors_dir(store):
+        return safetensors_manifest(store)
+    raise missing
+
+
 def is_safetensors_dir(store: Store) -> bool:
     """Whether ``store`` holds a Hugging Face model's safetensors (and no checkpoint)."""
     return any(key.endswith(".safetensors") and "/" not in key for key in store.list(""))

@@ -86,7 +86,35 @@ class _Stored:
     is_value: bool = False
 
 
-class Writer(StorageWriter):
+class _AtPath:
+    """A checkpoint path (or DCP's ``checkpoint_id``) and its store, opened on first use and
+    left behind when pickled (DCP's process-based ``async_save`` sends the object to a helper
+    process)."""
+
+    path: str | None
+    storage_options: dict[str, Any]
+    _store: Store | None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_store": None}
+
+    @property
+    def store(self) -> Store:
+        """The store of the checkpoint (opened on first use)."""
+        if self.path is None:
+            raise ConversionError(
+                f"ckptstore.dcp.{type(self).__name__}: no path (pass one, or checkpoint_id)"
+            )
+        if self._store is None:
+            self._store = open_store(self.path, **self.storage_options)
+        return self._store
+
+    def _at(self, checkpoint_id: str | os.PathLike[str] | None) -> None:
+        if checkpoint_id:
+            self.path, self._store = str(checkpoint_id), None
+
+
+class Writer(_AtPath, StorageWriter):
     """A torch DCP ``StorageWriter`` that writes a ckptstore checkpoint at ``path`` (or at
     the ``checkpoint_id`` DCP passes). Picklable (DCP's process-based ``async_save`` sends
     it to a helper process): the store is opened where it is used.
@@ -117,22 +145,9 @@ class Writer(StorageWriter):
         self.tag = uuid.uuid4().hex[:10]
         self._store: Store | None = None
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_store": None}
-
-    @property
-    def store(self) -> Store:
-        """The store of the checkpoint (opened on first use)."""
-        if self.path is None:
-            raise ConversionError("ckptstore.dcp.Writer: no path (pass one, or checkpoint_id)")
-        if self._store is None:
-            self._store = open_store(self.path, **self.storage_options)
-        return self._store
-
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         """A new checkpoint: at ``checkpoint_id`` when DCP passes one."""
-        if checkpoint_id:
-            self.path, self._store = str(checkpoint_id), None
+        self._at(checkpoint_id)
         self.tag = uuid.uuid4().hex[:10]
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
@@ -353,7 +368,7 @@ def _planner_data(data: Any, allow_pickle: bool) -> Any:
     return {"pickle": pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL).hex()}
 
 
-class Reader(StorageReader):
+class Reader(_AtPath, StorageReader):
     """A torch DCP ``StorageReader`` over any ckptstore checkpoint (written through
     :class:`Writer`, by ``cs.save`` or by ``ckpt import``): DCP's load plans against the
     manifest's tensors and chunks; the bytes are read, checksum-verified and copied by
@@ -379,16 +394,7 @@ class Reader(StorageReader):
         self._manifest: Manifest | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_store": None, "_manifest": None}
-
-    @property
-    def store(self) -> Store:
-        """The store of the checkpoint (opened on first use)."""
-        if self.path is None:
-            raise ConversionError("ckptstore.dcp.Reader: no path (pass one, or checkpoint_id)")
-        if self._store is None:
-            self._store = open_store(self.path, **self.storage_options)
-        return self._store
+        return {**super().__getstate__(), "_manifest": None}
 
     @property
     def manifest(self) -> Manifest:
@@ -399,8 +405,7 @@ class Reader(StorageReader):
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         """Read the checkpoint at ``checkpoint_id`` when DCP passes one."""
-        if checkpoint_id:
-            self.path, self._store = str(checkpoint_id), None
+        self._at(checkpoint_id)
         self._manifest = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
@@ -458,7 +463,7 @@ class Reader(StorageReader):
         m = self.manifest
         lists = self._lists()
         targets: list[Target] = []
-        commits: list[tuple[Any, torch.Tensor, torch.Tensor | None]] = []
+        commits: list[tuple[Any, torch.Tensor, bool]] = []  # (item, its tensor, read directly)
         for item in plan.items:
             fqn = item.storage_index.fqn
             if item.type == LoadItemType.BYTE_IO:
@@ -471,18 +476,19 @@ class Reader(StorageReader):
                 tuple(int(n) for n in item.lengths),
             )
             # The planner hands the destination region itself (narrowed to dest_offsets).
-            whole = planner.resolve_tensor(item).detach()
-            dest = whole
-            direct = dest.is_cpu and dest.dtype == dtype_from_name(rec.dtype)
-            into = dest if direct else torch.empty(box[1], dtype=dtype_from_name(rec.dtype))
-            targets.append(Target(fqn, rec, box, into))
-            commits.append((item, whole, None if direct else dest))
+            dest = planner.resolve_tensor(item).detach()
+            dtype = dtype_from_name(rec.dtype)
+            direct = dest.is_cpu and dest.dtype == dtype
+            targets.append(
+                Target(fqn, rec, box, dest if direct else torch.empty(box[1], dtype=dtype))
+            )
+            commits.append((item, dest, direct))
         if targets:
             ChunkReader(self.store, m, self.store.url).fill(targets)
-        for (item, whole, dest), target in zip(commits, targets, strict=True):
-            if dest is not None:
+        for (item, dest, direct), target in zip(commits, targets, strict=True):
+            if not direct:  # through a host buffer: a device tensor, or another dtype
                 dest.copy_(target.dest)
-            planner.commit_tensor(item, whole)
+            planner.commit_tensor(item, dest)
         done: Future[None] = Future()
         done.set_result(None)
         return done

@@ -12,11 +12,16 @@ from typing import Any
 import torch
 
 from ckptstore.backends.base import Store
-from ckptstore.errors import AllocationError, EntryNotFoundError, PickleNotAllowedError
+from ckptstore.errors import (
+    AllocationError,
+    CheckpointNotFoundError,
+    EntryNotFoundError,
+    PickleNotAllowedError,
+)
 from ckptstore.format.commit_point import read_manifest, store_for
 from ckptstore.format.dtypes import dtype_from_name
-from ckptstore.format.manifest import MANIFEST_KEY, Manifest, ObjectRecord, TensorRecord
-from ckptstore.format.safetensors_manifest import is_safetensors_dir, safetensors_manifest
+from ckptstore.format.manifest import Manifest, ObjectRecord, TensorRecord
+from ckptstore.format.safetensors_manifest import or_safetensors
 from ckptstore.loading.load import read_blob
 from ckptstore.loading.read import ChunkReader, Target
 
@@ -216,6 +221,7 @@ def open_checkpoint(
     if isinstance(path, Checkpoint):
         return path
     store = store_for(path, storage_options)
-    if store.reads_are_local and not store.exists(MANIFEST_KEY) and is_safetensors_dir(store):
-        return Checkpoint(store, safetensors_manifest(store))  # a Hugging Face directory
-    return Checkpoint(store, read_manifest(store))
+    try:
+        return Checkpoint(store, read_manifest(store))
+    except CheckpointNotFoundError as missing:  # perhaps a Hugging Face directory
+        return Checkpoint(store, or_safetensors(store, missing))

@@ -22,6 +22,7 @@ from ckptstore import knobs
 from ckptstore.backends.base import ByteRange, Store
 from ckptstore.coordination.collectives import Coordinator
 from ckptstore.errors import (
+    CheckpointNotFoundError,
     ChecksumError,
     LoadMismatchError,
     PickleNotAllowedError,
@@ -32,8 +33,8 @@ from ckptstore.errors import (
 from ckptstore.format.checksum import block_crcs
 from ckptstore.format.commit_point import read_manifest_bytes, store_for
 from ckptstore.format.dtypes import DTYPE_TO_NAME, dtype_name
-from ckptstore.format.manifest import MANIFEST_KEY, Manifest, ObjectRecord, TensorRecord
-from ckptstore.format.safetensors_manifest import is_safetensors_dir, safetensors_manifest
+from ckptstore.format.manifest import Manifest, ObjectRecord, TensorRecord
+from ckptstore.format.safetensors_manifest import or_safetensors
 from ckptstore.gcpause import with_gc_paused
 from ckptstore.loading.mismatch import Mismatch
 from ckptstore.loading.read import ChunkReader, Target
@@ -61,11 +62,13 @@ def fetch_manifest(store: Store, coord: Coordinator) -> Manifest:
     """The manifest on every rank: read by each rank from a local store in small jobs,
     else read once by the coordinator and broadcast (all ranks parse the same bytes). A
     local directory of safetensors files (a Hugging Face model) is read as a checkpoint."""
-    if store.reads_are_local and not store.exists(MANIFEST_KEY) and is_safetensors_dir(store):
-        return safetensors_manifest(store)
-    if store.reads_are_local and coord.world_size < knobs.manifest_broadcast_min_ranks():
-        return Manifest.from_json(read_manifest_bytes(store), where=store.url)
-    payload = coord.from_coordinator(lambda: read_manifest_bytes(store), store.url)
+    try:
+        if store.reads_are_local and coord.world_size < knobs.manifest_broadcast_min_ranks():
+            payload = read_manifest_bytes(store)
+        else:  # the coordinator's failure is raised, typed, on every rank
+            payload = coord.from_coordinator(lambda: read_manifest_bytes(store), store.url)
+    except CheckpointNotFoundError as missing:
+        return or_safetensors(store, missing)
     return Manifest.from_json(payload, where=store.url)
 
 
