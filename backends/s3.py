@@ -277,7 +277,12 @@ class S3Store(Store):
             try:
                 self.client.head_bucket(Bucket=bucket)
             except Exception:
-                self.client.create_bucket(Bucket=bucket)
+                try:
+                    self.client.create_bucket(Bucket=bucket)
+                except Exception as exc:  # another rank may have created it meanwhile
+                    code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code")
+                    if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                        raise
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key

@@ -52,6 +52,22 @@ def read_window_bytes() -> int:
     return _env_int("CKPTSTORE_READ_WINDOW_BYTES", 16 * _MiB)
 
 
+def share_reads() -> str:
+    """``auto`` (default): on a load, ranks that need the same bytes (data-parallel replicas)
+    read each byte once from the store and pass it on, for stores that are not this node's
+    disk; ``on``: for every store; ``off``: every rank reads all it needs itself."""
+    raw = os.environ.get("CKPTSTORE_SHARE_READS", "auto").strip().lower()
+    if raw not in ("auto", "on", "off"):
+        raise ValueError(f"CKPTSTORE_SHARE_READS must be auto, on or off, not {raw!r}")
+    return raw
+
+
+def shared_read_round_bytes() -> int:
+    """Bytes each rank reads per round of a shared read before passing them on (it holds
+    this much twice: its own share and one received share)."""
+    return _env_int("CKPTSTORE_SHARED_READ_ROUND_BYTES", 128 * _MiB)
+
+
 def coalesce_gap_bytes() -> int:
     """Two byte ranges of one file closer than this are read as one."""
     return _env_int("CKPTSTORE_COALESCE_GAP_BYTES", 256 * 1024)

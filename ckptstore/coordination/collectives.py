@@ -175,6 +175,42 @@ class Coordinator:
             dist.all_gather_object(out, obj, group=self.group)
         return out
 
+    def broadcast_bytes(self, buffer: torch.Tensor, src: int) -> None:
+        """Rank ``src``'s bytes of the uint8 tensor ``buffer`` into every rank's ``buffer``
+        (the same size everywhere)."""
+        if not self.active:
+            return
+        with self._bounded("a broadcast of data"):
+            dist.broadcast(buffer, src=dist.get_global_rank(self.group, src), group=self.group)
+
+    def split(self, key: bytes) -> Coordinator | None:
+        """The ranks whose ``key`` equals this rank's, as a coordinator over their own gloo
+        group (created once per set of ranks), in rank order; None when no other rank has
+        this key. A collective over all ranks (an all_gather of the keys), as MPI's
+        ``comm_split``: each resulting group then runs its own collectives independently."""
+        if not self.active:
+            return None
+        keys = self.all_gather(key)
+        members = tuple(dist.get_global_rank(self.group, r) for r, k in enumerate(keys) if k == key)
+        if len(members) < 2:
+            return None
+        group = _GROUPS.get(("split", members))
+        if group is None:
+            try:  # only the members take part (the others' counts of collectives stay equal)
+                group = dist.new_group(
+                    ranks=list(members),
+                    backend="gloo",
+                    use_local_synchronization=True,
+                    timeout=timedelta(seconds=knobs.collective_timeout_s()),
+                )
+            except RuntimeError as exc:
+                raise CollectiveTimeoutError(
+                    f"ckptstore: creating a group over ranks {_ranks_text(members)} failed: a "
+                    f"rank died or stopped taking part ({str(exc)[:200]})"
+                ) from exc
+            _GROUPS[("split", members)] = group
+        return Coordinator(group, purpose=None)
+
     def from_coordinator(self, compute: Callable[[], Any], where: str) -> Any:
         """``compute()`` run by the coordinator alone, its result on every rank (a
         broadcast); its failure is raised on every rank, typed, so that no rank waits in

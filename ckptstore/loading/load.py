@@ -38,6 +38,7 @@ from ckptstore.format.safetensors_manifest import or_safetensors
 from ckptstore.gcpause import with_gc_paused
 from ckptstore.loading.mismatch import Mismatch
 from ckptstore.loading.read import ChunkReader, Target
+from ckptstore.loading.shared_reads import fill_shared
 from ckptstore.state.leaves import Leaf, flatten
 
 PER_RANK_POLICIES = ("error", "keep", "wrap")
@@ -50,12 +51,15 @@ class LoadInfo:
     saved_world_size: int
     tensors: int
     bytes_read: int
+    """Bytes this rank read from the store."""
     read_requests: int
     seconds: dict[str, float]
     bytes_by_tier: dict[str, int] | None = None
     """For a :class:`~ckptstore.Tiered` path: bytes this rank read from each tier."""
     missing: list[str] = field(default_factory=list)
     """Entries named in ``optional=`` that the checkpoint lacks (left as they were)."""
+    bytes_received: int = 0
+    """Bytes this rank received from ranks that read them for it (``share_reads``)."""
 
 
 def fetch_manifest(store: Store, coord: Coordinator) -> Manifest:
@@ -115,6 +119,7 @@ def load(
     prefix: str = "",
     partial: bool = False,
     optional: Collection[str] = (),
+    share_reads: bool | None = None,
 ) -> LoadInfo:
     """Fill every tensor (and replace every plain value) of ``state_dict`` from ``path``.
 
@@ -138,6 +143,10 @@ def load(
             unread (torch DCP's default); every entry of ``state_dict`` must still be saved.
         optional: names or sub-trees of ``state_dict`` that may be absent from the
             checkpoint: left as they are and listed in :attr:`LoadInfo.missing`.
+        share_reads: ranks that need the same bytes (data-parallel replicas) read each
+            byte once from the store and pass it on to each other over the network
+            (``ckptstore.loading.shared_reads``). Default (None): on for stores that are
+            not this node's disk (S3, a tiered store), else ``CKPTSTORE_SHARE_READS``.
 
     Raises:
         LoadMismatchError: missing/unexpected keys, shape or dtype mismatches: summarized in
@@ -156,6 +165,7 @@ def load(
     # share one: neither has a collective of its own that a failed rank would skip.)
     error: BaseException | None = None
     targets: list[Target] = []
+    rank_targets: list[Target] = []
     assignments: list[tuple[Leaf, ObjectRecord]] = []
     statefuls: list[tuple[Any, Any]] = []  # (object, the state dict filled for it)
     try:
@@ -165,7 +175,7 @@ def load(
     t_manifest = time.perf_counter()
     if error is None:
         try:
-            targets, assignments, missing = _match(
+            targets, rank_targets, assignments, missing = _match(
                 state_dict, manifest, coord, strict, allow_pickle, per_rank, statefuls, scope
             )
         except Exception as exc:
@@ -177,7 +187,8 @@ def load(
     error = None
     try:
         with torch.no_grad():  # destinations may be parameters that require grad
-            reader.fill(targets)
+            _fill(reader, targets, coord if _shares_reads(store, share_reads) else None)
+            reader.fill(rank_targets)
         for leaf, rec in assignments:
             if rec.blob is not None:
                 value = pickle.loads(read_blob(store, manifest, leaf.name, rec))
@@ -197,8 +208,9 @@ def load(
     return LoadInfo(
         path=store.url,
         saved_world_size=manifest.world_size,
-        tensors=len(targets),
+        tensors=len(targets) + len(rank_targets),
         bytes_read=reader.bytes_read,
+        bytes_received=reader.bytes_received,
         read_requests=reader.requests,
         seconds={
             "manifest": t_manifest - t0,
@@ -211,15 +223,40 @@ def load(
     )
 
 
+def _shares_reads(store: Store, explicit: bool | None) -> bool:
+    """Whether ranks with the same reads share them (the same answer on every rank)."""
+    if explicit is not None:
+        return explicit
+    setting = knobs.share_reads()
+    return not store.reads_are_local if setting == "auto" else setting == "on"
+
+
+def _fill(reader: ChunkReader, targets: list[Target], coord: Coordinator | None) -> None:
+    """Fill ``targets``, with the ranks of ``coord`` that read the same bytes if given (a
+    collective then: a rank whose planning failed still takes part, then raises)."""
+    if coord is None or not coord.active:
+        reader.fill(targets)
+        return
+    plan, error = None, None
+    try:
+        plan = reader.plan(targets)
+    except Exception as exc:
+        error = exc
+    fill_shared(reader, plan, coord)
+    if error is not None:
+        raise error
+
+
 class _Matched(NamedTuple):
     """What matching found: tensors to fill, values to assign, and what is wrong."""
 
-    targets: list[Target]
+    targets: list[Target]  # of global tensors
     assignments: list[tuple[Leaf, ObjectRecord]]
     mismatch: Mismatch
     pickled: list[str]  # entries saved pickled
     resized_keys: list[str]  # per-rank entries of another world size
     missing: list[str]  # optional entries the checkpoint lacks
+    rank_targets: list[Target]  # of per-rank entries (never shared among ranks)
 
 
 class _Scope:
@@ -256,18 +293,18 @@ def _match(
     per_rank: str,
     statefuls: list[tuple[Any, Any]],
     scope: _Scope,
-) -> tuple[list[Target], list[tuple[Leaf, ObjectRecord]], list[str]]:
+) -> tuple[list[Target], list[Target], list[tuple[Leaf, ObjectRecord]], list[str]]:
     """Pair every leaf of ``state_dict`` with its entry of ``manifest``; raise on any
     mismatch (all of them listed) before anything is read. Stateful objects are flattened
     as their ``state_dict()`` and listed in ``statefuls``."""
     leaves = flatten(state_dict, statefuls, scope.prefix)
-    found = _Matched([], [], Mismatch(), [], [], [])
+    found = _Matched([], [], Mismatch(), [], [], [], [])
     for name, leaf in _match_tensors(leaves, manifest, found):
         _match_other(name, leaf, manifest, coord, strict, allow_pickle, per_rank, found, scope)
     if strict and not scope.partial:
         _check_nothing_left(leaves, manifest, found.mismatch, scope)
     _raise_problems(found, manifest, coord.world_size)
-    return found.targets, found.assignments, found.missing
+    return found.targets, found.rank_targets, found.assignments, found.missing
 
 
 def _match_tensors(
@@ -341,7 +378,7 @@ def _match_other(
                 )
                 return
             box = ((0,) * len(entry.shape), entry.shape)
-            found.targets.append(Target(name, entry, box, leaf.local))
+            found.rank_targets.append(Target(name, entry, box, leaf.local))
         else:
             if entry.blob is not None and not allow_pickle:
                 found.pickled.append(name)

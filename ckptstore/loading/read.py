@@ -69,31 +69,53 @@ class ChunkReader:
         self.where = where
         self.threads = threads or knobs.read_threads()
         self._maps: dict[int, np.ndarray | None] = {}
-        self.bytes_read = 0
+        self.bytes_read = 0  # from the store
+        self.bytes_received = 0  # from other ranks that read them (shared reads)
         self.requests = 0
         self._lock = threading.Lock()
 
     def fill(
         self, targets: list[Target], window: int | None = None, gap: int | None = None
     ) -> None:
-        plan = plan_reads(
+        self.run(self.plan(targets, window, gap))
+
+    def plan(
+        self, targets: list[Target], window: int | None = None, gap: int | None = None
+    ) -> ReadPlan:
+        """The byte-range requests that fill ``targets`` (nothing read yet)."""
+        return plan_reads(
             self.manifest,
             targets,
             window or self.store.read_window_bytes or knobs.read_window_bytes(),
             knobs.coalesce_gap_bytes() if gap is None else gap,
         )
-        groups = plan.groups
-        if not groups:
-            return
-        if self.threads <= 1 or len(groups) == 1:
-            for g in groups:
-                self._run(g, plan)
+
+    def run(self, plan: ReadPlan) -> None:
+        """Read, verify and copy every request of ``plan``, in parallel threads."""
+        self.fetch(plan, [(g, None) for g in plan.groups])
+
+    def fetch(self, plan: ReadPlan, work: list[tuple[Request, np.ndarray | None]]) -> None:
+        """Run requests of ``plan``, in parallel threads; where a buffer comes with a request,
+        its bytes are also left there (``buffer[0]`` is the request's first byte), verified,
+        for ranks that receive them instead of reading them (see ``shared_reads``)."""
+        if self.threads <= 1 or len(work) <= 1:
+            for g, keep in work:
+                self._run(g, plan, keep)
             return
         with ThreadPoolExecutor(
-            min(self.threads, len(groups)), thread_name_prefix="ckptstore-read"
+            min(self.threads, len(work)), thread_name_prefix="ckptstore-read"
         ) as pool:
-            for f in [pool.submit(self._run, g, plan) for g in groups]:
+            for f in [pool.submit(self._run, g, plan, keep) for g, keep in work]:
                 f.result()
+
+    def copy_received(self, group: Request, buf: np.ndarray, plan: ReadPlan) -> None:
+        """Verify and copy a request whose bytes another rank read (``buf[0]`` is the
+        request's first byte): every block is checked here as if it had been read here."""
+        if len(buf) != group.end - group.start:
+            _unsafe(self.where, group.start, group.end, group.start, group.start + len(buf), 0)
+        with self._lock:
+            self.bytes_received += len(buf)
+        self._check_and_copy(group, buf, group.start, plan)
 
     def _mapped(self, file: int) -> np.ndarray | None:
         with self._lock:
@@ -102,7 +124,7 @@ class ChunkReader:
                 self._maps[file] = None if view is None else np.frombuffer(view, dtype=np.uint8)
             return self._maps[file]
 
-    def _run(self, group: Request, plan: ReadPlan) -> None:
+    def _run(self, group: Request, plan: ReadPlan, keep: np.ndarray | None = None) -> None:
         key = self.manifest.files[group.file]
         with self._lock:
             self.bytes_read += group.end - group.start
@@ -117,19 +139,29 @@ class ChunkReader:
                         f"needs {group.end}: truncated?"
                     )
                 self._check_and_copy(group, mapped, 0, plan)
+                if keep is not None:
+                    keep[:] = mapped[group.start : group.end]
                 self.store.count_mapped(group.end - group.start)
                 return
-            self._read_and_copy(group, key, self.store.read_into, plan)
+            self._read_and_copy(group, key, self.store.read_into, plan, keep)
         except (ChecksumError, StoreError, CorruptDataError) as exc:
             if fallback is None:
                 raise
             # The fast tier's copy is bad or short: take these bytes from the shared tier.
             try:
-                self._read_and_copy(group, key, fallback, plan)
+                self._read_and_copy(group, key, fallback, plan, keep)
             except KeyNotFoundError:
                 raise exc from None
 
-    def _read_and_copy(self, group: Request, key: str, read_into: Any, plan: ReadPlan) -> None:
+    def _read_and_copy(
+        self, group: Request, key: str, read_into: Any, plan: ReadPlan, keep: np.ndarray | None
+    ) -> None:
+        if keep is not None:  # the bytes stay in the caller's buffer
+            if len(keep) != group.end - group.start:
+                _unsafe(self.where, group.start, group.end, 0, len(keep), 0)
+            read_into(key, group.start, memoryview(keep))
+            self._check_and_copy(group, keep, group.start, plan)
+            return
         buf = _POOL.acquire(group.end - group.start)
         try:
             view = buf[: group.end - group.start]

@@ -27,6 +27,7 @@ class RequestRecord:
     method: str
     path: str
     body_bytes: int
+    response_bytes: int = 0
 
 
 def peak_in_flight(requests: list[RequestRecord], method: str = "PUT") -> int:
@@ -178,7 +179,9 @@ class _Handler(socketserver.StreamRequestHandler):
                 return  # close mid-body
             self.wfile.write(resp_head + resp_body)
             self.wfile.flush()
-            server.record(RequestRecord(started, time.monotonic(), method, path, len(body)))
+            server.record(
+                RequestRecord(started, time.monotonic(), method, path, len(body), len(resp_body))
+            )
 
 
 class FaultProxy(socketserver.ThreadingTCPServer):
@@ -193,7 +196,8 @@ class FaultProxy(socketserver.ThreadingTCPServer):
         self.plan = plan or FaultPlan()
         self.endpoint = f"http://127.0.0.1:{self.server_address[1]}"
         self.requests: list[RequestRecord] = []
-        """Every request passed upstream: start/end (monotonic), method, path, body bytes."""
+        """Every request passed upstream: start/end (monotonic), method, path, body bytes
+        (request and response)."""
         self._log_lock = threading.Lock()
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
 

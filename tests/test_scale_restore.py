@@ -1,0 +1,99 @@
+"""Restores that read every byte from shared storage once: data-parallel replicas share
+their reads (ckptstore.loading.shared_reads), on real ranks (gloo) and a real S3 server
+whose traffic a proxy counts."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from ckptstore.backends.s3 import S3Store
+from ckptstore.loading.shared_reads import deal_rounds
+from ckptstore.testing.faultproxy import FaultProxy
+from ckptstore.testing.ranks import run_ranks
+from ckptstore.testing.seaweed import S3_PORT
+from tests import shared_read_cases as cases
+
+
+def _unique_bytes(store: S3Store) -> int:
+    return sum(info.size for info in store.list_details(""))
+
+
+def test_a_restore_of_4_replicas_reads_each_byte_from_s3_once(seaweed) -> None:
+    """8 ranks, 4 data-parallel replicas x 2 shards: the restore's GETs carry 1.0 x the
+    checkpoint's bytes (4 x when every rank reads for itself), and it is bit-exact."""
+    root = f"ckpt-{uuid.uuid4().hex[:10]}/run/step_1"
+    url = f"s3://{root}"
+    direct = {**seaweed.options(), "create_bucket": True}
+    with (
+        FaultProxy(("127.0.0.1", S3_PORT)) as shared,
+        FaultProxy(("127.0.0.1", S3_PORT)) as unshared,
+    ):
+        counts = run_ranks(
+            8,
+            cases.save_and_restore_twice,
+            url,
+            4,
+            [direct, seaweed.options(shared.endpoint), seaweed.options(unshared.endpoint)],
+            timeout=600,
+        )
+    unique = _unique_bytes(S3Store(root, **seaweed.options()))
+
+    def fetched(proxy: FaultProxy) -> int:
+        return sum(r.response_bytes for r in proxy.requests if r.method == "GET")
+
+    assert fetched(shared) <= 1.05 * unique, (fetched(shared), unique)
+    assert fetched(unshared) >= 3.5 * unique, (fetched(unshared), unique)  # the counter counts
+    assert sum(c[0]["received"] for c in counts) >= 2.5 * unique  # passed on, not re-read
+    assert all(c[1]["received"] == 0 for c in counts)
+
+
+def test_a_resharded_restore_shares_what_replicas_have_in_common(tmp_path) -> None:
+    """Saved as 4 replicas x 2 shards, loaded as 2 replicas x 3 shards on a local store with
+    reads shared: bit-exact, and each pair of replicas reads what it needs once between
+    them (the three shards overlap the saved two only in part: read for themselves)."""
+    url = str(tmp_path / "ck")
+    run_ranks(8, cases.save_replicas, url, 4, {}, timeout=300)
+    counts = run_ranks(6, cases.restore_resharded, url, {}, timeout=300)
+    for shard in range(3):  # mesh (2, 3): ranks shard and shard + 3 hold the same shard
+        a, b = counts[shard], counts[shard + 3]
+        needed = a["read"] + a["received"]
+        assert needed == b["read"] + b["received"] > 0
+        assert a["read"] + b["read"] == needed  # no byte read twice within the pair
+        assert a["read"] and b["read"]  # both took a share
+
+
+def test_a_bad_block_fails_every_rank_of_a_shared_read(tmp_path) -> None:
+    """The rank that reads a damaged block raises ChecksumError; its replica and the other
+    ranks raise too, naming it; none waits for a rank that stopped."""
+    url = str(tmp_path / "ck")
+    run_ranks(4, cases.save_replicas, url, 2, {}, timeout=300)
+    biggest = max((tmp_path / "ck" / "data").iterdir(), key=lambda p: p.stat().st_size)
+    with open(biggest, "r+b") as f:
+        f.seek(biggest.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    results = run_ranks(4, cases.restore_with_a_bad_block, url, timeout=300)
+    assert sum(r.startswith("ChecksumError") for r in results) == 1, results
+    others = [r for r in results if not r.startswith("ChecksumError")]
+    assert all(r.startswith("CollectiveError") and "checksum mismatch" in r for r in others)
+
+
+@pytest.mark.parametrize(
+    "sizes, members, round_bytes",
+    [([5, 1, 9, 3, 3, 7, 2], 3, 10), ([4] * 10, 4, 4), ([100], 2, 10), ([], 3, 8), ([1, 2], 1, 2)],
+)
+def test_requests_are_dealt_once_each_in_bounded_rounds(sizes, members, round_bytes) -> None:
+    rounds = deal_rounds(sizes, members, round_bytes)
+    dealt = [i for shares in rounds for items in shares for i in items]
+    assert sorted(dealt) == list(range(len(sizes)))  # every request once
+    assert all(len(shares) == members for shares in rounds)
+    for shares in rounds:
+        for items in shares:  # a round holds at most round_bytes, or one larger request
+            assert len(items) <= 1 or sum(sizes[i] for i in items) <= round_bytes
+    per_member = [sum(sizes[i] for s in rounds for i in s[m]) for m in range(members)]
+    if sizes:
+        assert max(per_member) - min(per_member) <= max(sizes)  # balanced by bytes
