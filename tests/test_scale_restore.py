@@ -5,6 +5,7 @@ whose traffic a proxy counts."""
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 
 import pytest
@@ -50,13 +51,19 @@ def test_a_restore_of_4_replicas_reads_each_byte_from_s3_once(seaweed) -> None:
     assert all(c[1]["received"] == 0 for c in counts)
 
 
-def test_a_resharded_restore_shares_what_replicas_have_in_common(tmp_path) -> None:
-    """Saved as 4 replicas x 2 shards, loaded as 2 replicas x 3 shards on a local store with
+@pytest.fixture(scope="module")
+def hsdp_checkpoint(tmp_path_factory) -> str:
+    """A checkpoint saved by 4 ranks: 2 data-parallel replicas x 2 shards."""
+    url = str(tmp_path_factory.mktemp("hsdp") / "ck")
+    run_ranks(4, cases.save_replicas, url, 2, {}, timeout=300)
+    return url
+
+
+def test_a_resharded_restore_shares_what_replicas_have_in_common(hsdp_checkpoint) -> None:
+    """Saved as 2 replicas x 2 shards, loaded as 2 replicas x 3 shards on a local store with
     reads shared: bit-exact, and each pair of replicas reads what it needs once between
     them (the three shards overlap the saved two only in part: read for themselves)."""
-    url = str(tmp_path / "ck")
-    run_ranks(8, cases.save_replicas, url, 4, {}, timeout=300)
-    counts = run_ranks(6, cases.restore_resharded, url, {}, timeout=300)
+    counts = run_ranks(6, cases.restore_resharded, hsdp_checkpoint, {}, timeout=300)
     for shard in range(3):  # mesh (2, 3): ranks shard and shard + 3 hold the same shard
         a, b = counts[shard], counts[shard + 3]
         needed = a["read"] + a["received"]
@@ -65,11 +72,11 @@ def test_a_resharded_restore_shares_what_replicas_have_in_common(tmp_path) -> No
         assert a["read"] and b["read"]  # both took a share
 
 
-def test_a_bad_block_fails_every_rank_of_a_shared_read(tmp_path) -> None:
+def test_a_bad_block_fails_every_rank_of_a_shared_read(hsdp_checkpoint, tmp_path) -> None:
     """The rank that reads a damaged block raises ChecksumError; its replica and the other
     ranks raise too, naming it; none waits for a rank that stopped."""
     url = str(tmp_path / "ck")
-    run_ranks(4, cases.save_replicas, url, 2, {}, timeout=300)
+    shutil.copytree(hsdp_checkpoint, url)
     biggest = max((tmp_path / "ck" / "data").iterdir(), key=lambda p: p.stat().st_size)
     with open(biggest, "r+b") as f:
         f.seek(biggest.stat().st_size // 2)
