@@ -104,3 +104,12 @@ def test_requests_are_dealt_once_each_in_bounded_rounds(sizes, members, round_by
     per_member = [sum(sizes[i] for s in rounds for i in s[m]) for m in range(members)]
     if sizes:
         assert max(per_member) - min(per_member) <= max(sizes)  # balanced by bytes
+
+
+def test_requests_go_to_members_that_hold_them_locally() -> None:
+    sizes = [8, 8, 8, 8, 1]
+    local = [[2], [2], [0, 1], [], [1]]  # request 3: on no member's disk
+    rounds = deal_rounds(sizes, 3, 100, local)
+    owner = {i: m for shares in rounds for m, items in enumerate(shares) for i in items}
+    assert owner[0] == owner[1] == 2 and owner[2] in (0, 1) and owner[4] == 1
+    assert owner[3] in (0, 1) and owner[3] != owner[2]  # the least loaded of all members

@@ -113,10 +113,13 @@ def test_nodes_that_lose_their_local_tier_restore_from_s3(seaweed, tmp_path) -> 
     assert all(o["by_tier"]["local"] > 0 for o in out[:2]), out
     assert all(o["by_tier"]["local"] == 0 and o["by_tier"]["remote"] > 0 for o in out[2:]), out
 
-    # resharded onto 2 ranks of node 0 with another layout: node 1's files come from S3
+    # resharded onto 2 ranks of node 0 with another layout: node 1's files come from S3.
+    # Both ranks need every byte (column shards of row chunks): they share the reads, each
+    # byte read once, node 0's files locally.
     out = run_ranks(2, tiered_cases.load_on_nodes, nodes, remote, opts, 2, "col")
     assert all(o["problems"] == [] for o in out), out
-    assert all(o["by_tier"]["local"] > 0 and o["by_tier"]["remote"] > 0 for o in out)
+    assert sum(o["by_tier"]["local"] for o in out) > 0, out
+    assert sum(o["by_tier"]["remote"] for o in out) > 0, out
 
 
 def test_failed_upload_leaves_tier0_usable_and_is_retried_on_demand(

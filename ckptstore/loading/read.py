@@ -108,6 +108,18 @@ class ChunkReader:
             for f in [pool.submit(self._run, g, plan, keep) for g, keep in work]:
                 f.result()
 
+    def holds_locally(self, file: int, end: int) -> bool:
+        """Whether this node's own disk holds bytes ``[0, end)`` of data file ``file`` (a
+        tiered store's local tier, or a local store), so that reading them costs no trip to
+        shared storage."""
+        tiers = self.store.tiers()
+        if tiers is None:
+            return self.store.reads_are_local
+        try:
+            return tiers[0].size(self.manifest.files[file]) >= end
+        except StoreError:
+            return False
+
     def copy_received(self, group: Request, buf: np.ndarray, plan: ReadPlan) -> None:
         """Verify and copy a request whose bytes another rank read (``buf[0]`` is the
         request's first byte): every block is checked here as if it had been read here."""

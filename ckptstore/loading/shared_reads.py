@@ -5,8 +5,9 @@ The data-parallel replicas of a job restore identical shards: read naively, a ch
 is fetched from the shared tier once per replica (26 x its size at 16,384 ranks). Here
 every rank signs its read plan (the file byte ranges of its requests, in order); ranks with
 the same signature form a group (:meth:`Coordinator.split`). The group's requests are dealt
-out by size (largest first, each to the member with the fewest bytes so far) and moved in
-rounds: each member reads its share of the round from the store -- verifying and copying
+out by size (largest first, each to the member with the fewest bytes so far, among the
+members whose own disk holds the bytes when some do: a warm local tier is read where it
+is) and moved in rounds: each member reads its share of the round from the store -- verifying and copying
 into its own tensors exactly as an unshared read does -- then each member's bytes are
 broadcast to the others, which verify every block again before copying (a byte is trusted
 only once this rank has checked it). Memory: two buffers of at most
@@ -22,7 +23,6 @@ that follows raises on every rank.
 from __future__ import annotations
 
 import hashlib
-import heapq
 
 import numpy as np
 import torch
@@ -43,7 +43,8 @@ def fill_shared(reader: ChunkReader, plan: ReadPlan | None, coord: Coordinator) 
             reader.run(plan)
         return
     sizes = [g.end - g.start for g in requests]
-    rounds = deal_rounds(sizes, group.world_size, knobs.shared_read_round_bytes())
+    local = _local_holders(reader, requests, group)
+    rounds = deal_rounds(sizes, group.world_size, knobs.shared_read_round_bytes(), local)
     failure: BaseException | None = None
     for shares in rounds:
         mine = shares[group.rank]
@@ -81,17 +82,31 @@ def signature(requests: list[Request], rank: int) -> bytes:
     return hashlib.blake2b(spans.tobytes(), digest_size=16).digest()
 
 
-def deal_rounds(sizes: list[int], members: int, round_bytes: int) -> list[list[list[int]]]:
+def _local_holders(reader: ChunkReader, requests: list[Request], group: Coordinator) -> list:
+    """Per request, the members whose own disk holds its bytes (a warm local tier)."""
+    mine = np.fromiter(
+        (reader.holds_locally(g.file, g.end) for g in requests), dtype=bool, count=len(requests)
+    )
+    held = [np.unpackbits(np.frombuffer(b, np.uint8), count=len(requests)).astype(bool)
+            for b in group.all_gather(np.packbits(mine).tobytes())]  # fmt: skip
+    return [[m for m in range(len(held)) if held[m][i]] for i in range(len(requests))]
+
+
+def deal_rounds(
+    sizes: list[int], members: int, round_bytes: int, local: list[list[int]] | None = None
+) -> list[list[list[int]]]:
     """Request indexes per round per member: dealt largest first, each to the member with
-    the fewest bytes so far (ties to the lowest member); then each member's requests, in
-    order, cut into rounds of at most ``round_bytes`` (at least one request each). The
-    same on every member, which computes it from the same sizes."""
-    load = [(0, m) for m in range(members)]
+    the fewest bytes so far (ties to the lowest member) among those that hold its bytes on
+    their own disk (``local[i]``; all members when none does); then each member's
+    requests, in order, cut into rounds of at most ``round_bytes`` (at least one request
+    each). The same on every member, which computes it from the same inputs."""
+    totals = [0] * members
     owned: list[list[int]] = [[] for _ in range(members)]
+    everyone = range(members)
     for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        total, m = heapq.heappop(load)
+        m = min((local[i] if local and local[i] else everyone), key=totals.__getitem__)
         owned[m].append(i)
-        heapq.heappush(load, (total + sizes[i], m))
+        totals[m] += sizes[i]
     runs: list[list[list[int]]] = []
     for items in owned:
         items.sort()
