@@ -27,13 +27,15 @@ def full_state() -> dict[str, torch.Tensor]:
 
 
 def replica_state(rank: int, world: int, replicas: int, zero: bool = False) -> dict:
-    """Every tensor ``[Replicate(), Shard(0)]`` on a (replicas, world // replicas) mesh, a
-    replicated step counter, and one per-rank entry."""
+    """On a (replicas, world // replicas) mesh: parameters ``[Replicate(), Shard(0)]``
+    (HSDP), optimizer state also sharded across the replicas (``[Shard(0), Shard(0)]``, as
+    ZeRO does: this rank's alone), a replicated step counter, and one per-rank entry."""
     mesh = init_device_mesh("cpu", (replicas, world // replicas))
     state: dict = {}
     for name, full in full_state().items():
         src = torch.zeros_like(full) if zero else full
-        state[name] = distribute_tensor(src, mesh, [Replicate(), Shard(0)])
+        across = Shard(0) if name.startswith("optim.") else Replicate()
+        state[name] = distribute_tensor(src, mesh, [across, Shard(0)])
     state["step"] = torch.tensor(0 if zero else 1234)
     state["rank_rng"] = cs.PerRank(torch.full((16,), -1 if zero else rank, dtype=torch.int64))
     return state
@@ -75,15 +77,19 @@ def restore_replicas(
     return {"read": info.bytes_read, "received": info.bytes_received}
 
 
-def restore_resharded(rank: int, world: int, url: str, options: dict) -> dict[str, int]:
-    """Load a checkpoint of 2 shards x 4 replicas onto 3 shards x 2 replicas (6 ranks): the
-    plans of a replica pair are the same, across pairs they overlap only in part."""
-    out = replica_state(rank, world, 2, zero=True)
-    info = cs.load(out, url, storage_options=options, share_reads=True, per_rank="keep")
-    want = replica_state(rank, world, 2)
-    want.pop("rank_rng")
-    check_equal(out, want)
-    return {"read": info.bytes_read, "received": info.bytes_received}
+def restore_resharded(rank: int, world: int, url: str) -> list[dict[str, int]]:
+    """Load a checkpoint of 2 replicas x 2 shards onto 2 replicas x 3 shards (6 ranks), with
+    reads shared and then not: the replicated parameters of a replica pair are the same
+    plan, its optimizer shards and the plans across pairs are not."""
+    counts = []
+    for share in (True, False):
+        out = replica_state(rank, world, 2, zero=True)
+        info = cs.load(out, url, share_reads=share, per_rank="keep")
+        want = replica_state(rank, world, 2)
+        want.pop("rank_rng")
+        check_equal(out, want)
+        counts.append({"read": info.bytes_read, "received": info.bytes_received})
+    return counts
 
 
 def restore_with_a_bad_block(rank: int, world: int, url: str) -> str:

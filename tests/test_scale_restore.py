@@ -23,8 +23,9 @@ def _unique_bytes(store: S3Store) -> int:
 
 
 def test_a_restore_of_4_replicas_reads_each_byte_from_s3_once(seaweed) -> None:
-    """8 ranks, 4 data-parallel replicas x 2 shards: the restore's GETs carry 1.0 x the
-    checkpoint's bytes (4 x when every rank reads for itself), and it is bit-exact."""
+    """8 ranks, 4 data-parallel replicas x 2 shards with optimizer state sharded across the
+    replicas (ZeRO): the restore's GETs carry 1.0 x the checkpoint's bytes (3 x when every
+    rank reads for itself), and it is bit-exact."""
     root = f"ckpt-{uuid.uuid4().hex[:10]}/run/step_1"
     url = f"s3://{root}"
     direct = {**seaweed.options(), "create_bucket": True}
@@ -45,9 +46,11 @@ def test_a_restore_of_4_replicas_reads_each_byte_from_s3_once(seaweed) -> None:
     def fetched(proxy: FaultProxy) -> int:
         return sum(r.response_bytes for r in proxy.requests if r.method == "GET")
 
+    # Half the bytes are parameters (each replica needs them), half optimizer shards
+    # (each rank's own): read unshared, the parameters leave S3 four times.
     assert fetched(shared) <= 1.05 * unique, (fetched(shared), unique)
-    assert fetched(unshared) >= 3.5 * unique, (fetched(unshared), unique)  # the counter counts
-    assert sum(c[0]["received"] for c in counts) >= 2.5 * unique  # passed on, not re-read
+    assert fetched(unshared) >= 2.5 * unique, (fetched(unshared), unique)  # the counter counts
+    assert sum(c[0]["received"] for c in counts) >= 1.4 * unique  # passed on, not re-read
     assert all(c[1]["received"] == 0 for c in counts)
 
 
@@ -61,15 +64,15 @@ def hsdp_checkpoint(tmp_path_factory) -> str:
 
 def test_a_resharded_restore_shares_what_replicas_have_in_common(hsdp_checkpoint) -> None:
     """Saved as 2 replicas x 2 shards, loaded as 2 replicas x 3 shards on a local store with
-    reads shared: bit-exact, and each pair of replicas reads what it needs once between
-    them (the three shards overlap the saved two only in part: read for themselves)."""
-    counts = run_ranks(6, cases.restore_resharded, hsdp_checkpoint, {}, timeout=300)
-    for shard in range(3):  # mesh (2, 3): ranks shard and shard + 3 hold the same shard
-        a, b = counts[shard], counts[shard + 3]
-        needed = a["read"] + a["received"]
-        assert needed == b["read"] + b["received"] > 0
-        assert a["read"] + b["read"] == needed  # no byte read twice within the pair
-        assert a["read"] and b["read"]  # both took a share
+    reads shared: bit-exact, each pair of replicas reads its parameters once between them
+    (the optimizer shards are each rank's own), and the job reads less than unshared."""
+    counts = run_ranks(6, cases.restore_resharded, hsdp_checkpoint, timeout=300)
+    shared, unshared = [c[0] for c in counts], [c[1] for c in counts]
+    assert all(c["received"] > 0 for c in shared), shared
+    assert all(c["received"] == 0 for c in unshared)
+    for shard in range(3):  # mesh (2, 3): ranks shard and shard + 3 hold the same parameters
+        a, b = shared[shard], shared[shard + 3]
+        assert a["read"] + b["read"] < unshared[shard]["read"] + unshared[shard + 3]["read"]
 
 
 def test_a_bad_block_fails_every_rank_of_a_shared_read(hsdp_checkpoint, tmp_path) -> None:

@@ -183,18 +183,13 @@ class Coordinator:
         with self._bounded("a broadcast of data"):
             dist.broadcast(buffer, src=dist.get_global_rank(self.group, src), group=self.group)
 
-    def split(self, key: bytes) -> Coordinator | None:
-        """The ranks whose ``key`` equals this rank's, as a coordinator over their own gloo
-        group (created once per set of ranks), in rank order; None when no other rank has
-        this key. A collective over all ranks (an all_gather of the keys), as MPI's
-        ``comm_split``: each resulting group then runs its own collectives independently."""
-        if not self.active:
-            return None
-        keys = self.all_gather(key)
-        members = tuple(dist.get_global_rank(self.group, r) for r, k in enumerate(keys) if k == key)
-        if len(members) < 2:
-            return None
-        group = _GROUPS.get(("split", members))
+    def subgroup(self, ranks: list[int]) -> Coordinator:
+        """A coordinator over ``ranks`` (ranks of this group, sorted) on their own gloo group,
+        created once per set of ranks. Only those ranks call it (it is their collective, not
+        the others'); ranks that share several subgroups must use them in one order that all
+        of them follow (e.g. sorted by a key they all know)."""
+        members = tuple(dist.get_global_rank(self.group, r) for r in ranks)
+        group = _GROUPS.get(("subgroup", members))
         if group is None:
             try:  # only the members take part (the others' counts of collectives stay equal)
                 group = dist.new_group(
@@ -208,7 +203,7 @@ class Coordinator:
                     f"ckptstore: creating a group over ranks {_ranks_text(members)} failed: a "
                     f"rank died or stopped taking part ({str(exc)[:200]})"
                 ) from exc
-            _GROUPS[("split", members)] = group
+            _GROUPS[("subgroup", members)] = group
         return Coordinator(group, purpose=None)
 
     def from_coordinator(self, compute: Callable[[], Any], where: str) -> Any:

@@ -40,6 +40,7 @@ from ckptstore.loading.mismatch import Mismatch
 from ckptstore.loading.read import ChunkReader, Target
 from ckptstore.loading.shared_reads import fill_shared
 from ckptstore.state.leaves import Leaf, flatten
+from ckptstore.state.replicas import replica_class
 
 PER_RANK_POLICIES = ("error", "keep", "wrap")
 _NEW_TARGET = functools.partial(tuple.__new__, Target)  # a C-level constructor: one per tensor
@@ -166,6 +167,7 @@ def load(
     error: BaseException | None = None
     targets: list[Target] = []
     rank_targets: list[Target] = []
+    leaves: dict[str, Leaf] = {}
     assignments: list[tuple[Leaf, ObjectRecord]] = []
     statefuls: list[tuple[Any, Any]] = []  # (object, the state dict filled for it)
     try:
@@ -175,7 +177,7 @@ def load(
     t_manifest = time.perf_counter()
     if error is None:
         try:
-            targets, rank_targets, assignments, missing = _match(
+            targets, rank_targets, assignments, missing, leaves = _match(
                 state_dict, manifest, coord, strict, allow_pickle, per_rank, statefuls, scope
             )
         except Exception as exc:
@@ -187,7 +189,7 @@ def load(
     error = None
     try:
         with torch.no_grad():  # destinations may be parameters that require grad
-            _fill(reader, targets, coord if _shares_reads(store, share_reads) else None)
+            _fill(reader, targets, leaves, coord if _shares_reads(store, share_reads) else None)
             reader.fill(rank_targets)
         for leaf, rec in assignments:
             if rec.blob is not None:
@@ -231,20 +233,20 @@ def _shares_reads(store: Store, explicit: bool | None) -> bool:
     return not store.reads_are_local if setting == "auto" else setting == "on"
 
 
-def _fill(reader: ChunkReader, targets: list[Target], coord: Coordinator | None) -> None:
+def _fill(
+    reader: ChunkReader, targets: list[Target], leaves: dict[str, Leaf], coord: Coordinator | None
+) -> None:
     """Fill ``targets``, with the ranks of ``coord`` that read the same bytes if given (a
-    collective then: a rank whose planning failed still takes part, then raises)."""
+    collective then, in which a rank whose planning fails still takes part)."""
     if coord is None or not coord.active:
         reader.fill(targets)
         return
-    plan, error = None, None
-    try:
-        plan = reader.plan(targets)
-    except Exception as exc:
-        error = exc
-    fill_shared(reader, plan, coord)
-    if error is not None:
-        raise error
+    parts: dict[str, list[Target]] = {}
+    for t in targets:
+        leaf = leaves[t.name]
+        held = leaf.container[leaf.key] if leaf.container is not None else None
+        parts.setdefault(replica_class(held), []).append(t)
+    fill_shared(reader, parts, coord)
 
 
 class _Matched(NamedTuple):
@@ -293,7 +295,7 @@ def _match(
     per_rank: str,
     statefuls: list[tuple[Any, Any]],
     scope: _Scope,
-) -> tuple[list[Target], list[Target], list[tuple[Leaf, ObjectRecord]], list[str]]:
+) -> tuple[list[Target], list[Target], list[tuple[Leaf, ObjectRecord]], list[str], dict[str, Leaf]]:
     """Pair every leaf of ``state_dict`` with its entry of ``manifest``; raise on any
     mismatch (all of them listed) before anything is read. Stateful objects are flattened
     as their ``state_dict()`` and listed in ``statefuls``."""
@@ -304,7 +306,7 @@ def _match(
     if strict and not scope.partial:
         _check_nothing_left(leaves, manifest, found.mismatch, scope)
     _raise_problems(found, manifest, coord.world_size)
-    return found.targets, found.rank_targets, found.assignments, found.missing
+    return found.targets, found.rank_targets, found.assignments, found.missing, leaves
 
 
 def _match_tensors(

@@ -2,22 +2,27 @@
 the store and hand them to each other over the network of the job.
 
 The data-parallel replicas of a job restore identical shards: read naively, a checkpoint
-is fetched from the shared tier once per replica (26 x its size at 16,384 ranks). Here
-every rank signs its read plan (the file byte ranges of its requests, in order); ranks with
-the same signature form a group (:meth:`Coordinator.split`). The group's requests are dealt
+is fetched from the shared tier once per replica (26 x its size at 16,384 ranks). Here a
+rank's targets are split by replica class (``state.replicas``: the ranks that hold the same
+data -- a DTensor's ``Replicate()`` mesh dims, every rank for a plain tensor), each class is
+planned apart and signed (class and requests' file byte ranges), and one all_gather of the
+signatures tells every rank which ranks share each of its plans -- so ZeRO-style optimizer
+shards that are this rank's alone do not stop its replicated parameters from being shared.
+Each set of ranks with one plan in common works on a gloo group of its own
+(:meth:`Coordinator.subgroup`, taken in one global order). The group's requests are dealt
 out by size (largest first, each to the member with the fewest bytes so far, among the
 members whose own disk holds the bytes when some do: a warm local tier is read where it
-is) and moved in rounds: each member reads its share of the round from the store -- verifying and copying
-into its own tensors exactly as an unshared read does -- then each member's bytes are
-broadcast to the others, which verify every block again before copying (a byte is trusted
-only once this rank has checked it). Memory: two buffers of at most
+is) and moved in rounds: each member reads its share of the round from the store --
+verifying and copying into its own tensors exactly as an unshared read does -- then each
+member's bytes are broadcast to the others, which verify every block again before copying
+(a byte is trusted only once this rank has checked it). Memory: two buffers of at most
 ``knobs.shared_read_round_bytes()`` (this rank's share of a round and one received share).
 
-Ranks whose plans differ (sharded state, per-rank entries, a partial overlap after
-resharding) read for themselves. Failure: a rank whose read or copy fails says so in the
-next round's agreement (one all_reduce of the group) and every member stops there; the
-failing rank raises, the others return, and the agreement of :func:`ckptstore.load`
-that follows raises on every rank.
+Plans that overlap only in part (a reshard onto another shard count) are read by each rank
+for itself. Failure: a rank whose read or copy fails says so in the next round's agreement
+(one all_reduce of the group) and every member stops there; the failing rank raises, the
+others return, and the agreement of :func:`ckptstore.load` that follows raises on every
+rank.
 """
 
 from __future__ import annotations
@@ -30,30 +35,60 @@ import torch
 from ckptstore import knobs
 from ckptstore.coordination.collectives import Coordinator
 from ckptstore.loading.read import ChunkReader
-from ckptstore.loading.read_plan import ReadPlan, Request
+from ckptstore.loading.read_plan import ReadPlan, Request, Target
 
 
-def fill_shared(reader: ChunkReader, plan: ReadPlan | None, coord: Coordinator) -> None:
-    """Run ``plan`` with the ranks of ``coord`` that need the same bytes (a collective over
-    ``coord``: every rank calls it, with ``plan`` None where planning failed)."""
-    requests = plan.groups if plan is not None else []
-    group = coord.split(signature(requests, coord.rank))
-    if group is None or plan is None:
-        if plan is not None:
-            reader.run(plan)
-        return
+def fill_shared(reader: ChunkReader, parts: dict[str, list[Target]], coord: Coordinator) -> None:
+    """Fill the targets of ``parts`` (by replica class, see ``state.replicas``), sharing
+    with the ranks of ``coord`` whose plan for a class is the same as this rank's. A
+    collective over ``coord``: every rank calls it (with no parts where it has none)."""
+    plans: dict[bytes, ReadPlan] = {}
+    failure: BaseException | None = None
+    try:
+        for cls, targets in parts.items():
+            # No gap filling: the bytes between two spans of a class belong to another
+            # class (another rank's optimizer shard), which its own reader reads anyway.
+            plan = reader.plan(targets, gap=0)
+            if plan.groups:
+                plans[signature(cls, plan.groups)] = plan
+    except Exception as exc:  # this rank still takes part in the exchange below (with none)
+        failure, plans = exc, {}
+    holders: dict[bytes, list[int]] = {}
+    for rank, keys in enumerate(coord.all_gather(sorted(plans))):
+        for key in keys:
+            holders.setdefault(key, []).append(rank)
+    try:
+        for key, plan in plans.items():
+            if len(holders[key]) == 1:
+                reader.run(plan)
+    except Exception as exc:  # the groups below still hear of it, at their first round
+        failure = failure or exc
+    # One global order of the groups: a rank in several never waits on a group whose other
+    # members wait on one it has not reached yet.
+    for key in sorted(k for k in plans if len(holders[k]) > 1):
+        failure = _share(reader, plans[key], coord.subgroup(holders[key]), failure)
+    if failure is not None:
+        raise failure
+
+
+def _share(
+    reader: ChunkReader, plan: ReadPlan, group: Coordinator, failure: BaseException | None
+) -> BaseException | None:
+    """One group's rounds; returns this rank's first failure (an earlier one included)."""
+    requests = plan.groups
     sizes = [g.end - g.start for g in requests]
     local = _local_holders(reader, requests, group)
     rounds = deal_rounds(sizes, group.world_size, knobs.shared_read_round_bytes(), local)
-    failure: BaseException | None = None
     for shares in rounds:
         mine = shares[group.rank]
         own = np.empty(sum(sizes[i] for i in mine), dtype=np.uint8)
-        try:
-            parts = _cut(own, mine, sizes)
-            reader.fetch(plan, [(requests[i], part) for i, part in zip(mine, parts, strict=True)])
-        except Exception as exc:
-            failure = exc
+        if failure is None:
+            try:
+                parts = _cut(own, mine, sizes)
+                work = [(requests[i], part) for i, part in zip(mine, parts, strict=True)]
+                reader.fetch(plan, work)
+            except Exception as exc:
+                failure = exc
         if group.max_ints([failure is not None])[0]:
             break  # every member stops here; load's agreement names the failure
         for member, items in enumerate(shares):
@@ -69,17 +104,14 @@ def fill_shared(reader: ChunkReader, plan: ReadPlan | None, coord: Coordinator) 
                     reader.copy_received(requests[i], part, plan)
             except Exception as exc:
                 failure = exc
-    if failure is not None:
-        raise failure
+    return failure
 
 
-def signature(requests: list[Request], rank: int) -> bytes:
-    """What identifies a read plan across ranks: its requests' (file, start, end). A rank
-    with nothing to read signs with its rank, so that it joins no group."""
-    if not requests:
-        return b"nothing to read on rank %d" % rank
+def signature(cls: str, requests: list[Request]) -> bytes:
+    """What identifies a read plan across ranks: its replica class and its requests'
+    (file, start, end)."""
     spans = np.array([(g.file, g.start, g.end) for g in requests], dtype="<i8")
-    return hashlib.blake2b(spans.tobytes(), digest_size=16).digest()
+    return hashlib.blake2b(cls.encode() + spans.tobytes(), digest_size=16).digest()
 
 
 def _local_holders(reader: ChunkReader, requests: list[Request], group: Coordinator) -> list:
