@@ -52,6 +52,13 @@ def read_window_bytes() -> int:
     return _env_int("CKPTSTORE_READ_WINDOW_BYTES", 16 * _MiB)
 
 
+def spread_prefixes() -> int:
+    """Key prefixes a save spreads its data files over on object stores (and tiered paths),
+    where request rates are limited per prefix (S3: ~5,500 GET/s): ``data/<hh>/``. 1 turns
+    spreading off; this node's disk never spreads. At most 256."""
+    return max(1, min(256, _env_int("CKPTSTORE_SPREAD_PREFIXES", 64)))
+
+
 def share_reads() -> str:
     """``auto`` (default): on a load, ranks that need the same bytes (data-parallel replicas)
     read each byte once from the store and pass it on, for stores that are not this node's

@@ -38,9 +38,14 @@ def _zeros() -> dict:
     return {"w": torch.zeros(1500, 2000), "b": torch.zeros(10, dtype=torch.int64), "step": 0}
 
 
-def _data_file(local_dir) -> str:
+def _data_files(local_dir) -> list[str]:
+    """The data files of a checkpoint's local tier (spread over data/<hh>/ prefixes)."""
     data = os.path.join(local_dir, "data")
-    return os.path.join(data, sorted(os.listdir(data))[0])
+    return sorted(os.path.join(d, f) for d, _, files in os.walk(data) for f in files)
+
+
+def _data_file(local_dir) -> str:
+    return _data_files(local_dir)[0]
 
 
 @contextlib.contextmanager
@@ -102,7 +107,7 @@ def test_nodes_that_lose_their_local_tier_restore_from_s3(seaweed, tmp_path) -> 
     assert all(s["files"] == 1 for s in saved)
     # each node holds its own ranks' files and the manifest
     for node in ("node0", "node1"):
-        names = os.listdir(os.path.join(nodes, node, "step1", "data"))
+        names = _data_files(os.path.join(nodes, node, "step1"))
         assert len(names) == 2 and (tmp_path / "nodes" / node / "step1" / "manifest.json").exists()
 
     shutil.rmtree(os.path.join(nodes, "node1"))  # node 1 was replaced

@@ -287,7 +287,7 @@ def _persist(
                     items,
                     rank=planned.rank,
                     files=planned.options.files_per_rank or knobs.files_per_rank(),
-                    spread=planned.options.spread_prefixes,
+                    spread=planned.spread,
                 )
                 upload = planned.target.stream_upload(items, file_plan)
                 planned.streamed_upload = upload

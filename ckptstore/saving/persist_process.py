@@ -114,7 +114,7 @@ def write_in_helper(
         "files": planned.options.files_per_rank,
         "block": planned.options.block,
         "codec": planned.options.codec,
-        "spread": planned.options.spread_prefixes,
+        "spread": planned.spread,
     }
     try:
         status, value = _HELPER.call(request)

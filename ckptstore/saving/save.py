@@ -146,7 +146,7 @@ class SaveOptions:
     files_per_rank: int | None = None
     checksum_block_bytes: int | None = None
     storage_options: dict[str, Any] | None = None
-    spread_prefixes: int = 0
+    spread_prefixes: int | None = None
 
     @property
     def block(self) -> int:
@@ -176,6 +176,15 @@ class PlannedSave:
     def store(self) -> Any:
         """The store saved into (None when planned without a checkpoint)."""
         return self.target.store if self.target is not None else None
+
+    @property
+    def spread(self) -> int:
+        """Key prefixes the data files are spread over (``spread_prefixes``, resolved)."""
+        if self.options.spread_prefixes is not None:
+            return self.options.spread_prefixes
+        store = self.store
+        remote = store is not None and (store.tiers() is not None or not store.reads_are_local)
+        return knobs.spread_prefixes() if remote else 0
 
     def tensors_to_write(self) -> list[torch.Tensor]:
         """This rank's tensors in write order: its planned chunks, then per-rank tensors."""
@@ -207,7 +216,7 @@ def save(
     files_per_rank: int | None = None,
     checksum_block_bytes: int | None = None,
     storage_options: dict[str, Any] | None = None,
-    spread_prefixes: int = 0,
+    spread_prefixes: int | None = None,
     no_dist: bool = False,
 ) -> SaveInfo:
     """Save ``state_dict`` from every rank of ``process_group`` as one checkpoint at ``path``.
@@ -227,7 +236,9 @@ def save(
         files_per_rank: data files (and writer threads) per rank.
         checksum_block_bytes: bytes covered by each crc32c.
         spread_prefixes: spread data files over this many key prefixes (object stores limit
-            request rates per prefix); 0 keeps them all under ``data/``.
+            request rates per prefix); 0 keeps them all under ``data/``. Default: 0 on this
+            node's disk, ``CKPTSTORE_SPREAD_PREFIXES`` (64) on object stores and tiered
+            paths.
         no_dist: this process saves by itself, even inside a distributed job -- no
             collective (as torch DCP's ``no_dist``): rank 0 writing a consolidated state, a
             framework hook that runs on one rank. Not with a tiered path.
@@ -466,7 +477,7 @@ def write_planned(
             files=planned.options.files_per_rank or knobs.files_per_rank(),
             block_bytes=planned.options.block,
             pack_bytes=knobs.pack_bytes(),
-            spread=planned.options.spread_prefixes,
+            spread=planned.spread,
             plan=file_plan,
         )
     except Exception as exc:  # reported to the coordinator, which aborts the commit
