@@ -322,9 +322,9 @@ def test_a_failed_streamed_upload_falls_back_to_tier0(seaweed, tmp_path) -> None
 
     remote = f"s3://{_bucket(seaweed)}/step1"
     with FaultProxy(("127.0.0.1", S3_PORT), FaultPlan(rule=first_multipart_start_fails)) as proxy:
-        opts = {**seaweed.options(proxy.endpoint), "max_attempts": 1}
+        opts = {**seaweed.options(proxy.endpoint), "max_attempts": 1, "part_bytes": 5 << 20}
         path = cs.Tiered(local=tmp_path / "nvme", remote=remote, remote_options=opts)
-        sd = _state()  # 12 MB: a multipart upload
+        sd = _state()  # 12 MB: a multipart upload of 5 MiB parts
         info = cs.async_save(sd, path).wait(timeout=60)
         assert info.replication.wait(timeout=60).files == 1
     assert len(refused) == 1  # the streamed upload failed; the replication re-sent from tier 0

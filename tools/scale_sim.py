@@ -24,7 +24,11 @@ from ckptstore.saving.plan import RankPlan, TensorDecl, plan_save
 
 LAYERS, HIDDEN, FFN, KV, VOCAB = 126, 16384, 53248, 1024, 128256
 TP = 8
-SIZES = {8: (1, 1), 128: (16, 1), 1024: (16, 8), 16384: (16, 128)}  # ranks -> (PP, DP)
+SIZES = {8: (1, 1), 128: (16, 1), 1024: (16, 8), 16384: (16, 128), 100352: (16, 784)}
+"""ranks -> (PP, DP)"""
+PART = 64 << 20  # S3Store's multipart part size (one request per part)
+RANGE = 8 << 20  # S3Store's ranged GET size
+READ_WINDOW = 8 * RANGE  # S3Store's read window (range size x concurrency 8)
 
 
 def chunk_range(size: int, parts: int, index: int) -> tuple[int, int]:
@@ -125,35 +129,105 @@ def simulate(ranks: int) -> dict[str, float | int]:
     # One rank's load plan: the last rank (the output layer) re-loading its own shards.
     # (A first slice of a meta tensor warms torch's dispatcher up, as a training process is.)
     torch.empty((4, 4), device="meta")[1:2, 0:1].is_contiguous()
-    me = plans[-1]
     t = time.perf_counter()
-    targets = []
-    for i, decl in enumerate(me.tensors):
-        nd = len(decl.shape)
-        box = (tuple(int(x) for x in me.offsets[i, :nd]), tuple(int(x) for x in me.shapes[i, :nd]))
-        dest = torch.empty(
-            box[1],
-            dtype=torch.bfloat16 if decl.dtype == "bfloat16" else torch.float32,
-            device="meta",
-        )
-        targets.append(Target(decl.name, loaded.tensors[decl.name], box, dest))
-    groups = plan_reads(loaded, targets, 64 << 20, 256 << 10).groups
+    groups = plan_reads(loaded, _targets(plans[-1], loaded), 64 << 20, 256 << 10).groups
     load_plan_s = time.perf_counter() - t
+    restore = _restore(plans, loaded, pp, dp)
     return {
         "case": "scale_sim",
         "ranks": ranks,
         "tensors": len(plan.tensors),
         "declared_chunks": int(sum(len(p.tensors) for p in plans)),
         "unique_chunks": n,
+        "unique_bytes": int(plan.chunk_nbytes.sum()),
         "manifest_bytes": len(data),
         "manifest_mb": round(len(data) / 1e6, 2),
-        "coordinator_plan_s": round(planning_s, 3),
+        # What one rank fetches and parses to restore: today the whole manifest.
+        "rank_restore_fetch_bytes": len(data),
+        "rank_restore_parse_s": round(parse_s, 3),
+        "plan_s": round(planning_s, 3),
         "manifest_assemble_s": round(assemble_s, 3),
-        "manifest_parse_s": round(parse_s, 3),
         "rank_load_plan_ms": round(load_plan_s * 1000, 2),
         "rank_read_requests": len(groups),
+        **restore,
+        "requests_per_save": _save_requests(plan),
         "sim_build_s": round(build_s, 2),
     }
+
+
+def _targets(me: RankPlan, loaded: Manifest, names: set[str] | None = None) -> list[Target]:
+    """``me``'s own boxes as load targets (meta tensors: planning only), optionally only the
+    tensors named in ``names``."""
+    targets = []
+    for i, decl in enumerate(me.tensors):
+        if names is not None and decl.name not in names:
+            continue
+        nd = len(decl.shape)
+        box = (tuple(int(x) for x in me.offsets[i, :nd]), tuple(int(x) for x in me.shapes[i, :nd]))
+        dtype = torch.bfloat16 if decl.dtype == "bfloat16" else torch.float32
+        dest = torch.empty(box[1], dtype=dtype, device="meta")
+        targets.append(Target(decl.name, loaded.tensors[decl.name], box, dest))
+    return targets
+
+
+def _gets(groups: list) -> int:
+    """Ranged GETs of a plan's requests on S3 (each request is cut into ranges)."""
+    return sum(-(-(g.end - g.start) // RANGE) for g in groups)
+
+
+def _restore(plans: list[RankPlan], loaded: Manifest, pp: int, dp: int) -> dict[str, float | int]:
+    """Bytes and requests of a restore from the shared tier onto the same layout, with reads
+    shared among replicas (``loading/shared_reads.py``: the parameters, replicated across DP,
+    are one plan per (PP, TP) position read once by the DP group; the Adam moments, sharded
+    across DP, are each rank's own) and without. Plans are made for the DP rank 0 and the
+    last DP rank of every (PP, TP) position (their moment plans stand for the DP ranks in
+    between: the same tensors, boxes of torch.chunk sizes); bytes are exact for every rank."""
+    itemsize = {"bfloat16": 2, "float32": 4}
+    param_bytes = moment_bytes = 0
+    rank_bytes = []
+    for p in plans:
+        sizes = np.prod(p.shapes, axis=1) * np.array([itemsize[d.dtype] for d in p.tensors])
+        is_param = np.array([d.name.startswith("model.") for d in p.tensors])
+        rank_bytes.append((int(sizes[is_param].sum()), int(sizes[~is_param].sum())))
+    shared_gets = unshared_gets = 0
+    for pp_rank in range(pp):
+        for tp_rank in range(TP):
+            first = (pp_rank * dp) * TP + tp_rank  # rank = (pp * dp + dp_rank) * TP + tp
+            last = (pp_rank * dp + dp - 1) * TP + tp_rank
+            me = plans[first]
+            names = {d.name for d in me.tensors if d.name.startswith("model.")}
+            params = plan_reads(loaded, _targets(me, loaded, names), READ_WINDOW, 0).groups
+            moments = [
+                plan_reads(loaded, _targets(plans[r], loaded, _others(plans[r], names)),
+                           READ_WINDOW, 0).groups
+                for r in {first, last}
+            ]  # fmt: skip
+            per_rank_moment_gets = sum(map(_gets, moments)) / len(moments)
+            shared_gets += _gets(params) + dp * per_rank_moment_gets
+            whole = plan_reads(loaded, _targets(me, loaded), READ_WINDOW, 256 << 10).groups
+            unshared_gets += dp * _gets(whole)
+            param_bytes += rank_bytes[first][0]
+            moment_bytes += sum(rank_bytes[(pp_rank * dp + d) * TP + tp_rank][1] for d in range(dp))
+    unique = param_bytes + moment_bytes
+    unshared = sum(a + b for a, b in rank_bytes)
+    return {
+        "restore_read_ratio": round((param_bytes + moment_bytes) / unique, 4),
+        "restore_read_ratio_unshared": round(unshared / unique, 2),
+        "requests_per_restore": int(shared_gets) + 1,  # + the manifest, read once
+        "requests_per_restore_unshared": int(unshared_gets) + 1,
+    }
+
+
+def _others(me: RankPlan, names: set[str]) -> set[str]:
+    return {d.name for d in me.tensors if d.name not in names}
+
+
+def _save_requests(plan) -> int:
+    """S3 requests of a save: each rank's data file (one PUT, or a multipart upload: create,
+    one per part, complete), plus the in-flight marker (PUT, DELETE) and the manifest."""
+    per_rank = np.bincount(plan.chunk_writer, weights=plan.chunk_nbytes).astype(np.int64)
+    parts = -(-per_rank // PART)
+    return int(np.where(parts > 1, parts + 2, 1).sum()) + 3
 
 
 def main() -> None:
