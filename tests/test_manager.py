@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -122,6 +123,7 @@ def test_restore_of_a_checkpoint_deleted_while_read_takes_the_newest(tmp_path, m
         calls.append(str(path))
         if len(calls) == 1:  # what the other process does between our listing and our read
             writer.save(2, {"w": torch.full((64,), 2.0)})  # keep=1: step 1 goes
+            writer.wait()  # its retention thread is done
             assert not os.path.exists(tmp_path / "step_00000001")
         return real_load(sd, path, **kw)
 
@@ -174,3 +176,30 @@ def test_restore_passes_over_damaged_checkpoints_and_says_so(tmp_path) -> None:
         fresh.restore({"model": model, "optim": optim, "extra": torch.zeros(1)})  # not damage
     with pytest.raises(cs.errors.ManifestError):  # an explicit step is not replaced
         fresh.restore(state, step=3)
+
+
+def test_retention_runs_off_the_training_thread(tmp_path, monkeypatch) -> None:
+    """Retiring a checkpoint (a listing and batches of deletes: seconds on S3 at scale) runs
+    in the coordinator's retention thread: saves go on while it is under way, and wait()
+    waits for it."""
+    from ckptstore.training import catalog
+
+    real_delete = catalog.delete_checkpoint
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_delete(store, step):
+        entered.set()
+        release.wait(30)
+        real_delete(store, step)
+
+    monkeypatch.setattr(catalog, "delete_checkpoint", slow_delete)
+    mgr = cs.CheckpointManager(str(tmp_path), async_save=False, keep=1)
+    sd = {"w": torch.ones(8)}
+    mgr.save(1, sd)
+    mgr.save(2, sd)  # retires step 1 in the background
+    assert entered.wait(10)
+    assert (tmp_path / "step_00000001" / "manifest.json").exists()  # the loop went on
+    mgr.save(3, sd)  # while that retirement is still under way
+    release.set()
+    mgr.wait()
+    assert mgr.steps() == [3]

@@ -54,6 +54,7 @@ def writer(path: str, value: float, saves: int, seed: int, mode: str) -> None:
             with contextlib.suppress(SaveError):  # a concurrent gc may remove its directory
                 cs.save(sd, os.path.join(path, f"step_{i:08d}"))
     if manager is not None:  # the reader stops
+        manager.close()  # its last retention done
         open(os.path.join(path, ".writer-done"), "w").close()
 
 

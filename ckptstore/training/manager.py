@@ -55,6 +55,7 @@ from ckptstore.saving.save import SaveInfo, save
 from ckptstore.tiers.replicator import ReplicationHandle, replicate
 from ckptstore.tiers.state import REPLICATED, read_tier_state
 from ckptstore.training import catalog, rng
+from ckptstore.training.background import BackgroundWorker
 from ckptstore.training.policies import (
     EveryNSeconds,
     EveryNSteps,
@@ -156,6 +157,7 @@ class CheckpointManager:
         """What the last :meth:`restore` read (``bytes_by_tier`` with ``local_dir``)."""
         self._root_store_cache: Store | None = None
         self._prepared = False
+        self._retention = BackgroundWorker(self._retire, "ckptstore-retention")
 
     @property
     def tiered(self) -> bool:
@@ -236,8 +238,10 @@ class CheckpointManager:
         self._last_step, self._last_time = step, time.monotonic()
 
     def wait(self) -> None:
-        """Wait for the save in flight (raises its error) and apply retention."""
+        """Wait for the save in flight (raises its error) and apply retention (waiting for
+        it too: retention of ``root`` runs in a thread of its own on the coordinator)."""
         self._finish_pending()
+        self._wait_retention()
 
     def poll(self) -> bool:
         """Finish the save in flight if it is done (record it, apply retention); never blocks.
@@ -295,6 +299,7 @@ class CheckpointManager:
             states[step] = handle.state
         self._collect_replications()
         self._apply_retention()
+        self._wait_retention()
         return states
 
     def replicate(self) -> list[int]:
@@ -320,10 +325,19 @@ class CheckpointManager:
         return steps
 
     def _apply_retention(self) -> None:
+        """Trim the local tier (every rank, here) and ask the coordinator's retention thread
+        to trim ``root``: listing it and deleting a retired checkpoint's files (batches of
+        deletes, seconds at 16k ranks) never hold up the training loop or the other ranks."""
         if self.local_dir is not None:
             self._apply_local_retention()
         if not self._coord.is_coordinator:
             return
+        self._warn_retention()
+        self._retention.request()
+
+    def _retire(self) -> list[str]:
+        """Delete the checkpoints of ``root`` that the policy does not keep (in the retention
+        thread); returns warnings for the training thread."""
         failpoints.hit("retention")
         root = self._root_store()
         try:
@@ -333,7 +347,16 @@ class CheckpointManager:
                 if step not in keep:
                     catalog.delete_checkpoint(root, step)
         except CkptStoreError as exc:  # an unreachable shared tier: retried at the next save
-            warnings.warn(f"{root.url}: retention skipped: {exc}", stacklevel=3)
+            return [f"{root.url}: retention skipped: {exc}"]
+        return []
+
+    def _wait_retention(self) -> None:
+        self._retention.wait()
+        self._warn_retention()
+
+    def _warn_retention(self) -> None:
+        for message in self._retention.take_messages():
+            warnings.warn(message, stacklevel=4)
 
     def _apply_local_retention(self) -> None:
         """Every rank trims its node's directory (idempotent when ranks share a node); a
@@ -482,10 +505,12 @@ class CheckpointManager:
         return left[-1]
 
     def close(self) -> None:
-        """Finish the save in flight and (with ``local_dir``) its copy to ``root``."""
+        """Finish the save in flight, (with ``local_dir``) its copy to ``root``, and
+        retention."""
         self._finish_pending()
         if self.local_dir is not None:
             self.wait_replicated()
+        self._wait_retention()
 
     def __enter__(self) -> CheckpointManager:
         return self
