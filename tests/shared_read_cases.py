@@ -102,3 +102,26 @@ def restore_with_a_bad_block(rank: int, world: int, url: str) -> str:
         dist.barrier()
         return type(exc).__name__ + ": " + str(exc)
     return "loaded"
+
+
+def crossed_state(rank: int, world: int, zero: bool = False) -> dict:
+    """On a 2 x 2 mesh, tensors replicated along one dim and along the other (DP x TP: the
+    linears replicated across DP, the norms across TP), and a plain tensor: every rank is
+    in three sets of ranks that read the same bytes, each set crossing the others."""
+    mesh = init_device_mesh("cpu", (2, world // 2))
+    g = torch.Generator().manual_seed(3)
+    full = {"dp": torch.randn(301, 64, generator=g), "tp": torch.randn(67, 5, generator=g)}
+    src = {k: torch.zeros_like(v) if zero else v for k, v in full.items()}
+    return {
+        "linear": distribute_tensor(src["dp"], mesh, [Replicate(), Shard(0)]),
+        "norm": distribute_tensor(src["tp"], mesh, [Shard(0), Replicate()]),
+        "step": torch.tensor(0 if zero else 77),
+    }
+
+
+def save_and_restore_crossed(rank: int, world: int, url: str) -> dict[str, int]:
+    cs.save(crossed_state(rank, world), url)
+    out = crossed_state(rank, world, zero=True)
+    info = cs.load(out, url, share_reads=True)
+    check_equal(out, crossed_state(rank, world))
+    return {"read": info.bytes_read, "received": info.bytes_received}

@@ -92,6 +92,15 @@ def test_a_bad_block_fails_every_rank_of_a_shared_read(hsdp_checkpoint, tmp_path
     assert all(r.startswith("CollectiveError") and "checksum mismatch" in r for r in others)
 
 
+def test_sets_of_replicas_that_cross_share_without_waiting_on_each_other(tmp_path) -> None:
+    """DP x TP: a rank shares its linears with its DP peer, its norms with its TP peer and a
+    plain tensor with everyone; sets taken in one global order, bit-exact, all shared."""
+    counts = run_ranks(4, cases.save_and_restore_crossed, str(tmp_path / "ck"), timeout=300)
+    data = sum(p.stat().st_size for p in (tmp_path / "ck" / "data").iterdir())
+    assert sum(c["read"] for c in counts) <= data, counts  # each byte read once
+    assert all(c["read"] + c["received"] > 0 for c in counts) and counts[3]["received"] > 0
+
+
 @pytest.mark.parametrize(
     "sizes, members, round_bytes",
     [([5, 1, 9, 3, 3, 7, 2], 3, 10), ([4] * 10, 4, 4), ([100], 2, 10), ([], 3, 8), ([1, 2], 1, 2)],

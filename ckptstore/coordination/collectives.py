@@ -175,36 +175,33 @@ class Coordinator:
             dist.all_gather_object(out, obj, group=self.group)
         return out
 
-    def broadcast_bytes(self, buffer: torch.Tensor, src: int) -> None:
-        """Rank ``src``'s bytes of the uint8 tensor ``buffer`` into every rank's ``buffer``
-        (the same size everywhere)."""
-        if not self.active:
-            return
-        with self._bounded("a broadcast of data"):
-            dist.broadcast(buffer, src=dist.get_global_rank(self.group, src), group=self.group)
+    def post_send(self, tensor: torch.Tensor, dst: int) -> Any:
+        """Start sending ``tensor`` to rank ``dst`` of this group (point to point: only the
+        two ranks take part); returns a handle for :meth:`finish_sends`."""
+        return dist.isend(tensor, dst=dist.get_global_rank(self.group, dst), group=self.group)
 
-    def subgroup(self, ranks: list[int]) -> Coordinator:
-        """A coordinator over ``ranks`` (ranks of this group, sorted) on their own gloo group,
-        created once per set of ranks. Only those ranks call it (it is their collective, not
-        the others'); ranks that share several subgroups must use them in one order that all
-        of them follow (e.g. sorted by a key they all know)."""
-        members = tuple(dist.get_global_rank(self.group, r) for r in ranks)
-        group = _GROUPS.get(("subgroup", members))
-        if group is None:
-            try:  # only the members take part (the others' counts of collectives stay equal)
-                group = dist.new_group(
-                    ranks=list(members),
-                    backend="gloo",
-                    use_local_synchronization=True,
-                    timeout=timedelta(seconds=knobs.collective_timeout_s()),
-                )
-            except RuntimeError as exc:
-                raise CollectiveTimeoutError(
-                    f"ckptstore: creating a group over ranks {_ranks_text(members)} failed: a "
-                    f"rank died or stopped taking part ({str(exc)[:200]})"
-                ) from exc
-            _GROUPS[("subgroup", members)] = group
-        return Coordinator(group, purpose=None)
+    def receive(self, tensor: torch.Tensor, src: int) -> None:
+        """Receive into ``tensor`` what rank ``src`` sent with :meth:`post_send` (bounded by
+        the group's timeout)."""
+        try:
+            dist.recv(tensor, src=dist.get_global_rank(self.group, src), group=self.group)
+        except RuntimeError as exc:
+            raise CollectiveTimeoutError(
+                f"ckptstore: receiving from rank {src} did not complete (timeout "
+                f"{knobs.collective_timeout_s():g} s): it died or stopped taking part "
+                f"({str(exc)[:200]})"
+            ) from exc
+
+    def finish_sends(self, handles: list[Any]) -> None:
+        """Wait until every send of ``handles`` was taken by its receiver."""
+        try:
+            for handle in handles:
+                handle.wait()
+        except RuntimeError as exc:
+            raise CollectiveTimeoutError(
+                f"ckptstore: a send did not complete (timeout {knobs.collective_timeout_s():g} "
+                f"s): its receiver died or stopped taking part ({str(exc)[:200]})"
+            ) from exc
 
     def from_coordinator(self, compute: Callable[[], Any], where: str) -> Any:
         """``compute()`` run by the coordinator alone, its result on every rank (a

@@ -8,21 +8,21 @@ data -- a DTensor's ``Replicate()`` mesh dims, every rank for a plain tensor), e
 planned apart and signed (class and requests' file byte ranges), and one all_gather of the
 signatures tells every rank which ranks share each of its plans -- so ZeRO-style optimizer
 shards that are this rank's alone do not stop its replicated parameters from being shared.
-Each set of ranks with one plan in common works on a gloo group of its own
-(:meth:`Coordinator.subgroup`, taken in one global order). The group's requests are dealt
-out by size (largest first, each to the member with the fewest bytes so far, among the
-members whose own disk holds the bytes when some do: a warm local tier is read where it
-is) and moved in rounds: each member reads its share of the round from the store --
-verifying and copying into its own tensors exactly as an unshared read does -- then each
-member's bytes are broadcast to the others, which verify every block again before copying
-(a byte is trusted only once this rank has checked it). Memory: two buffers of at most
+Each set of ranks with one plan in common exchanges bytes point to point over the load's
+own gloo group -- no group to create: torch names a new group by how many groups its
+process made, which ranks of different sets would not agree on -- and the sets are taken
+in one global order. A set's requests are dealt out by size (largest first, each to the
+member with the fewest bytes so far, among the members whose own disk holds the bytes when
+some do: a warm local tier is read where it is) and moved in rounds: each member reads its
+share of the round from the store -- verifying and copying into its own tensors exactly as
+an unshared read does -- then sends the others a status and its bytes, which they verify
+block by block again before copying (a byte is trusted only once this rank has checked it). Memory: two buffers of at most
 ``knobs.shared_read_round_bytes()`` (this rank's share of a round and one received share).
 
 Plans that overlap only in part (a reshard onto another shard count) are read by each rank
-for itself. Failure: a rank whose read or copy fails says so in the next round's agreement
-(one all_reduce of the group) and every member stops there; the failing rank raises, the
-others return, and the agreement of :func:`ckptstore.load` that follows raises on every
-rank.
+for itself. Failure: a rank whose read or copy fails says so in its next status and every
+member stops after that round; the failing rank raises, the others return, and the
+agreement of :func:`ckptstore.load` that follows raises on every rank.
 """
 
 from __future__ import annotations
@@ -53,10 +53,12 @@ def fill_shared(reader: ChunkReader, parts: dict[str, list[Target]], coord: Coor
                 plans[signature(cls, plan.groups)] = plan
     except Exception as exc:  # this rank still takes part in the exchange below (with none)
         failure, plans = exc, {}
-    holders: dict[bytes, list[int]] = {}
-    for rank, keys in enumerate(coord.all_gather(sorted(plans))):
-        for key in keys:
-            holders.setdefault(key, []).append(rank)
+    # Who holds each plan, and which of its requests each of them has on its own disk.
+    mine = sorted((key, _local_bits(reader, plan.groups)) for key, plan in plans.items())
+    holders: dict[bytes, list[tuple[int, bytes]]] = {}
+    for rank, offered in enumerate(coord.all_gather(mine)):
+        for key, bits in offered:
+            holders.setdefault(key, []).append((rank, bits))
     try:
         for key, plan in plans.items():
             if len(holders[key]) == 1:
@@ -66,44 +68,65 @@ def fill_shared(reader: ChunkReader, parts: dict[str, list[Target]], coord: Coor
     # One global order of the groups: a rank in several never waits on a group whose other
     # members wait on one it has not reached yet.
     for key in sorted(k for k in plans if len(holders[k]) > 1):
-        failure = _share(reader, plans[key], coord.subgroup(holders[key]), failure)
+        failure = _share(reader, plans[key], coord, holders[key], failure)
     if failure is not None:
         raise failure
 
 
 def _share(
-    reader: ChunkReader, plan: ReadPlan, group: Coordinator, failure: BaseException | None
+    reader: ChunkReader,
+    plan: ReadPlan,
+    coord: Coordinator,
+    holders: list[tuple[int, bytes]],
+    failure: BaseException | None,
 ) -> BaseException | None:
-    """One group's rounds; returns this rank's first failure (an earlier one included)."""
+    """One group's rounds, point to point among its members over ``coord``'s group (no
+    group of their own to create); returns this rank's first failure (an earlier one
+    included). In each round every member sends the others a status and, if it is well,
+    its bytes: a member that failed says so, and all stop after that round."""
     requests = plan.groups
     sizes = [g.end - g.start for g in requests]
-    local = _local_holders(reader, requests, group)
-    rounds = deal_rounds(sizes, group.world_size, knobs.shared_read_round_bytes(), local)
+    members = [rank for rank, _ in holders]
+    me = members.index(coord.rank)
+    local = _local_members(holders, len(requests))
+    rounds = deal_rounds(sizes, len(members), knobs.shared_read_round_bytes(), local)
     for shares in rounds:
-        mine = shares[group.rank]
-        own = np.empty(sum(sizes[i] for i in mine), dtype=np.uint8)
+        own = np.empty(sum(sizes[i] for i in shares[me]), dtype=np.uint8)
         if failure is None:
             try:
-                parts = _cut(own, mine, sizes)
-                work = [(requests[i], part) for i, part in zip(mine, parts, strict=True)]
+                mine = shares[me]
+                work = [(requests[i], v) for i, v in zip(mine, _cut(own, mine, sizes), strict=True)]
                 reader.fetch(plan, work)
             except Exception as exc:
                 failure = exc
-        if group.max_ints([failure is not None])[0]:
-            break  # every member stops here; load's agreement names the failure
-        for member, items in enumerate(shares):
-            nbytes = sum(sizes[i] for i in items)
-            if not nbytes:
+        status = torch.tensor([0 if failure is None else 1], dtype=torch.int64)
+        sending = [coord.post_send(status, peer) for peer in members if peer != coord.rank]
+        if failure is None and len(own):
+            data = torch.from_numpy(own)
+            sending += [coord.post_send(data, peer) for peer in members if peer != coord.rank]
+        stop = failure is not None
+        for member, peer in enumerate(members):
+            if peer == coord.rank:
                 continue
-            buf = own if member == group.rank else np.empty(nbytes, dtype=np.uint8)
-            group.broadcast_bytes(torch.from_numpy(buf), member)
-            if member == group.rank or failure is not None:
+            theirs = torch.empty(1, dtype=torch.int64)
+            coord.receive(theirs, peer)
+            nbytes = sum(sizes[i] for i in shares[member])
+            if theirs.item() or not nbytes:
+                stop = stop or bool(theirs.item())
+                continue
+            buf = np.empty(nbytes, dtype=np.uint8)
+            coord.receive(torch.from_numpy(buf), peer)
+            if failure is not None:
                 continue
             try:
+                items = shares[member]
                 for i, part in zip(items, _cut(buf, items, sizes), strict=True):
                     reader.copy_received(requests[i], part, plan)
             except Exception as exc:
                 failure = exc
+        coord.finish_sends(sending)
+        if stop:
+            break  # every member saw the same statuses: all stop here
     return failure
 
 
@@ -114,14 +137,16 @@ def signature(cls: str, requests: list[Request]) -> bytes:
     return hashlib.blake2b(cls.encode() + spans.tobytes(), digest_size=16).digest()
 
 
-def _local_holders(reader: ChunkReader, requests: list[Request], group: Coordinator) -> list:
-    """Per request, the members whose own disk holds its bytes (a warm local tier)."""
-    mine = np.fromiter(
-        (reader.holds_locally(g.file, g.end) for g in requests), dtype=bool, count=len(requests)
-    )
-    held = [np.unpackbits(np.frombuffer(b, np.uint8), count=len(requests)).astype(bool)
-            for b in group.all_gather(np.packbits(mine).tobytes())]  # fmt: skip
-    return [[m for m in range(len(held)) if held[m][i]] for i in range(len(requests))]
+def _local_bits(reader: ChunkReader, requests: list[Request]) -> bytes:
+    """Which of ``requests`` this node's own disk holds (a warm local tier), packed."""
+    held = [reader.holds_locally(g.file, g.end) for g in requests]
+    return np.packbits(np.array(held, dtype=bool)).tobytes()
+
+
+def _local_members(holders: list[tuple[int, bytes]], n: int) -> list[list[int]]:
+    """Per request, the members (indexes into ``holders``) whose own disk holds it."""
+    held = [np.unpackbits(np.frombuffer(b, np.uint8), count=n).astype(bool) for _, b in holders]
+    return [[m for m in range(len(held)) if held[m][i]] for i in range(n)]
 
 
 def deal_rounds(
