@@ -29,13 +29,20 @@ def full_state() -> dict[str, torch.Tensor]:
 def replica_state(rank: int, world: int, replicas: int, zero: bool = False) -> dict:
     """On a (replicas, world // replicas) mesh: parameters ``[Replicate(), Shard(0)]``
     (HSDP), optimizer state also sharded across the replicas (``[Shard(0), Shard(0)]``, as
-    ZeRO does: this rank's alone), a replicated step counter, and one per-rank entry."""
+    ZeRO does: this rank's alone), norms replicated along the other dim (``[Shard(0),
+    Replicate()]``, as TP's: the sets of ranks that read the same bytes cross), a
+    replicated step counter, and one per-rank entry."""
     mesh = init_device_mesh("cpu", (replicas, world // replicas))
     state: dict = {}
     for name, full in full_state().items():
         src = torch.zeros_like(full) if zero else full
-        across = Shard(0) if name.startswith("optim.") else Replicate()
-        state[name] = distribute_tensor(src, mesh, [across, Shard(0)])
+        if name.startswith("optim."):
+            placements = [Shard(0), Shard(0)]
+        elif name.startswith("model.norm"):
+            placements = [Shard(0), Replicate()]
+        else:
+            placements = [Replicate(), Shard(0)]
+        state[name] = distribute_tensor(src, mesh, placements)
     state["step"] = torch.tensor(0 if zero else 1234)
     state["rank_rng"] = cs.PerRank(torch.full((16,), -1 if zero else rank, dtype=torch.int64))
     return state
@@ -103,25 +110,3 @@ def restore_with_a_bad_block(rank: int, world: int, url: str) -> str:
         return type(exc).__name__ + ": " + str(exc)
     return "loaded"
 
-
-def crossed_state(rank: int, world: int, zero: bool = False) -> dict:
-    """On a 2 x 2 mesh, tensors replicated along one dim and along the other (DP x TP: the
-    linears replicated across DP, the norms across TP), and a plain tensor: every rank is
-    in three sets of ranks that read the same bytes, each set crossing the others."""
-    mesh = init_device_mesh("cpu", (2, world // 2))
-    g = torch.Generator().manual_seed(3)
-    full = {"dp": torch.randn(301, 64, generator=g), "tp": torch.randn(67, 5, generator=g)}
-    src = {k: torch.zeros_like(v) if zero else v for k, v in full.items()}
-    return {
-        "linear": distribute_tensor(src["dp"], mesh, [Replicate(), Shard(0)]),
-        "norm": distribute_tensor(src["tp"], mesh, [Shard(0), Replicate()]),
-        "step": torch.tensor(0 if zero else 77),
-    }
-
-
-def save_and_restore_crossed(rank: int, world: int, url: str) -> dict[str, int]:
-    cs.save(crossed_state(rank, world), url)
-    out = crossed_state(rank, world, zero=True)
-    info = cs.load(out, url, share_reads=True)
-    check_equal(out, crossed_state(rank, world))
-    return {"read": info.bytes_read, "received": info.bytes_received}

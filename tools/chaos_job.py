@@ -190,8 +190,8 @@ def check_tiered(root: str, remote: str, opts: dict) -> tuple[list[int], list[st
         try:
             shutil.copy(os.path.join(manifests[0], "manifest.json"), merged)
             ck = cs.open(merged)
-            os.makedirs(os.path.join(merged, "data"))
             for key in ck.manifest.files:
+                os.makedirs(os.path.dirname(os.path.join(merged, key)), exist_ok=True)
                 sources = [os.path.join(p, key) for p in local]
                 found = [x for x in sources if os.path.exists(x)]
                 if found:
