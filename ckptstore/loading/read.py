@@ -69,6 +69,7 @@ class ChunkReader:
         self.where = where
         self.threads = threads or knobs.read_threads()
         self._maps: dict[int, np.ndarray | None] = {}
+        self._local_sizes: dict[int, int] = {}  # file -> its size on this node's tier (-1: none)
         self.bytes_read = 0  # from the store
         self.bytes_received = 0  # from other ranks that read them (shared reads)
         self.requests = 0
@@ -115,10 +116,12 @@ class ChunkReader:
         tiers = self.store.tiers()
         if tiers is None:
             return self.store.reads_are_local
-        try:
-            return tiers[0].size(self.manifest.files[file]) >= end
-        except StoreError:
-            return False
+        if file not in self._local_sizes:  # one stat per file, not per request
+            try:
+                self._local_sizes[file] = tiers[0].size(self.manifest.files[file])
+            except StoreError:
+                self._local_sizes[file] = -1
+        return self._local_sizes[file] >= end
 
     def copy_received(self, group: Request, buf: np.ndarray, plan: ReadPlan) -> None:
         """Verify and copy a request whose bytes another rank read (``buf[0]`` is the
