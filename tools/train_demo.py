@@ -175,22 +175,24 @@ def main() -> None:
 
 
 def _report_tiers(mgr: cs.CheckpointManager, rank: int, world: int) -> list[list[int]]:
-    """Print, per simulated node, how many restored bytes came from each tier; returns
-    [local, remote] bytes per rank."""
+    """Print, per simulated node, how many restored bytes came from each tier (and from
+    other ranks that read them: shared reads); returns [local, remote] bytes per rank."""
     assert mgr.last_load is not None and mgr.last_load.bytes_by_tier is not None
+    load = mgr.last_load
     mine = torch.tensor(
-        [mgr.last_load.bytes_by_tier["local"], mgr.last_load.bytes_by_tier["remote"]],
+        [load.bytes_by_tier["local"], load.bytes_by_tier["remote"], load.bytes_received],
         dtype=torch.int64,
     )
     every = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(every, mine)
-    by_rank = [[int(x) for x in t.tolist()] for t in every]
+    by_rank = [[int(x) for x in t.tolist()[:2]] for t in every]
     if rank == 0:
         for r, t in enumerate(every):
-            local, remote = (int(x) for x in t.tolist())
+            local, remote, received = (int(x) for x in t.tolist())
             print(
                 f"[{world} ranks]   rank {r} restored {local / 2**20:6.2f} MiB from its node's "
-                f"local tier, {remote / 2**20:6.2f} MiB from S3",
+                f"local tier, {remote / 2**20:6.2f} MiB from S3, {received / 2**20:6.2f} MiB "
+                "from ranks that read them",
                 flush=True,
             )
     return by_rank
