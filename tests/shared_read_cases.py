@@ -109,4 +109,3 @@ def restore_with_a_bad_block(rank: int, world: int, url: str) -> str:
         dist.barrier()
         return type(exc).__name__ + ": " + str(exc)
     return "loaded"
-
