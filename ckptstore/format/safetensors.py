@@ -8,8 +8,10 @@ plus an optional ``"__metadata__"`` of strings), then the tensors' raw C-order b
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -36,6 +38,7 @@ TORCH_TO_ST: dict[torch.dtype, str] = {
     torch.float8_e5m2fnuz: "F8_E5M2FNUZ",
 }
 ST_TO_TORCH = {v: k for k, v in TORCH_TO_ST.items()}
+MAX_HEADER_BYTES = 100 << 20
 
 
 def st_dtype(dtype: torch.dtype, name: str) -> str:
@@ -78,28 +81,44 @@ def encode_header(
     return struct.pack("<Q", len(raw)) + raw
 
 
-def read_header(f, where: str) -> tuple[list[StEntry], dict[str, str]]:
-    """Parse a safetensors header from an open binary file."""
-    head = f.read(8)
-    if len(head) != 8:
+def read_entries(data: Any, where: str) -> tuple[list[StEntry], dict[str, str]]:
+    """Every tensor of the safetensors file whose bytes are ``data`` (bytes, a memoryview or
+    a memory map of the whole file), sorted by offset, and the header's metadata. Validated
+    before any offset is used: a plausible header length, a JSON object, known dtypes,
+    non-negative shapes, data inside the file and exactly as long as dtype and shape say.
+
+    Raises:
+        ConversionError: naming the file (``where``) and the tensor.
+    """
+    size = len(data)
+    if size < 8:
         raise ConversionError(f"{where}: not a safetensors file (shorter than 8 bytes)")
-    (n,) = struct.unpack("<Q", head)
-    if n > 100 << 20:
-        raise ConversionError(f"{where}: header of {n} bytes is not plausible")
+    n = int.from_bytes(data[:8], "little")
+    if n > min(MAX_HEADER_BYTES, size - 8):
+        raise ConversionError(f"{where}: a header of {n} bytes is not plausible")
     try:
-        header = json.loads(f.read(n))
+        header = json.loads(bytes(data[8 : 8 + n]))
     except ValueError as exc:
-        raise ConversionError(f"{where}: header is not JSON: {exc}") from None
-    base = 8 + n
+        raise ConversionError(f"{where}: the header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ConversionError(f"{where}: the header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
-    entries = []
+    base, entries = 8 + n, []
     for name, info in header.items():
         try:
             dtype = ST_TO_TORCH[info["dtype"]]
-            begin, end = info["data_offsets"]
+            begin, end = (base + int(x) for x in info["data_offsets"])
             shape = tuple(int(x) for x in info["shape"])
         except (KeyError, TypeError, ValueError):
-            raise ConversionError(f"{where}: tensor {name!r}: unsupported entry {info!r}") from None
-        entries.append(StEntry(name, dtype, shape, base + int(begin), base + int(end)))
+            raise ConversionError(f"{where}: tensor {name!r}: unsupported entry") from None
+        if any(d < 0 for d in shape):
+            raise ConversionError(f"{where}: tensor {name!r}: a negative dimension")
+        if not base <= begin <= end <= size:
+            raise ConversionError(f"{where}: tensor {name!r} lies outside the file")
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise ConversionError(
+                f"{where}: tensor {name!r}: {end - begin} bytes do not hold {dtype}{list(shape)}"
+            )
+        entries.append(StEntry(name, dtype, shape, begin, end))
     entries.sort(key=lambda e: e.begin)
     return entries, metadata

@@ -12,7 +12,6 @@ dtype and shape, names unique across files.
 from __future__ import annotations
 
 import json
-import math
 
 from ckptstore import knobs
 from ckptstore.backends.base import Store
@@ -21,10 +20,9 @@ from ckptstore.format.checksum import block_crcs
 from ckptstore.format.dtypes import DTYPE_TO_NAME
 from ckptstore.format.layouts import whole_layout
 from ckptstore.format.manifest import ChunkTable, Manifest, TensorRecord
-from ckptstore.format.safetensors import ST_TO_TORCH
+from ckptstore.format.safetensors import read_entries
 
 INDEX = "model.safetensors.index.json"
-_MAX_HEADER = 100 << 20
 
 
 def or_safetensors(store: Store, missing: CheckpointNotFoundError) -> Manifest:
@@ -101,33 +99,9 @@ def _files(store: Store) -> list[str]:
 
 def _entries(data: memoryview, where: str) -> list[tuple[str, str, tuple[int, ...], int, int]]:
     """(name, dtype name, shape, begin, end) of every tensor of one file, validated."""
-    if len(data) < 8:
-        raise ConversionError(f"{where}: not a safetensors file (shorter than 8 bytes)")
-    n = int.from_bytes(data[:8], "little")
-    if n > min(_MAX_HEADER, len(data) - 8):
-        raise ConversionError(f"{where}: a header of {n} bytes is not plausible")
-    try:
-        header = json.loads(bytes(data[8 : 8 + n]))
-    except ValueError as exc:
-        raise ConversionError(f"{where}: the header is not JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise ConversionError(f"{where}: the header is not a JSON object")
-    header.pop("__metadata__", None)
-    base, out = 8 + n, []
-    for name, info in header.items():
-        try:
-            dtype = ST_TO_TORCH[info["dtype"]]
-            begin, end = (base + int(x) for x in info["data_offsets"])
-            shape = tuple(int(x) for x in info["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise ConversionError(f"{where}: tensor {name!r}: unsupported entry") from None
-        if dtype not in DTYPE_TO_NAME or any(d < 0 for d in shape):
-            raise ConversionError(f"{where}: tensor {name!r}: unsupported dtype or shape")
-        if not base <= begin <= end <= len(data):
-            raise ConversionError(f"{where}: tensor {name!r} lies outside the file")
-        if end - begin != math.prod(shape) * dtype.itemsize:
-            raise ConversionError(
-                f"{where}: tensor {name!r}: {end - begin} bytes do not hold {dtype}{list(shape)}"
-            )
-        out.append((name, DTYPE_TO_NAME[dtype], shape, begin, end))
+    out = []
+    for e in read_entries(data, where)[0]:
+        if e.dtype not in DTYPE_TO_NAME:
+            raise ConversionError(f"{where}: tensor {e.name!r}: unsupported dtype {e.dtype}")
+        out.append((e.name, DTYPE_TO_NAME[e.dtype], e.shape, e.begin, e.end))
     return out

@@ -40,7 +40,7 @@ from ckptstore.loading.mismatch import Mismatch
 from ckptstore.loading.read import ChunkReader, Target
 from ckptstore.loading.shared_reads import fill_shared
 from ckptstore.state.leaves import Leaf, flatten
-from ckptstore.state.replicas import replica_class
+from ckptstore.state.replicas import THIS_RANK, replica_class
 
 PER_RANK_POLICIES = ("error", "keep", "wrap")
 _NEW_TARGET = functools.partial(tuple.__new__, Target)  # a C-level constructor: one per tensor
@@ -189,8 +189,8 @@ def load(
     error = None
     try:
         with torch.no_grad():  # destinations may be parameters that require grad
-            _fill(reader, targets, leaves, coord if _shares_reads(store, share_reads) else None)
-            reader.fill(rank_targets)
+            sharing = coord if _shares_reads(store, share_reads) else None
+            _fill(reader, targets, rank_targets, leaves, sharing)
         for leaf, rec in assignments:
             if rec.blob is not None:
                 value = pickle.loads(read_blob(store, manifest, leaf.name, rec))
@@ -234,14 +234,19 @@ def _shares_reads(store: Store, explicit: bool | None) -> bool:
 
 
 def _fill(
-    reader: ChunkReader, targets: list[Target], leaves: dict[str, Leaf], coord: Coordinator | None
+    reader: ChunkReader,
+    targets: list[Target],
+    rank_targets: list[Target],
+    leaves: dict[str, Leaf],
+    coord: Coordinator | None,
 ) -> None:
-    """Fill ``targets``, with the ranks of ``coord`` that read the same bytes if given (a
-    collective then, in which a rank whose planning fails still takes part)."""
+    """Fill the global tensors' ``targets`` and the per-rank entries' ``rank_targets``: in
+    one plan, or with the ranks of ``coord`` that read the same bytes if given (a collective
+    then, in which a rank whose planning fails still takes part)."""
     if coord is None or not coord.active:
-        reader.fill(targets)
+        reader.fill(targets + rank_targets if rank_targets else targets)
         return
-    parts: dict[str, list[Target]] = {}
+    parts: dict[str, list[Target]] = {THIS_RANK: list(rank_targets)} if rank_targets else {}
     for t in targets:
         leaf = leaves[t.name]
         held = leaf.container[leaf.key] if leaf.container is not None else None
@@ -258,7 +263,7 @@ class _Matched(NamedTuple):
     pickled: list[str]  # entries saved pickled
     resized_keys: list[str]  # per-rank entries of another world size
     missing: list[str]  # optional entries the checkpoint lacks
-    rank_targets: list[Target]  # of per-rank entries (never shared among ranks)
+    rank_targets: list[Target]  # of per-rank entries (this rank's own)
 
 
 class _Scope:

@@ -171,19 +171,19 @@ class ChunkReader:
     def _read_and_copy(
         self, group: Request, key: str, read_into: Any, plan: ReadPlan, keep: np.ndarray | None
     ) -> None:
-        if keep is not None:  # the bytes stay in the caller's buffer
-            if len(keep) != group.end - group.start:
-                _unsafe(self.where, group.start, group.end, 0, len(keep), 0)
-            read_into(key, group.start, memoryview(keep))
-            self._check_and_copy(group, keep, group.start, plan)
-            return
-        buf = _POOL.acquire(group.end - group.start)
+        """Read the request into ``keep`` (where its bytes must stay) or a pooled buffer,
+        then verify and copy."""
+        n = group.end - group.start
+        pooled = _POOL.acquire(n) if keep is None else None
+        view = keep if pooled is None else pooled[:n]
         try:
-            view = buf[: group.end - group.start]
+            if len(view) != n:
+                _unsafe(self.where, group.start, group.end, 0, len(view), 0)
             read_into(key, group.start, memoryview(view))
             self._check_and_copy(group, view, group.start, plan)
         finally:
-            _POOL.release(buf)
+            if pooled is not None:
+                _POOL.release(pooled)
 
     def _check_and_copy(
         self, group: Request, buf: np.ndarray, buf_start: int, plan: ReadPlan

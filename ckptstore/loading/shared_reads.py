@@ -110,9 +110,10 @@ def _share(
                 continue
             theirs = torch.empty(1, dtype=torch.int64)
             coord.receive(theirs, peer)
+            failed = bool(theirs.item())
+            stop = stop or failed
             nbytes = sum(sizes[i] for i in shares[member])
-            if theirs.item() or not nbytes:
-                stop = stop or bool(theirs.item())
+            if failed or not nbytes:
                 continue
             buf = np.empty(nbytes, dtype=np.uint8)
             coord.receive(torch.from_numpy(buf), peer)
