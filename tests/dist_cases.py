@@ -520,6 +520,7 @@ def prepared_async_save(rank: int, world: int, root: str) -> dict:
     sd = {"w": distribute_tensor(full, mesh, [Shard(0)]), "b": torch.ones(77), "step": 3}
     cs.prepare_async_save(sd)
     written = os.listdir(root)
+    dist.barrier()  # no rank's save below may start before every rank has looked
     pool = _state().pool
     pool.wait_prefaulted()
     sizes = [b.numel() for b in pool._free]
