@@ -108,3 +108,14 @@ def save_lease_s() -> float:
     Default 6 h (a save takes minutes)."""
     raw = os.environ.get("CKPTSTORE_SAVE_LEASE_S")
     return float(raw) if raw else 6 * 3600.0
+
+
+def index_min_chunks() -> int:
+    """From this many chunks on, a save writes its chunk table as a separate chunk index
+    (format 4) that each rank reads only in part; smaller checkpoints keep it inline."""
+    return _env_int("CKPTSTORE_INDEX_MIN_CHUNKS", 262_144)
+
+
+def index_part_chunks() -> int:
+    """Chunks per part of a chunk index: the unit a loading rank fetches and verifies."""
+    return max(1, min(1 << 20, _env_int("CKPTSTORE_INDEX_PART_CHUNKS", 1024)))

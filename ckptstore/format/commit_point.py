@@ -118,4 +118,5 @@ def read_manifest_bytes(store: Store, prefix: str = "") -> bytes:
 
 
 def read_manifest(store: Store) -> Manifest:
-    return Manifest.from_json(read_manifest_bytes(store), where=store.url)
+    """The committed manifest with its whole chunk table (a chunk index read and checked)."""
+    return Manifest.from_json(read_manifest_bytes(store), where=store.url).with_index(store)

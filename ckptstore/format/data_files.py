@@ -104,7 +104,7 @@ def _split_by_bytes(items: list[WriteItem], parts: int) -> list[list[int]]:
     return [r for r in runs if r]
 
 
-def rank_file_name(rank: int, tag: str, index: int) -> str:
+def rank_file_name(rank: int, tag: str, index: int | str) -> str:
     """The name of data file ``index`` of ``rank``'s save ``tag`` (random per save and rank:
     a new save never overwrites an older one's data). :func:`writer_rank` reads it back."""
     return f"{rank:05d}-{tag}-{index}.bin"

@@ -15,7 +15,7 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property, partial
 from itertools import chain, repeat
 from operator import is_, itemgetter, mul
@@ -23,9 +23,18 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ckptstore.errors import ManifestError
+from ckptstore.backends.base import Store
+from ckptstore.errors import KeyNotFoundError, ManifestError
 from ckptstore.format import rules
 from ckptstore.format.checksum import crc32c
+from ckptstore.format.chunk_index import (
+    IndexDirectory,
+    IndexedChunks,
+    PartColumns,
+    decode_part,
+    parts_of_chunks,
+    read_parts,
+)
 from ckptstore.format.codecs import CODEC_SPEC
 from ckptstore.format.dtypes import NAME_TO_DTYPE, itemsize
 from ckptstore.format.grids import (
@@ -44,8 +53,12 @@ from ckptstore.format.layouts import (
 from ckptstore.gcpause import gc_paused
 
 FORMAT_NAME = "ckptstore"
-FORMAT_VERSION = 3
-"""1: the first format. 2: the manifest carries its own checksum (``docs/format.md``)."""
+FORMAT_VERSION = 4
+"""The newest format this code reads (``docs/format.md``): 1, the first; 2, the manifest
+carries its own checksum; 3, the tensor table's grid column; 4, the chunk table may live in
+a chunk index file (``format/chunk_index.py``)."""
+INLINE_FORMAT_VERSION = 3
+"""What a manifest with its chunk table inline is written as (readable by readers of 3)."""
 MANIFEST_KEY = "manifest.json"
 DATA_PREFIX = "data/"
 SAVING_KEY = ".ckptstore-saving"
@@ -204,7 +217,10 @@ class Manifest:
     per_rank: dict[str, list[Entry]]
     created_unix: float = field(default_factory=time.time)
     metadata: dict[str, Any] = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
+    format_version: int = INLINE_FORMAT_VERSION
+    index: IndexDirectory | None = None
+    """Where the chunk table is when it is not inline (format 4): ``chunks`` then holds
+    the parts read so far (see :meth:`with_index`)."""
 
     def total_tensor_bytes(self) -> int:
         records = self.tensors.values()
@@ -245,7 +261,61 @@ class Manifest:
             np.maximum.at(ends, t.file, t.offset + t.nbytes)
         for _, b in self.blobs():
             ends[b.file] = max(int(ends[b.file]), b.offset + b.nbytes)
+        if self.index is not None:
+            ends[self.index.file] = self.index.nbytes()
         return ends.tolist()
+
+    # -- the chunk index (format 4) ------------------------------------------------------
+    def with_index(
+        self, store: Store, chunks: np.ndarray | None = None, where: str | None = None
+    ) -> Manifest:
+        """This manifest with its chunk table read from its chunk index on ``store``: the
+        parts that hold ``chunks`` (global chunk numbers), or all of it -- then checked as
+        an inline table is (stored sizes against the tensors' boxes). An inline table is
+        returned as it is.
+
+        Raises:
+            ManifestError: the index is missing, short, damaged, or inconsistent.
+        """
+        d = self.index
+        if d is None:
+            return self
+        where = where or store.url
+        parts = range(d.parts) if chunks is None else parts_of_chunks(chunks, d)
+        wanted = [p for p in parts if p not in getattr(self.chunks, "loaded", ())]
+        key = self.files[d.file]
+        try:
+            raw = read_parts(store, key, d, wanted, where) if wanted else {}
+        except KeyNotFoundError:
+            raise ManifestError(f"{where}: the chunk index {key} is missing") from None
+        block = self.chunks.block_bytes
+        decoded = {p: decode_part(raw[p], p, d, block, len(self.files), where) for p in wanted}
+        if isinstance(self.chunks, IndexedChunks):
+            for p in self.chunks.loaded:
+                decoded[p] = self.chunks.part(p)
+        if chunks is not None:
+            return replace(self, chunks=IndexedChunks(d, block, decoded, where))
+        return replace(self, chunks=self._full_table(d, block, decoded, where))
+
+    def _full_table(
+        self, d: IndexDirectory, block: int, parts: dict[int, PartColumns], where: str
+    ) -> ChunkTable:
+        cols = [parts[p] for p in range(d.parts)]
+
+        def cat(name: str, dtype: Any) -> np.ndarray:
+            arrays = [getattr(c, name) for c in cols]
+            return np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
+
+        nbytes = cat("nbytes", np.int64)
+        records = [*self.tensors.values()]
+        records += [e for es in self.per_rank.values() for e in es if isinstance(e, TensorRecord)]
+        raw = np.zeros(d.count, dtype=np.int64)
+        for t in records:
+            _fill_raw_nbytes(t, raw)
+        rules.check_total(where, "stored chunks", int(nbytes.sum(dtype=np.float64)))
+        _check_chunk_sizes(nbytes, raw, [t for t in records if t.codec], where)
+        return ChunkTable(cat("file", np.int64), cat("offset", np.int64), nbytes,
+                          cat("crc32c", np.uint32), block)  # fmt: skip
 
     # -- serialization ------------------------------------------------------------------
     def to_json(self) -> bytes:
@@ -256,24 +326,26 @@ class Manifest:
         has_codec = any(t.codec for t in self.tensors.values()) or any(
             isinstance(e, TensorRecord) and e.codec for es in self.per_rank.values() for e in es
         )
-        chunks: dict[str, Any] = {
-            "count": len(self.chunks),
-            "block_bytes": self.chunks.block_bytes,
-            "file": _pack(self.chunks.file, "<u4"),
-            "offset": _pack(self.chunks.offset, "<u8"),
-            "crc32c": _pack(self.chunks.crc32c, "<u4"),
-        }
-        if has_codec:
-            chunks["nbytes"] = _pack(self.chunks.nbytes, "<u8")
+        chunks: dict[str, Any] = {"count": len(self.chunks), "block_bytes": self.chunks.block_bytes}
+        version = self.format_version
+        if self.index is not None:
+            chunks["index"] = self.index.to_json(_pack)
+            version = max(version, 4)
+        else:
+            chunks["file"] = _pack(self.chunks.file, "<u4")
+            chunks["offset"] = _pack(self.chunks.offset, "<u8")
+            chunks["crc32c"] = _pack(self.chunks.crc32c, "<u4")
+            if has_codec:
+                chunks["nbytes"] = _pack(self.chunks.nbytes, "<u8")
         doc = {
             "format": FORMAT_NAME,
-            "format_version": self.format_version,
+            "format_version": version,
             "created_unix": self.created_unix,
             "world_size": self.world_size,
             "byte_order": "little",
             "files": self.files,
             "chunks": chunks,
-            "tensors": _tensor_table_to_json(self.tensors, grid_column=self.format_version >= 3),
+            "tensors": _tensor_table_to_json(self.tensors, grid_column=version >= 3),
             "objects": {name: _object_to_json(o) for name, o in self.objects.items()},
             "per_rank": {
                 name: [_entry_to_json(e) for e in entries]
@@ -354,12 +426,12 @@ def _manifest_from_doc(doc: Any, where: str, signed: bool) -> Manifest:
     world_size = rules.check_int(where, "world_size", doc["world_size"], 1, rules.MAX_WORLD_SIZE)
     files = rules.check_file_keys(where, doc["files"])
     c = doc["chunks"]
-    rules.check_keys(where, "chunks", c, _CHUNK_KEYS, {"nbytes"})
+    indexed = version >= 4 and isinstance(c, dict) and "index" in c
+    if indexed:
+        rules.check_keys(where, "chunks", c, {"count", "block_bytes", "index"}, set())
+    else:
+        rules.check_keys(where, "chunks", c, _CHUNK_KEYS, {"nbytes"})
     block = rules.check_int(where, "chunks.block_bytes", c["block_bytes"], 1, rules.MAX_BLOCK_BYTES)
-    file_col = _unpack(c["file"], "<u4").astype(np.int64)
-    count = rules.check_int(where, "chunks.count", c["count"], 0, len(file_col))
-    offset_col = _unpack(c["offset"], "<u8").astype(np.int64)
-    crcs = _unpack(c["crc32c"], "<u4")
     table_cols = _tensor_table_from_json(doc["tensors"], where)
     tensors = table_cols.records
     if not isinstance(doc["per_rank"], dict) or not isinstance(doc["objects"], dict):
@@ -372,32 +444,16 @@ def _manifest_from_doc(doc: Any, where: str, signed: bool) -> Manifest:
         raise ManifestError(f"{where}: a name is used by more than one entry")
     others = list(table_cols.special)  # records whose chunks are not one whole chunk each
     others += [e for es in per_rank.values() for e in es if isinstance(e, TensorRecord)]
-    raw = _raw_nbytes(table_cols, others, count)
-    codec_rows = [t for t in others if t.codec]
-    if "nbytes" in c:
-        nbytes = _unpack(c["nbytes"], "<u8").astype(np.int64)
-    elif codec_rows:
-        raise ManifestError(f"{where}: compressed chunks need a chunks.nbytes column")
-    else:
-        nbytes = raw
-    for name, col in (("file", file_col), ("offset", offset_col), ("nbytes", nbytes)):
-        if len(col) != count:
-            raise ManifestError(f"{where}: chunks.{name} has {len(col)} entries, expected {count}")
-    if count and (file_col.max() >= len(files) or file_col.min() < 0):
-        raise ManifestError(f"{where}: a chunk refers to a file index outside files[]")
-    if count and (offset_col.min() < 0 or nbytes.min() < 0):
-        raise ManifestError(f"{where}: a chunk offset or size is beyond 2^63")
-    rules.check_total(where, "stored chunks", int(nbytes.sum(dtype=np.float64)))
     rules.check_total(where, "tensors", int(table_cols.total_bytes))
-    if count and int((offset_col + nbytes).max()) > 1 << 62:
-        raise ManifestError(f"{where}: a chunk ends beyond 2^62 bytes")
-    _check_chunk_ranges(tensors, per_rank, table_cols, others, count, where)
-    _check_chunk_sizes(nbytes, raw, codec_rows, where)
-    table = ChunkTable(file_col, offset_col, nbytes, crcs, block)
-    if len(crcs) != int(table.crc_first[-1]):
-        raise ManifestError(
-            f"{where}: chunks.crc32c has {len(crcs)} checksums, expected {int(table.crc_first[-1])}"
-        )
+    index: IndexDirectory | None = None
+    table: ChunkTable | IndexedChunks
+    if indexed:
+        count = rules.check_int(where, "chunks.count", c["count"], 0, rules.MAX_CHUNKS)
+        index = IndexDirectory.from_json(c["index"], count, len(files), _unpack, where)
+        _check_chunk_ranges(tensors, per_rank, table_cols, others, count, where)
+        table = IndexedChunks(index, block, {}, where)  # parts are read as needed
+    else:
+        table = _inline_table(c, block, table_cols, others, tensors, per_rank, len(files), where)
     for name, entry in [*objects.items(), *((n, e) for n, es in per_rank.items() for e in es)]:
         if isinstance(entry, ObjectRecord) and entry.blob is not None:
             _check_blob(name, entry.blob, len(files), block, where)
@@ -418,7 +474,51 @@ def _manifest_from_doc(doc: Any, where: str, signed: bool) -> Manifest:
         created_unix=float(created),
         metadata=metadata,
         format_version=version,
+        index=index,
     )
+
+
+def _inline_table(
+    c: dict[str, Any],
+    block: int,
+    table_cols: _TensorColumns,
+    others: list[TensorRecord],
+    tensors: dict[str, TensorRecord],
+    per_rank: dict[str, list[Entry]],
+    n_files: int,
+    where: str,
+) -> ChunkTable:
+    """The chunk table of formats 1-3, stored inline as packed columns, validated."""
+    file_col = _unpack(c["file"], "<u4").astype(np.int64)
+    count = rules.check_int(where, "chunks.count", c["count"], 0, len(file_col))
+    offset_col = _unpack(c["offset"], "<u8").astype(np.int64)
+    crcs = _unpack(c["crc32c"], "<u4")
+    raw = _raw_nbytes(table_cols, others, count)
+    codec_rows = [t for t in others if t.codec]
+    if "nbytes" in c:
+        nbytes = _unpack(c["nbytes"], "<u8").astype(np.int64)
+    elif codec_rows:
+        raise ManifestError(f"{where}: compressed chunks need a chunks.nbytes column")
+    else:
+        nbytes = raw
+    for name, col in (("file", file_col), ("offset", offset_col), ("nbytes", nbytes)):
+        if len(col) != count:
+            raise ManifestError(f"{where}: chunks.{name} has {len(col)} entries, expected {count}")
+    if count and (file_col.max() >= n_files or file_col.min() < 0):
+        raise ManifestError(f"{where}: a chunk refers to a file index outside files[]")
+    if count and (offset_col.min() < 0 or nbytes.min() < 0):
+        raise ManifestError(f"{where}: a chunk offset or size is beyond 2^63")
+    rules.check_total(where, "stored chunks", int(nbytes.sum(dtype=np.float64)))
+    if count and int((offset_col + nbytes).max()) > 1 << 62:
+        raise ManifestError(f"{where}: a chunk ends beyond 2^62 bytes")
+    _check_chunk_ranges(tensors, per_rank, table_cols, others, count, where)
+    _check_chunk_sizes(nbytes, raw, codec_rows, where)
+    table = ChunkTable(file_col, offset_col, nbytes, crcs, block)
+    if len(crcs) != int(table.crc_first[-1]):
+        raise ManifestError(
+            f"{where}: chunks.crc32c has {len(crcs)} checksums, expected {int(table.crc_first[-1])}"
+        )
+    return table
 
 
 def _check_chunk_sizes(

@@ -24,6 +24,7 @@ from ckptstore.errors import ManifestError
 
 MAX_BLOCK_BYTES = 1 << 30
 """Largest checksum block (the save default is 4 MiB)."""
+MAX_CHUNKS = 1 << 48
 MAX_NDIM = 64
 MAX_DIM = 1 << 48
 MAX_WORLD_SIZE = 1 << 24

@@ -38,6 +38,7 @@ from ckptstore.format.safetensors_manifest import or_safetensors
 from ckptstore.gcpause import with_gc_paused
 from ckptstore.loading.mismatch import Mismatch
 from ckptstore.loading.read import ChunkReader, Target
+from ckptstore.loading.read_plan import chunks_needed
 from ckptstore.loading.shared_reads import fill_shared
 from ckptstore.state.leaves import Leaf, flatten
 from ckptstore.state.replicas import THIS_RANK, replica_class
@@ -180,6 +181,9 @@ def load(
             targets, rank_targets, assignments, missing, leaves = _match(
                 state_dict, manifest, coord, strict, allow_pickle, per_rank, statefuls, scope
             )
+            if manifest.index is not None:  # read the parts of the chunk index it needs
+                needed = chunks_needed(targets + rank_targets)
+                manifest = manifest.with_index(store, needed)
         except Exception as exc:
             error = typed(exc, store.url)
     coord.agree(error)

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ckptstore.errors import UnsafeCopyError
+from ckptstore.errors import ManifestError, UnsafeCopyError
 from ckptstore.format.dtypes import dtype_from_name, itemsize
 from ckptstore.format.layouts import Box, GridLayout, overlaps, whole_layout
 from ckptstore.format.manifest import Manifest, TensorRecord
@@ -234,6 +234,30 @@ def _whole_chunk_targets(
     return fast_list, chunk[fast].tolist(), ptr[fast].tolist(), picked_dests, others
 
 
+def chunks_needed(targets: list[Target]) -> np.ndarray:
+    """Every chunk (global number) some target's box overlaps: what a rank must know of a
+    chunk index (format 4) to plan its reads. Each distinct (layout, shape, box) is worked
+    out once: the thousands of same-shaped shards of a model share a handful."""
+    if not targets:
+        return np.zeros(0, dtype=np.int64)
+    records = list(map(_RECORD, targets))
+    layouts = list(map(_LAYOUT, records))
+    layout_of = dict(zip(map(id, layouts), layouts, strict=True))
+    keys = list(zip(map(id, layouts), map(_SHAPE, records), map(_BOX, targets), strict=True))
+    cells: dict[Any, np.ndarray] = {}
+    for key in dict.fromkeys(keys):
+        layout, shape, box = layout_of[key[0]], key[1], key[2]
+        exact = _cell(layout, shape, box)
+        if exact >= 0:
+            cells[key] = np.array([exact], dtype=np.int64)
+        else:
+            found = [index for index, _, _ in overlaps(layout, shape, box)]
+            cells[key] = np.array(found, dtype=np.int64)
+    starts = map(_CHUNK_START, records)
+    pieces = [cells[key] + start for key, start in zip(keys, starts, strict=True)]
+    return np.unique(np.concatenate(pieces))
+
+
 def _cell(layout: Any, shape: tuple[int, ...], box: Box) -> int:
     """The chunk (relative to the tensor's first) that is exactly ``box``, or -1."""
     if layout is whole_layout(len(shape)):
@@ -248,6 +272,16 @@ _RECORD, _BOX, _DEST = itemgetter(1), itemgetter(2), itemgetter(3)
 _LAYOUT, _SHAPE, _CODEC = attrgetter("layout"), attrgetter("shape"), attrgetter("codec")
 _CHUNK_START, _IS_CPU = attrgetter("chunk_start"), attrgetter("is_cpu")
 _CODEC_IS_NONE = partial(is_, None)
+
+
+def _check_stored_size(name: str, chunk: int, nbytes: int, raw: int, codec: str | None) -> None:
+    """A chunk about to be read stores exactly its box's bytes (a compressed one at most a
+    codec's worst case): checked for the whole table when a manifest is parsed, and here
+    again for the chunks a rank read from a chunk index in part."""
+    if (nbytes != raw) if not codec else (nbytes > raw + raw // 8 + 4096):
+        raise ManifestError(
+            f"tensor {name!r}: chunk {chunk} stores {nbytes} bytes, its box has {raw}"
+        )
 
 
 def coalesce(
@@ -294,6 +328,7 @@ def _spans(table: Any, targets: list[Target], window: int) -> list[ReadSpan]:
             strides = _c_strides(c_shape)
             file, base = int(table.file[chunk]), int(table.offset[chunk])
             nbytes, crc0 = int(table.nbytes[chunk]), int(table.crc_first[chunk])
+            _check_stored_size(t.name, chunk, nbytes, math.prod(c_shape) * size, rec.codec)
             if obox == cbox and not rec.codec and nbytes <= window:
                 # The common case (same sharding on save and load): the whole raw chunk.
                 dest = t.dest if t.box == cbox else t.dest[_slices(cbox, t.box[0])]

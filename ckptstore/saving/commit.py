@@ -6,18 +6,20 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import dataclass, field, replace
 from itertools import repeat
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from ckptstore import failpoints
+from ckptstore import failpoints, knobs
 from ckptstore.backends.base import Store
 from ckptstore.coordination.collectives import Coordinator
 from ckptstore.errors import CheckpointExistsError, SaveError
+from ckptstore.format.chunk_index import encode_index
 from ckptstore.format.commit_point import commit_manifest, delete_replaced
-from ckptstore.format.data_files import WriteResult
+from ckptstore.format.data_files import WriteResult, data_key, rank_file_name
 from ckptstore.format.dtypes import dtype_name
 from ckptstore.format.layouts import GridLayout
 from ckptstore.format.manifest import (
@@ -85,6 +87,7 @@ def commit_collective(
                 options.block,
                 options.overwrite,
                 options.metadata,
+                planned.spread,
             )
         finally:  # no longer in flight, whatever the outcome: gc may look again
             unmark_saving(primary)
@@ -97,6 +100,7 @@ def commit_collective(
             options.overwrite,
             planned.replication_team,
             planned.streamed_upload,
+            outcome.get("index"),
         )
     if target.marks_every_node and not coord.is_coordinator:  # after this node's manifest
         unmark_saving(primary)
@@ -174,15 +178,21 @@ def _commit(
     block: int,
     overwrite: bool,
     metadata: dict[str, Any] | None,
+    spread: int = 0,
 ) -> Any:
     """Build and commit the manifest on the target's commit store (coordinator only); returns
-    a summary (with the manifest's bytes) or an exception."""
+    a summary (with the manifest's bytes) or an exception. A chunk table of
+    ``knobs.index_min_chunks()`` chunks or more goes into a chunk index file first (format 4),
+    written durably before the manifest that names it."""
     store, primary = target.store, target.commit_store
     failed = [f"rank {r}: {msg}" for r, (_, msg) in enumerate(reports) if msg is not None]
     if failed:
         return SaveError(f"{store.url}: save not committed; " + "; ".join(failed))
     try:
         manifest = _assemble(reports, plan, local, block, metadata)  # type: ignore[arg-type]
+        index = None
+        if len(manifest.chunks) >= knobs.index_min_chunks():
+            manifest, index = _with_chunk_index(primary, manifest, spread)
         data = manifest.to_json()
         if target.holds_every_rank:  # every rank's files are here: all must be there
             present = set(store.list(DATA_PREFIX))
@@ -205,7 +215,24 @@ def _commit(
         "total_bytes": manifest.total_tensor_bytes(),
         "files": len(manifest.files),
         "manifest": data if target.wants_manifest else None,
+        "index": index if target.wants_manifest else None,
     }
+
+
+def _with_chunk_index(
+    store: Store, manifest: Manifest, spread: int
+) -> tuple[Manifest, tuple[str, bytes]]:
+    """``manifest`` with its chunk table moved into a chunk index file, written (durably)
+    to ``store`` under a fresh name listed with the data files."""
+    table = manifest.chunks
+    key = data_key(rank_file_name(0, uuid.uuid4().hex[:10], "index"), spread)
+    files = [*manifest.files, key]
+    data, directory = encode_index(
+        table.file, table.offset, table.nbytes, table.crc32c, table.crc_first,
+        knobs.index_part_chunks(), len(files) - 1,
+    )  # fmt: skip
+    store.write(key, data)
+    return replace(manifest, files=files, index=directory), (key, data)
 
 
 class _Written(NamedTuple):

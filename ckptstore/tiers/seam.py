@@ -81,9 +81,10 @@ class SaveTarget:
         overwrite: bool,
         team: Any,
         streamed: Future | None,
+        index: tuple[str, bytes] | None = None,
     ) -> ReplicationHandle | None:
         """Every rank, once the coordinator committed the manifest (its bytes when
-        :attr:`wants_manifest`)."""
+        :attr:`wants_manifest`, and the chunk index's key and bytes if it has one)."""
         return None
 
 
@@ -149,8 +150,10 @@ class TieredTarget(SaveTarget):
         overwrite: bool,
         team: Any,
         streamed: Future | None,
+        index: tuple[str, bytes] | None = None,
     ) -> ReplicationHandle:
-        """Put the committed manifest on every node's local tier, then queue the upload."""
+        """Put the committed manifest (and its chunk index, before it) on every node's local
+        tier, then queue the upload."""
         from ckptstore.tiers.replicator import replicator
         from ckptstore.tiers.state import REPLICATING, TierState, write_tier_state
 
@@ -158,6 +161,8 @@ class TieredTarget(SaveTarget):
 
         if not coord.is_coordinator:  # the coordinator's node has it already
             try:
+                if index is not None and not self.local.exists(index[0]):
+                    self.local.write(index[0], index[1])
                 if overwrite:
                     self.local.write(MANIFEST_KEY, manifest_bytes)
                 elif not self.local.exists(MANIFEST_KEY):

@@ -18,8 +18,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from ckptstore import failpoints
 from ckptstore.backends.base import Store
 from ckptstore.backends.tiered import TieredStore
@@ -105,8 +103,9 @@ def replicate_collective(
     if attempt > 1:  # the tier-0 commit recorded the first attempt
         write_tier_state(local, TierState(remote.url, REPLICATING, attempts=attempt))
     uploaded, nbytes, error = 0, 0, None
+    manifest: Manifest | None = None
     try:
-        manifest = Manifest.from_json(manifest_bytes, where=local.url)
+        manifest = Manifest.from_json(manifest_bytes, where=local.url).with_index(local)
         delivered: set[str] = set()
         if streamed is not None:
             try:
@@ -129,7 +128,7 @@ def replicate_collective(
     outcome: Any = None
     if coord.is_coordinator:
         assert reports is not None
-        outcome = _commit_remote(remote, manifest_bytes, reports, overwrite)
+        outcome = _commit_remote(remote, manifest, manifest_bytes, reports, overwrite)
     outcome = coord.broadcast(outcome)
     if outcome is not None:
         write_tier_state(local, TierState(remote.url, FAILED, str(outcome), attempts=attempt))
@@ -142,13 +141,17 @@ def replicate_collective(
 
 
 def _commit_remote(
-    remote: Store, manifest_bytes: bytes, reports: list[str | None], overwrite: bool
+    remote: Store,
+    manifest: Manifest | None,
+    manifest_bytes: bytes,
+    reports: list[str | None],
+    overwrite: bool,
 ) -> str | None:
     failed = [f"rank {r}: {m}" for r, m in enumerate(reports) if m is not None]
-    if failed:
-        return "; ".join(failed)
+    if failed or manifest is None:
+        return "; ".join(failed) or "the manifest could not be read"
     try:  # data first, manifest last: every file the manifest names must be there, whole
-        missing = _missing_on_remote(remote, Manifest.from_json(manifest_bytes))
+        missing = _missing_on_remote(remote, manifest)
     except Exception as exc:
         return f"could not list the shared tier: {type(exc).__name__}: {exc}"
     if missing:
@@ -175,9 +178,6 @@ def _commit_remote(
 
 def _missing_on_remote(remote: Store, manifest: Manifest) -> list[str]:
     """Files the manifest names that the remote tier lacks or holds too short."""
-    table = manifest.chunks
-    needed = np.zeros(len(manifest.files), dtype=np.int64)
-    if len(table):
-        np.maximum.at(needed, table.file, table.offset + table.nbytes)
+    needed = manifest.file_extents()
     sizes = {o.key: o.size for o in remote.list_details(DATA_PREFIX)}
     return [key for i, key in enumerate(manifest.files) if sizes.get(key, -1) < int(needed[i])]

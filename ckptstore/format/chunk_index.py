@@ -1,0 +1,318 @@
+"""The chunk index of format 4: a large checkpoint's chunk table in its own file, in parts
+that a loading rank reads only as far as its tensors need.
+
+A checkpoint of a large job holds millions of chunks (Llama-3-405B with Adam on 16,384
+ranks: 1.8 M; on 100,352 ranks: 11 M), and their table is most of what a manifest weighs.
+From ``knobs.index_min_chunks()`` chunks on, a save writes the table into one index file
+(listed among the data files, so that every tool that copies, replicates or collects files
+handles it); ``manifest.json`` keeps a directory of it: the parts of ``part_chunks``
+consecutive chunks, each part's byte range and its crc32c.
+
+A part is the zlib-deflated columns of its chunks -- file index (``<i4``), offset and
+stored size (``<i8``), each as the difference from the chunk before it (the first from 0):
+consecutive cells of a sharded tensor lie in different ranks' files at about the same
+offset and are the same size, so the differences are mostly zeros and compress to almost
+nothing -- followed by the chunks' block checksums (``<u4``, stored as they are: checksums do
+not compress). Every byte of a part is untrusted until its crc32c matches; it is then
+inflated into a buffer of exactly the size its chunk count implies, and every value is
+checked before any of it is used (``docs/format.md``, "The chunk index").
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ckptstore.backends.base import ByteRange, Store
+from ckptstore.errors import ManifestError
+from ckptstore.format import rules
+from ckptstore.format.checksum import crc32c
+
+MAX_PART_CHUNKS = 1 << 20
+_COLUMN_BYTES = 4 + 8 + 8  # file, offset, nbytes per chunk (inflated)
+_READ_BYTES = 8 << 20  # the largest single read of consecutive parts
+
+
+@dataclass(frozen=True)
+class IndexDirectory:
+    """Where the parts of a chunk index are: part ``p`` holds chunks
+    ``[p * part_chunks, min(count, (p + 1) * part_chunks))`` and bytes ``at[p]..at[p + 1]``
+    of file ``file``, the first ``deflated[p]`` of them zlib-compressed columns."""
+
+    file: int
+    count: int
+    part_chunks: int
+    at: np.ndarray  # int64, parts + 1
+    deflated: np.ndarray  # int64, parts
+    crc32c: np.ndarray  # uint32, parts
+
+    @property
+    def parts(self) -> int:
+        return len(self.deflated)
+
+    def chunks_of(self, part: int) -> int:
+        return min(self.count, (part + 1) * self.part_chunks) - part * self.part_chunks
+
+    def nbytes(self) -> int:
+        return int(self.at[-1]) if len(self.at) else 0
+
+    def to_json(self, pack: Any) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "part_chunks": self.part_chunks,
+            "at": pack(self.at, "<u8"),
+            "deflated": pack(self.deflated, "<u4"),
+            "crc32c": pack(self.crc32c, "<u4"),
+        }
+
+    @classmethod
+    def from_json(
+        cls, doc: Any, count: int, n_files: int, unpack: Any, where: str
+    ) -> IndexDirectory:
+        """Parse and check a directory: parts in order, back to back, each large enough for
+        its columns and a whole number of checksums (one at least per chunk)."""
+        rules.check_keys(
+            where, "chunks.index", doc, {"file", "part_chunks", "at", "deflated", "crc32c"}, set()
+        )
+        file = rules.check_int(where, "chunks.index.file", doc["file"], 0, n_files - 1)
+        k = rules.check_int(
+            where, "chunks.index.part_chunks", doc["part_chunks"], 1, MAX_PART_CHUNKS
+        )
+        at = unpack(doc["at"], "<u8").astype(np.int64)
+        deflated = unpack(doc["deflated"], "<u4").astype(np.int64)
+        crcs = unpack(doc["crc32c"], "<u4")
+        parts = -(-count // k)
+        if len(at) != parts + 1 or len(deflated) != parts or len(crcs) != parts:
+            raise ManifestError(
+                f"{where}: the chunk index directory does not describe {parts} parts of "
+                f"{k} chunks for {count} chunks"
+            )
+        size = np.diff(at)
+        chunks = np.minimum(count, (np.arange(parts) + 1) * k) - np.arange(parts) * k
+        tail = size - deflated
+        if (
+            at[0] != 0
+            or (at < 0).any()
+            or int(at[-1]) > 1 << 62
+            or (size < 0).any()
+            or (deflated < 8).any()
+            or (tail < 4 * chunks).any()
+            or (tail % 4).any()
+        ):
+            raise ManifestError(f"{where}: the chunk index directory has impossible part sizes")
+        return cls(file, count, k, at, deflated, crcs)
+
+
+def encode_index(
+    file: np.ndarray,
+    offset: np.ndarray,
+    nbytes: np.ndarray,
+    crcs: np.ndarray,
+    crc_first: np.ndarray,
+    part_chunks: int,
+    index_file: int,
+) -> tuple[bytes, IndexDirectory]:
+    """The index file's bytes and its directory for a chunk table's columns."""
+    count = len(file)
+    pieces: list[bytes] = []
+    at, deflated, sums = [0], [], []
+    for lo in range(0, count, part_chunks):
+        hi = min(count, lo + part_chunks)
+        columns = b"".join(
+            np.diff(col[lo:hi].astype(np.int64), prepend=0).astype(dtype).tobytes()
+            for col, dtype in ((file, "<i4"), (offset, "<i8"), (nbytes, "<i8"))
+        )
+        packed = zlib.compress(columns, 1)
+        part = packed + crcs[int(crc_first[lo]) : int(crc_first[hi])].astype("<u4").tobytes()
+        pieces.append(part)
+        deflated.append(len(packed))
+        sums.append(crc32c(part))
+        at.append(at[-1] + len(part))
+    directory = IndexDirectory(
+        index_file,
+        count,
+        part_chunks,
+        np.array(at, dtype=np.int64),
+        np.array(deflated, dtype=np.int64),
+        np.array(sums, dtype=np.uint32),
+    )
+    return b"".join(pieces), directory
+
+
+@dataclass(frozen=True)
+class PartColumns:
+    """One part's chunks, decoded and checked."""
+
+    file: np.ndarray
+    offset: np.ndarray
+    nbytes: np.ndarray
+    crc32c: np.ndarray
+
+
+def decode_part(
+    data: bytes | memoryview,
+    part: int,
+    d: IndexDirectory,
+    block: int,
+    n_files: int,
+    where: str,
+) -> PartColumns:
+    """Verify, inflate and check part ``part`` (``data`` is exactly its bytes)."""
+    lo, hi = int(d.at[part]), int(d.at[part + 1])
+    if len(data) != hi - lo:
+        raise ManifestError(f"{where}: chunk index part {part} is truncated")
+    if crc32c(data) != int(d.crc32c[part]):
+        raise ManifestError(
+            f"{where}: chunk index part {part} (bytes {lo}..{hi} of the index file) fails its "
+            "crc32c: damaged after the save"
+        )
+    n = d.chunks_of(part)
+    z = int(d.deflated[part])
+    want = n * _COLUMN_BYTES
+    inflater = zlib.decompressobj()
+    try:  # inflated into at most the size its chunk count implies, never more
+        columns = inflater.decompress(bytes(data[:z]), want)
+    except zlib.error as exc:
+        raise ManifestError(f"{where}: chunk index part {part} does not inflate: {exc}") from None
+    if len(columns) != want or not inflater.eof or inflater.unconsumed_tail:
+        raise ManifestError(
+            f"{where}: chunk index part {part} does not inflate to exactly {want} bytes"
+        )
+    files = np.cumsum(np.frombuffer(columns, "<i4", n, 0).astype(np.int64))
+    offsets = _bounded_sum(np.frombuffer(columns, "<i8", n, 4 * n), part, "offset", where)
+    sizes = _bounded_sum(np.frombuffer(columns, "<i8", n, 12 * n), part, "size", where)
+    if n and (files.min() < 0 or files.max() >= n_files or (files == d.file).any()):
+        raise ManifestError(f"{where}: chunk index part {part} names a file outside files[]")
+    if n and int((offsets + sizes).max()) > 1 << 62:
+        raise ManifestError(f"{where}: chunk index part {part}: a chunk ends beyond 2^62 bytes")
+    crcs = np.frombuffer(data, "<u4", offset=z).astype(np.uint32)
+    blocks = np.maximum(1, -(-sizes // block))
+    if int(blocks.sum()) != len(crcs):
+        raise ManifestError(
+            f"{where}: chunk index part {part} has {len(crcs)} checksums, its chunks need "
+            f"{int(blocks.sum())}"
+        )
+    return PartColumns(files, offsets, sizes, crcs)
+
+
+def _bounded_sum(deltas: np.ndarray, part: int, what: str, where: str) -> np.ndarray:
+    """Running sums of differences, every one in 0..2^62: with each difference below 2^62
+    in magnitude, the first sum out of range is computed without overflow, so checking them
+    all after the fact is exact."""
+    if len(deltas) and int(np.abs(deltas).max()) >= 1 << 62:
+        raise ManifestError(f"{where}: chunk index part {part}: a {what} is out of range")
+    values = np.cumsum(deltas.astype(np.int64))
+    if len(values) and (values.min() < 0 or values.max() > 1 << 62):
+        raise ManifestError(f"{where}: chunk index part {part}: a {what} is out of range")
+    return values
+
+
+def read_parts(
+    store: Store, key: str, d: IndexDirectory, parts: Iterable[int], where: str
+) -> dict[int, bytes]:
+    """The bytes of ``parts`` (runs of consecutive parts in one read of at most 8 MiB, or
+    one part), each exactly as long as the directory says."""
+    wanted = sorted(set(parts))
+    out: dict[int, bytes] = {}
+    i = 0
+    while i < len(wanted):
+        j = i + 1
+        while (
+            j < len(wanted)
+            and wanted[j] == wanted[j - 1] + 1
+            and int(d.at[wanted[j] + 1] - d.at[wanted[i]]) <= _READ_BYTES
+        ):
+            j += 1
+        first, last = wanted[i], wanted[j - 1]
+        lo, hi = int(d.at[first]), int(d.at[last + 1])
+        data = store.read(key, ByteRange(lo, hi))
+        if len(data) != hi - lo:
+            raise ManifestError(
+                f"{where}: the chunk index {key} holds {lo + len(data)} bytes where its "
+                f"directory needs {hi}: truncated?"
+            )
+        view = memoryview(data)
+        for p in range(first, last + 1):
+            out[p] = view[int(d.at[p]) - lo : int(d.at[p + 1]) - lo]
+        i = j
+    return out
+
+
+class _Mapped:
+    """A column of the loaded parts, indexed by global chunk number (ints or arrays)."""
+
+    def __init__(self, values: np.ndarray, base: np.ndarray, part_chunks: int, where: str):
+        self.values = values
+        self._base = base
+        self._k = part_chunks
+        self._where = where
+
+    def rows(self, index: Any) -> Any:
+        chunk = np.asarray(index, dtype=np.int64)
+        part = chunk // self._k
+        if chunk.size and (chunk.min() < 0 or part.max() >= len(self._base)):
+            raise ManifestError(f"{self._where}: a chunk number outside the chunk table")
+        base = self._base[part]
+        if chunk.size and (base < 0).any():
+            raise ManifestError(
+                f"{self._where}: chunk {int(chunk.flat[np.argmin(base)])} was not read from the "
+                "chunk index (a planning bug)"
+            )
+        return base + chunk - part * self._k
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.values[self.rows(index)]
+
+
+class IndexedChunks:
+    """The parts of a chunk table a rank read: the columns a :class:`ChunkTable` has,
+    indexed by global chunk number, holding only the chunks of the loaded parts."""
+
+    def __init__(self, d: IndexDirectory, block: int, parts: dict[int, PartColumns], where: str):
+        self.block_bytes = block
+        self.directory = d
+        self._parts = parts
+        self.loaded = sorted(parts)
+        base = np.full(d.parts, -1, dtype=np.int64)
+        row = 0
+        for p in self.loaded:
+            base[p] = row
+            row += d.chunks_of(p)
+        cols = [parts[p] for p in self.loaded]
+
+        def cat(name: str, dtype: Any) -> np.ndarray:
+            arrays = [getattr(c, name) for c in cols]
+            return np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
+
+        nbytes = cat("nbytes", np.int64)
+        blocks = np.maximum(1, -(-nbytes // block))
+        first = np.zeros(len(nbytes) + 1, dtype=np.int64)
+        np.cumsum(blocks, out=first[1:])
+        k = d.part_chunks
+        self.file = _Mapped(cat("file", np.int64), base, k, where)
+        self.offset = _Mapped(cat("offset", np.int64), base, k, where)
+        self.nbytes = _Mapped(nbytes, base, k, where)
+        self.crc_first = _Mapped(first[:-1], base, k, where)
+        self.crc32c = cat("crc32c", np.uint32)
+        self._count = d.count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def part(self, p: int) -> PartColumns:
+        return self._parts[p]
+
+    def crc_range(self, chunk: int) -> tuple[int, int]:
+        first = int(self.crc_first[chunk])
+        return first, first + max(1, -(-int(self.nbytes[chunk]) // self.block_bytes))
+
+
+def parts_of_chunks(chunks: np.ndarray, d: IndexDirectory) -> list[int]:
+    """The parts that hold ``chunks`` (global chunk numbers)."""
+    if not len(chunks):
+        return []
+    return np.unique(np.asarray(chunks, dtype=np.int64) // d.part_chunks).tolist()
