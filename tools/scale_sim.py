@@ -18,8 +18,12 @@ import time
 import numpy as np
 import torch
 
+from ckptstore import knobs
+from ckptstore.backends import MemoryStore
+from ckptstore.format.chunk_index import encode_index
+from ckptstore.format.data_files import data_key, rank_file_name
 from ckptstore.format.manifest import ChunkTable, Manifest, TensorRecord
-from ckptstore.loading.read_plan import Target, plan_reads
+from ckptstore.loading.read_plan import Target, chunks_needed, plan_reads
 from ckptstore.saving.plan import RankPlan, TensorDecl, plan_save
 
 LAYERS, HIDDEN, FFN, KV, VOCAB = 126, 16384, 53248, 1024, 128256
@@ -102,37 +106,57 @@ def simulate(ranks: int) -> dict[str, float | int]:
     plan = plan_save(plans)
     planning_s = time.perf_counter() - t
 
-    # The manifest the coordinator would commit: real layouts, a chunk table of the real
-    # size (offsets and checksums of a real save, here placeholders of the same width).
+    # The manifest the coordinator would commit (format 4: the chunk table in a chunk
+    # index): real layouts; real offsets (each writer's chunks back to back in its file, in
+    # table order); random checksums (they do not compress); file names as a save spreads
+    # them over 64 prefixes.
     t = time.perf_counter()
     n = plan.chunk_count
     block = 4 << 20
     nblocks = np.maximum(1, -(-plan.chunk_nbytes // block))
     writer = plan.chunk_writer.astype(np.int64)
     table = ChunkTable(
-        file=writer, offset=np.cumsum(plan.chunk_nbytes) - plan.chunk_nbytes,
-        nbytes=plan.chunk_nbytes, crc32c=np.arange(int(nblocks.sum()), dtype=np.uint32), block_bytes=block,
+        file=writer, offset=_file_offsets(writer, plan.chunk_nbytes), nbytes=plan.chunk_nbytes,
+        crc32c=np.random.default_rng(0).integers(0, 1 << 32, int(nblocks.sum()), dtype=np.uint32),
+        block_bytes=block,
     )  # fmt: skip
     tensors = {
         d.name: TensorRecord(d.dtype, d.shape, plan.chunk_start[g], plan.layouts[g])
         for g, d in enumerate(plan.tensors)
     }
-    files = [f"data/{r:05d}-0000000000-0.bin" for r in range(ranks)]
-    manifest = Manifest(ranks, files, table, tensors, {}, {})
+    files = [data_key(rank_file_name(r, f"{r * 2654435761 % (1 << 40):010x}", 0), 64)
+             for r in range(ranks)]  # fmt: skip
+    files.append(data_key(rank_file_name(0, "0" * 10, "index"), 64))
+    index_bytes, directory = encode_index(
+        table.file, table.offset, table.nbytes, table.crc32c, table.crc_first,
+        knobs.index_part_chunks(), len(files) - 1,
+    )  # fmt: skip
+    manifest = Manifest(ranks, files, table, tensors, {}, {}, index=directory)
     data = manifest.to_json()
     assemble_s = time.perf_counter() - t
+    store = MemoryStore(f"scale-sim-{ranks}")
+    store.write(files[-1], index_bytes)
 
+    # What one rank fetches and parses to restore: the manifest, then the parts of the
+    # chunk index its own boxes need (the last rank: the output layer's stage).
+    torch.empty((4, 4), device="meta")[1:2, 0:1].is_contiguous()  # warm torch's dispatcher
     t = time.perf_counter()
-    loaded = Manifest.from_json(data)
+    head = Manifest.from_json(data)
     parse_s = time.perf_counter() - t
+    targets = _targets(plans[-1], head)
+    t = time.perf_counter()
+    needed = chunks_needed(targets)
+    loaded = head.with_index(store, needed)
+    index_s = time.perf_counter() - t
+    parts = loaded.chunks.loaded
+    part_bytes = int(sum(int(directory.at[p + 1] - directory.at[p]) for p in parts))
 
     # One rank's load plan: the last rank (the output layer) re-loading its own shards.
-    # (A first slice of a meta tensor warms torch's dispatcher up, as a training process is.)
-    torch.empty((4, 4), device="meta")[1:2, 0:1].is_contiguous()
     t = time.perf_counter()
-    groups = plan_reads(loaded, _targets(plans[-1], loaded), 64 << 20, 256 << 10).groups
+    groups = plan_reads(loaded, targets, 64 << 20, 256 << 10).groups
     load_plan_s = time.perf_counter() - t
-    restore = _restore(plans, loaded, pp, dp)
+    restore = _restore(plans, manifest, pp, dp)
+    store.delete(files[-1])
     return {
         "case": "scale_sim",
         "ranks": ranks,
@@ -140,11 +164,13 @@ def simulate(ranks: int) -> dict[str, float | int]:
         "declared_chunks": int(sum(len(p.tensors) for p in plans)),
         "unique_chunks": n,
         "unique_bytes": int(plan.chunk_nbytes.sum()),
-        "manifest_bytes": len(data),
-        "manifest_mb": round(len(data) / 1e6, 2),
-        # What one rank fetches and parses to restore: today the whole manifest.
-        "rank_restore_fetch_bytes": len(data),
-        "rank_restore_parse_s": round(parse_s, 3),
+        "manifest_bytes": len(data) + len(index_bytes),
+        "manifest_mb": round((len(data) + len(index_bytes)) / 1e6, 2),
+        "manifest_json_bytes": len(data),
+        "chunk_index_bytes": len(index_bytes),
+        "rank_restore_fetch_bytes": len(data) + part_bytes,
+        "rank_restore_parse_s": round(parse_s + index_s, 3),
+        "rank_restore_index_parts": len(parts),
         "plan_s": round(planning_s, 3),
         "manifest_assemble_s": round(assemble_s, 3),
         "rank_load_plan_ms": round(load_plan_s * 1000, 2),
@@ -153,6 +179,18 @@ def simulate(ranks: int) -> dict[str, float | int]:
         "requests_per_save": _save_requests(plan),
         "sim_build_s": round(build_s, 2),
     }
+
+
+def _file_offsets(file: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+    """Each chunk's offset when every file holds its chunks back to back in table order."""
+    order = np.argsort(file, kind="stable")
+    sizes = nbytes[order]
+    ends = np.cumsum(sizes)
+    first = np.flatnonzero(np.r_[True, file[order][1:] != file[order][:-1]])
+    base = np.repeat(ends[first] - sizes[first], np.diff(np.r_[first, len(order)]))
+    out = np.empty_like(nbytes)
+    out[order] = ends - sizes - base
+    return out
 
 
 def _targets(me: RankPlan, loaded: Manifest, names: set[str] | None = None) -> list[Target]:

@@ -62,6 +62,8 @@ class LoadInfo:
     """Entries named in ``optional=`` that the checkpoint lacks (left as they were)."""
     bytes_received: int = 0
     """Bytes this rank received from ranks that read them for it (``share_reads``)."""
+    index_bytes_read: int = 0
+    """Bytes of the chunk index (format 4) this rank read: only the parts its tensors need."""
 
 
 def fetch_manifest(store: Store, coord: Coordinator) -> Manifest:
@@ -226,7 +228,15 @@ def load(
         },
         bytes_by_tier=by_tier,
         missing=missing,
+        index_bytes_read=_index_bytes(manifest),
     )
+
+
+def _index_bytes(manifest: Manifest) -> int:
+    """Bytes of the chunk index parts this load read (0: the table is inline)."""
+    d = manifest.index
+    parts = getattr(manifest.chunks, "loaded", ())
+    return 0 if d is None else sum(int(d.at[p + 1] - d.at[p]) for p in parts)
 
 
 def _shares_reads(store: Store, explicit: bool | None) -> bool:

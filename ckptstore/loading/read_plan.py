@@ -168,6 +168,9 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
     crc_col = table.crc32c[table.crc_first[chunk_col]] if n_simple else chunk_col
     ptr_col = np.array(ptrs, dtype=np.int64)
     room_col = np.fromiter(map(_NBYTES, dests), np.int64, len(dests))  # bytes of each dest
+    if not np.array_equal(nbytes, room_col):  # each is exactly its box: a stored size is not
+        bad = int(np.flatnonzero(nbytes != room_col)[0])
+        _check_stored_size(names[bad], chunks[bad], int(nbytes[bad]), int(room_col[bad]), None)
     groups: list[Request] = []
     for lo, hi, g_start, g_end in coalesce(files[order], starts[order], ends[order], gap, window):
         items = order[lo:hi]
