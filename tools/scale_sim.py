@@ -138,18 +138,26 @@ def simulate(ranks: int) -> dict[str, float | int]:
     store.write(files[-1], index_bytes)
 
     # What one rank fetches and parses to restore: the manifest, then the parts of the
-    # chunk index its own boxes need (the last rank: the output layer's stage).
+    # chunk index its own boxes need. Measured for the last rank (the output layer's stage)
+    # and the first rank of stage 1 (a full stage of layers, with data in every moment
+    # shard); the larger of the two is reported.
     torch.empty((4, 4), device="meta")[1:2, 0:1].is_contiguous()  # warm torch's dispatcher
-    t = time.perf_counter()
-    head = Manifest.from_json(data)
-    parse_s = time.perf_counter() - t
-    targets = _targets(plans[-1], head)
-    t = time.perf_counter()
-    needed = chunks_needed(targets)
-    loaded = head.with_index(store, needed)
-    index_s = time.perf_counter() - t
-    parts = loaded.chunks.loaded
-    part_bytes = int(sum(int(directory.at[p + 1] - directory.at[p]) for p in parts))
+    fetched, parsed, parts_read = 0, 0.0, 0
+    for me in (plans[-1], plans[min(len(plans) - 1, dp * TP)]):
+        t = time.perf_counter()
+        head = Manifest.from_json(data)
+        parse_s = time.perf_counter() - t
+        targets = _targets(me, head)
+        t = time.perf_counter()
+        loaded = head.with_index(store, chunks_needed(targets))
+        index_s = time.perf_counter() - t
+        parts = loaded.chunks.loaded
+        part_bytes = int(sum(int(directory.at[p + 1] - directory.at[p]) for p in parts))
+        fetched = max(fetched, len(data) + part_bytes)
+        parsed = max(parsed, parse_s + index_s)
+        parts_read = max(parts_read, len(parts))
+    targets = _targets(plans[-1], head)  # the load plan below: the last rank's
+    loaded = head.with_index(store, chunks_needed(targets))
 
     # One rank's load plan: the last rank (the output layer) re-loading its own shards.
     t = time.perf_counter()
@@ -168,9 +176,9 @@ def simulate(ranks: int) -> dict[str, float | int]:
         "manifest_mb": round((len(data) + len(index_bytes)) / 1e6, 2),
         "manifest_json_bytes": len(data),
         "chunk_index_bytes": len(index_bytes),
-        "rank_restore_fetch_bytes": len(data) + part_bytes,
-        "rank_restore_parse_s": round(parse_s + index_s, 3),
-        "rank_restore_index_parts": len(parts),
+        "rank_restore_fetch_bytes": fetched,
+        "rank_restore_parse_s": round(parsed, 3),
+        "rank_restore_index_parts": parts_read,
         "plan_s": round(planning_s, 3),
         "manifest_assemble_s": round(assemble_s, 3),
         "rank_load_plan_ms": round(load_plan_s * 1000, 2),

@@ -117,6 +117,12 @@ def read_manifest_bytes(store: Store, prefix: str = "") -> bytes:
     raise CheckpointNotFoundError(f"{store.url}: no checkpoint here (no {MANIFEST_KEY})")
 
 
+def read_manifest_head(store: Store) -> Manifest:
+    """The committed manifest without reading a chunk index (format 4): enough for its
+    files, tensors and metadata (what housekeeping needs), not for reading chunks."""
+    return Manifest.from_json(read_manifest_bytes(store), where=store.url)
+
+
 def read_manifest(store: Store) -> Manifest:
     """The committed manifest with its whole chunk table (a chunk index read and checked)."""
     return Manifest.from_json(read_manifest_bytes(store), where=store.url).with_index(store)

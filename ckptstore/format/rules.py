@@ -91,14 +91,43 @@ def check_names(where: str, kind: str, names: Iterable[Any]) -> None:
         fail(where, f"{kind} {problem}")
 
 
+_KEY_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-/\n"
+_LONG_PART = re.compile(r"[^/\n]{256}")
+
+
+def _all_plain_keys(files: list[str]) -> bool:
+    """Whether every key matches ``_FILE_KEY`` without ``..``: the same rules as string
+    scans over all keys at once (a 100,000-rank checkpoint lists 100,000 files; one regex
+    match per key would cost 100 ms). Each line of the joined keys starts with ``data/``;
+    only allowed characters; no empty component, none starting with a dot, none longer
+    than 255; no ``..``."""
+    if not files:
+        return True
+    joined = "\n".join(files) + "\n"
+    if not joined.isascii():
+        return False
+    raw = joined.encode("ascii")
+    return (
+        raw.startswith(b"data/")
+        and raw.count(b"\ndata/") == len(files) - 1
+        and not raw.translate(None, _KEY_CHARS)
+        and b"//" not in raw
+        and b"/\n" not in raw
+        and b"/." not in raw
+        and b".." not in raw
+        and (max(map(len, files)) <= 260 or _LONG_PART.search(joined) is None)
+    )
+
+
 def check_file_keys(where: str, files: Any) -> list[str]:
     """Data file keys: ``data/...`` of plain path components (no ``..``, no absolute path,
     no backslash), unique."""
     if not isinstance(files, list) or not set(map(type, files)) <= {str}:
         fail(where, "files must be a list of strings")
-    for key in files:
-        if not _FILE_KEY.fullmatch(key) or ".." in key:
-            fail(where, f"data file key {key[:120]!r} is not of the form data/NAME")
+    if not _all_plain_keys(files):  # the fast test failed: name the first bad key
+        for key in files:
+            if not _FILE_KEY.fullmatch(key) or ".." in key:
+                fail(where, f"data file key {key[:120]!r} is not of the form data/NAME")
     if len(set(files)) != len(files):
         fail(where, "a data file is listed twice")
     return files

@@ -415,12 +415,12 @@ class CheckpointManager:
         return self._coord.broadcast(agreed)
 
     def _complete_locally(self, step: int) -> bool:
-        from ckptstore.format.commit_point import read_manifest
+        from ckptstore.format.commit_point import read_manifest_head
 
         assert self.local_dir is not None
         store = catalog.step_store(self.local_dir, step)
         try:
-            files = read_manifest(store).files
+            files = read_manifest_head(store).files
         except CkptStoreError:
             return False
         present = set(store.list(DATA_PREFIX))
