@@ -20,7 +20,7 @@ import torch
 import ckptstore as cs
 from ckptstore.errors import ManifestError
 from ckptstore.format.checksum import crc32c
-from ckptstore.format.chunk_index import encode_index
+from ckptstore.format.chunk_index import encode_index, encode_names
 from ckptstore.format.verify import verify_checkpoint
 from ckptstore.ops.copy import copy_checkpoint
 from ckptstore.ops.gc import find_garbage
@@ -53,8 +53,7 @@ def _saved(path: str) -> str:
 
 
 def _index_path(ckpt: str) -> str:
-    doc = hostile.read_doc(ckpt)
-    return os.path.join(ckpt, doc["files"][doc["chunks"]["index"]["file"]])
+    return os.path.join(ckpt, hostile.read_doc(ckpt)["chunks"]["index"]["key"])
 
 
 def test_a_large_table_goes_to_a_chunk_index_and_loads_bit_exact(tmp_path, indexed) -> None:
@@ -62,15 +61,18 @@ def test_a_large_table_goes_to_a_chunk_index_and_loads_bit_exact(tmp_path, index
     doc = hostile.read_doc(ckpt)
     assert doc["format_version"] == 4
     assert set(doc["chunks"]) == {"count", "block_bytes", "index"}
-    assert doc["files"][-1].endswith("-index.bin") and os.path.getsize(_index_path(ckpt)) > 0
+    assert doc["chunks"]["index"]["key"].endswith("-index.bin")
+    assert doc["files"]["count"] == 2  # the data file and the index: their keys in the index
     dest = _state(zero=True)
     info = cs.load(dest, ckpt)
     expected = _state()
     assert all(torch.equal(dest[k], expected[k]) for k in expected if k != "step")
     assert dest["step"] == 7
-    assert info.index_bytes_read == os.path.getsize(_index_path(ckpt))  # every tensor: all
-    table = cs.open(ckpt).manifest.chunks  # the tools read the whole table
-    assert len(table) == doc["chunks"]["count"] == 25
+    assert 0 < info.index_bytes_read < os.path.getsize(_index_path(ckpt))  # all chunk parts
+    manifest = cs.open(ckpt).manifest  # the tools read the whole table
+    assert len(manifest.chunks) == doc["chunks"]["count"] == 25
+    assert sorted(manifest.files) == sorted(f"data/{f}" for f in os.listdir(f"{ckpt}/data"))
+    assert manifest.files[-1] == doc["chunks"]["index"]["key"]
     ck = cs.open(ckpt)
     assert verify_checkpoint(ck.store, ck.manifest).chunks == 25
 
@@ -138,10 +140,12 @@ def _recrafted(ckpt: str, change) -> None:
     cols = change(*cols) or cols
     first = np.zeros(len(cols[2]) + 1, dtype=np.int64)
     np.cumsum(np.maximum(1, -(-cols[2] // t.block_bytes)), out=first[1:])
-    data, d = encode_index(*cols, first, PART, m.index.file)
-    Path(_index_path(ckpt)).write_bytes(data)
+    data, d = encode_index(*cols, first, PART, m.index.file, m.index.key)
+    names, nd = encode_names(list(m.files), PART, len(data))
+    Path(_index_path(ckpt)).write_bytes(data + names)
     doc = hostile.read_doc(ckpt)
     doc["chunks"]["index"] = d.to_json(hostile.pack)
+    doc["files"] = nd.to_json(hostile.pack)
     hostile.write_doc(ckpt, doc)
 
 
@@ -159,7 +163,7 @@ def test_a_chunk_that_points_into_the_index_itself_is_refused(tmp_path, indexed)
     ckpt = _saved(str(tmp_path / "c"))
 
     def into_index(file, offset, nbytes, crcs):
-        file[0] = len(hostile.read_doc(ckpt)["files"]) - 1
+        file[0] = hostile.read_doc(ckpt)["chunks"]["index"]["file"]
 
     _recrafted(ckpt, into_index)
     _load_fails(ckpt, "names a file outside files[]")
@@ -207,6 +211,8 @@ def _rewrite_part(ckpt: str, part: int, columns: bytes, crcs: bytes) -> None:
     Path(_index_path(ckpt)).write_bytes(new)
     ix.update(at=hostile.pack(at, "<u8"), deflated=hostile.pack(deflated, "<u4"))
     ix["crc32c"] = hostile.pack(sums, "<u4")
+    names_at = hostile.unpack(doc["files"]["at"], "<u8").astype(np.int64) + grow
+    doc["files"]["at"] = hostile.pack(names_at, "<u8")
     hostile.write_doc(ckpt, doc)
 
 
@@ -241,3 +247,20 @@ def test_small_checkpoints_keep_the_table_inline_as_format_3(tmp_path) -> None:
     ckpt = _saved(str(tmp_path / "c"))
     doc = json.loads(Path(os.path.join(ckpt, "manifest.json")).read_bytes())
     assert doc["format_version"] == 3 and "offset" in doc["chunks"]
+
+
+def test_a_damaged_or_hostile_file_name_part_is_refused(tmp_path, indexed) -> None:
+    ckpt = _saved(str(tmp_path / "c"))
+    m = cs.open(ckpt).manifest
+    doc = hostile.read_doc(ckpt)
+    data = Path(_index_path(ckpt)).read_bytes()
+    start = int(hostile.unpack(doc["files"]["at"], "<u8")[0])
+    Path(_index_path(ckpt)).write_bytes(data[:start] + bytes([data[start] ^ 1]) + data[start + 1 :])
+    _load_fails(ckpt, "file name part 0", "crc32c")
+    keys = list(m.files)
+    keys[0] = "data/../../outside.bin"  # signed as if the save had written it
+    names, nd = encode_names(keys, PART, start)
+    Path(_index_path(ckpt)).write_bytes(data[:start] + names)
+    doc["files"] = nd.to_json(hostile.pack)
+    hostile.write_doc(ckpt, doc)
+    _load_fails(ckpt, "data/../../outside.bin", "is not of the form data/NAME")

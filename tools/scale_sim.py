@@ -18,12 +18,11 @@ import time
 import numpy as np
 import torch
 
-from ckptstore import knobs
 from ckptstore.backends import MemoryStore
-from ckptstore.format.chunk_index import encode_index
 from ckptstore.format.data_files import data_key, rank_file_name
 from ckptstore.format.manifest import ChunkTable, Manifest, TensorRecord
 from ckptstore.loading.read_plan import Target, chunks_needed, plan_reads
+from ckptstore.saving.commit import write_chunk_index
 from ckptstore.saving.plan import RankPlan, TensorDecl, plan_save
 
 LAYERS, HIDDEN, FFN, KV, VOCAB = 126, 16384, 53248, 1024, 128256
@@ -126,16 +125,13 @@ def simulate(ranks: int) -> dict[str, float | int]:
     }
     files = [data_key(rank_file_name(r, f"{r * 2654435761 % (1 << 40):010x}", 0), 64)
              for r in range(ranks)]  # fmt: skip
-    files.append(data_key(rank_file_name(0, "0" * 10, "index"), 64))
-    index_bytes, directory = encode_index(
-        table.file, table.offset, table.nbytes, table.crc32c, table.crc_first,
-        knobs.index_part_chunks(), len(files) - 1,
-    )  # fmt: skip
-    manifest = Manifest(ranks, files, table, tensors, {}, {}, index=directory)
+    store = MemoryStore(f"scale-sim-{ranks}")
+    manifest, (index_key, index_bytes) = write_chunk_index(
+        store, Manifest(ranks, files, table, tensors, {}, {}), 64
+    )
+    directory = manifest.index
     data = manifest.to_json()
     assemble_s = time.perf_counter() - t
-    store = MemoryStore(f"scale-sim-{ranks}")
-    store.write(files[-1], index_bytes)
 
     # What one rank fetches and parses to restore: the manifest, then the parts of the
     # chunk index its own boxes need. Measured for the last rank (the output layer's stage)
@@ -145,14 +141,18 @@ def simulate(ranks: int) -> dict[str, float | int]:
     fetched, parsed, parts_read = 0, 0.0, 0
     for me in (plans[-1], plans[min(len(plans) - 1, dp * TP)]):
         t = time.perf_counter()
-        head = Manifest.from_json(data)
+        head = Manifest.from_json(data, store=store)
         parse_s = time.perf_counter() - t
         targets = _targets(me, head)
         t = time.perf_counter()
-        loaded = head.with_index(store, chunks_needed(targets))
+        needed = chunks_needed(targets)
+        loaded = head.with_index(store, needed)
+        for file in np.unique(loaded.chunks.file[needed]).tolist():
+            loaded.files[file]  # the keys of the files it reads (as its reader will)
         index_s = time.perf_counter() - t
         parts = loaded.chunks.loaded
         part_bytes = int(sum(int(directory.at[p + 1] - directory.at[p]) for p in parts))
+        part_bytes += head.files.fetched_bytes  # the name parts of the files it reads
         fetched = max(fetched, len(data) + part_bytes)
         parsed = max(parsed, parse_s + index_s)
         parts_read = max(parts_read, len(parts))
@@ -164,7 +164,7 @@ def simulate(ranks: int) -> dict[str, float | int]:
     groups = plan_reads(loaded, targets, 64 << 20, 256 << 10).groups
     load_plan_s = time.perf_counter() - t
     restore = _restore(plans, manifest, pp, dp)
-    store.delete(files[-1])
+    store.delete(index_key)
     return {
         "case": "scale_sim",
         "ranks": ranks,

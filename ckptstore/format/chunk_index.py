@@ -21,18 +21,19 @@ checked before any of it is used (``docs/format.md``, "The chunk index").
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
 from ckptstore.backends.base import ByteRange, Store
-from ckptstore.errors import ManifestError
+from ckptstore.errors import KeyNotFoundError, ManifestError
 from ckptstore.format import rules
 from ckptstore.format.checksum import crc32c
 
 MAX_PART_CHUNKS = 1 << 20
+MAX_KEY_CHARS = 4096  # the longest data file key a name part may hold
 _COLUMN_BYTES = 4 + 8 + 8  # file, offset, nbytes per chunk (inflated)
 _READ_BYTES = 8 << 20  # the largest single read of consecutive parts
 
@@ -49,6 +50,12 @@ class IndexDirectory:
     at: np.ndarray  # int64, parts + 1
     deflated: np.ndarray  # int64, parts
     crc32c: np.ndarray  # uint32, parts
+    key: str = ""
+    """The index file's key (also ``files[file]``): readable before any data file key."""
+    stored_bytes: int = -1
+    """Stored bytes of all chunks (what ``ckpt ls`` shows without reading the index)."""
+    names: NameDirectory | None = None
+    """Where the data file keys are, when they are in the index file too."""
 
     @property
     def parts(self) -> int:
@@ -58,11 +65,18 @@ class IndexDirectory:
         return min(self.count, (part + 1) * self.part_chunks) - part * self.part_chunks
 
     def nbytes(self) -> int:
+        """Bytes of the chunk parts (the file name parts, if any, follow them)."""
         return int(self.at[-1]) if len(self.at) else 0
+
+    def file_bytes(self) -> int:
+        """Bytes of the whole index file."""
+        return int(self.names.at[-1]) if self.names is not None else self.nbytes()
 
     def to_json(self, pack: Any) -> dict[str, Any]:
         return {
             "file": self.file,
+            "key": self.key,
+            "stored_bytes": self.stored_bytes,
             "part_chunks": self.part_chunks,
             "at": pack(self.at, "<u8"),
             "deflated": pack(self.deflated, "<u4"),
@@ -76,7 +90,15 @@ class IndexDirectory:
         """Parse and check a directory: parts in order, back to back, each large enough for
         its columns and a whole number of checksums (one at least per chunk)."""
         rules.check_keys(
-            where, "chunks.index", doc, {"file", "part_chunks", "at", "deflated", "crc32c"}, set()
+            where,
+            "chunks.index",
+            doc,
+            {"file", "key", "stored_bytes", "part_chunks", "at", "deflated", "crc32c"},
+            set(),
+        )
+        key = rules.check_file_keys(where, [doc["key"]])[0]
+        stored = rules.check_int(
+            where, "chunks.index.stored_bytes", doc["stored_bytes"], 0, 1 << 62
         )
         file = rules.check_int(where, "chunks.index.file", doc["file"], 0, n_files - 1)
         k = rules.check_int(
@@ -104,7 +126,7 @@ class IndexDirectory:
             or (tail % 4).any()
         ):
             raise ManifestError(f"{where}: the chunk index directory has impossible part sizes")
-        return cls(file, count, k, at, deflated, crcs)
+        return cls(file, count, k, at, deflated, crcs, key, stored)
 
 
 def encode_index(
@@ -115,8 +137,9 @@ def encode_index(
     crc_first: np.ndarray,
     part_chunks: int,
     index_file: int,
+    key: str = "",
 ) -> tuple[bytes, IndexDirectory]:
-    """The index file's bytes and its directory for a chunk table's columns."""
+    """The chunk parts of an index file and their directory, for a chunk table's columns."""
     count = len(file)
     pieces: list[bytes] = []
     at, deflated, sums = [0], [], []
@@ -139,6 +162,8 @@ def encode_index(
         np.array(at, dtype=np.int64),
         np.array(deflated, dtype=np.int64),
         np.array(sums, dtype=np.uint32),
+        key,
+        int(nbytes.sum()),
     )
     return b"".join(pieces), directory
 
@@ -316,3 +341,183 @@ def parts_of_chunks(chunks: np.ndarray, d: IndexDirectory) -> list[int]:
     if not len(chunks):
         return []
     return np.unique(np.asarray(chunks, dtype=np.int64) // d.part_chunks).tolist()
+
+
+# -- the data file names (format 4) ----------------------------------------------------------
+@dataclass(frozen=True)
+class NameDirectory:
+    """Where the data file keys are in the index file: part ``q`` holds keys
+    ``[q * per_part, min(count, (q + 1) * per_part))``, deflated, newline-terminated, at
+    bytes ``at[q]..at[q + 1]``. The index file's own key is also in the manifest, so that
+    it can be read before any name part."""
+
+    count: int
+    per_part: int
+    at: np.ndarray  # int64, parts + 1
+    crc32c: np.ndarray  # uint32, parts
+
+    @property
+    def parts(self) -> int:
+        return len(self.crc32c)
+
+    def names_of(self, part: int) -> int:
+        return min(self.count, (part + 1) * self.per_part) - part * self.per_part
+
+    def to_json(self, pack: Any) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "per_part": self.per_part,
+            "at": pack(self.at, "<u8"),
+            "crc32c": pack(self.crc32c, "<u4"),
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any, unpack: Any, where: str) -> NameDirectory:
+        rules.check_keys(where, "files", doc, {"count", "per_part", "at", "crc32c"}, set())
+        count = rules.check_int(where, "files.count", doc["count"], 1, rules.MAX_CHUNKS)
+        k = rules.check_int(where, "files.per_part", doc["per_part"], 1, MAX_PART_CHUNKS)
+        at = unpack(doc["at"], "<u8").astype(np.int64)
+        crcs = unpack(doc["crc32c"], "<u4")
+        parts = -(-count // k)
+        size = np.diff(at)
+        if len(at) != parts + 1 or len(crcs) != parts:
+            raise ManifestError(f"{where}: the file name directory does not describe {count} keys")
+        if (at < 0).any() or int(at[-1]) > 1 << 62 or (size < 8).any():
+            raise ManifestError(f"{where}: the file name directory has impossible part sizes")
+        return cls(count, k, at, crcs)
+
+
+def encode_names(files: list[str], per_part: int, start: int) -> tuple[bytes, NameDirectory]:
+    """The name parts of ``files`` (placed from byte ``start`` of the index file)."""
+    pieces, at, sums = [], [start], []
+    for lo in range(0, len(files), per_part):
+        part = zlib.compress("".join(f + "\n" for f in files[lo : lo + per_part]).encode(), 6)
+        pieces.append(part)
+        sums.append(crc32c(part))
+        at.append(at[-1] + len(part))
+    d = NameDirectory(len(files), per_part, np.array(at, np.int64), np.array(sums, np.uint32))
+    return b"".join(pieces), d
+
+
+def decode_names(data: bytes | memoryview, part: int, d: NameDirectory, where: str) -> list[str]:
+    """Verify, inflate (at most what its key count allows) and check name part ``part``."""
+    if len(data) != int(d.at[part + 1] - d.at[part]):
+        raise ManifestError(f"{where}: file name part {part} of the chunk index is truncated")
+    if crc32c(data) != int(d.crc32c[part]):
+        raise ManifestError(
+            f"{where}: file name part {part} of the chunk index fails its crc32c: damaged "
+            "after the save"
+        )
+    n = d.names_of(part)
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(bytes(data), n * (MAX_KEY_CHARS + 1))
+    except zlib.error as exc:
+        raise ManifestError(f"{where}: file name part {part} does not inflate: {exc}") from None
+    if not inflater.eof or inflater.unconsumed_tail or not text.endswith(b"\n"):
+        raise ManifestError(f"{where}: file name part {part} is not {n} whole keys")
+    try:
+        names = text.decode("ascii").split("\n")[:-1]
+    except UnicodeDecodeError:
+        raise ManifestError(f"{where}: file name part {part}: a key is not ASCII") from None
+    if len(names) != n:
+        raise ManifestError(f"{where}: file name part {part} holds {len(names)} keys, not {n}")
+    rules.check_file_keys(where, names)
+    return names
+
+
+class FileNames(Sequence[str]):
+    """The data file keys of a format-4 manifest, read from its index file part by part as
+    they are used (a rank that restores needs a few of a 100,000-rank job's keys); every key
+    is checked (``rules.check_file_keys``) before it is returned, and the whole list for
+    duplicates when it is read whole."""
+
+    def __init__(
+        self, store: Store | None, index_key: str, index_pos: int, d: NameDirectory, where: str
+    ) -> None:
+        self._store, self._key, self._d, self._where = store, index_key, d, where
+        self._parts: dict[int, list[str]] = {}
+        self._known = {index_pos: index_key}
+        self._whole: list[str] | None = None
+        self.fetched_bytes = 0  # of name parts read so far
+
+    def __len__(self) -> int:
+        return self._d.count
+
+    @property
+    def directory(self) -> NameDirectory:
+        return self._d
+
+    @property
+    def store(self) -> Store | None:
+        return self._store
+
+    def bind(self, store: Store) -> None:
+        """Read the keys from ``store`` (the checkpoint's), if no store was given."""
+        if self._store is None:
+            self._store = store
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        if isinstance(i, slice):
+            return self.whole()[i]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"data file {i} of {len(self)}")
+        if i in self._known and self._whole is None:
+            return self._known[i]
+        part = i // self._d.per_part
+        if part not in self._parts:
+            self._read([part])
+        return self._parts[part][i - part * self._d.per_part]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.whole())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"FileNames({len(self)} keys in {self._key})"
+
+    def whole(self) -> list[str]:
+        """Every key (all parts read), checked for duplicates."""
+        if self._whole is None:
+            self._read([q for q in range(self._d.parts) if q not in self._parts])
+            keys = [k for q in range(self._d.parts) for k in self._parts[q]]
+            if len(set(keys)) != len(keys):
+                raise ManifestError(f"{self._where}: a data file is listed twice")
+            for pos, key in self._known.items():
+                if keys[pos] != key:
+                    raise ManifestError(f"{self._where}: the chunk index is not at files[{pos}]")
+            self._whole = keys
+        return self._whole
+
+    def _read(self, parts: list[int]) -> None:
+        if not parts:
+            return
+        if self._store is None:
+            raise ManifestError(
+                f"{self._where}: the data file list is in the chunk index; read the manifest "
+                "with its store"
+            )
+        d = self._d
+        for q in parts:  # name parts are few and small: one read each
+            lo, hi = int(d.at[q]), int(d.at[q + 1])
+            try:
+                data = self._store.read(self._key, ByteRange(lo, hi))
+            except KeyNotFoundError:
+                raise ManifestError(
+                    f"{self._where}: the chunk index {self._key} is missing"
+                ) from None
+            self.fetched_bytes += len(data)
+            names = decode_names(data, q, d, self._where)
+            first = q * d.per_part
+            for pos, key in self._known.items():
+                if first <= pos < first + len(names) and names[pos - first] != key:
+                    raise ManifestError(f"{self._where}: the chunk index is not at files[{pos}]")
+            self._parts[q] = names

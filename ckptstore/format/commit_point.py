@@ -79,11 +79,15 @@ def delete_replaced(store: Store, replaced: bytes | None, manifest: Manifest) ->
     if replaced is None:
         return 0
     try:
-        old = Manifest.from_json(replaced, where=store.url)
+        old = Manifest.from_json(replaced, where=store.url, store=store)
     except CkptStoreError:
         return 0  # a damaged old manifest names nothing we can trust
     live = set(manifest.files)
-    gone = [key for key in old.files if key not in live]
+    try:
+        gone = [key for key in old.files if key not in live]
+    except CkptStoreError:
+        return 0  # the old chunk index is gone or damaged: nothing we can trust
+
     for key in gone:
         store.delete(key)
     return len(gone)
@@ -120,9 +124,10 @@ def read_manifest_bytes(store: Store, prefix: str = "") -> bytes:
 def read_manifest_head(store: Store) -> Manifest:
     """The committed manifest without reading a chunk index (format 4): enough for its
     files, tensors and metadata (what housekeeping needs), not for reading chunks."""
-    return Manifest.from_json(read_manifest_bytes(store), where=store.url)
+    return Manifest.from_json(read_manifest_bytes(store), where=store.url, store=store)
 
 
 def read_manifest(store: Store) -> Manifest:
     """The committed manifest with its whole chunk table (a chunk index read and checked)."""
-    return Manifest.from_json(read_manifest_bytes(store), where=store.url).with_index(store)
+    data = read_manifest_bytes(store)
+    return Manifest.from_json(data, where=store.url, store=store).with_index(store)

@@ -28,8 +28,10 @@ from ckptstore.errors import KeyNotFoundError, ManifestError
 from ckptstore.format import rules
 from ckptstore.format.checksum import crc32c
 from ckptstore.format.chunk_index import (
+    FileNames,
     IndexDirectory,
     IndexedChunks,
+    NameDirectory,
     PartColumns,
     decode_part,
     parts_of_chunks,
@@ -228,6 +230,8 @@ class Manifest:
         return sum(map(mul, numels, map(_ITEMSIZE.__getitem__, map(_DTYPE_OF, records))))
 
     def stored_bytes(self) -> int:
+        if self.index is not None and isinstance(self.chunks, IndexedChunks):
+            return self.index.stored_bytes  # the table is not read whole
         return int(self.chunks.nbytes.sum())
 
     def blobs(self) -> list[tuple[str, BlobRef]]:
@@ -262,7 +266,7 @@ class Manifest:
         for _, b in self.blobs():
             ends[b.file] = max(int(ends[b.file]), b.offset + b.nbytes)
         if self.index is not None:
-            ends[self.index.file] = self.index.nbytes()
+            ends[self.index.file] = self.index.file_bytes()
         return ends.tolist()
 
     # -- the chunk index (format 4) ------------------------------------------------------
@@ -281,9 +285,11 @@ class Manifest:
         if d is None:
             return self
         where = where or store.url
+        if isinstance(self.files, FileNames):
+            self.files.bind(store)
         parts = range(d.parts) if chunks is None else parts_of_chunks(chunks, d)
         wanted = [p for p in parts if p not in getattr(self.chunks, "loaded", ())]
-        key = self.files[d.file]
+        key = d.key or self.files[d.file]
         try:
             raw = read_parts(store, key, d, wanted, where) if wanted else {}
         except KeyNotFoundError:
@@ -295,6 +301,8 @@ class Manifest:
                 decoded[p] = self.chunks.part(p)
         if chunks is not None:
             return replace(self, chunks=IndexedChunks(d, block, decoded, where))
+        if isinstance(self.files, FileNames):
+            self.files.whole()  # every key read and checked, as an inline list is
         return replace(self, chunks=self._full_table(d, block, decoded, where))
 
     def _full_table(
@@ -313,6 +321,8 @@ class Manifest:
         for t in records:
             _fill_raw_nbytes(t, raw)
         rules.check_total(where, "stored chunks", int(nbytes.sum(dtype=np.float64)))
+        if d.stored_bytes >= 0 and int(nbytes.sum()) != d.stored_bytes:
+            raise ManifestError(f"{where}: chunks.index.stored_bytes does not add up")
         _check_chunk_sizes(nbytes, raw, [t for t in records if t.codec], where)
         return ChunkTable(cat("file", np.int64), cat("offset", np.int64), nbytes,
                           cat("crc32c", np.uint32), block)  # fmt: skip
@@ -328,9 +338,12 @@ class Manifest:
         )
         chunks: dict[str, Any] = {"count": len(self.chunks), "block_bytes": self.chunks.block_bytes}
         version = self.format_version
+        files: Any = list(self.files) if isinstance(self.files, FileNames) else self.files
         if self.index is not None:
             chunks["index"] = self.index.to_json(_pack)
             version = max(version, 4)
+            if self.index.names is not None:
+                files = self.index.names.to_json(_pack)
         else:
             chunks["file"] = _pack(self.chunks.file, "<u4")
             chunks["offset"] = _pack(self.chunks.offset, "<u8")
@@ -343,7 +356,7 @@ class Manifest:
             "created_unix": self.created_unix,
             "world_size": self.world_size,
             "byte_order": "little",
-            "files": self.files,
+            "files": files,
             "chunks": chunks,
             "tensors": _tensor_table_to_json(self.tensors, grid_column=version >= 3),
             "objects": {name: _object_to_json(o) for name, o in self.objects.items()},
@@ -356,13 +369,19 @@ class Manifest:
         return encode_manifest(doc)
 
     @classmethod
-    def from_json(cls, data: bytes, where: str = "manifest") -> Manifest:
-        """Parse and validate a manifest; any defect raises :class:`ManifestError`."""
+    def from_json(
+        cls, data: bytes, where: str = "manifest", store: Store | None = None
+    ) -> Manifest:
+        """Parse and validate a manifest; any defect raises :class:`ManifestError`.
+
+        ``store`` is the checkpoint's: a format-4 manifest reads its data file keys from its
+        chunk index there, as they are used (:class:`~ckptstore.format.chunk_index.FileNames`).
+        """
         with gc_paused():
-            return cls._from_json(data, where)
+            return cls._from_json(data, where, store)
 
     @classmethod
-    def _from_json(cls, data: bytes, where: str) -> Manifest:
+    def _from_json(cls, data: bytes, where: str, store: Store | None = None) -> Manifest:
         signed = check_manifest_checksum(data, where)
         try:
             doc = json.loads(data)
@@ -373,7 +392,7 @@ class Manifest:
         except RecursionError:
             raise ManifestError(f"{where}: JSON nested too deeply to be a manifest") from None
         try:
-            return _manifest_from_doc(doc, where, signed)
+            return _manifest_from_doc(doc, where, signed, store)
         except ManifestError:
             raise
         except (
@@ -405,7 +424,7 @@ _TOP_KEYS = {
 _CHUNK_KEYS = {"count", "block_bytes", "file", "offset", "crc32c"}
 
 
-def _manifest_from_doc(doc: Any, where: str, signed: bool) -> Manifest:
+def _manifest_from_doc(doc: Any, where: str, signed: bool, store: Store | None = None) -> Manifest:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
         raise ManifestError(f"{where}: not a {FORMAT_NAME} manifest")
     version = doc.get("format_version")
@@ -424,12 +443,14 @@ def _manifest_from_doc(doc: Any, where: str, signed: bool) -> Manifest:
     if doc.get("byte_order", "little") != "little":
         raise ManifestError(f"{where}: byte_order {doc.get('byte_order')!r} is not supported")
     world_size = rules.check_int(where, "world_size", doc["world_size"], 1, rules.MAX_WORLD_SIZE)
-    files = rules.check_file_keys(where, doc["files"])
     c = doc["chunks"]
     indexed = version >= 4 and isinstance(c, dict) and "index" in c
+    files: list[str] | FileNames
     if indexed:
         rules.check_keys(where, "chunks", c, {"count", "block_bytes", "index"}, set())
+        files = _indexed_files(doc["files"], c["index"], store, where)
     else:
+        files = rules.check_file_keys(where, doc["files"])
         rules.check_keys(where, "chunks", c, _CHUNK_KEYS, {"nbytes"})
     block = rules.check_int(where, "chunks.block_bytes", c["block_bytes"], 1, rules.MAX_BLOCK_BYTES)
     table_cols = _tensor_table_from_json(doc["tensors"], where)
@@ -450,6 +471,10 @@ def _manifest_from_doc(doc: Any, where: str, signed: bool) -> Manifest:
     if indexed:
         count = rules.check_int(where, "chunks.count", c["count"], 0, rules.MAX_CHUNKS)
         index = IndexDirectory.from_json(c["index"], count, len(files), _unpack, where)
+        if isinstance(files, FileNames):
+            if int(files.directory.at[0]) != index.nbytes() or index.key != files[index.file]:
+                raise ManifestError(f"{where}: the file name parts do not follow the chunk parts")
+            index = replace(index, names=files.directory)
         _check_chunk_ranges(tensors, per_rank, table_cols, others, count, where)
         table = IndexedChunks(index, block, {}, where)  # parts are read as needed
     else:
@@ -476,6 +501,21 @@ def _manifest_from_doc(doc: Any, where: str, signed: bool) -> Manifest:
         format_version=version,
         index=index,
     )
+
+
+def _indexed_files(
+    files_doc: Any, index_doc: Any, store: Store | None, where: str
+) -> list[str] | FileNames:
+    """The data file keys of a format-4 manifest: a list, or (as saves write it) a directory
+    of name parts in the chunk index, read as the keys are used."""
+    if isinstance(files_doc, list):
+        return rules.check_file_keys(where, files_doc)
+    names = NameDirectory.from_json(files_doc, _unpack, where)
+    if not isinstance(index_doc, dict) or "key" not in index_doc or "file" not in index_doc:
+        raise ManifestError(f"{where}: chunks.index must name its key and position")
+    key = rules.check_file_keys(where, [index_doc["key"]])[0]
+    pos = rules.check_int(where, "chunks.index.file", index_doc["file"], 0, names.count - 1)
+    return FileNames(store, key, pos, names, where)
 
 
 def _inline_table(

@@ -77,7 +77,7 @@ def fetch_manifest(store: Store, coord: Coordinator) -> Manifest:
             payload = coord.from_coordinator(lambda: read_manifest_bytes(store), store.url)
     except CheckpointNotFoundError as missing:
         return or_safetensors(store, missing)
-    return Manifest.from_json(payload, where=store.url)
+    return Manifest.from_json(payload, where=store.url, store=store)
 
 
 def read_blob(store: Store, manifest: Manifest, name: str, record: ObjectRecord) -> bytes:

@@ -146,7 +146,13 @@ def survey_garbage(
             found.temps(store, objs)
             continue
         try:
-            manifest = Manifest.from_json(read_manifest_bytes(store, prefix), where=store.url)
+            data = read_manifest_bytes(store, prefix)
+            checkpoint = (
+                open_store(f"{store.url.rstrip('/')}/{prefix.rstrip('/')}", **storage_options)
+                if prefix
+                else store
+            )
+            manifest = Manifest.from_json(data, where=store.url, store=checkpoint)
         except CkptStoreError as exc:  # a corrupt manifest is for a human to look at
             found.skip("checkpoint", where, f"its manifest does not parse ({exc}); see ckpt verify")
             continue

@@ -17,7 +17,7 @@ from ckptstore import failpoints, knobs
 from ckptstore.backends.base import Store
 from ckptstore.coordination.collectives import Coordinator
 from ckptstore.errors import CheckpointExistsError, SaveError
-from ckptstore.format.chunk_index import encode_index
+from ckptstore.format.chunk_index import encode_index, encode_names
 from ckptstore.format.commit_point import commit_manifest, delete_replaced
 from ckptstore.format.data_files import WriteResult, data_key, rank_file_name
 from ckptstore.format.dtypes import dtype_name
@@ -192,7 +192,7 @@ def _commit(
         manifest = _assemble(reports, plan, local, block, metadata)  # type: ignore[arg-type]
         index = None
         if len(manifest.chunks) >= knobs.index_min_chunks():
-            manifest, index = _with_chunk_index(primary, manifest, spread)
+            manifest, index = write_chunk_index(primary, manifest, spread)
         data = manifest.to_json()
         if target.holds_every_rank:  # every rank's files are here: all must be there
             present = set(store.list(DATA_PREFIX))
@@ -219,20 +219,23 @@ def _commit(
     }
 
 
-def _with_chunk_index(
+def write_chunk_index(
     store: Store, manifest: Manifest, spread: int
 ) -> tuple[Manifest, tuple[str, bytes]]:
-    """``manifest`` with its chunk table moved into a chunk index file, written (durably)
-    to ``store`` under a fresh name listed with the data files."""
+    """``manifest`` with its chunk table and its data file keys moved into a chunk index
+    file, written (durably) to ``store`` under a fresh name listed with the data files."""
     table = manifest.chunks
     key = data_key(rank_file_name(0, uuid.uuid4().hex[:10], "index"), spread)
     files = [*manifest.files, key]
-    data, directory = encode_index(
+    part = knobs.index_part_chunks()
+    chunk_parts, directory = encode_index(
         table.file, table.offset, table.nbytes, table.crc32c, table.crc_first,
-        knobs.index_part_chunks(), len(files) - 1,
+        part, len(files) - 1, key,
     )  # fmt: skip
+    name_parts, names = encode_names(files, part, len(chunk_parts))
+    data = chunk_parts + name_parts
     store.write(key, data)
-    return replace(manifest, files=files, index=directory), (key, data)
+    return replace(manifest, files=files, index=replace(directory, names=names)), (key, data)
 
 
 class _Written(NamedTuple):
