@@ -14,6 +14,8 @@ import pickle
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from itertools import compress, repeat
+from operator import and_, attrgetter, eq, is_not, itemgetter
 from typing import Any, NamedTuple
 
 import torch
@@ -332,28 +334,48 @@ def _match_tensors(
     leaves: dict[str, Leaf], manifest: Manifest, found: _Matched
 ) -> list[tuple[str, Leaf]]:
     """The common case, tens of thousands of times: a tensor leaf of a saved tensor. Returns
-    the leaves of names the tensor table lacks (for :func:`_match_other`)."""
+    the leaves of names the tensor table lacks (for :func:`_match_other`).
+
+    C-level passes (``map`` over getters and ``operator`` functions) pick the leaves that
+    are tensors of a saved tensor with its shape and dtype and make their targets; a Python
+    loop looks only at the rest (values, missing names, mismatches)."""
     tensors = manifest.tensors
-    dtype_names, new_target, add_target = DTYPE_TO_NAME, _NEW_TARGET, found.targets.append
+    names = list(leaves)
+    values = list(leaves.values())
+    records = list(map(tensors.get, names))
+    saved = map(is_not, records, repeat(None))
+    fast = list(map(and_, saved, map(_TENSOR_KINDS.__contains__, map(_KIND, values))))
+    picked_values = list(compress(values, fast))
+    picked_records = list(compress(records, fast))
+    locals_ = list(map(_LOCAL, picked_values))
+    shapes = map(eq, map(_GLOBAL_SHAPE, picked_values), map(_SHAPE, picked_records))
+    dtypes = map(DTYPE_TO_NAME.get, map(_DTYPE, locals_))
+    same = list(map(and_, shapes, map(eq, dtypes, map(_REC_DTYPE, picked_records))))
+    boxes = map(_BOX, picked_values)
+    good = zip(compress(names, fast), picked_records, boxes, locals_, strict=True)
+    found.targets.extend(map(_NEW_TARGET, compress(good, same)))
     rest: list[tuple[str, Leaf]] = []
-    for name, leaf in leaves.items():
-        rec = tensors.get(name)
+    if all(fast) and all(same):
+        return rest
+    for name, leaf, rec, ok in zip(names, values, records, fast, strict=True):
+        if ok:
+            continue
         if rec is None:
             rest.append((name, leaf))
             continue
-        kind = leaf.kind
-        if kind == "tensor" or kind == "rank_tensor":
-            local = leaf.value  # == leaf.local, without the property call
-            if leaf.global_shape != rec.shape or dtype_names.get(local.dtype) != rec.dtype:
-                _check_tensor(leaf, rec, found.mismatch.other)
-            else:
-                add_target(new_target((name, rec, leaf.box, local)))
-        else:
-            found.mismatch.other.append(
-                f"{name}: the state_dict has a {type(leaf.value).__name__}, "
-                f"the checkpoint has tensor {_describe(rec)}"
-            )
+        found.mismatch.other.append(
+            f"{name}: the state_dict has a {type(leaf.value).__name__}, "
+            f"the checkpoint has tensor {_describe(rec)}"
+        )
+    for leaf, rec, ok in zip(picked_values, picked_records, same, strict=True):
+        if not ok:
+            _check_tensor(leaf, rec, found.mismatch.other)
     return rest
+
+
+_TENSOR_KINDS = frozenset(("tensor", "rank_tensor"))
+_KIND, _LOCAL, _GLOBAL_SHAPE, _BOX = itemgetter(1), itemgetter(2), itemgetter(3), itemgetter(4)
+_SHAPE, _REC_DTYPE, _DTYPE = attrgetter("shape"), attrgetter("dtype"), attrgetter("dtype")
 
 
 def _match_other(

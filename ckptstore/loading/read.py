@@ -26,7 +26,7 @@ from ckptstore.errors import (
     UnsafeCopyError,
 )
 from ckptstore.format import codecs
-from ckptstore.format.checksum import crc32c
+from ckptstore.format.checksum import crc32c, crc32c_of
 from ckptstore.format.manifest import Manifest
 from ckptstore.loading.read_plan import ReadPlan, ReadSpan, Request, Target, plan_reads
 
@@ -192,7 +192,7 @@ class ChunkReader:
         view = memoryview(buf)
         address = buf.ctypes.data - buf_start
         buf_end = buf_start + len(buf)
-        check, move = crc32c, ctypes.memmove  # locals: this loop runs once per small tensor
+        check, move = crc32c_of, ctypes.memmove  # locals: this loop runs once per small tensor
         runs = group.simple
         if runs.start and (group.start < buf_start or group.end > buf_end):
             # The plan checked each run against the request's bytes and its destination's
