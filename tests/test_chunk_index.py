@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import uuid
 import zlib
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import pytest
 import torch
 
 import ckptstore as cs
+from ckptstore.backends.s3 import S3Store
 from ckptstore.errors import ManifestError
 from ckptstore.format.checksum import crc32c
 from ckptstore.format.chunk_index import encode_index, encode_names
@@ -26,7 +29,7 @@ from ckptstore.ops.copy import copy_checkpoint
 from ckptstore.ops.gc import find_garbage
 from ckptstore.testing import hostile
 from ckptstore.testing.ranks import run_ranks
-from tests import dist_cases
+from tests import dist_cases, tiered_cases
 
 PART = 3
 
@@ -264,3 +267,24 @@ def test_a_damaged_or_hostile_file_name_part_is_refused(tmp_path, indexed) -> No
     doc["files"] = nd.to_json(hostile.pack)
     hostile.write_doc(ckpt, doc)
     _load_fails(ckpt, "data/../../outside.bin", "is not of the form data/NAME")
+
+
+def test_tiered_nodes_each_hold_the_index_and_s3_gets_it(seaweed, tmp_path, indexed) -> None:
+    """Two simulated nodes of two ranks: the coordinator writes the index on its node, the
+    commit's broadcast puts it on the other node before its manifest, replication uploads
+    it, and every tier loads (node 1's tier lost: from S3)."""
+    bucket = f"index-{uuid.uuid4().hex[:10]}"
+    S3Store(bucket, create_bucket=True, **seaweed.options())
+    remote, opts, nodes = f"s3://{bucket}/step1", seaweed.options(), str(tmp_path / "nodes")
+    saved = run_ranks(4, tiered_cases.save_on_nodes, nodes, remote, opts, 2)
+    assert [s["state"] for s in saved] == ["replicated"] * 4
+    for node in ("node0", "node1"):
+        local = os.path.join(nodes, node, "step1")
+        assert os.path.exists(_index_path(local)), node
+    assert cs.open(remote, storage_options=opts).manifest.index is not None
+    out = run_ranks(4, tiered_cases.load_on_nodes, nodes, remote, opts, 2, "row")
+    assert all(o["problems"] == [] for o in out), out
+    shutil.rmtree(os.path.join(nodes, "node1"))
+    out = run_ranks(4, tiered_cases.load_on_nodes, nodes, remote, opts, 2, "col")
+    assert all(o["problems"] == [] for o in out), out
+    assert all(o["by_tier"]["local"] == 0 for o in out[2:]), out
