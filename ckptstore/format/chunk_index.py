@@ -188,13 +188,7 @@ def decode_part(
 ) -> PartColumns:
     """Verify, inflate and check part ``part`` (``data`` is exactly its bytes)."""
     lo, hi = int(d.at[part]), int(d.at[part + 1])
-    if len(data) != hi - lo:
-        raise ManifestError(f"{where}: chunk index part {part} is truncated")
-    if crc32c(data) != int(d.crc32c[part]):
-        raise ManifestError(
-            f"{where}: chunk index part {part} (bytes {lo}..{hi} of the index file) fails its "
-            "crc32c: damaged after the save"
-        )
+    _check_bytes(data, hi - lo, int(d.crc32c[part]), f"chunk index part {part}", where)
     n = d.chunks_of(part)
     z = int(d.deflated[part])
     want = n * _COLUMN_BYTES
@@ -222,6 +216,14 @@ def decode_part(
             f"{int(blocks.sum())}"
         )
     return PartColumns(files, offsets, sizes, crcs)
+
+
+def _check_bytes(data: bytes | memoryview, size: int, crc: int, what: str, where: str) -> None:
+    """A part of the index is exactly as long as its directory says and matches its crc32c."""
+    if len(data) != size:
+        raise ManifestError(f"{where}: {what} of the chunk index is truncated")
+    if crc32c(data) != crc:
+        raise ManifestError(f"{where}: {what} of the chunk index fails its crc32c: damaged")
 
 
 def _bounded_sum(deltas: np.ndarray, part: int, what: str, where: str) -> np.ndarray:
@@ -267,6 +269,12 @@ def read_parts(
     return out
 
 
+def joined(parts: list[PartColumns], column: str, dtype: Any) -> np.ndarray:
+    """One column of decoded parts, end to end."""
+    arrays = [getattr(p, column) for p in parts]
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
+
+
 class _Mapped:
     """A column of the loaded parts, indexed by global chunk number (ints or arrays)."""
 
@@ -308,21 +316,16 @@ class IndexedChunks:
             base[p] = row
             row += d.chunks_of(p)
         cols = [parts[p] for p in self.loaded]
-
-        def cat(name: str, dtype: Any) -> np.ndarray:
-            arrays = [getattr(c, name) for c in cols]
-            return np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
-
-        nbytes = cat("nbytes", np.int64)
+        nbytes = joined(cols, "nbytes", np.int64)
         blocks = np.maximum(1, -(-nbytes // block))
         first = np.zeros(len(nbytes) + 1, dtype=np.int64)
         np.cumsum(blocks, out=first[1:])
         k = d.part_chunks
-        self.file = _Mapped(cat("file", np.int64), base, k, where)
-        self.offset = _Mapped(cat("offset", np.int64), base, k, where)
+        self.file = _Mapped(joined(cols, "file", np.int64), base, k, where)
+        self.offset = _Mapped(joined(cols, "offset", np.int64), base, k, where)
         self.nbytes = _Mapped(nbytes, base, k, where)
         self.crc_first = _Mapped(first[:-1], base, k, where)
-        self.crc32c = cat("crc32c", np.uint32)
+        self.crc32c = joined(cols, "crc32c", np.uint32)
         self._count = d.count
 
     def __len__(self) -> int:
@@ -401,13 +404,8 @@ def encode_names(files: list[str], per_part: int, start: int) -> tuple[bytes, Na
 
 def decode_names(data: bytes | memoryview, part: int, d: NameDirectory, where: str) -> list[str]:
     """Verify, inflate (at most what its key count allows) and check name part ``part``."""
-    if len(data) != int(d.at[part + 1] - d.at[part]):
-        raise ManifestError(f"{where}: file name part {part} of the chunk index is truncated")
-    if crc32c(data) != int(d.crc32c[part]):
-        raise ManifestError(
-            f"{where}: file name part {part} of the chunk index fails its crc32c: damaged "
-            "after the save"
-        )
+    size = int(d.at[part + 1] - d.at[part])
+    _check_bytes(data, size, int(d.crc32c[part]), f"file name part {part}", where)
     n = d.names_of(part)
     inflater = zlib.decompressobj()
     try:

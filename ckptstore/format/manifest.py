@@ -34,6 +34,7 @@ from ckptstore.format.chunk_index import (
     NameDirectory,
     PartColumns,
     decode_part,
+    joined,
     parts_of_chunks,
     read_parts,
 )
@@ -309,12 +310,7 @@ class Manifest:
         self, d: IndexDirectory, block: int, parts: dict[int, PartColumns], where: str
     ) -> ChunkTable:
         cols = [parts[p] for p in range(d.parts)]
-
-        def cat(name: str, dtype: Any) -> np.ndarray:
-            arrays = [getattr(c, name) for c in cols]
-            return np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
-
-        nbytes = cat("nbytes", np.int64)
+        nbytes = joined(cols, "nbytes", np.int64)
         records = [*self.tensors.values()]
         records += [e for es in self.per_rank.values() for e in es if isinstance(e, TensorRecord)]
         raw = np.zeros(d.count, dtype=np.int64)
@@ -324,8 +320,8 @@ class Manifest:
         if d.stored_bytes >= 0 and int(nbytes.sum()) != d.stored_bytes:
             raise ManifestError(f"{where}: chunks.index.stored_bytes does not add up")
         _check_chunk_sizes(nbytes, raw, [t for t in records if t.codec], where)
-        return ChunkTable(cat("file", np.int64), cat("offset", np.int64), nbytes,
-                          cat("crc32c", np.uint32), block)  # fmt: skip
+        file, offset = joined(cols, "file", np.int64), joined(cols, "offset", np.int64)
+        return ChunkTable(file, offset, nbytes, joined(cols, "crc32c", np.uint32), block)
 
     # -- serialization ------------------------------------------------------------------
     def to_json(self) -> bytes:
