@@ -24,6 +24,7 @@ from ckptstore.backends.s3 import S3Store
 from ckptstore.errors import ManifestError
 from ckptstore.format.checksum import crc32c
 from ckptstore.format.chunk_index import encode_index, encode_names
+from ckptstore.format.manifest import Manifest
 from ckptstore.format.verify import verify_checkpoint
 from ckptstore.ops.copy import copy_checkpoint
 from ckptstore.ops.gc import find_garbage
@@ -288,3 +289,12 @@ def test_tiered_nodes_each_hold_the_index_and_s3_gets_it(seaweed, tmp_path, inde
     out = run_ranks(4, tiered_cases.load_on_nodes, nodes, remote, opts, 2, "col")
     assert all(o["problems"] == [] for o in out), out
     assert all(o["by_tier"]["local"] == 0 for o in out[2:]), out
+
+
+def test_a_read_manifest_writes_back_the_same_bytes_without_reading_its_keys(
+    tmp_path, indexed
+) -> None:
+    ckpt = _saved(str(tmp_path / "c"))
+    data = Path(ckpt, "manifest.json").read_bytes()
+    head = Manifest.from_json(data)  # no store: the keys are not read
+    assert head.to_json() == data

@@ -334,11 +334,11 @@ class Manifest:
         )
         chunks: dict[str, Any] = {"count": len(self.chunks), "block_bytes": self.chunks.block_bytes}
         version = self.format_version
-        files: Any = list(self.files) if isinstance(self.files, FileNames) else self.files
+        files: Any = self.files
         if self.index is not None:
             chunks["index"] = self.index.to_json(_pack)
             version = max(version, 4)
-            if self.index.names is not None:
+            if self.index.names is not None:  # the keys stay in the index file
                 files = self.index.names.to_json(_pack)
         else:
             chunks["file"] = _pack(self.chunks.file, "<u4")
@@ -346,6 +346,8 @@ class Manifest:
             chunks["crc32c"] = _pack(self.chunks.crc32c, "<u4")
             if has_codec:
                 chunks["nbytes"] = _pack(self.chunks.nbytes, "<u8")
+        if isinstance(files, FileNames):
+            files = list(files)
         doc = {
             "format": FORMAT_NAME,
             "format_version": version,
