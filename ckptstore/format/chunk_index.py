@@ -50,9 +50,9 @@ class IndexDirectory:
     at: np.ndarray  # int64, parts + 1
     deflated: np.ndarray  # int64, parts
     crc32c: np.ndarray  # uint32, parts
-    key: str = ""
+    key: str
     """The index file's key (also ``files[file]``): readable before any data file key."""
-    stored_bytes: int = -1
+    stored_bytes: int
     """Stored bytes of all chunks (what ``ckpt ls`` shows without reading the index)."""
     names: NameDirectory | None = None
     """Where the data file keys are, when they are in the index file too."""
@@ -137,7 +137,7 @@ def encode_index(
     crc_first: np.ndarray,
     part_chunks: int,
     index_file: int,
-    key: str = "",
+    key: str,
 ) -> tuple[bytes, IndexDirectory]:
     """The chunk parts of an index file and their directory, for a chunk table's columns."""
     count = len(file)
@@ -239,24 +239,32 @@ def _bounded_sum(deltas: np.ndarray, part: int, what: str, where: str) -> np.nda
 
 
 def read_parts(
-    store: Store, key: str, d: IndexDirectory, parts: Iterable[int], where: str
-) -> dict[int, bytes]:
-    """The bytes of ``parts`` (runs of consecutive parts in one read of at most 8 MiB, or
-    one part), each exactly as long as the directory says."""
+    store: Store, key: str, at: np.ndarray, parts: Iterable[int], where: str
+) -> dict[int, memoryview]:
+    """The bytes of ``parts`` of the index file ``key`` (part ``p`` is bytes
+    ``at[p]..at[p + 1]``): runs of consecutive parts in one read of at most 8 MiB, each part
+    exactly as long as its directory says.
+
+    Raises:
+        ManifestError: the index file is missing or shorter than its directory.
+    """
     wanted = sorted(set(parts))
-    out: dict[int, bytes] = {}
+    out: dict[int, memoryview] = {}
     i = 0
     while i < len(wanted):
         j = i + 1
         while (
             j < len(wanted)
             and wanted[j] == wanted[j - 1] + 1
-            and int(d.at[wanted[j] + 1] - d.at[wanted[i]]) <= _READ_BYTES
+            and int(at[wanted[j] + 1] - at[wanted[i]]) <= _READ_BYTES
         ):
             j += 1
         first, last = wanted[i], wanted[j - 1]
-        lo, hi = int(d.at[first]), int(d.at[last + 1])
-        data = store.read(key, ByteRange(lo, hi))
+        lo, hi = int(at[first]), int(at[last + 1])
+        try:
+            data = store.read(key, ByteRange(lo, hi))
+        except KeyNotFoundError:
+            raise ManifestError(f"{where}: the chunk index {key} is missing") from None
         if len(data) != hi - lo:
             raise ManifestError(
                 f"{where}: the chunk index {key} holds {lo + len(data)} bytes where its "
@@ -264,7 +272,7 @@ def read_parts(
             )
         view = memoryview(data)
         for p in range(first, last + 1):
-            out[p] = view[int(d.at[p]) - lo : int(d.at[p + 1]) - lo]
+            out[p] = view[int(at[p]) - lo : int(at[p + 1]) - lo]
         i = j
     return out
 
@@ -308,7 +316,6 @@ class IndexedChunks:
     def __init__(self, d: IndexDirectory, block: int, parts: dict[int, PartColumns], where: str):
         self.block_bytes = block
         self.directory = d
-        self._parts = parts
         self.loaded = sorted(parts)
         base = np.full(d.parts, -1, dtype=np.int64)
         row = 0
@@ -330,9 +337,6 @@ class IndexedChunks:
 
     def __len__(self) -> int:
         return self._count
-
-    def part(self, p: int) -> PartColumns:
-        return self._parts[p]
 
     def crc_range(self, chunk: int) -> tuple[int, int]:
         first = int(self.crc_first[chunk])
@@ -433,27 +437,14 @@ class FileNames(Sequence[str]):
     def __init__(
         self, store: Store | None, index_key: str, index_pos: int, d: NameDirectory, where: str
     ) -> None:
-        self._store, self._key, self._d, self._where = store, index_key, d, where
+        self._store, self._d, self._where = store, d, where
+        self._key, self._pos = index_key, index_pos  # the index file's own key, known
         self._parts: dict[int, list[str]] = {}
-        self._known = {index_pos: index_key}
         self._whole: list[str] | None = None
         self.fetched_bytes = 0  # of name parts read so far
 
     def __len__(self) -> int:
         return self._d.count
-
-    @property
-    def directory(self) -> NameDirectory:
-        return self._d
-
-    @property
-    def store(self) -> Store | None:
-        return self._store
-
-    def bind(self, store: Store) -> None:
-        """Read the keys from ``store`` (the checkpoint's), if no store was given."""
-        if self._store is None:
-            self._store = store
 
     @overload
     def __getitem__(self, i: int) -> str: ...
@@ -466,8 +457,8 @@ class FileNames(Sequence[str]):
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(f"data file {i} of {len(self)}")
-        if i in self._known and self._whole is None:
-            return self._known[i]
+        if i == self._pos:  # checked against its name part when that part is read
+            return self._key
         part = i // self._d.per_part
         if part not in self._parts:
             self._read([part])
@@ -475,9 +466,6 @@ class FileNames(Sequence[str]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.whole())
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Sequence) and list(self) == list(other)
 
     def __repr__(self) -> str:
         return f"FileNames({len(self)} keys in {self._key})"
@@ -489,9 +477,6 @@ class FileNames(Sequence[str]):
             keys = [k for q in range(self._d.parts) for k in self._parts[q]]
             if len(set(keys)) != len(keys):
                 raise ManifestError(f"{self._where}: a data file is listed twice")
-            for pos, key in self._known.items():
-                if keys[pos] != key:
-                    raise ManifestError(f"{self._where}: the chunk index is not at files[{pos}]")
             self._whole = keys
         return self._whole
 
@@ -504,18 +489,10 @@ class FileNames(Sequence[str]):
                 "with its store"
             )
         d = self._d
-        for q in parts:  # name parts are few and small: one read each
-            lo, hi = int(d.at[q]), int(d.at[q + 1])
-            try:
-                data = self._store.read(self._key, ByteRange(lo, hi))
-            except KeyNotFoundError:
-                raise ManifestError(
-                    f"{self._where}: the chunk index {self._key} is missing"
-                ) from None
+        for q, data in read_parts(self._store, self._key, d.at, parts, self._where).items():
             self.fetched_bytes += len(data)
             names = decode_names(data, q, d, self._where)
             first = q * d.per_part
-            for pos, key in self._known.items():
-                if first <= pos < first + len(names) and names[pos - first] != key:
-                    raise ManifestError(f"{self._where}: the chunk index is not at files[{pos}]")
+            if first <= self._pos < first + len(names) and names[self._pos - first] != self._key:
+                raise ManifestError(f"{self._where}: the chunk index is not at files[{self._pos}]")
             self._parts[q] = names

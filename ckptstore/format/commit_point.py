@@ -87,7 +87,6 @@ def delete_replaced(store: Store, replaced: bytes | None, manifest: Manifest) ->
         gone = [key for key in old.files if key not in live]
     except CkptStoreError:
         return 0  # the old chunk index is gone or damaged: nothing we can trust
-
     for key in gone:
         store.delete(key)
     return len(gone)

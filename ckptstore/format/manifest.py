@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ckptstore.backends.base import Store
-from ckptstore.errors import KeyNotFoundError, ManifestError
+from ckptstore.errors import ManifestError
 from ckptstore.format import rules
 from ckptstore.format.checksum import crc32c
 from ckptstore.format.chunk_index import (
@@ -286,20 +286,10 @@ class Manifest:
         if d is None:
             return self
         where = where or store.url
-        if isinstance(self.files, FileNames):
-            self.files.bind(store)
         parts = range(d.parts) if chunks is None else parts_of_chunks(chunks, d)
-        wanted = [p for p in parts if p not in getattr(self.chunks, "loaded", ())]
-        key = d.key or self.files[d.file]
-        try:
-            raw = read_parts(store, key, d, wanted, where) if wanted else {}
-        except KeyNotFoundError:
-            raise ManifestError(f"{where}: the chunk index {key} is missing") from None
         block = self.chunks.block_bytes
-        decoded = {p: decode_part(raw[p], p, d, block, len(self.files), where) for p in wanted}
-        if isinstance(self.chunks, IndexedChunks):
-            for p in self.chunks.loaded:
-                decoded[p] = self.chunks.part(p)
+        raw = read_parts(store, d.key, d.at, parts, where)
+        decoded = {p: decode_part(raw[p], p, d, block, len(self.files), where) for p in raw}
         if chunks is not None:
             return replace(self, chunks=IndexedChunks(d, block, decoded, where))
         if isinstance(self.files, FileNames):
@@ -317,7 +307,7 @@ class Manifest:
         for t in records:
             _fill_raw_nbytes(t, raw)
         rules.check_total(where, "stored chunks", int(nbytes.sum(dtype=np.float64)))
-        if d.stored_bytes >= 0 and int(nbytes.sum()) != d.stored_bytes:
+        if int(nbytes.sum()) != d.stored_bytes:
             raise ManifestError(f"{where}: chunks.index.stored_bytes does not add up")
         _check_chunk_sizes(nbytes, raw, [t for t in records if t.codec], where)
         file, offset = joined(cols, "file", np.int64), joined(cols, "offset", np.int64)
@@ -442,11 +432,11 @@ def _manifest_from_doc(doc: Any, where: str, signed: bool, store: Store | None =
         raise ManifestError(f"{where}: byte_order {doc.get('byte_order')!r} is not supported")
     world_size = rules.check_int(where, "world_size", doc["world_size"], 1, rules.MAX_WORLD_SIZE)
     c = doc["chunks"]
-    indexed = version >= 4 and isinstance(c, dict) and "index" in c
+    index: IndexDirectory | None = None
     files: list[str] | FileNames
-    if indexed:
+    if version >= 4 and isinstance(c, dict) and "index" in c:
         rules.check_keys(where, "chunks", c, {"count", "block_bytes", "index"}, set())
-        files = _indexed_files(doc["files"], c["index"], store, where)
+        files, index = _indexed_files(doc["files"], c, store, where)
     else:
         files = rules.check_file_keys(where, doc["files"])
         rules.check_keys(where, "chunks", c, _CHUNK_KEYS, {"nbytes"})
@@ -464,16 +454,9 @@ def _manifest_from_doc(doc: Any, where: str, signed: bool, store: Store | None =
     others = list(table_cols.special)  # records whose chunks are not one whole chunk each
     others += [e for es in per_rank.values() for e in es if isinstance(e, TensorRecord)]
     rules.check_total(where, "tensors", int(table_cols.total_bytes))
-    index: IndexDirectory | None = None
     table: ChunkTable | IndexedChunks
-    if indexed:
-        count = rules.check_int(where, "chunks.count", c["count"], 0, rules.MAX_CHUNKS)
-        index = IndexDirectory.from_json(c["index"], count, len(files), _unpack, where)
-        if isinstance(files, FileNames):
-            if int(files.directory.at[0]) != index.nbytes() or index.key != files[index.file]:
-                raise ManifestError(f"{where}: the file name parts do not follow the chunk parts")
-            index = replace(index, names=files.directory)
-        _check_chunk_ranges(tensors, per_rank, table_cols, others, count, where)
+    if index is not None:
+        _check_chunk_ranges(tensors, per_rank, table_cols, others, index.count, where)
         table = IndexedChunks(index, block, {}, where)  # parts are read as needed
     else:
         table = _inline_table(c, block, table_cols, others, tensors, per_rank, len(files), where)
@@ -502,18 +485,24 @@ def _manifest_from_doc(doc: Any, where: str, signed: bool, store: Store | None =
 
 
 def _indexed_files(
-    files_doc: Any, index_doc: Any, store: Store | None, where: str
-) -> list[str] | FileNames:
-    """The data file keys of a format-4 manifest: a list, or (as saves write it) a directory
-    of name parts in the chunk index, read as the keys are used."""
+    files_doc: Any, c: dict[str, Any], store: Store | None, where: str
+) -> tuple[list[str] | FileNames, IndexDirectory]:
+    """The data file keys and the chunk index directory of a format-4 manifest. The keys
+    are a list, or (as saves write them) name parts in the index file after the chunk
+    parts, read from ``store`` as they are used."""
+    count = rules.check_int(where, "chunks.count", c["count"], 0, rules.MAX_CHUNKS)
     if isinstance(files_doc, list):
-        return rules.check_file_keys(where, files_doc)
+        files = rules.check_file_keys(where, files_doc)
+        index = IndexDirectory.from_json(c["index"], count, len(files), _unpack, where)
+        if files[index.file] != index.key:
+            raise ManifestError(f"{where}: the chunk index is not at files[{index.file}]")
+        return files, index
     names = NameDirectory.from_json(files_doc, _unpack, where)
-    if not isinstance(index_doc, dict) or "key" not in index_doc or "file" not in index_doc:
-        raise ManifestError(f"{where}: chunks.index must name its key and position")
-    key = rules.check_file_keys(where, [index_doc["key"]])[0]
-    pos = rules.check_int(where, "chunks.index.file", index_doc["file"], 0, names.count - 1)
-    return FileNames(store, key, pos, names, where)
+    index = IndexDirectory.from_json(c["index"], count, names.count, _unpack, where)
+    if int(names.at[0]) != index.nbytes():
+        raise ManifestError(f"{where}: the file name parts do not follow the chunk parts")
+    keys = FileNames(store, index.key, index.file, names, where)
+    return keys, replace(index, names=names)
 
 
 def _inline_table(

@@ -213,11 +213,8 @@ def _whole_chunk_targets(
     the chunk cell of each distinct (layout, shape, box) is worked out once."""
     if not targets:
         return [], [], [], [], []
-    records = list(map(_RECORD, targets))
+    records, keys, layout_of = _distinct_boxes(targets)
     dests = list(map(_DEST, targets))
-    layouts = list(map(_LAYOUT, records))
-    layout_of = dict(zip(map(id, layouts), layouts, strict=True))  # boxes are not hashable
-    keys = list(zip(map(id, layouts), map(_SHAPE, records), map(_BOX, targets), strict=True))
     cells = {key: _cell(layout_of[key[0]], *key[1:]) for key in dict.fromkeys(keys)}
     cell = np.fromiter(map(cells.__getitem__, keys), np.int64, len(keys))
     usable = np.fromiter(map(_IS_CPU, dests), bool, len(dests))
@@ -237,16 +234,26 @@ def _whole_chunk_targets(
     return fast_list, chunk[fast].tolist(), ptr[fast].tolist(), picked_dests, others
 
 
+def _distinct_boxes(
+    targets: list[Target],
+) -> tuple[list[TensorRecord], list[tuple[int, tuple[int, ...], Box]], dict[int, Any]]:
+    """Each target's record and its key (layout identity, shape, box), and the layouts by
+    identity (layouts holding boxes are not hashable): tensors of one shape and sharding
+    share a key, so per-key work is done once."""
+    records = list(map(_RECORD, targets))
+    layouts = list(map(_LAYOUT, records))
+    layout_of = dict(zip(map(id, layouts), layouts, strict=True))
+    keys = list(zip(map(id, layouts), map(_SHAPE, records), map(_BOX, targets), strict=True))
+    return records, keys, layout_of
+
+
 def chunks_needed(targets: list[Target]) -> np.ndarray:
     """Every chunk (global number) some target's box overlaps: what a rank must know of a
     chunk index (format 4) to plan its reads. Each distinct (layout, shape, box) is worked
     out once: the thousands of same-shaped shards of a model share a handful."""
     if not targets:
         return np.zeros(0, dtype=np.int64)
-    records = list(map(_RECORD, targets))
-    layouts = list(map(_LAYOUT, records))
-    layout_of = dict(zip(map(id, layouts), layouts, strict=True))
-    keys = list(zip(map(id, layouts), map(_SHAPE, records), map(_BOX, targets), strict=True))
+    records, keys, layout_of = _distinct_boxes(targets)
     cells: dict[Any, np.ndarray] = {}
     for key in dict.fromkeys(keys):
         layout, shape, box = layout_of[key[0]], key[1], key[2]

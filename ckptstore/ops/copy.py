@@ -55,7 +55,7 @@ def copy_checkpoint(
     source = store_for(src, src_options)
     target = store_for(dst, dst_options)
     raw = read_manifest_bytes(source)
-    manifest = Manifest.from_json(raw, where=source.url).with_index(source)
+    manifest = Manifest.from_json(raw, where=source.url, store=source).with_index(source)
     refuse_existing(target, overwrite=overwrite)
 
     def copy_file(key: str, size: int) -> int:

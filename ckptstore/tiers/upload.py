@@ -105,7 +105,8 @@ def replicate_collective(
     uploaded, nbytes, error = 0, 0, None
     manifest: Manifest | None = None
     try:
-        manifest = Manifest.from_json(manifest_bytes, where=local.url).with_index(local)
+        manifest = Manifest.from_json(manifest_bytes, where=local.url, store=local)
+        manifest = manifest.with_index(local)
         delivered: set[str] = set()
         if streamed is not None:
             try:
