@@ -4,7 +4,8 @@
 Parameters (bf16) are TP-sharded (column- or row-parallel) and replicated across DP; the two
 Adam moments (fp32) are additionally sharded across DP (ZeRO-1). Every rank's declaration is
 built from the same chunk math DTensor uses (nested ``torch.chunk`` splits), then the real
-coordinator planning, manifest assembly and one rank's load planning run on it.
+planning (by planning group: one leader per pipeline stage), manifest assembly and one
+rank's load planning run on it.
 
 Run: ``python tools/scale_sim.py [--ranks 8 128 1024 16384]`` (prints one JSON line per size).
 """
@@ -23,7 +24,8 @@ from ckptstore.format.data_files import data_key, rank_file_name
 from ckptstore.format.manifest import ChunkTable, Manifest, TensorRecord
 from ckptstore.loading.read_plan import Target, chunks_needed, plan_reads
 from ckptstore.saving.commit import write_chunk_index
-from ckptstore.saving.plan import RankPlan, TensorDecl, plan_save
+from ckptstore.saving.plan import RankPlan, TensorDecl, plan_id_of
+from ckptstore.saving.plan_groups import group_ranks, join_plans, plan_group, plan_groups
 
 LAYERS, HIDDEN, FFN, KV, VOCAB = 126, 16384, 53248, 1024, 128256
 TP = 8
@@ -101,9 +103,25 @@ def simulate(ranks: int) -> dict[str, float | int]:
     plans = [rank_plan(r, pp, dp, cache) for r in range(ranks)]
     build_s = time.perf_counter() - t
 
+    # The plan exchange (``plan_exchange``): the coordinator groups the distinct declaration
+    # lists; each group's leader plans its group (at the same time: the slowest counts);
+    # the coordinator joins the groups' plans.
     t = time.perf_counter()
-    plan = plan_save(plans)
-    planning_s = time.perf_counter() - t
+    keys = [p.decl_key for p in plans]
+    first_with: dict[int, int] = {}
+    for rank, key in enumerate(keys):
+        first_with.setdefault(key, rank)
+    members = group_ranks(keys, plan_groups({k: plans[r].tensors for k, r in first_with.items()}))
+    grouping_s = time.perf_counter() - t
+    parts, leader_s = [], []
+    for group in members:
+        t = time.perf_counter()
+        parts.append(plan_group([plans[r] for r in group], group))
+        leader_s.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    plan = join_plans(parts, plan_id_of([p.structure_key for p in plans]))
+    join_s = time.perf_counter() - t
+    planning_s = grouping_s + max(leader_s) + join_s
 
     # The manifest the coordinator would commit (format 4: the chunk table in a chunk
     # index): real layouts; real offsets (each writer's chunks back to back in its file, in
@@ -182,6 +200,10 @@ def simulate(ranks: int) -> dict[str, float | int]:
         "rank_restore_parse_s": round(parsed, 3),
         "rank_restore_index_parts": parts_read,
         "plan_s": round(planning_s, 3),
+        "plan_groups": len(members),
+        "plan_slowest_leader_s": round(max(leader_s), 3),
+        "plan_all_groups_s": round(sum(leader_s), 3),
+        "plan_group_and_join_s": round(grouping_s + join_s, 3),
         "manifest_assemble_s": round(assemble_s, 3),
         "rank_load_plan_ms": round(load_plan_s * 1000, 2),
         "rank_read_requests": len(groups),

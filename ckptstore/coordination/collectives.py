@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import pickle
 from collections.abc import Callable, Iterator
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -192,6 +193,24 @@ class Coordinator:
                 f"({str(exc)[:200]})"
             ) from exc
 
+    def post_object(self, obj: Any, dst: int) -> list[Any]:
+        """Start sending ``obj`` (pickled: between ranks of one job, never from storage) to
+        rank ``dst``: its length, then its bytes. Returns handles for :meth:`finish_sends`."""
+        data = bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+        size = torch.tensor([len(data)], dtype=torch.int64)
+        return [
+            _Sending(self.post_send(size, dst), size),
+            _Sending(self.post_send(torch.frombuffer(data, dtype=torch.uint8), dst), data),
+        ]
+
+    def receive_object(self, src: int) -> Any:
+        """What rank ``src`` sent with :meth:`post_object`."""
+        size = torch.zeros(1, dtype=torch.int64)
+        self.receive(size, src)
+        data = torch.empty(int(size.item()), dtype=torch.uint8)
+        self.receive(data, src)
+        return pickle.loads(data.numpy().tobytes())
+
     def finish_sends(self, handles: list[Any]) -> None:
         """Wait until every send of ``handles`` was taken by its receiver."""
         try:
@@ -237,6 +256,16 @@ class Coordinator:
                 error.args = (f"{first} (the same as on rank 0, whose message lists them)",)
             raise error
         raise CollectiveError(messages, self.rank)
+
+
+class _Sending(NamedTuple):
+    """A send in flight and the buffer it reads (kept alive until it completes)."""
+
+    work: Any
+    buffer: Any
+
+    def wait(self) -> None:
+        self.work.wait()
 
 
 class CollectiveTimeoutError(CkptStoreError):

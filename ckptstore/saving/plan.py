@@ -116,7 +116,7 @@ class GlobalPlan:
 
     plan_id: int
     tensors: list[TensorDecl]
-    chunk_start: list[int]
+    chunk_start: list[int]  # of every tensor, then the chunk count
     layouts: list[Layout]
     chunk_nbytes: np.ndarray
     chunk_writer: np.ndarray
@@ -141,9 +141,7 @@ def plan_save(rank_plans: list[RankPlan]) -> GlobalPlan:
     layouts = _layouts(tensors, chunks)
     writer, slot, writes = _assign_writers(rows, chunks, len(rank_plans))
     return GlobalPlan(
-        plan_id=_digest(
-            np.array([rp.structure_key for rp in rank_plans], dtype=np.int64).tobytes()
-        ),
+        plan_id=plan_id_of([rp.structure_key for rp in rank_plans]),
         tensors=tensors,
         chunk_start=chunks.t_start.tolist(),
         layouts=layouts,
@@ -152,6 +150,11 @@ def plan_save(rank_plans: list[RankPlan]) -> GlobalPlan:
         chunk_slot=slot,
         writes=writes,
     )
+
+
+def plan_id_of(structure_keys: list[int]) -> int:
+    """The id of the plan of ranks with these structure keys (in rank order)."""
+    return _digest(np.array(structure_keys, dtype=np.int64).tobytes())
 
 
 class _Rows(NamedTuple):

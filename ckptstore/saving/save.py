@@ -3,13 +3,13 @@
 Flow: flatten -> plan (cached while the structure holds) -> write this rank's chunks ->
 gather every rank's chunk index -> the coordinator commits ONE manifest atomically ->
 everyone learns the outcome. Collectives per save: one all_reduce (cache check, existing
-checkpoint, local errors), a gather + scatter only when the plan is not cached, one gather
-of chunk indexes, one broadcast of the commit result.
+checkpoint, local errors), the plan exchange only when the plan is not cached (planned by
+planning group, see ``plan_exchange``), one gather of chunk indexes, one broadcast of the
+commit result.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import pickle
@@ -44,7 +44,8 @@ from ckptstore.format.manifest import (
 from ckptstore.format.rules import bad_name
 from ckptstore.gcpause import gc_paused
 from ckptstore.saving.commit import SaveInfo, commit_collective, unmark_saving
-from ckptstore.saving.plan import GlobalPlan, RankPlan, TensorDecl, plan_save
+from ckptstore.saving.plan import GlobalPlan, RankPlan, TensorDecl
+from ckptstore.saving.plan_exchange import plan_by_groups
 from ckptstore.state.leaves import Leaf, flatten
 from ckptstore.state.tensor_bytes import as_bytes, host_contiguous
 from ckptstore.tiers.seam import SaveTarget, save_target
@@ -286,8 +287,8 @@ def plan_save_collective(
 ) -> PlannedSave:
     """The foreground part of a save: flatten, agree, plan (or reuse the cached plan).
 
-    Collectives on ``coord``: one all_reduce; on a plan-cache miss an all_gather of
-    declaration keys, a gather and a scatter. Raises on every rank if any rank failed.
+    Collectives on ``coord``: one all_reduce; on a plan-cache miss the plan exchange
+    (``plan_exchange``). Raises on every rank if any rank failed.
     ``target=None`` plans without a checkpoint (to prepare a later save): nothing is
     checked, marked or written, and the returned plan has no store.
     """
@@ -417,31 +418,8 @@ def _agree(
 def _plan_on_coordinator(
     local: _Local, coord: Coordinator, group_key: int
 ) -> tuple[Any, GlobalPlan | None]:
-    """A plan-cache miss: the coordinator plans every rank's declarations and scatters each
-    rank its writes. Ranks of one pipeline stage declare the same tensors: only the first
-    rank with a given declaration list sends it (an all_gather of 8-byte keys decides)."""
-    decl_keys = coord.all_gather(local.rank_plan.decl_key)
-    first_with = {key: r for r, key in reversed(list(enumerate(decl_keys)))}
-    mine = local.rank_plan
-    if first_with[mine.decl_key] != coord.rank:
-        mine = dataclasses.replace(mine, tensors=None)
-    rank_plans = coord.gather(mine)
-    replies: list[Any] | None = None
-    global_plan = None
-    if coord.is_coordinator:
-        assert rank_plans is not None
-        for rp in rank_plans:
-            if rp.tensors is None:
-                rp.tensors = rank_plans[first_with[rp.decl_key]].tensors
-        try:
-            global_plan = plan_save(rank_plans)
-            replies = [(global_plan.plan_id, w) for w in global_plan.writes]
-        except CkptStoreError as exc:
-            replies = [exc] * coord.world_size
-    reply = coord.scatter(replies)
-    if isinstance(reply, BaseException):
-        raise reply
-    plan_id, writes = reply
+    """A plan-cache miss: plan by planning groups (``plan_exchange``), cache the result."""
+    plan_id, writes, global_plan = plan_by_groups(local.rank_plan, coord)
     key = (group_key, local.rank_plan.structure_key)
     _PLAN_CACHE[key] = _CachedPlan(plan_id, writes, global_plan)
     while len(_PLAN_CACHE) > knobs.plan_cache_size():

@@ -1,0 +1,61 @@
+"""Worker functions for pipeline-stage jobs: ranks that hold disjoint tensors (two stages of
+two ranks each, interleaved so that stage 1's leader is rank 1)."""
+
+from __future__ import annotations
+
+import torch
+
+import ckptstore as cs
+from ckptstore.errors import CkptStoreError
+
+STAGES = 2
+
+
+def full_tensors(stage: int) -> dict[str, torch.Tensor]:
+    """A stage's tensors, whole (deterministic; row counts not divisible by 2)."""
+    g = torch.Generator().manual_seed(100 + stage)
+    out = {}
+    for i in range(3):
+        layer = stage * 3 + i
+        out[f"layers.{layer}.w"] = torch.randn(37 + 2 * i, 11, generator=g)
+        out[f"layers.{layer}.norm"] = torch.rand(11, generator=g).to(torch.bfloat16)
+    if stage == STAGES - 1:
+        out["output.weight"] = torch.randn(29, 5, generator=g, dtype=torch.float64)
+    return out
+
+
+def stage_state(rank: int, world: int, gap: bool = False) -> dict:
+    """This rank's share: its stage's matrices cut into uneven row blocks over the stage's
+    ranks (explicit shards), its norms held whole (replicated within the stage). ``gap``:
+    stage 1's last rank leaves out its rows of one matrix."""
+    stage, place = rank % STAGES, rank // STAGES
+    per_stage = world // STAGES
+    sd = {}
+    for name, full in full_tensors(stage).items():
+        if full.dim() == 1:
+            sd[name] = full.clone()
+            continue
+        n = full.shape[0]
+        cuts = [n * k * (k + 1) // (per_stage * (per_stage + 1)) for k in range(per_stage + 1)]
+        lo, hi = cuts[place], cuts[place + 1]
+        if gap and stage == 1 and place == per_stage - 1 and name == "layers.3.w":
+            hi = lo + 1
+        sd[name] = cs.Sharded(full[lo:hi].clone(), tuple(full.shape), (lo, 0))
+    return sd
+
+
+def save_stages(rank: int, world: int, root: str) -> list[bool]:
+    """A save, the same structure again (cached plan), and an async save."""
+    sd = stage_state(rank, world)
+    cached = [cs.save(sd, f"{root}/a").plan_cached, cs.save(sd, f"{root}/b").plan_cached]
+    handle = cs.async_save(sd, f"{root}/c")
+    handle.wait()
+    return cached
+
+
+def save_stages_with_a_gap(rank: int, world: int, root: str) -> str:
+    try:
+        cs.save(stage_state(rank, world, gap=True), root)
+    except CkptStoreError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "saved"

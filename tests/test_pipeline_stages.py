@@ -1,0 +1,105 @@
+"""Pipeline-stage jobs: each stage's ranks are planned by the stage's leader (plan_exchange);
+the joined plan commits one checkpoint that reads back bit-exact; a stage's error stops
+every rank."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import ckptstore as cs
+from ckptstore.format.verify import verify_checkpoint
+from ckptstore.saving.plan import RankPlan, TensorDecl, plan_save
+from ckptstore.saving.plan_groups import group_ranks, join_plans, plan_group, plan_groups
+from ckptstore.testing.ranks import run_ranks
+from tests import stage_cases
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _decl(name: str, shape: tuple[int, ...]) -> TensorDecl:
+    return TensorDecl(name, "float32", shape, 4)
+
+
+def test_lists_sharing_a_name_directly_or_through_others_are_one_group() -> None:
+    lists = {
+        10: [_decl("a", (2,)), _decl("b", (2,))],
+        20: [_decl("c", (2,))],
+        30: [_decl("d", (2,)), _decl("e", (2,))],
+        40: [_decl("e", (2,)), _decl("b", (2,))],  # joins 10 and 30
+    }
+    assert plan_groups(lists) == {10: 0, 20: 1, 30: 0, 40: 0}
+    assert group_ranks([20, 10, 30, 20, 40], plan_groups(lists)) == [[1, 2, 4], [0, 3]]
+
+
+def test_joined_group_plans_equal_one_plan_of_the_whole_job() -> None:
+    """Two stages of three ranks (interleaved): the groups planned apart and joined hold
+    the same chunks, writers and layouts as one plan of every rank."""
+    stages = {
+        s: [_decl(f"s{s}.t{i}", (7 + i + s, 3)) for i in range(4)] + [_decl(f"s{s}.n", (5,))]
+        for s in range(2)
+    }
+    plans = []
+    for rank in range(6):
+        stage, place = rank % 2, rank // 2
+        decls = stages[stage]
+        boxes = []
+        for d in decls:
+            n = d.shape[0]
+            lo, hi = n * place // 3, n * (place + 1) // 3
+            boxes.append(((lo, 0), (hi - lo, 3)) if len(d.shape) == 2 else ((0,), d.shape))
+        plans.append(RankPlan.build(decls, boxes))
+    whole = plan_save(plans)
+    keys = [p.decl_key for p in plans]
+    groups = plan_groups({k: stages[i % 2] for i, k in enumerate(dict.fromkeys(keys))})
+    members = group_ranks(keys, groups)
+    assert members == [[0, 2, 4], [1, 3, 5]]
+    parts = [plan_group([plans[r] for r in ranks], ranks) for ranks in members]
+    writes = {
+        r: part.writes[i]
+        for part, ranks in zip(parts, members, strict=True)
+        for i, r in enumerate(ranks)
+    }
+    joined = join_plans(parts, whole.plan_id)
+
+    def by_tensor(plan):
+        out = {}
+        for g, t in enumerate(plan.tensors):
+            span = slice(plan.chunk_start[g], plan.chunk_start[g + 1])
+            out[t] = (
+                plan.layouts[g],
+                plan.chunk_nbytes[span].tolist(),
+                plan.chunk_writer[span].tolist(),
+            )
+        return out
+
+    assert by_tensor(joined) == by_tensor(whole)
+    assert joined.chunk_start[-1] == joined.chunk_count == whole.chunk_count
+    for r in range(6):  # each writer's slots name its own write list in order
+        mine = np.flatnonzero(joined.chunk_writer == r)
+        assert sorted(joined.chunk_slot[mine].tolist()) == list(range(len(writes[r])))
+
+
+def test_a_pipeline_job_saves_through_its_stage_leaders_and_reads_back(tmp_path) -> None:
+    root = str(tmp_path / "pp")
+    cached = run_ranks(4, stage_cases.save_stages, root)
+    assert cached == [[False, True]] * 4
+    expected = {}
+    for stage in range(stage_cases.STAGES):
+        expected.update(stage_cases.full_tensors(stage))
+    for name in ("a", "b", "c"):
+        ck = cs.open(f"{root}/{name}")
+        assert sorted(ck.keys()) == sorted(expected)
+        for key, full in expected.items():
+            assert torch.equal(ck.read(key), full), (name, key)
+        assert verify_checkpoint(ck.store, ck.manifest).ok
+
+
+def test_a_gap_in_one_stage_stops_every_rank_with_the_sharding_error(tmp_path) -> None:
+    root = str(tmp_path / "gap")
+    out = run_ranks(4, stage_cases.save_stages_with_a_gap, root)
+    assert all(o.startswith("ShardingError") and "'layers.3.w'" in o for o in out), out
+    assert not os.path.exists(os.path.join(root, "manifest.json"))
