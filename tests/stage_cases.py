@@ -59,3 +59,22 @@ def save_stages_with_a_gap(rank: int, world: int, root: str) -> str:
     except CkptStoreError as exc:
         return f"{type(exc).__name__}: {exc}"
     return "saved"
+
+
+def save_stages_with_a_dataless_tensor(rank: int, world: int, root: str) -> str:
+    """Rank 3 (stage 1, not its leader) holds a sparse per-rank tensor: the plan agrees, the
+    copy fails, and the failure reaches the coordinator inside stage 1's bundle."""
+    sd = stage_state(rank, world)
+    sd["rng"] = cs.PerRank(torch.ones(3).to_sparse() if rank == 3 else torch.ones(3))
+    try:
+        cs.save(sd, root)
+    except CkptStoreError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "saved"
+
+
+def save_stages_with_per_rank_values(rank: int, world: int, root: str) -> None:
+    sd = stage_state(rank, world)
+    sd["rng"] = cs.PerRank(torch.full((3,), float(rank)))
+    sd["step"] = cs.PerRank(10 + rank)
+    cs.save(sd, root)

@@ -103,3 +103,20 @@ def test_a_gap_in_one_stage_stops_every_rank_with_the_sharding_error(tmp_path) -
     out = run_ranks(4, stage_cases.save_stages_with_a_gap, root)
     assert all(o.startswith("ShardingError") and "'layers.3.w'" in o for o in out), out
     assert not os.path.exists(os.path.join(root, "manifest.json"))
+
+
+def test_a_failed_copy_on_a_stage_member_fails_every_rank_without_commit(tmp_path) -> None:
+    root = str(tmp_path / "bad")
+    out = run_ranks(4, stage_cases.save_stages_with_a_dataless_tensor, root)
+    assert out[3].startswith("SaveError") and "'rng'" in out[3], out
+    assert all(o.startswith("SaveError") and "rank 3" in o for o in out[:3]), out
+    assert not os.path.exists(os.path.join(root, "manifest.json"))
+
+
+def test_per_rank_entries_of_a_pipeline_job_keep_their_ranks(tmp_path) -> None:
+    root = str(tmp_path / "pr")
+    run_ranks(4, stage_cases.save_stages_with_per_rank_values, root)
+    ck = cs.open(root)
+    for rank in range(4):
+        assert torch.equal(ck.read("rng", rank=rank), torch.full((3,), float(rank)))
+        assert ck.read("step", rank=rank) == 10 + rank

@@ -1,5 +1,9 @@
 """The end of a save: every rank's chunk index goes to the coordinator, which assembles ONE
 manifest and commits it atomically (create-if-absent), then tells every rank the outcome.
+
+The chunk indexes travel the way the plan did (``plan_exchange``): each rank sends its own
+to its planning group's leader, which joins its group's into one table and sends that to
+the coordinator -- one message per pipeline stage reaches the coordinator, not one per rank.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import numpy as np
 
 from ckptstore import failpoints, knobs
 from ckptstore.backends.base import Store
-from ckptstore.coordination.collectives import Coordinator
+from ckptstore.coordination.collectives import COORDINATOR, Coordinator
 from ckptstore.errors import CheckpointExistsError, SaveError
 from ckptstore.format.chunk_index import encode_index, encode_names
 from ckptstore.format.commit_point import commit_manifest, delete_replaced
@@ -34,6 +38,7 @@ from ckptstore.format.manifest import (
     new_record,
 )
 from ckptstore.saving.plan import GlobalPlan
+from ckptstore.saving.plan_exchange import PlanGroup
 
 if TYPE_CHECKING:
     from ckptstore.saving.save import PlannedSave, _Local
@@ -71,17 +76,17 @@ def commit_collective(
         _RankReport.of(result, local, options.codec) if result is not None else None,
         None if error is None else f"{type(error).__name__}: {error}",
     )
-    reports = coord.gather(report)
+    gathered = _gather_reports(report, coord, planned.group)
     outcome: Any = None
     target = planned.target
     assert target is not None
     primary = target.commit_store
     if coord.is_coordinator:
-        assert reports is not None and planned.global_plan is not None
+        assert gathered is not None and planned.global_plan is not None
         try:
             outcome = _commit(
                 target,
-                reports,
+                *gathered,
                 planned.global_plan,
                 local,
                 options.block,
@@ -162,6 +167,56 @@ class _RankReport:
             codec=codec,
         )
 
+    def header(self) -> _RankReport:
+        """The report without its chunk columns (once they are in a :class:`_Written`)."""
+        empty = np.zeros(0, dtype=np.int64)
+        return replace(self, file=empty, offset=empty, nbytes=empty, crc_count=empty)
+
+
+_Report = tuple[_RankReport | None, str | None]
+"""A rank's report, or None and its error."""
+
+
+class _Bundle(NamedTuple):
+    """A planning group's reports, as its leader sends them to the coordinator."""
+
+    ranks: list[int]
+    written: _Written | None  # the members' chunk columns joined; None if one failed
+    reports: list[_Report]  # headers only (see _RankReport.header)
+
+
+def _gather_reports(
+    report: _Report, coord: Coordinator, group: PlanGroup
+) -> tuple[list[_Report], _Written | None] | None:
+    """Every rank's report on the coordinator, by way of the planning groups' leaders: each
+    rank's report to its leader, one bundle per group to the coordinator. Returns (reports
+    in rank order, their chunk columns joined; None if a rank failed) there, else None."""
+    if not coord.active:
+        return [report], _written_of([report])
+    if coord.rank != group.leader:
+        coord.finish_sends(coord.post_object(report, group.leader))
+        return None
+    mine = [report if r == coord.rank else coord.receive_object(r) for r in group.members]
+    headers = [(rep.header() if rep is not None else None, msg) for rep, msg in mine]
+    bundle = _Bundle(group.members, _written_of(mine), headers)
+    if not coord.is_coordinator:
+        coord.finish_sends(coord.post_object(bundle, COORDINATOR))
+        return None
+    bundles = [bundle if r == coord.rank else coord.receive_object(r) for r in group.leaders]
+    reports: list[_Report] = [(None, None)] * coord.world_size
+    for b in bundles:
+        for rank, rep in zip(b.ranks, b.reports, strict=True):
+            reports[rank] = rep
+    parts = [b.written for b in bundles]
+    if any(p is None for p in parts):
+        return reports, None
+    return reports, _Written.join(parts, [b.ranks for b in bundles], coord.world_size)  # type: ignore[arg-type]
+
+
+def _written_of(reports: list[_Report]) -> _Written | None:
+    reps = [rep for rep, _ in reports]
+    return None if any(rep is None for rep in reps) else _Written.of(reps)  # type: ignore[arg-type]
+
 
 def unmark_saving(store: Store) -> None:
     """Remove the in-flight marker a save wrote before its data (best effort: a marker left
@@ -172,7 +227,8 @@ def unmark_saving(store: Store) -> None:
 
 def _commit(
     target: SaveTarget,
-    reports: list[tuple[_RankReport | None, str | None]],
+    reports: list[_Report],
+    written: _Written | None,
     plan: GlobalPlan,
     local: _Local,
     block: int,
@@ -189,7 +245,8 @@ def _commit(
     if failed:
         return SaveError(f"{store.url}: save not committed; " + "; ".join(failed))
     try:
-        manifest = _assemble(reports, plan, local, block, metadata)  # type: ignore[arg-type]
+        assert written is not None  # every rank reported
+        manifest = _assemble(reports, written, plan, local, block, metadata)  # type: ignore[arg-type]
         index = None
         if len(manifest.chunks) >= knobs.index_min_chunks():
             manifest, index = write_chunk_index(primary, manifest, spread)
@@ -270,6 +327,34 @@ class _Written(NamedTuple):
             crc_start=np.concatenate([[0], np.cumsum(crc_count)[:-1]]),
         )
 
+    @classmethod
+    def join(cls, parts: list[_Written], ranks: list[list[int]], world: int) -> _Written:
+        """One table from the tables of disjoint sets of ranks (``parts[i]`` holds the rows
+        of ``ranks[i]``, in that order): rows part after part, ``row_base`` by job rank."""
+        if len(parts) == 1 and ranks[0] == list(range(world)):
+            return parts[0]
+        files: list[str] = []
+        file, crc_start = [], []
+        row_base = np.zeros(world, dtype=np.int64)
+        rows = crcs = 0
+        for part, members in zip(parts, ranks, strict=True):
+            row_base[members] = part.row_base + rows
+            file.append(part.file + len(files))
+            crc_start.append(part.crc_start + crcs)
+            files.extend(part.files)
+            rows += len(part.file)
+            crcs += len(part.crc)
+        return cls(
+            files=files,
+            row_base=row_base,
+            file=np.concatenate(file),
+            offset=np.concatenate([p.offset for p in parts]),
+            nbytes=np.concatenate([p.nbytes for p in parts]),
+            crc_count=np.concatenate([p.crc_count for p in parts]),
+            crc=np.concatenate([p.crc for p in parts]),
+            crc_start=np.concatenate(crc_start),
+        )
+
     def blob(self, row: int) -> BlobRef:
         c0, cn = int(self.crc_start[row]), int(self.crc_count[row])
         return BlobRef(
@@ -291,15 +376,15 @@ class _Written(NamedTuple):
 
 def _assemble(
     reports: list[tuple[_RankReport, None]],
+    written: _Written,
     plan: GlobalPlan,
     local: _Local,
     block: int,
     metadata: dict[str, Any] | None,
 ) -> Manifest:
-    """The manifest from every rank's report: the planned chunks first (in plan order), then
-    the per-rank entries and pickled objects."""
+    """The manifest from every rank's report (headers) and their chunk columns: the planned
+    chunks first (in plan order), then the per-rank entries and pickled objects."""
     reps = [r for r, _ in reports]
-    written = _Written.of(reps)
     rows = [written.row_base[plan.chunk_writer] + plan.chunk_slot]
     tensors = _global_tensors(plan, reps[0].codec)
     objects: dict[str, ObjectRecord] = {

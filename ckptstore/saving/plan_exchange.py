@@ -17,7 +17,7 @@ gather and a scatter. With S stages each leader plans 1/S of the job, at the sam
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -27,15 +27,34 @@ from ckptstore.saving.plan import GlobalPlan, RankPlan, plan_id_of, plan_save
 from ckptstore.saving.plan_groups import group_ranks, join_plans, plan_group, plan_groups
 
 
-def plan_by_groups(mine: RankPlan, coord: Coordinator) -> tuple[int, np.ndarray, GlobalPlan | None]:
-    """This rank's (plan id, writes) and, on the coordinator, the job's plan.
+class PlanGroup(NamedTuple):
+    """This rank's planning group, kept with the cached plan: the commit's chunk indexes
+    travel the same way (members to their leader, leaders to the coordinator)."""
+
+    members: list[int]  # the group's ranks in rank order; the first is its leader
+    leaders: list[int]  # every group's leader, in group order (the first is the coordinator)
+
+    @property
+    def leader(self) -> int:
+        return self.members[0]
+
+
+ALONE = PlanGroup([COORDINATOR], [COORDINATOR])
+"""The group of a process that saves by itself."""
+
+
+def plan_by_groups(
+    mine: RankPlan, coord: Coordinator
+) -> tuple[int, np.ndarray, GlobalPlan | None, PlanGroup]:
+    """This rank's (plan id, writes), on the coordinator the job's plan, and this rank's
+    planning group.
 
     Raises (on every rank, the same error):
         ShardingError: a group's declarations disagree, overlap or leave gaps.
     """
     if not coord.active:
         plan = plan_save([mine])
-        return plan.plan_id, plan.writes[0], plan
+        return plan.plan_id, plan.writes[0], plan, ALONE
     keys = coord.all_gather((mine.decl_key, mine.structure_key))
     decl_keys = [k for k, _ in keys]
     plan_id = plan_id_of([s for _, s in keys])
@@ -43,7 +62,9 @@ def plan_by_groups(mine: RankPlan, coord: Coordinator) -> tuple[int, np.ndarray,
     for rank, key in enumerate(decl_keys):
         first_with.setdefault(key, rank)
     group_of = coord.broadcast(_groups_on_coordinator(mine, coord, first_with))
-    members = group_ranks(decl_keys, group_of)[group_of[mine.decl_key]]
+    groups = group_ranks(decl_keys, group_of)
+    members = groups[group_of[mine.decl_key]]
+    leaders = [ranks[0] for ranks in groups]
     leader = members[0]
     part: GlobalPlan | BaseException | None = None
     if coord.rank == leader:
@@ -55,7 +76,6 @@ def plan_by_groups(mine: RankPlan, coord: Coordinator) -> tuple[int, np.ndarray,
     outcome: Any = None
     joined = None
     if coord.is_coordinator:
-        leaders = [ranks[0] for ranks in group_ranks(decl_keys, group_of)]
         parts = [part if r == COORDINATOR else coord.receive_object(r) for r in leaders]
         outcome = next((p for p in parts if isinstance(p, BaseException)), None)
         if outcome is None:
@@ -65,7 +85,7 @@ def plan_by_groups(mine: RankPlan, coord: Coordinator) -> tuple[int, np.ndarray,
     outcome = coord.broadcast(outcome)
     if isinstance(outcome, BaseException):
         raise outcome
-    return plan_id, writes, joined
+    return plan_id, writes, joined, PlanGroup(members, leaders)
 
 
 def _groups_on_coordinator(

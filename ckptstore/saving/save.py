@@ -45,7 +45,7 @@ from ckptstore.format.rules import bad_name
 from ckptstore.gcpause import gc_paused
 from ckptstore.saving.commit import SaveInfo, commit_collective, unmark_saving
 from ckptstore.saving.plan import GlobalPlan, RankPlan, TensorDecl
-from ckptstore.saving.plan_exchange import plan_by_groups
+from ckptstore.saving.plan_exchange import ALONE, PlanGroup, plan_by_groups
 from ckptstore.state.leaves import Leaf, flatten
 from ckptstore.state.tensor_bytes import as_bytes, host_contiguous
 from ckptstore.tiers.seam import SaveTarget, save_target
@@ -56,6 +56,7 @@ class _CachedPlan:
     plan_id: int
     writes: np.ndarray
     global_plan: GlobalPlan | None  # only on the coordinator
+    group: PlanGroup
 
 
 _PLAN_CACHE: OrderedDict[tuple[int, int], _CachedPlan] = OrderedDict()
@@ -167,6 +168,8 @@ class PlannedSave:
     global_plan: GlobalPlan | None
     plan_cached: bool
     seconds: dict[str, float] = field(default_factory=dict)
+    group: PlanGroup = ALONE
+    """This rank's planning group: the commit's chunk indexes go through its leader."""
     replication_team: Any = None
     """The ranks that agree on this save's replication to a shared tier (tiered paths)."""
     streamed_upload: Future | None = None
@@ -303,11 +306,9 @@ def plan_save_collective(
     plan_cached = _agree(target, coord, cached, exists, marked, error)
     assert local is not None
     t_plan = time.perf_counter()
-    if plan_cached:
-        assert cached is not None
-        writes, global_plan = cached.writes, cached.global_plan
-    else:
-        writes, global_plan = _plan_on_coordinator(local, coord, group_key)
+    if not plan_cached:
+        cached = _plan_exchanged(local, coord, group_key)
+    assert cached is not None
     t_end = time.perf_counter()
     return PlannedSave(
         target,
@@ -315,10 +316,11 @@ def plan_save_collective(
         coord.rank,
         coord.world_size,
         local,
-        writes,
-        global_plan,
+        cached.writes,
+        cached.global_plan,
         plan_cached,
         {"prepare": t_plan - t0, "plan": t_end - t_plan},
+        group=cached.group,
     )
 
 
@@ -415,16 +417,15 @@ def _agree(
     return hi == -neg_lo and hi >= 0
 
 
-def _plan_on_coordinator(
-    local: _Local, coord: Coordinator, group_key: int
-) -> tuple[Any, GlobalPlan | None]:
+def _plan_exchanged(local: _Local, coord: Coordinator, group_key: int) -> _CachedPlan:
     """A plan-cache miss: plan by planning groups (``plan_exchange``), cache the result."""
-    plan_id, writes, global_plan = plan_by_groups(local.rank_plan, coord)
-    key = (group_key, local.rank_plan.structure_key)
-    _PLAN_CACHE[key] = _CachedPlan(plan_id, writes, global_plan)
+    plan_id, writes, global_plan, group = plan_by_groups(local.rank_plan, coord)
+    cached = _PLAN_CACHE[(group_key, local.rank_plan.structure_key)] = _CachedPlan(
+        plan_id, writes, global_plan, group
+    )
     while len(_PLAN_CACHE) > knobs.plan_cache_size():
         _PLAN_CACHE.popitem(last=False)
-    return writes, global_plan
+    return cached
 
 
 def unwritable_error(planned: PlannedSave, exc: Exception) -> SaveError:
