@@ -3,6 +3,9 @@ two ranks each, interleaved so that stage 1's leader is rank 1)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 
 import ckptstore as cs
@@ -78,3 +81,24 @@ def save_stages_with_per_rank_values(rank: int, world: int, root: str) -> None:
     sd["rng"] = cs.PerRank(torch.full((3,), float(rank)))
     sd["step"] = cs.PerRank(10 + rank)
     cs.save(sd, root)
+
+
+def _sockets() -> int:
+    """Sockets this process has open (gloo holds one per connected peer and group)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed while listing (the listing's own)
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    return count
+
+
+def sockets_of_a_save(rank: int, world: int, root: str) -> tuple[int, int]:
+    """Sockets opened by creating ckptstore's control group, and by a pipeline job's first
+    save over it (plan exchange, commit)."""
+    from ckptstore.coordination.collectives import own_group
+
+    before = _sockets()
+    own_group(None, "control")
+    created = _sockets()
+    cs.save(stage_state(rank, world), root)
+    return created - before, _sockets() - created

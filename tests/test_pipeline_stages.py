@@ -120,3 +120,14 @@ def test_per_rank_entries_of_a_pipeline_job_keep_their_ranks(tmp_path) -> None:
     for rank in range(4):
         assert torch.equal(ck.read("rng", rank=rank), torch.full((3,), float(rank)))
         assert ck.read("step", rank=rank) == 10 + rank
+
+
+def test_ckptstore_groups_connect_only_the_pairs_that_exchange_messages(tmp_path) -> None:
+    """Gloo connects every pair of a group at creation unless told otherwise: at 16,384
+    ranks that is 134 M connections for ckptstore's own groups. Created lazily, a rank
+    connects to its ring neighbours, its leader and the coordinator only."""
+    world = 8
+    opened = run_ranks(world, stage_cases.sockets_of_a_save, str(tmp_path / "s"))
+    assert all(created <= 2 for created, _ in opened), opened  # eager: world - 1 each
+    # a member's save: ring neighbours, its leader and the coordinator -- not every peer
+    assert all(saving < world - 1 for _, saving in opened[1:]), opened

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import pickle
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -52,12 +53,13 @@ def own_group(process_group: dist.ProcessGroup | None, purpose: str) -> Any:
         subgroup = len(ranks) < dist.get_world_size()
         attempt = _ATTEMPTS[(purpose, ranks)] = _ATTEMPTS.get((purpose, ranks), 0) + 1
         try:
-            group = dist.new_group(
-                ranks=list(ranks),
-                backend="gloo",
-                use_local_synchronization=subgroup,
-                timeout=timedelta(seconds=knobs.collective_timeout_s()),
-            )
+            with _connect_lazily():
+                group = dist.new_group(
+                    ranks=list(ranks),
+                    backend="gloo",
+                    use_local_synchronization=subgroup,
+                    timeout=timedelta(seconds=knobs.collective_timeout_s()),
+                )
         except RuntimeError as exc:
             missing = absent_ranks(f"group/{purpose}/{ranks_key(ranks)}/{attempt}", ranks)
             raise CollectiveTimeoutError(
@@ -69,6 +71,26 @@ def own_group(process_group: dist.ProcessGroup | None, purpose: str) -> Any:
         _GROUPS[(purpose, ranks)] = group
     _GROUP_OF[(purpose, id(process_group))] = group
     return group
+
+
+@contextlib.contextmanager
+def _connect_lazily() -> Iterator[None]:
+    """Gloo groups created here connect a pair of ranks when the pair first exchanges a
+    message (``TORCH_GLOO_LAZY_INIT``, read when the group is created), not every pair at
+    creation: ckptstore's messages go between ring neighbours, to planning-group leaders and
+    to the coordinator, so a job of N ranks opens O(N) connections instead of N * (N - 1) / 2."""
+    before = os.environ.get(_GLOO_LAZY)
+    os.environ[_GLOO_LAZY] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(_GLOO_LAZY, None)
+        else:
+            os.environ[_GLOO_LAZY] = before
+
+
+_GLOO_LAZY = "TORCH_GLOO_LAZY_INIT"
 
 
 def ranks_key(ranks: tuple[int, ...]) -> str:
