@@ -96,12 +96,77 @@ def rank_plan(rank: int, pp: int, dp: int, cache: dict) -> RankPlan:
     return RankPlan.build(decls, boxes)
 
 
+def dtensor_state(rank: int, pp: int, dp: int) -> dict:
+    """Rank ``rank``'s state as a training job holds it: DTensors (meta device) on the job's
+    (PP, DP, TP) mesh -- parameters TP-sharded and replicated across DP, Adam moments
+    additionally sharded across DP (``_StridedShard`` where DP shards the dimension TP
+    already split, as torchtitan's FSDP2 + TP does). Needs the fake process group."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    mesh = init_device_mesh("cpu", (pp, dp, TP), mesh_dim_names=("pp", "dp", "tp"))["dp", "tp"]
+    pp_rank = rank // TP // dp
+    state: dict = {}
+
+    def dtensor(shape, dtype, placements):
+        local, _ = compute_local_shape_and_global_offset(shape, mesh, placements)
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(torch.empty(local, dtype=dtype, device="meta"), mesh,
+                                  placements, shape=torch.Size(shape), stride=stride,
+                                  run_check=False)  # fmt: skip
+
+    for name, shape, tp_dim in stage_params(pp_rank, pp):
+        tp = Shard(tp_dim) if tp_dim is not None else Replicate()
+        moment_dp = _StridedShard(0, split_factor=TP) if tp_dim == 0 else Shard(0)
+        state["model." + name] = dtensor(shape, torch.bfloat16, [Replicate(), tp])
+        for moment in ("exp_avg", "exp_avg_sq"):
+            state[f"optim.{moment}.{name}"] = dtensor(shape, torch.float32, [moment_dp, tp])
+    return state
+
+
+def rank_flatten(rank: int, pp: int, dp: int) -> tuple[float, RankPlan]:
+    """A save's per-rank declaration on the real DTensors of ``rank``: ckptstore's flatten
+    and ``_prepare`` (boxes from the DTensor placements), timed; and the plan it declares."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from ckptstore.saving.save import _prepare
+    from ckptstore.state.leaves import flatten
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=pp * dp * TP)
+    try:
+        state = dtensor_state(rank, pp, dp)
+        t = time.perf_counter()
+        local = _prepare(flatten(state), False, False)
+        return time.perf_counter() - t, local.rank_plan
+    finally:
+        dist.destroy_process_group()
+
+
+def _same_declaration(a: RankPlan, b: RankPlan) -> bool:
+    return (
+        a.tensors == b.tensors
+        and np.array_equal(a.offsets, b.offsets)
+        and np.array_equal(a.shapes, b.shapes)
+    )
+
+
 def simulate(ranks: int) -> dict[str, float | int]:
     pp, dp = SIZES[ranks]
     cache: dict = {}
     t = time.perf_counter()
     plans = [rank_plan(r, pp, dp, cache) for r in range(ranks)]
     build_s = time.perf_counter() - t
+    # The boxes above are the chunk math; the real flatten of the same ranks' DTensors must
+    # declare exactly them (the last rank, and the first of stage 1).
+    flatten_s = 0.0
+    for probe in {ranks - 1, min(ranks - 1, dp * TP)}:
+        seconds, declared = rank_flatten(probe, pp, dp)
+        if not _same_declaration(declared, plans[probe]):
+            raise AssertionError(f"rank {probe}: the DTensor flatten declares other boxes")
+        flatten_s = max(flatten_s, seconds)
 
     # The plan exchange (``plan_exchange``): the coordinator groups the distinct declaration
     # lists; each group's leader plans its group (at the same time: the slowest counts);
@@ -199,6 +264,7 @@ def simulate(ranks: int) -> dict[str, float | int]:
         "rank_restore_fetch_bytes": fetched,
         "rank_restore_parse_s": round(parsed, 3),
         "rank_restore_index_parts": parts_read,
+        "rank_flatten_ms": round(flatten_s * 1000, 2),
         "plan_s": round(planning_s, 3),
         "plan_groups": len(members),
         "plan_slowest_leader_s": round(max(leader_s), 3),
