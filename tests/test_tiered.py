@@ -398,3 +398,31 @@ def test_checkpointing_goes_on_locally_while_s3_is_down(tmp_path, monkeypatch) -
             model.weight.zero_()
         assert again.restore(state) == 3
     assert torch.equal(model.weight, before)
+
+
+def test_a_byte_that_rots_on_tier0_before_the_upload_never_reaches_s3(
+    seaweed, tmp_path, monkeypatch
+) -> None:
+    """The upload checks every chunk against the block checksums of the rank's own write
+    (the numbers its manifest rows were made of) before a byte leaves the node."""
+    from ckptstore import failpoints
+
+    monkeypatch.setenv("CKPTSTORE_REPLICATION_RETRIES", "0")
+    remote = f"s3://{_bucket(seaweed)}/rot"
+    path = cs.Tiered(local=tmp_path / "nvme", remote=remote, remote_options=seaweed.options())
+
+    def rot() -> None:  # after the tier-0 commit, before the background upload
+        with open(_data_file(tmp_path / "nvme"), "r+b") as f:
+            f.seek(4096)
+            byte = f.read(1)
+            f.seek(4096)
+            f.write(bytes([byte[0] ^ 0x01]))
+
+    failpoints.on("committed", rot)
+    try:
+        info = cs.save(_state(), path)
+    finally:
+        failpoints.on("committed", None)
+    with pytest.raises(ReplicationError, match="fail their crc32c on the local tier"):
+        info.replication.wait(timeout=60)
+    assert not S3Store(remote[len("s3://") :], **seaweed.options()).exists("manifest.json")

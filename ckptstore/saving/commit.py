@@ -106,6 +106,7 @@ def commit_collective(
             planned.replication_team,
             planned.streamed_upload,
             outcome.get("index"),
+            result,
         )
     if target.marks_every_node and not coord.is_coordinator:  # after this node's manifest
         unmark_saving(primary)

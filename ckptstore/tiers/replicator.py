@@ -23,7 +23,7 @@ from ckptstore.backends.tiered import TieredStore
 from ckptstore.coordination.collectives import Coordinator
 from ckptstore.coordination.key_value import Team
 from ckptstore.errors import CkptStoreError, ReplicationError
-from ckptstore.format.data_files import FilePlan, WriteItem, stream_items
+from ckptstore.format.data_files import FilePlan, WriteItem, WriteResult, stream_items
 from ckptstore.format.manifest import MANIFEST_KEY
 from ckptstore.tiers.state import FAILED, REPLICATED, REPLICATING, TierState, write_tier_state
 from ckptstore.tiers.upload import ReplicationInfo, replicate_collective
@@ -70,6 +70,7 @@ class _Job:
     future: Future
     attempts: int = 0
     streamed: Future | None = None
+    written: WriteResult | None = None  # this rank's write in the save (kept for retries)
 
 
 def _retries() -> int:
@@ -105,8 +106,11 @@ class Replicator:
         team: Team,
         overwrite: bool,
         streamed: Future | None = None,
+        written: WriteResult | None = None,
     ) -> ReplicationHandle:
-        job = _Job(tiered, manifest_bytes, team, overwrite, Future(), streamed=streamed)
+        job = _Job(
+            tiered, manifest_bytes, team, overwrite, Future(), streamed=streamed, written=written
+        )
         with self._lock:
             self._last = self._executor.submit(self._run, job)
         return ReplicationHandle(job, tiered.remote.url)
@@ -130,6 +134,7 @@ class Replicator:
                 overwrite=job.overwrite,
                 attempt=job.attempts,
                 streamed=streamed,
+                written=job.written,
             )
         except BaseException as exc:
             if job.attempts <= _retries():

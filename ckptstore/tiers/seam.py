@@ -22,7 +22,7 @@ from ckptstore.format.manifest import MANIFEST_KEY
 
 if TYPE_CHECKING:
     from ckptstore.coordination.collectives import Coordinator
-    from ckptstore.format.data_files import FilePlan, WriteItem
+    from ckptstore.format.data_files import FilePlan, WriteItem, WriteResult
     from ckptstore.tiers.replicator import ReplicationHandle
 
 
@@ -82,9 +82,11 @@ class SaveTarget:
         team: Any,
         streamed: Future | None,
         index: tuple[str, bytes] | None = None,
+        written: WriteResult | None = None,
     ) -> ReplicationHandle | None:
         """Every rank, once the coordinator committed the manifest (its bytes when
-        :attr:`wants_manifest`, and the chunk index's key and bytes if it has one)."""
+        :attr:`wants_manifest`, and the chunk index's key and bytes if it has one);
+        ``written``: this rank's write in the save."""
         return None
 
 
@@ -151,6 +153,7 @@ class TieredTarget(SaveTarget):
         team: Any,
         streamed: Future | None,
         index: tuple[str, bytes] | None = None,
+        written: WriteResult | None = None,
     ) -> ReplicationHandle:
         """Put the committed manifest (and its chunk index, before it) on every node's local
         tier, then queue the upload."""
@@ -176,7 +179,9 @@ class TieredTarget(SaveTarget):
                     stacklevel=3,
                 )
         write_tier_state(self.local, TierState(self.remote.url, REPLICATING))
-        return replicator().submit(self.store, manifest_bytes, team, overwrite, streamed=streamed)
+        return replicator().submit(
+            self.store, manifest_bytes, team, overwrite, streamed=streamed, written=written
+        )
 
 
 def save_target(store: Store) -> SaveTarget:

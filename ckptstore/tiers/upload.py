@@ -18,6 +18,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ckptstore import failpoints
 from ckptstore.backends.base import Store
 from ckptstore.backends.tiered import TieredStore
@@ -30,10 +32,11 @@ from ckptstore.errors import (
     ReplicationError,
 )
 from ckptstore.format.checksum import block_crcs
+from ckptstore.format.chunk_index import IndexedChunks
 from ckptstore.format.commit_point import commit_manifest
-from ckptstore.format.data_files import writer_rank
+from ckptstore.format.data_files import WriteResult, writer_rank
 from ckptstore.format.manifest import DATA_PREFIX, MANIFEST_KEY, Manifest
-from ckptstore.format.verify import stored_ranges
+from ckptstore.format.verify import StoredRange, stored_ranges
 from ckptstore.tiers.state import FAILED, REPLICATED, REPLICATING, TierState, write_tier_state
 
 _PIECE = 16 << 20
@@ -49,14 +52,15 @@ class ReplicationInfo:
     seconds: float
 
 
-def upload_file(local: Store, remote: Store, manifest: Manifest, file: int) -> int:
-    """Copy one data file local -> remote after verifying its chunks; returns its size."""
-    key = manifest.files[file]
+def upload_file(
+    local: Store, remote: Store, key: str, ranges: list[StoredRange], block: int
+) -> int:
+    """Copy one data file local -> remote after verifying its ``ranges`` (every chunk and
+    pickled object stored in it); returns its size."""
     view = local.map(key)
     if view is None:
         view = memoryview(local.read(key))
-    block = manifest.chunks.block_bytes
-    for r in stored_ranges(manifest, file):
+    for r in ranges:
         offset, nbytes = r.offset, r.nbytes
         if offset + nbytes > len(view):
             raise ReplicationError(f"{local.url}/{key}: truncated ({len(view)} bytes)")
@@ -70,6 +74,34 @@ def upload_file(local: Store, remote: Store, manifest: Manifest, file: int) -> i
         for lo in range(0, len(view), _PIECE):
             writer.write(view[lo : lo + _PIECE])
     return len(view)
+
+
+def _uploads(
+    manifest: Manifest, local: Store, written: WriteResult | None, rank: int, world: int
+) -> tuple[Manifest, list[tuple[str, list[StoredRange]]]]:
+    """The files this rank uploads, each with the ranges to verify first. Right after its
+    own save a rank knows them from its write (``written``: its files, every item's offset,
+    size and block checksums -- the numbers its manifest rows were made of), so a manifest
+    with a chunk index is read no further than its head; otherwise (``replicate()`` on
+    demand, perhaps by a smaller job) from the whole chunk table."""
+    if written is None:
+        manifest = manifest.with_index(local)
+        return manifest, [
+            (manifest.files[f], stored_ranges(manifest, f))
+            for f in files_of_rank(manifest, rank, world)
+        ]
+    crc = np.array(written.crc, dtype=np.uint32)
+    crc_end = np.cumsum(written.crc_count, dtype=np.int64).tolist()
+    ranges: list[list[StoredRange]] = [[] for _ in written.files]
+    for i, (f, offset, nbytes) in enumerate(
+        zip(written.file, written.offset, written.nbytes, strict=True)
+    ):
+        first = crc_end[i] - written.crc_count[i]
+        ranges[f].append(StoredRange(-1, None, f, offset, nbytes, crc[first : crc_end[i]]))
+    out = list(zip(written.files, ranges, strict=True))
+    if manifest.index is not None and rank == 0:  # the coordinator wrote the chunk index
+        out.append((manifest.index.key, []))  # (its parts carry their own crc32c)
+    return manifest, out
 
 
 def files_of_rank(manifest: Manifest, rank: int, world: int) -> list[int]:
@@ -91,11 +123,13 @@ def replicate_collective(
     overwrite: bool = False,
     attempt: int = 1,
     streamed: Future | None = None,
+    written: WriteResult | None = None,
 ) -> ReplicationInfo:
     """Upload this rank's files, commit the manifest on the remote tier (a gather + a broadcast).
 
     ``streamed``: the upload of this rank's files that an async save started from its staging
     buffer; files it delivered are not uploaded again (if it failed, they are, from tier 0).
+    ``written``: this rank's write in the save being replicated (see :func:`_uploads`).
     Raises :class:`ReplicationError` on every rank if any rank's upload or the commit failed.
     """
     t = time.perf_counter()
@@ -106,19 +140,19 @@ def replicate_collective(
     manifest: Manifest | None = None
     try:
         manifest = Manifest.from_json(manifest_bytes, where=local.url, store=local)
-        manifest = manifest.with_index(local)
+        manifest, uploads = _uploads(manifest, local, written, coord.rank, coord.world_size)
         delivered: set[str] = set()
         if streamed is not None:
             try:
                 delivered = set(streamed.result())
             except Exception:  # fall back to uploading from the local tier
                 delivered = set()
-        for f in files_of_rank(manifest, coord.rank, coord.world_size):
-            key = manifest.files[f]
+        block = manifest.chunks.block_bytes
+        for key, ranges in uploads:
             if key in delivered:
                 nbytes += local.size(key)
             elif local.exists(key):
-                nbytes += upload_file(local, remote, manifest, f)
+                nbytes += upload_file(local, remote, key, ranges, block)
             else:
                 continue  # another node's file: the commit check says if it is missing
             uploaded += 1
@@ -129,7 +163,7 @@ def replicate_collective(
     outcome: Any = None
     if coord.is_coordinator:
         assert reports is not None
-        outcome = _commit_remote(remote, manifest, manifest_bytes, reports, overwrite)
+        outcome = _commit_remote(local, remote, manifest, manifest_bytes, reports, overwrite)
     outcome = coord.broadcast(outcome)
     if outcome is not None:
         write_tier_state(local, TierState(remote.url, FAILED, str(outcome), attempts=attempt))
@@ -142,6 +176,7 @@ def replicate_collective(
 
 
 def _commit_remote(
+    local: Store,
     remote: Store,
     manifest: Manifest | None,
     manifest_bytes: bytes,
@@ -151,6 +186,11 @@ def _commit_remote(
     failed = [f"rank {r}: {m}" for r, m in enumerate(reports) if m is not None]
     if failed or manifest is None:
         return "; ".join(failed) or "the manifest could not be read"
+    if isinstance(manifest.chunks, IndexedChunks):  # only its head was read
+        try:
+            manifest = manifest.with_index(local)
+        except CkptStoreError as exc:
+            return f"the chunk index could not be read on the local tier: {exc}"
     try:  # data first, manifest last: every file the manifest names must be there, whole
         missing = _missing_on_remote(remote, manifest)
     except Exception as exc:
