@@ -48,8 +48,11 @@ def stage_state(rank: int, world: int, gap: bool = False) -> dict:
 
 
 def save_stages(rank: int, world: int, root: str) -> list[bool]:
-    """A save, the same structure again (cached plan), and an async save."""
+    """A save, the same structure again (cached plan), and an async save; with per-rank
+    entries (their rows reach the coordinator in their stage's bundle)."""
     sd = stage_state(rank, world)
+    sd["rng"] = cs.PerRank(torch.full((3,), float(rank)))
+    sd["step"] = cs.PerRank(10 + rank)
     cached = [cs.save(sd, f"{root}/a").plan_cached, cs.save(sd, f"{root}/b").plan_cached]
     handle = cs.async_save(sd, f"{root}/c")
     handle.wait()
@@ -74,13 +77,6 @@ def save_stages_with_a_dataless_tensor(rank: int, world: int, root: str) -> str:
     except CkptStoreError as exc:
         return f"{type(exc).__name__}: {exc}"
     return "saved"
-
-
-def save_stages_with_per_rank_values(rank: int, world: int, root: str) -> None:
-    sd = stage_state(rank, world)
-    sd["rng"] = cs.PerRank(torch.full((3,), float(rank)))
-    sd["step"] = cs.PerRank(10 + rank)
-    cs.save(sd, root)
 
 
 def _sockets() -> int:

@@ -92,9 +92,12 @@ def test_a_pipeline_job_saves_through_its_stage_leaders_and_reads_back(tmp_path)
         expected.update(stage_cases.full_tensors(stage))
     for name in ("a", "b", "c"):
         ck = cs.open(f"{root}/{name}")
-        assert sorted(ck.keys()) == sorted(expected)
+        assert sorted(ck.keys()) == sorted([*expected, "rng", "step"])
         for key, full in expected.items():
             assert torch.equal(ck.read(key), full), (name, key)
+        for rank in range(4):  # per-rank entries keep their ranks
+            assert torch.equal(ck.read("rng", rank=rank), torch.full((3,), float(rank)))
+            assert ck.read("step", rank=rank) == 10 + rank
         assert verify_checkpoint(ck.store, ck.manifest).ok
 
 
@@ -111,15 +114,6 @@ def test_a_failed_copy_on_a_stage_member_fails_every_rank_without_commit(tmp_pat
     assert out[3].startswith("SaveError") and "'rng'" in out[3], out
     assert all(o.startswith("SaveError") and "rank 3" in o for o in out[:3]), out
     assert not os.path.exists(os.path.join(root, "manifest.json"))
-
-
-def test_per_rank_entries_of_a_pipeline_job_keep_their_ranks(tmp_path) -> None:
-    root = str(tmp_path / "pr")
-    run_ranks(4, stage_cases.save_stages_with_per_rank_values, root)
-    ck = cs.open(root)
-    for rank in range(4):
-        assert torch.equal(ck.read("rng", rank=rank), torch.full((3,), float(rank)))
-        assert ck.read("step", rank=rank) == 10 + rank
 
 
 def test_ckptstore_groups_connect_only_the_pairs_that_exchange_messages(tmp_path) -> None:
