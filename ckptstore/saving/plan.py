@@ -280,20 +280,39 @@ def _layouts(tensors: list[TensorDecl], chunks: _Chunks) -> list[Layout]:
     single = (np.diff(t_start) == 1) & np.append(whole_row, False)[
         np.minimum(t_start[:-1], len(u_gid))
     ]
+    tensor_ndims = np.fromiter(map(len, map(_SHAPE_OF, tensors)), np.int64, len(tensors))
     whole_of = [whole_layout(d) for d in range(ndim + 1)]
-    layouts: list[Layout] = list(map(whole_of.__getitem__, map(len, map(_SHAPE_OF, tensors))))
+    layouts: list[Layout] = list(map(whole_of.__getitem__, tensor_ndims.tolist()))
     # Sharded tensors: a grid or boxes each. FSDP shards thousands of tensors of one shape
-    # the same way: each distinct (shape, boxes) is worked out once.
-    seen: dict[tuple[tuple[int, ...], bytes, bytes], Layout] = {}
-    first_chunk = t_start.tolist()
-    for g in np.flatnonzero(~single).tolist():
-        span = slice(first_chunk[g], first_chunk[g + 1])
-        offs, shps = u_off[span], u_shp[span]
-        key = (tensors[g].shape, offs.tobytes(), shps.tobytes())
-        layout = seen.get(key)
-        if layout is None:
-            layout = seen[key] = _layout_of(tensors[g], offs, shps)
-        layouts[g] = layout
+    # the same way: tensors with the same chunk count are compared as rows of (ndim,
+    # shape, every chunk's offsets and shape) in one pass, and each distinct row is worked
+    # out once.
+    sharded = np.flatnonzero(~single)
+    counts = np.diff(t_start)[sharded]
+    for count in np.unique(counts).tolist():
+        group = sharded[counts == count]
+        chunk = t_start[group][:, None] + np.arange(count)  # (tensors, chunks)
+        rows = np.concatenate(
+            [
+                tensor_ndims[group][:, None],
+                full_shapes[group],
+                u_off[chunk].reshape(len(group), -1),
+                u_shp[chunk].reshape(len(group), -1),
+            ],
+            axis=1,
+        )
+        if (rows == rows[0]).all():  # the usual case: one pattern (np.unique sorts rows)
+            first, inverse = np.zeros(1, np.int64), np.zeros(len(group), np.int64)
+        else:
+            _, first, inverse = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+        built = [
+            _layout_of(
+                tensors[g], u_off[t_start[g] : t_start[g + 1]], u_shp[t_start[g] : t_start[g + 1]]
+            )
+            for g in group[first].tolist()
+        ]
+        for g, which in zip(group.tolist(), inverse.reshape(-1).tolist(), strict=True):
+            layouts[g] = built[which]
     return layouts
 
 
@@ -313,15 +332,11 @@ def _assign_writers(
     multi = multi[np.argsort(-u_nbytes[multi], kind="stable")]
     everywhere = multi[replicas[multi] == world]
     partial = multi[replicas[multi] < world]
-    # Held by every rank (replicated tensors): a heap finds the least-loaded rank in O(log W).
-    heap = [(load[r], r) for r in range(world)]
-    heapq.heapify(heap)
-    for u, nb in zip(everywhere.tolist(), u_nbytes[everywhere].tolist(), strict=True):
-        least, r = heapq.heappop(heap)
-        writer[u] = r
-        heapq.heappush(heap, (least + nb, r))
-    for least, r in heap:
-        load[r] = least
+    # Held by every rank (replicated tensors): the least-loaded rank takes the next largest.
+    sizes = u_nbytes[everywhere]
+    cuts = (np.flatnonzero(np.diff(sizes)) + 1).tolist()
+    for lo, hi in zip([0, *cuts], [*cuts, len(everywhere)], strict=True):
+        load = _assign_equal(everywhere[lo:hi], int(sizes[lo]) if hi > lo else 0, load, writer)
     rank_list = rank_col.tolist()
     for u, s, e, nb in zip(
         partial.tolist(),
@@ -350,6 +365,31 @@ def _assign_writers(
         slot[idx] = np.arange(len(idx))
         writes.append(w_local[idx])
     return writer, slot, writes
+
+
+def _assign_equal(
+    chunks: np.ndarray, nbytes: int, load: list[int], writer: np.ndarray
+) -> list[int]:
+    """Give each of ``chunks`` (all ``nbytes`` long, held by every rank) to the least-loaded
+    rank (ties: the lowest rank), one after another; returns the new loads. While every
+    rank carries the same load that is round robin, done in one pass (thousands of
+    replicated norms and biases of one size); otherwise a heap, O(log W) per chunk."""
+    world = len(load)
+    if min(load, default=0) == max(load, default=0):
+        turn = np.arange(len(chunks)) % world
+        writer[chunks] = turn
+        taken = np.bincount(turn, minlength=world) * nbytes
+        return [a + b for a, b in zip(load, taken.tolist(), strict=True)]
+    heap = [(load[r], r) for r in range(world)]
+    heapq.heapify(heap)
+    for u in chunks.tolist():
+        least, r = heapq.heappop(heap)
+        writer[u] = r
+        heapq.heappush(heap, (least + nbytes, r))
+    out = list(load)
+    for least, r in heap:
+        out[r] = least
+    return out
 
 
 def _layout_of(decl: TensorDecl, offs: np.ndarray, shps: np.ndarray) -> Layout:
