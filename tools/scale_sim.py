@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import time
 
 import numpy as np
@@ -260,6 +261,9 @@ def simulate(ranks: int) -> dict[str, float | int]:
         "manifest_bytes": len(data) + len(index_bytes),
         "manifest_mb": round((len(data) + len(index_bytes)) / 1e6, 2),
         "manifest_json_bytes": len(data),
+        # a load's broadcast of the manifest to every rank (the chunk index parts are not
+        # broadcast: each rank reads the ones it needs)
+        "manifest_broadcast_bytes": len(pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)),
         "chunk_index_bytes": len(index_bytes),
         "rank_restore_fetch_bytes": fetched,
         "rank_restore_parse_s": round(parsed, 3),
