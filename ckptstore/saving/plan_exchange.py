@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ckptstore.coordination.collectives import COORDINATOR, Coordinator
-from ckptstore.errors import CkptStoreError
+from ckptstore.errors import typed
 from ckptstore.saving.plan import GlobalPlan, RankPlan, plan_id_of, plan_save
 from ckptstore.saving.plan_groups import group_ranks, join_plans, plan_group, plan_groups
 
@@ -117,8 +117,9 @@ def _plan_as_leader(
             plan.tensors = plans[position[first_with[plan.decl_key]]].tensors
     try:
         part: GlobalPlan | BaseException = plan_group(plans, members)
-    except CkptStoreError as exc:
-        part = exc
+    except Exception as exc:  # sent on, typed: no member waits for an error kept here
+        part = typed(exc, f"planning the group of ranks {members[0]}..{members[-1]}")
+        part.__cause__ = None  # the message names it; the original may not pickle
     handles = []
     for i, rank in enumerate(members[1:], start=1):
         reply = part if isinstance(part, BaseException) else part.writes[i]
