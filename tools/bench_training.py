@@ -118,15 +118,23 @@ def memcpy_floor(state: dict, repeats: int = 3) -> float:
     return _median(times)
 
 
-def page_cache_floor(checkpoint: str, rank: int, verify: bool, repeats: int = 3) -> float:
+def page_cache_floor(
+    checkpoint: str, rank: int, verify: bool, repeats: int = 3, world: int = 0
+) -> float:
     """Seconds for every rank at once to read the data files it wrote of ``checkpoint``
     (warm in the page cache) into buffers that already exist -- with ``verify``, also
     taking their crc32c: the least a load of those bytes can cost, with and without the
-    checksum pass ckptstore makes before any byte reaches a tensor."""
+    checksum pass ckptstore makes before any byte reaches a tensor. With ``world`` (a
+    smaller job loading it), rank r reads the files of writers r, r + world, ...: its
+    share of the same bytes."""
     from ckptstore.format.checksum import crc32c
 
     data = os.path.join(checkpoint, "data")
-    files = sorted(os.path.join(data, f) for f in os.listdir(data) if f.startswith(f"{rank:05d}-"))
+    files = sorted(
+        os.path.join(data, f)
+        for f in os.listdir(data)
+        if f[:5].isdigit() and (int(f[:5]) % world == rank if world else int(f[:5]) == rank)
+    )
     buffers = [bytearray(os.path.getsize(f)) for f in files]
     times = []
     for _ in range(repeats + 1):
@@ -194,7 +202,9 @@ def load_resharded(rank: int, world: int, root: str, layout: str) -> dict[str, f
         )
         times.setdefault("cs_load", []).append(_timed(lambda: cs.load(by_cs, f"{root}/cs0")))
     assert _equal(by_cs, by_dcp), f"{layout}: ckptstore and DCP loaded different values"
-    return {k: _median(v) for k, v in times.items()}
+    out = {k: _median(v) for k, v in times.items()}
+    out["page_cache_read_crc"] = page_cache_floor(f"{root}/cs0", rank, True, world=world)
+    return out
 
 
 def tp_fsdp_save(rank: int, world: int, root: str) -> dict[str, float]:
@@ -305,7 +315,12 @@ def run(scratch: str, emit, case, sink, disk_bw: float = 0.0) -> None:
         sink,
     )  # fmt: skip
     few = worst(run_ranks(2, load_resharded, where, "fsdp", timeout=3600))
-    emit(case("model_load_4_to_2", few["cs_load"], few["dcp_load"], 10.0), sink)
+    emit(
+        case("model_load_4_to_2", few["cs_load"], few["dcp_load"], 10.0,
+             page_cache_read_crc32c_s=round(few["page_cache_read_crc"], 4),
+             vs_page_cache_read_crc32c=round(few["cs_load"] / few["page_cache_read_crc"], 2)),
+        sink,
+    )  # fmt: skip
     stall, floor = r["cs_async_stall_steady"], r["memcpy_floor"]
     emit({"case": "model_async_stall", "stall_first_s": round(r["cs_async_stall_first"], 4),
           "stall_steady_s": round(stall, 4), "memcpy_floor_s": round(floor, 4),
