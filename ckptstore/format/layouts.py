@@ -64,6 +64,29 @@ def whole_layout(ndim: int) -> GridLayout:
     return layout
 
 
+def _row_overlaps(
+    starts: tuple[int, ...], shape: tuple[int, ...], box: Box
+) -> list[tuple[int, Box, Box]]:
+    """:func:`overlaps` for a grid cut along dim 0 only: chunk i is rows starts[i]..."""
+    offs, shp = box
+    lo, hi = offs[0], offs[0] + shp[0]
+    rest_zero, rest_shape = (0,) * (len(shape) - 1), shape[1:]
+    rest_offs, rest_shp = offs[1:], shp[1:]
+    out = []
+    for i in range(max(bisect.bisect_right(starts, lo) - 1, 0), bisect.bisect_left(starts, hi)):
+        c_lo = starts[i]
+        c_hi = starts[i + 1] if i + 1 < len(starts) else shape[0]
+        i_lo, i_hi = max(lo, c_lo), min(hi, c_hi)
+        out.append(
+            (
+                i,
+                ((c_lo, *rest_zero), (c_hi - c_lo, *rest_shape)),
+                ((i_lo, *rest_offs), (i_hi - i_lo, *rest_shp)),
+            )
+        )
+    return out
+
+
 def overlaps(layout: Layout, shape: tuple[int, ...], box: Box) -> list[tuple[int, Box, Box]]:
     """Saved chunks that intersect ``box``: (chunk index in the tensor, chunk box, intersection)."""
     offs, shp = box
@@ -73,6 +96,8 @@ def overlaps(layout: Layout, shape: tuple[int, ...], box: Box) -> list[tuple[int
     if isinstance(layout, GridLayout):
         if all(len(st) == 1 for st in layout.starts):  # one chunk: the whole tensor
             return [(0, ((0,) * nd, shape), box)]
+        if all(len(st) == 1 for st in layout.starts[1:]):  # rows only (FSDP's Shard(0))
+            return _row_overlaps(layout.starts[0], shape, box)
         per_dim: list[list[tuple[int, int, int, int, int]]] = []
         for d in range(nd):
             starts = layout.starts[d]

@@ -332,6 +332,19 @@ def _spans(table: Any, targets: list[Target], window: int) -> list[ReadSpan]:
         rec = t.record
         size = itemsize(rec.dtype)
         dtype = dtype_from_name(rec.dtype)
+        t_off, t_shape = t.box
+        # Whole rows of a C-contiguous host destination are one contiguous run: its address
+        # is computed, not sliced out of the tensor (a torch view per chunk costs more than
+        # the rest of its planning -- FSDP2 shards loaded onto fewer ranks are such rows).
+        row_bytes = math.prod(t_shape[1:]) * size if t_shape else 0
+        base_ptr = (
+            t.dest.data_ptr()
+            if row_bytes
+            and t.dest.is_cpu
+            and t.dest.is_contiguous()
+            and t.dest.numel() == math.prod(t_shape)
+            else 0
+        )
         for index, cbox, obox in overlaps(rec.layout, rec.shape, t.box):
             chunk = rec.chunk_start + index
             c_off, c_shape = cbox
@@ -341,9 +354,20 @@ def _spans(table: Any, targets: list[Target], window: int) -> list[ReadSpan]:
             _check_stored_size(t.name, chunk, nbytes, math.prod(c_shape) * size, rec.codec)
             if obox == cbox and not rec.codec and nbytes <= window:
                 # The common case (same sharding on save and load): the whole raw chunk.
-                dest = t.dest if t.box == cbox else t.dest[_slices(cbox, t.box[0])]
+                if (
+                    t.box != cbox
+                    and base_ptr
+                    and c_off[1:] == t_off[1:]
+                    and c_shape[1:] == t_shape[1:]
+                ):
+                    dest = t.dest  # the chunk's rows of it, at ptr
+                    ptr = base_ptr + (c_off[0] - t_off[0]) * row_bytes
+                    dest_nbytes = math.prod(c_shape) * size
+                else:
+                    dest = t.dest if t.box == cbox else t.dest[_slices(cbox, t_off)]
+                    ptr = dest.data_ptr() if dest.is_cpu and dest.is_contiguous() else 0
+                    dest_nbytes = dest.nbytes
                 blocks = max(1, -(-nbytes // block))
-                ptr = dest.data_ptr() if dest.is_cpu and dest.is_contiguous() else 0
                 spans.append(
                     ReadSpan(
                         name=t.name,
@@ -365,7 +389,7 @@ def _spans(table: Any, targets: list[Target], window: int) -> list[ReadSpan]:
                         chunk_base=base,
                         chunk_nbytes=nbytes,
                         crc0=crc0,
-                        dest_nbytes=dest.nbytes,
+                        dest_nbytes=dest_nbytes,
                     )
                 )
                 continue
