@@ -67,6 +67,14 @@ def save_stages_with_a_gap(rank: int, world: int, root: str) -> str:
     return "saved"
 
 
+def failed_saves(rank: int, world: int, root: str) -> tuple[str, str]:
+    """A gap in stage 1's shards, then a failed copy on a stage member: each save's outcome."""
+    return (
+        save_stages_with_a_gap(rank, world, f"{root}/gap"),
+        save_stages_with_a_dataless_tensor(rank, world, f"{root}/copy"),
+    )
+
+
 def save_stages_with_a_dataless_tensor(rank: int, world: int, root: str) -> str:
     """Rank 3 (stage 1, not its leader) holds a sparse per-rank tensor: the plan agrees, the
     copy fails, and the failure reaches the coordinator inside stage 1's bundle."""

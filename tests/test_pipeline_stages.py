@@ -101,19 +101,17 @@ def test_a_pipeline_job_saves_through_its_stage_leaders_and_reads_back(tmp_path)
         assert verify_checkpoint(ck.store, ck.manifest).ok
 
 
-def test_a_gap_in_one_stage_stops_every_rank_with_the_sharding_error(tmp_path) -> None:
-    root = str(tmp_path / "gap")
-    out = run_ranks(4, stage_cases.save_stages_with_a_gap, root)
-    assert all(o.startswith("ShardingError") and "'layers.3.w'" in o for o in out), out
-    assert not os.path.exists(os.path.join(root, "manifest.json"))
-
-
-def test_a_failed_copy_on_a_stage_member_fails_every_rank_without_commit(tmp_path) -> None:
-    root = str(tmp_path / "bad")
-    out = run_ranks(4, stage_cases.save_stages_with_a_dataless_tensor, root)
-    assert out[3].startswith("SaveError") and "'rng'" in out[3], out
-    assert all(o.startswith("SaveError") and "rank 3" in o for o in out[:3]), out
-    assert not os.path.exists(os.path.join(root, "manifest.json"))
+def test_a_stage_that_fails_stops_every_rank_without_commit(tmp_path) -> None:
+    """A gap in one stage's shards (found by that stage's leader) is a ShardingError on
+    every rank; a failed copy on a stage member reaches the coordinator in its stage's
+    bundle and fails every rank. Nothing is committed either time."""
+    out = run_ranks(4, stage_cases.failed_saves, str(tmp_path))
+    gap, copy = zip(*out, strict=True)
+    assert all(o.startswith("ShardingError") and "'layers.3.w'" in o for o in gap), gap
+    assert copy[3].startswith("SaveError") and "'rng'" in copy[3], copy
+    assert all(o.startswith("SaveError") and "rank 3" in o for o in copy[:3]), copy
+    for name in ("gap", "copy"):
+        assert not os.path.exists(tmp_path / name / "manifest.json")
 
 
 def test_ckptstore_groups_connect_only_the_pairs_that_exchange_messages(tmp_path) -> None:
@@ -122,6 +120,9 @@ def test_ckptstore_groups_connect_only_the_pairs_that_exchange_messages(tmp_path
     connects to its ring neighbours, its leader and the coordinator only."""
     world = 8
     opened = run_ranks(world, stage_cases.sockets_of_a_save, str(tmp_path / "s"))
-    assert all(created <= 2 for created, _ in opened), opened  # eager: world - 1 each
-    # a member's save: ring neighbours, its leader and the coordinator -- not every peer
-    assert all(saving < world - 1 for _, saving in opened[1:]), opened
+    # Created eagerly, every rank opens a socket to each of its 7 peers plus one at once
+    # (8). Lazily: one at creation, then one per peer it exchanges messages with during
+    # the save -- ring neighbours, its leader, the coordinator; a leader its members too.
+    # (Counted together: a fast peer may connect while a slow rank still creates.)
+    assert all(created + saving < world for created, saving in opened), opened
+    assert sum(created for created, _ in opened) < world * (world - 1), opened
