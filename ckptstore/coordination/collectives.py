@@ -231,7 +231,7 @@ class Coordinator:
         self.receive(size, src)
         data = torch.empty(int(size.item()), dtype=torch.uint8)
         self.receive(data, src)
-        return pickle.loads(data.numpy().tobytes())
+        return pickle.loads(memoryview(data.numpy()))
 
     def finish_sends(self, handles: list[Any]) -> None:
         """Wait until every send of ``handles`` was taken by its receiver."""

@@ -324,6 +324,12 @@ def coalesce(
     return out
 
 
+def _host_address(dest: torch.Tensor, shape: tuple[int, ...]) -> int:
+    """``dest``'s address if it is C-contiguous host memory holding exactly ``shape``, else 0."""
+    usable = dest.is_cpu and dest.is_contiguous() and dest.numel() == math.prod(shape)
+    return dest.data_ptr() if usable else 0
+
+
 def _spans(table: Any, targets: list[Target], window: int) -> list[ReadSpan]:
     """The reads of targets off the fast path: regions of chunks, or compressed chunks."""
     block = table.block_bytes
@@ -333,18 +339,7 @@ def _spans(table: Any, targets: list[Target], window: int) -> list[ReadSpan]:
         size = itemsize(rec.dtype)
         dtype = dtype_from_name(rec.dtype)
         t_off, t_shape = t.box
-        # Whole rows of a C-contiguous host destination are one contiguous run: its address
-        # is computed, not sliced out of the tensor (a torch view per chunk costs more than
-        # the rest of its planning -- FSDP2 shards loaded onto fewer ranks are such rows).
-        row_bytes = math.prod(t_shape[1:]) * size if t_shape else 0
-        base_ptr = (
-            t.dest.data_ptr()
-            if row_bytes
-            and t.dest.is_cpu
-            and t.dest.is_contiguous()
-            and t.dest.numel() == math.prod(t_shape)
-            else 0
-        )
+        base_ptr = -1  # the destination's address, once a chunk of whole rows needs it
         for index, cbox, obox in overlaps(rec.layout, rec.shape, t.box):
             chunk = rec.chunk_start + index
             c_off, c_shape = cbox
@@ -354,14 +349,15 @@ def _spans(table: Any, targets: list[Target], window: int) -> list[ReadSpan]:
             _check_stored_size(t.name, chunk, nbytes, math.prod(c_shape) * size, rec.codec)
             if obox == cbox and not rec.codec and nbytes <= window:
                 # The common case (same sharding on save and load): the whole raw chunk.
-                if (
-                    t.box != cbox
-                    and base_ptr
-                    and c_off[1:] == t_off[1:]
-                    and c_shape[1:] == t_shape[1:]
-                ):
+                rows = t.box != cbox and c_off[1:] == t_off[1:] and c_shape[1:] == t_shape[1:]
+                if rows and base_ptr < 0:
+                    base_ptr = _host_address(t.dest, t_shape)
+                if rows and base_ptr:
+                    # Whole rows of a C-contiguous host destination: one contiguous run whose
+                    # address is computed, not sliced out as a torch view per chunk (FSDP2
+                    # shards loaded onto fewer ranks are such rows).
                     dest = t.dest  # the chunk's rows of it, at ptr
-                    ptr = base_ptr + (c_off[0] - t_off[0]) * row_bytes
+                    ptr = base_ptr + (c_off[0] - t_off[0]) * math.prod(t_shape[1:]) * size
                     dest_nbytes = math.prod(c_shape) * size
                 else:
                     dest = t.dest if t.box == cbox else t.dest[_slices(cbox, t_off)]

@@ -171,7 +171,14 @@ class _RankReport:
     def header(self) -> _RankReport:
         """The report without its chunk columns (once they are in a :class:`_Written`)."""
         empty = np.zeros(0, dtype=np.int64)
-        return replace(self, file=empty, offset=empty, nbytes=empty, crc_count=empty)
+        return replace(
+            self,
+            file=empty,
+            offset=empty,
+            nbytes=empty,
+            crc_count=empty,
+            crc=np.zeros(0, dtype=np.uint32),
+        )
 
 
 _Report = tuple[_RankReport | None, str | None]
@@ -198,12 +205,13 @@ def _gather_reports(
         coord.finish_sends(coord.post_object(report, group.leader))
         return None
     mine = [report if r == coord.rank else coord.receive_object(r) for r in group.members]
-    headers = [(rep.header() if rep is not None else None, msg) for rep, msg in mine]
-    bundle = _Bundle(group.members, _written_of(mine), headers)
-    if not coord.is_coordinator:
-        coord.finish_sends(coord.post_object(bundle, COORDINATOR))
+    written = _written_of(mine)
+    if not coord.is_coordinator:  # the columns travel once, in ``written``
+        headers = [(rep.header() if rep is not None else None, msg) for rep, msg in mine]
+        coord.finish_sends(coord.post_object(_Bundle(group.members, written, headers), COORDINATOR))
         return None
-    bundles = [bundle if r == coord.rank else coord.receive_object(r) for r in group.leaders]
+    own = _Bundle(group.members, written, mine)
+    bundles = [own if r == coord.rank else coord.receive_object(r) for r in group.leaders]
     reports: list[_Report] = [(None, None)] * coord.world_size
     for b in bundles:
         for rank, rep in zip(b.ranks, b.reports, strict=True):

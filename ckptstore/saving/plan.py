@@ -334,9 +334,9 @@ def _assign_writers(
     partial = multi[replicas[multi] < world]
     # Held by every rank (replicated tensors): the least-loaded rank takes the next largest.
     sizes = u_nbytes[everywhere]
-    cuts = (np.flatnonzero(np.diff(sizes)) + 1).tolist()
-    for lo, hi in zip([0, *cuts], [*cuts, len(everywhere)], strict=True):
-        load = _assign_equal(everywhere[lo:hi], int(sizes[lo]) if hi > lo else 0, load, writer)
+    starts = np.flatnonzero(np.r_[True, sizes[1:] != sizes[:-1]]).tolist() if len(sizes) else []
+    for lo, hi in itertools.pairwise([*starts, len(sizes)]):  # runs of one size
+        load = _assign_equal(everywhere[lo:hi], int(sizes[lo]), load, writer)
     rank_list = rank_col.tolist()
     for u, s, e, nb in zip(
         partial.tolist(),

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ckptstore.saving.plan import GlobalPlan, RankPlan, TensorDecl, plan_id_of, plan_save
+from ckptstore.saving.plan import GlobalPlan, RankPlan, TensorDecl, plan_save
 
 
 def plan_groups(decl_lists: dict[int, list[TensorDecl]]) -> dict[int, int]:
@@ -94,4 +94,4 @@ def join_plans(parts: list[GlobalPlan], plan_id: int) -> GlobalPlan:
     )
 
 
-__all__ = ["group_ranks", "join_plans", "plan_group", "plan_groups", "plan_id_of"]
+__all__ = ["group_ranks", "join_plans", "plan_group", "plan_groups"]
