@@ -566,3 +566,51 @@ def load_hf_directory(rank: int, world: int, path: str) -> dict:
         "head.bias": sd["head.bias"].full_tensor(),
         "bytes_read": info.bytes_read,
     }
+
+
+def async_early_staging(rank: int, world: int, root: str) -> dict:
+    """Async saves whose host copy is made while the agreement is in flight (a cached plan):
+    kept when every rank holds the plan, made again when one rank's cache misses, given
+    back when the agreement fails (the checkpoint exists). Returns, per save, how many
+    copies this rank made, and the pool's buffers in use afterwards."""
+    from ckptstore.saving import save as save_module
+    from ckptstore.saving.async_save import _state
+
+    mesh = init_device_mesh("cpu", (world,))
+    w = distribute_tensor(torch.zeros(96, 40), mesh, [Shard(0)])
+    sd = {"w": w, "b": torch.zeros(33), "step": 0}
+    pool = _state().pool
+    copies: list[int] = []
+    stage = pool.stage
+
+    def counted(*args, **kwargs):
+        copies[-1] += 1
+        return stage(*args, **kwargs)
+
+    pool.stage = counted
+    out: dict = {"copies": copies, "errors": [], "in_use": []}
+    for step in range(4):
+        copies.append(0)
+        w.to_local().fill_(float(step * 10 + rank))
+        sd["b"].fill_(float(step))
+        sd["step"] = step
+        if step == 2 and rank == 1:  # this rank plans again: the others' early copies go
+            save_module._PLAN_CACHE.clear()
+        path = f"{root}/s{min(step, 2)}"  # step 3: s2 again, committed: the save fails
+        try:
+            handle = cs.async_save(sd, path)
+            w.to_local().fill_(-1.0)
+            handle.wait()
+        except CkptStoreError as exc:
+            out["errors"].append((step, type(exc).__name__))
+        out["in_use"].append(pool._in_use)
+    pool.stage = stage
+    for step in range(3):
+        dest = {"w": distribute_tensor(torch.zeros(96, 40), mesh, [Shard(0)]), "b": torch.ones(33)}
+        dest["step"] = -1
+        cs.load(dest, f"{root}/s{step}")
+        full = dest["w"].full_tensor()
+        rows = [torch.full((96 // world, 40), float(step * 10 + r)) for r in range(world)]
+        assert torch.equal(full, torch.cat(rows)), f"s{step}: wrong tensor data"
+        assert torch.equal(dest["b"], torch.full((33,), float(step))) and dest["step"] == step
+    return out

@@ -111,3 +111,14 @@ def test_prepare_async_save_plans_and_faults_in_the_first_saves_buffer(tmp_path)
     # rows of w (48,000 bytes) and, on one of them, b (308 bytes, aligned to 320)
     assert all(len(o["sizes"]) == 1 for o in out), out
     assert sum(o["sizes"][0] for o in out) == 2 * 48_000 + 320, out
+
+
+def test_host_copy_made_during_the_agreement_is_kept_redone_or_given_back(tmp_path) -> None:
+    out = run_ranks(2, dist_cases.async_early_staging, str(tmp_path), timeout=180)
+    # save 0: planned (no cached plan), one copy after; save 1: one copy, made early;
+    # save 2: rank 1 lost its plan: rank 0's early copy is made again after the new plan;
+    # save 3: the checkpoint exists: the early copy is given back, the save fails everywhere
+    assert out[0]["copies"] == [1, 1, 2, 1], out
+    assert out[1]["copies"] == [1, 1, 1, 1], out
+    assert all(o["errors"] == [(3, "CheckpointExistsError")] for o in out), out
+    assert all(o["in_use"] == [0, 0, 0, 0] for o in out), out

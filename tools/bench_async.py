@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -45,22 +46,28 @@ class PeakRss:
         self._thread.join()
 
 
-def async_stalls(sd: dict, root: str, saves: int = 4) -> tuple[float, float, object]:
+def async_stalls(
+    sd: dict, root: str, saves: int = 4, floor: Callable[[], float] | None = None
+) -> tuple[float, float, object, float]:
     """Prepared as a training loop prepares (``prepare_async_save`` at least a training
     step before the first checkpoint step; here: until its buffer is ready), ``saves``
-    async saves: the first stall, the median of the others, and
-    the last save's SaveInfo."""
+    async saves: the first stall, the median of the others, the last save's SaveInfo, and
+    -- with ``floor`` (a timed copy of the same bytes) -- the median of ``floor`` measured
+    right before each of the later saves, as the machine stands for them (the previous
+    save's write has just ended), else 0."""
     import ckptstore as cs
 
     cs.prepare_async_save(sd).result()  # a training step would pass meanwhile
-    stalls = []
+    stalls, floors = [], []
     for i in range(saves):
+        if floor is not None and i:
+            floors.append(floor())
         dist.barrier()
         t = time.perf_counter()
         handle = cs.async_save(sd, f"{root}/cs{i}")
         stalls.append(time.perf_counter() - t)
         info = handle.wait()
-    return stalls[0], _median(stalls[1:]), info
+    return stalls[0], _median(stalls[1:]), info, _median(floors) if floors else 0.0
 
 
 def stall_and_memory(rank: int, world: int, root: str) -> dict:
@@ -82,7 +89,7 @@ def stall_and_memory(rank: int, world: int, root: str) -> dict:
 
     resting = rss_bytes()
     with PeakRss() as peak:
-        first, steady, info = async_stalls(sd, root)
+        first, steady, info, _ = async_stalls(sd, root)
     out["cs_async_stall_first"], out["cs_async_stall_steady"] = first, steady
     written = info.rank_bytes_written
     out["rss_resting"], out["rss_peak"], out["rank_bytes"] = resting, peak.peak, written

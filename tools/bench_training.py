@@ -5,11 +5,14 @@ DCP in the same run:
   ``Shard(0)`` as FSDP2 shards 1-D parameters (over 4 ranks, and unevenly over 3) -- plus
   one 64 MiB ``Shard(0)`` matrix: save (first, steady) and load into existing tensors;
 - model: a 24-layer Llama-style decoder under FSDP2 (``fully_shard``) with AdamW after one
-  step, state from ``get_state_dict`` as a training loop takes it (~1.3 GB): save, load
-  4 -> 4, load 4 -> 2 (resharded), and the async stall against the time the same ranks need
-  to memcpy their bytes into reused buffers (the floor, measured in the same run);
+  step, state from ``get_state_dict`` as a training loop takes it (~1.3 GB): save (against
+  the ranks writing and fsyncing their own bytes at once, the disk's floor, measured between
+  the saves), load 4 -> 4, load 4 -> 2 (resharded), and the async stall against the time
+  the same ranks need to memcpy their bytes into reused buffers (the floor, measured in the
+  same run);
 - tp-fsdp: tensor parallelism plus FSDP2 on a 2 x 2 mesh, as torchtitan builds it
-  (``_StridedShard`` placements): save, and load onto a 1-D mesh of 2;
+  (``_StridedShard`` placements): save (with its parallel write floor), and load onto a 1-D
+  mesh of 2;
 - flatten + match: one process, 20,000 DTensors, microseconds per tensor.
 
 Every load is checked bit-exact (against the saved tensors, or against DCP's own load).
@@ -100,22 +103,49 @@ def _local_tensors(state: dict) -> list[torch.Tensor]:
     return [leaf.value for leaf in flatten(state).values() if isinstance(leaf.value, torch.Tensor)]
 
 
-def memcpy_floor(state: dict, repeats: int = 3) -> float:
-    """Seconds for every rank at once to copy its tensors of ``state`` into buffers that
-    already exist (warm): what any stall that takes a host copy must pay."""
-    tensors = _local_tensors(state)
-    buffers = [torch.empty_like(t) for t in tensors]
-    for b, t in zip(buffers, tensors, strict=True):
-        b.copy_(t)
-    times = []
-    for _ in range(repeats):
+class MemcpyFloor:
+    """Every rank at once copies its tensors of ``state`` into buffers that already exist
+    (warm): what any stall that takes a host copy must pay. Each call times one copy,
+    between barriers (the slowest rank's time)."""
+
+    def __init__(self, state: dict) -> None:
+        self.tensors = _local_tensors(state)
+        self.buffers = [torch.empty_like(t) for t in self.tensors]
+        self._copy()
+
+    def _copy(self) -> None:
+        for b, t in zip(self.buffers, self.tensors, strict=True):
+            b.copy_(t)
+
+    def __call__(self) -> float:
         dist.barrier()
         t0 = time.perf_counter()
-        for b, t in zip(buffers, tensors, strict=True):
-            b.copy_(t)
+        self._copy()
         dist.barrier()
-        times.append(time.perf_counter() - t0)
-    return _median(times)
+        return time.perf_counter() - t0
+
+
+def write_own_bytes(tensors: list[torch.Tensor], directory: str) -> float:
+    """Seconds for every rank at once to write ``tensors`` (its own, contiguous) to a file of
+    its own and fsync it: the floor of a durable save of those bytes on this disk with the
+    job's parallelism (one sequential write per rank; no checksum, manifest or commit).
+    Run between the tools' saves, as the page cache stands for them."""
+    path = os.path.join(directory, f"floor-{dist.get_rank()}.bin")
+    dist.barrier()
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for t in tensors:
+            view = memoryview(t.view(-1).view(torch.uint8).numpy())
+            while view:
+                view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dist.barrier()
+    elapsed = time.perf_counter() - t0
+    os.unlink(path)
+    return elapsed
 
 
 def page_cache_floor(
@@ -165,9 +195,11 @@ def model_save_load(rank: int, world: int, root: str) -> dict[str, float]:
     def run(name: str, fn) -> None:
         times.setdefault(name, []).append(_timed(fn))
 
+    own = [t.contiguous() for t in _local_tensors(state)]
     for i in range(3):
         run("dcp_save", lambda i=i: dcp.save(state, checkpoint_id=f"{root}/dcp{i}"))
         run("cs_save", lambda i=i: cs.save(state, f"{root}/cs{i}"))
+        times.setdefault("parallel_write_floor", []).append(write_own_bytes(own, root))
     dest = _state("fsdp", world, MODEL, seed=1)
     for _ in range(3):
         run("dcp_load", lambda: dcp.load(dest, checkpoint_id=f"{root}/dcp0"))
@@ -175,9 +207,9 @@ def model_save_load(rank: int, world: int, root: str) -> dict[str, float]:
     assert _equal(dest, state), "model load 4 -> 4 mismatch"
     out = {k: _median(v) for k, v in times.items()}
     out["cs_save_first"] = times["cs_save"][0]
-    first, steady, _ = async_stalls(state, f"{root}/async")
+    first, steady, _, floor = async_stalls(state, f"{root}/async", floor=MemcpyFloor(state))
     out["cs_async_stall_first"], out["cs_async_stall_steady"] = first, steady
-    out["memcpy_floor"] = memcpy_floor(state)
+    out["memcpy_floor"] = floor
     out["page_cache_read"] = page_cache_floor(f"{root}/cs0", rank, verify=False)
     out["page_cache_read_crc"] = page_cache_floor(f"{root}/cs0", rank, verify=True)
     out["rank_bytes"] = float(sum(t.numel() * t.element_size() for t in _local_tensors(state)))
@@ -214,11 +246,13 @@ def tp_fsdp_save(rank: int, world: int, root: str) -> dict[str, float]:
 
     state = _state("tp-fsdp", world, TP_MODEL)
     times: dict[str, list[float]] = {}
+    own = [t.contiguous() for t in _local_tensors(state)]
     for i in range(3):
         times.setdefault("dcp_save", []).append(
             _timed(lambda i=i: dcp.save(state, checkpoint_id=f"{root}/dcp{i}"))
         )
         times.setdefault("cs_save", []).append(_timed(lambda i=i: cs.save(state, f"{root}/cs{i}")))
+        times.setdefault("parallel_write_floor", []).append(write_own_bytes(own, root))
     out = {k: _median(v) for k, v in times.items()}
     out["state_bytes"] = float(cs.open(f"{root}/cs0").manifest.stored_bytes())
     return out
@@ -271,12 +305,25 @@ def flatten_and_match(rank: int, world: int, root: str) -> dict[str, float]:
 
 # -- driver ----------------------------------------------------------------------------------
 def _disk_floor(r: dict[str, float], disk_bw: float) -> dict[str, float]:
-    """A save against the disk: the seconds fsync'd sequential writes of the same bytes take
-    (the floor of a durable save) and the save's speed as a fraction of that bandwidth."""
-    if not disk_bw:
-        return {}
-    floor = r["state_bytes"] / disk_bw
-    return {"disk_floor_s": round(floor, 4), "fraction_of_disk_bw": round(floor / r["cs_save"], 3)}
+    """A save against the disk: the seconds one fsync'd sequential stream of the same bytes
+    takes, the seconds the ranks take to write and fsync their own bytes all at once (the
+    floor of a durable save with the job's parallelism), and the save against each; and
+    the ratio to DCP that the parallel floor itself would reach."""
+    out: dict[str, float] = {}
+    if disk_bw:
+        floor = r["state_bytes"] / disk_bw
+        out |= {
+            "disk_floor_s": round(floor, 4),
+            "fraction_of_disk_bw": round(floor / r["cs_save"], 3),
+        }
+    if "parallel_write_floor" in r:
+        par = r["parallel_write_floor"]
+        out |= {
+            "parallel_write_floor_s": round(par, 4),
+            "vs_parallel_write_floor": round(r["cs_save"] / par, 3),
+            "floor_vs_dcp": round(r["dcp_save"] / par, 2),
+        }
+    return out
 
 
 def run(scratch: str, emit, case, sink, disk_bw: float = 0.0) -> None:

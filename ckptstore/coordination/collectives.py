@@ -153,13 +153,26 @@ class Coordinator:
                 missing,
             ) from exc
 
-    def max_ints(self, values: list[int]) -> list[int]:
-        """Element-wise maximum of ``values`` over all ranks (one all_reduce)."""
+    def max_ints(self, values: list[int], meanwhile: Callable[[], None] | None = None) -> list[int]:
+        """Element-wise maximum of ``values`` over all ranks (one all_reduce).
+
+        ``meanwhile`` runs while the all_reduce is in flight (work that does not depend on
+        its outcome, such as an async save's host copy, instead of waiting for the slowest
+        rank); it must not raise: the all_reduce is waited for whatever it does."""
         if not self.active:
+            if meanwhile is not None:
+                meanwhile()
             return list(values)
         t = torch.tensor(values, dtype=torch.int64)
         with self._bounded("an all_reduce"):
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+            if meanwhile is None:
+                dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+            else:
+                work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+                try:
+                    meanwhile()
+                finally:
+                    work.wait()
         return [int(v) for v in t.tolist()]
 
     def gather(self, obj: Any) -> list[Any] | None:

@@ -196,25 +196,21 @@ def async_save(
         background = own_group(process_group, "background")
         target = save_target(store_for(path, save_options.storage_options))
         replication_team = target.replication_team(process_group)
+        early = _EarlyStaging(state.pool, not stage_async, persist == "process")
         with gc_paused():
-            planned = plan_save_collective(
-                state_dict, target, coord, save_options, id(process_group)
-            )
+            try:
+                planned = plan_save_collective(
+                    state_dict, target, coord, save_options, id(process_group), early.stage
+                )
+            except BaseException:
+                early.discard()
+                raise
             planned.replication_team = replication_team
             failpoints.hit("planned", coord.rank)
-            t_staging = time.perf_counter()
-            failure: SaveError | None = None
-            staged: StagedTensors | None = None
-            try:
-                staged = state.pool.stage(
-                    planned.tensors_to_write(),
-                    wait_device=not stage_async,
-                    shared=persist == "process",
-                )
-            except Exception as exc:  # the background still joins the commit, and fails it
-                failure = unwritable_error(planned, exc)
+            staged, failure = early.take(planned)
+            if not early.used:  # no cached plan here, or not on every rank: stage now
+                staged, failure = early.stage_now(planned)
         failpoints.hit("staged", coord.rank)
-        planned.seconds["stage"] = time.perf_counter() - t_staging
         stall = time.perf_counter() - t0
         future = state.executor.submit(
             _persist, state, planned, staged, background, persist, failure
@@ -222,6 +218,49 @@ def async_save(
         handle = AsyncSaveHandle(future, staged, planned.store.url, stall)
         state.last = handle
         return handle
+
+
+class _EarlyStaging:
+    """An async save's host copy, made while the save's agreement is in flight when this
+    rank holds a cached plan (``plan_save_collective``'s ``meanwhile``): the copy then
+    costs no wait for the slowest rank. Kept if the plan it was made for is the one every
+    rank agreed on, given back to the pool otherwise. A copy that fails is kept as the
+    save's failure: the background still joins the commit, and fails it on every rank."""
+
+    def __init__(self, pool: StagingPool, wait_device: bool, shared: bool) -> None:
+        self.pool, self.wait_device, self.shared = pool, wait_device, shared
+        self.planned: PlannedSave | None = None
+        self.staged: StagedTensors | None = None
+        self.error: Exception | None = None
+        self.used = False
+
+    def stage(self, planned: PlannedSave) -> None:
+        t = time.perf_counter()
+        self.planned = planned
+        try:
+            self.staged = self.pool.stage(
+                planned.tensors_to_write(), wait_device=self.wait_device, shared=self.shared
+            )
+        except Exception as exc:
+            self.error = exc
+        planned.seconds["stage"] = time.perf_counter() - t
+
+    def take(self, planned: PlannedSave) -> tuple[StagedTensors | None, SaveError | None]:
+        """The copy made for ``planned`` (``used`` says whether there is one)."""
+        if self.planned is not planned:
+            self.discard()
+            return None, None
+        self.used = True
+        return self.staged, None if self.error is None else unwritable_error(planned, self.error)
+
+    def stage_now(self, planned: PlannedSave) -> tuple[StagedTensors | None, SaveError | None]:
+        self.stage(planned)
+        return self.take(planned)
+
+    def discard(self) -> None:
+        if self.staged is not None:
+            self.pool.release(self.staged.buffer)
+            self.staged = None
 
 
 def prepare_async_save(

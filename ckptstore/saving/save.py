@@ -15,6 +15,7 @@ import os
 import pickle
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
@@ -287,6 +288,7 @@ def plan_save_collective(
     coord: Coordinator,
     options: SaveOptions,
     group_key: int,
+    meanwhile: Callable[[PlannedSave], None] | None = None,
 ) -> PlannedSave:
     """The foreground part of a save: flatten, agree, plan (or reuse the cached plan).
 
@@ -294,6 +296,11 @@ def plan_save_collective(
     (``plan_exchange``). Raises on every rank if any rank failed.
     ``target=None`` plans without a checkpoint (to prepare a later save): nothing is
     checked, marked or written, and the returned plan has no store.
+
+    ``meanwhile``: when this rank holds a cached plan, it is called with that plan while
+    the all_reduce is in flight (an async save stages its tensors then, instead of waiting
+    for the slowest rank). It must not raise. The plan it got is the one returned if every
+    rank holds it; otherwise (a miss elsewhere, a failure) the caller undoes its work.
     """
     t0 = time.perf_counter()
     if options.codec is not None:
@@ -303,13 +310,40 @@ def plan_save_collective(
     local, error = _prepare_locally(state_dict, coord, options)
     cached = _cached_plan(local, group_key)
     exists, marked, error = _check_and_mark(target, coord, options, error)
-    plan_cached = _agree(target, coord, cached, exists, marked, error)
+    early: PlannedSave | None = None
+    if meanwhile is not None and cached is not None and error is None and target is not None:
+        assert local is not None
+        early = _planned(target, options, coord, local, cached, True)
+    plan_cached = _agree(
+        target,
+        coord,
+        cached,
+        exists,
+        marked,
+        error,
+        (lambda: meanwhile(early)) if early is not None and meanwhile is not None else None,
+    )
     assert local is not None
     t_plan = time.perf_counter()
+    if plan_cached and early is not None:
+        early.seconds.update(prepare=t_plan - t0, plan=0.0)
+        return early
     if not plan_cached:
         cached = _plan_exchanged(local, coord, group_key)
     assert cached is not None
-    t_end = time.perf_counter()
+    planned = _planned(target, options, coord, local, cached, plan_cached)
+    planned.seconds.update(prepare=t_plan - t0, plan=time.perf_counter() - t_plan)
+    return planned
+
+
+def _planned(
+    target: SaveTarget | None,
+    options: SaveOptions,
+    coord: Coordinator,
+    local: _Local,
+    cached: _CachedPlan,
+    plan_cached: bool,
+) -> PlannedSave:
     return PlannedSave(
         target,
         options,
@@ -319,7 +353,6 @@ def plan_save_collective(
         cached.writes,
         cached.global_plan,
         plan_cached,
-        {"prepare": t_plan - t0, "plan": t_end - t_plan},
         group=cached.group,
     )
 
@@ -386,15 +419,17 @@ def _agree(
     exists: int,
     marked: bool,
     error: BaseException | None,
+    meanwhile: Callable[[], None] | None = None,
 ) -> bool:
     """One all_reduce decides: is the plan cached on every rank, does every rank name the
     same checkpoint, does it exist, did any rank fail. Raises the same on every rank;
-    returns whether the cached plan holds."""
+    returns whether the cached plan holds. ``meanwhile`` runs while it is in flight."""
     shared_url = target.shared_url if target is not None else ""
     path_key = int.from_bytes(hashlib.blake2b(shared_url.encode(), digest_size=7).digest(), "big")
     my_plan_id = cached.plan_id if cached else -1
     hi, neg_lo, path_hi, path_neg_lo, exists, failed = coord.max_ints(
-        [my_plan_id, -my_plan_id, path_key, -path_key, exists, int(error is not None)]
+        [my_plan_id, -my_plan_id, path_key, -path_key, exists, int(error is not None)],
+        meanwhile,
     )
     if (failed or exists or path_hi != -path_neg_lo) and marked:
         assert target is not None
