@@ -96,9 +96,15 @@ class RankPlan:
             shapes = np.fromiter(
                 itertools.chain.from_iterable(map(_SHAPE_OF_BOX, boxes)), np.int64, n * ndim
             )
-        else:  # pad to ndim columns: offsets with 0, shapes with 1
-            offsets = np.array([o + (0,) * (ndim - len(o)) for o, _ in boxes], dtype=np.int64)
-            shapes = np.array([s + (1,) * (ndim - len(s)) for _, s in boxes], dtype=np.int64)
+        else:  # pad to ndim columns (offsets with 0, shapes with 1), one pass per ndim
+            of_rank = np.fromiter(map(len, map(_SHAPE_OF, tensors)), np.int64, n)
+            offsets, shapes = np.zeros((n, ndim), np.int64), np.ones((n, ndim), np.int64)
+            for d in ndims - {0}:  # scalars have no column to fill
+                rows = np.flatnonzero(of_rank == d)
+                picked = list(itertools.compress(boxes, (of_rank == d).tolist()))
+                for column, part in ((offsets, _OFFSETS_OF), (shapes, _SHAPE_OF_BOX)):
+                    flat = itertools.chain.from_iterable(map(part, picked))
+                    column[rows, :d] = np.fromiter(flat, np.int64, len(rows) * d).reshape(len(rows), d)
         offsets, shapes = offsets.reshape(n, ndim), shapes.reshape(n, ndim)
         decl_bytes = pickle.dumps(tuple(map(list, zip(*tensors, strict=True))), protocol=4)
         decl_key = _digest(decl_bytes)

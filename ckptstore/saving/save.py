@@ -19,7 +19,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
-from operator import attrgetter
+from itertools import compress
+from operator import attrgetter, not_
 from typing import Any
 
 import numpy as np
@@ -76,7 +77,8 @@ class _Local:
     rank_blobs: dict[str, bytes]
 
 
-_NAME, _VALUE = attrgetter("name"), attrgetter("value")
+_NAME, _VALUE, _KIND = attrgetter("name"), attrgetter("value"), attrgetter("kind")
+_DTYPE, _IS_TENSOR_KIND = attrgetter("dtype"), "tensor".__eq__
 _SHAPE, _BOX = attrgetter("global_shape"), attrgetter("box")
 _NEW_DECL = partial(tuple.__new__, TensorDecl)  # C-level: one per tensor
 _ITEMSIZE = {name: dtype.itemsize for dtype, name in DTYPE_TO_NAME.items()}
@@ -86,15 +88,17 @@ def _prepare(leaves: dict[str, Leaf], is_coordinator: bool, allow_pickle: bool) 
     problem = bad_name(list(leaves))  # what a reader would refuse is refused before writing
     if problem:
         raise StateDictError(f"state_dict entry {problem}")
-    tensor_leaves, rank_tensors = [], []
+    rank_tensors: list[Leaf] = []
     values: dict[str, Any] = {}
     rank_values: dict[str, Any] = {}
     blobs: dict[str, bytes] = {}
     rank_blobs: dict[str, bytes] = {}
-    for leaf in leaves.values():
-        if leaf.kind == "tensor":
-            tensor_leaves.append(leaf)
-        elif leaf.kind == "rank_tensor":
+    every = list(leaves.values())
+    is_tensor = list(map(_IS_TENSOR_KIND, map(_KIND, every)))  # most leaves: C-level passes
+    tensor_leaves = list(compress(every, is_tensor))
+    others = [] if len(tensor_leaves) == len(every) else list(compress(every, map(not_, is_tensor)))
+    for leaf in others:
+        if leaf.kind == "rank_tensor":
             rank_tensors.append(leaf)
         elif leaf.kind == "value":
             values[leaf.name] = leaf.value
@@ -114,7 +118,7 @@ def _prepare(leaves: dict[str, Leaf], is_coordinator: bool, allow_pickle: bool) 
     # Column passes (map over attribute getters) instead of a Python loop per tensor: a
     # state_dict may hold tens of thousands of them.
     names = list(map(_NAME, tensor_leaves))
-    dtypes = [t.dtype for t in map(_VALUE, tensor_leaves)]
+    dtypes = list(map(_DTYPE, map(_VALUE, tensor_leaves)))
     dtype_names = list(map(DTYPE_TO_NAME.get, dtypes))
     unsupported = [leaf for leaf in rank_tensors if leaf.local.dtype not in DTYPE_TO_NAME]
     if None in dtype_names:
