@@ -21,6 +21,8 @@ Every load is checked bit-exact (against the saved tensors, or against DCP's own
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 
 import torch
@@ -126,14 +128,17 @@ class MemcpyFloor:
 
 
 def write_own_bytes(tensors: list[torch.Tensor], directory: str) -> float:
-    """Seconds for every rank at once to write ``tensors`` (its own, contiguous) to a file of
-    its own and fsync it: the floor of a durable save of those bytes on this disk with the
-    job's parallelism (one sequential write per rank; no checksum, manifest or commit).
-    Run between the tools' saves, as the page cache stands for them."""
-    path = os.path.join(directory, f"floor-{dist.get_rank()}.bin")
+    """Seconds for every rank at once to write ``tensors`` (its own, contiguous) to a new
+    file of its own and fsync it: the floor of a durable save of those bytes on this disk
+    with the job's parallelism (one sequential write per rank; no checksum, manifest or
+    commit). Run between the tools' saves; its files stay, as theirs do (deleting them
+    would hand the next writer free page-cache memory the others had to reclaim)."""
+    os.makedirs(directory, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix=f"floor-{dist.get_rank()}-", dir=directory)
+    os.close(fd)
     dist.barrier()
     t0 = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
     try:
         for t in tensors:
             view = memoryview(t.view(-1).view(torch.uint8).numpy())
@@ -143,9 +148,7 @@ def write_own_bytes(tensors: list[torch.Tensor], directory: str) -> float:
     finally:
         os.close(fd)
     dist.barrier()
-    elapsed = time.perf_counter() - t0
-    os.unlink(path)
-    return elapsed
+    return time.perf_counter() - t0
 
 
 def page_cache_floor(
@@ -199,7 +202,10 @@ def model_save_load(rank: int, world: int, root: str) -> dict[str, float]:
     for i in range(3):
         run("dcp_save", lambda i=i: dcp.save(state, checkpoint_id=f"{root}/dcp{i}"))
         run("cs_save", lambda i=i: cs.save(state, f"{root}/cs{i}"))
-        times.setdefault("parallel_write_floor", []).append(write_own_bytes(own, root))
+        times.setdefault("parallel_write_floor", []).append(write_own_bytes(own, f"{root}/floor"))
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(f"{root}/floor", ignore_errors=True)
     dest = _state("fsdp", world, MODEL, seed=1)
     for _ in range(3):
         run("dcp_load", lambda: dcp.load(dest, checkpoint_id=f"{root}/dcp0"))
@@ -252,7 +258,7 @@ def tp_fsdp_save(rank: int, world: int, root: str) -> dict[str, float]:
             _timed(lambda i=i: dcp.save(state, checkpoint_id=f"{root}/dcp{i}"))
         )
         times.setdefault("cs_save", []).append(_timed(lambda i=i: cs.save(state, f"{root}/cs{i}")))
-        times.setdefault("parallel_write_floor", []).append(write_own_bytes(own, root))
+        times.setdefault("parallel_write_floor", []).append(write_own_bytes(own, f"{root}/floor"))
     out = {k: _median(v) for k, v in times.items()}
     out["state_bytes"] = float(cs.open(f"{root}/cs0").manifest.stored_bytes())
     return out
@@ -346,6 +352,7 @@ def run(scratch: str, emit, case, sink, disk_bw: float = 0.0) -> None:
         emit(case(f"{name}_save", r["cs_save"], r["dcp_save"], 30.0), sink)
         emit(case(f"{name}_save_steady", r["cs_save_steady"], r["dcp_save"], 30.0), sink)
         emit(case(f"{name}_load", r["cs_load"], r["dcp_load"], 60.0), sink)
+        shutil.rmtree(where, ignore_errors=True)  # each case's checkpoints go once measured
     where = os.path.join(root, "model")
     r = worst(run_ranks(4, model_save_load, where, timeout=3600))
     emit(
@@ -375,6 +382,7 @@ def run(scratch: str, emit, case, sink, disk_bw: float = 0.0) -> None:
           "stall_vs_floor": round(stall / floor, 3), "first_vs_steady": round(r["cs_async_stall_first"] / stall, 3),
           "targets": {"vs_floor": 1.3, "first_vs_steady": 2.0},
           "meets_target": stall <= 1.3 * floor and r["cs_async_stall_first"] <= 2 * stall}, sink)  # fmt: skip
+    shutil.rmtree(where, ignore_errors=True)
     where = os.path.join(root, "tp-fsdp")
     r = worst(run_ranks(4, tp_fsdp_save, where, timeout=3600))
     emit(
@@ -384,3 +392,4 @@ def run(scratch: str, emit, case, sink, disk_bw: float = 0.0) -> None:
     )  # fmt: skip
     few = worst(run_ranks(2, load_resharded, where, "tp-fsdp", timeout=3600))
     emit(case("tp_fsdp_load_onto_fsdp_2", few["cs_load"], few["dcp_load"], 2.0), sink)
+    shutil.rmtree(where, ignore_errors=True)
