@@ -47,7 +47,7 @@ class PeakRss:
 
 
 def async_stalls(
-    sd: dict, root: str, saves: int = 4, floor: Callable[[], float] | None = None
+    sd: dict, root: str, saves: int = 6, floor: Callable[[], float] | None = None
 ) -> tuple[float, float, object, float]:
     """Prepared as a training loop prepares (``prepare_async_save`` at least a training
     step before the first checkpoint step; here: until its buffer is ready), ``saves``
@@ -55,9 +55,15 @@ def async_stalls(
     -- with ``floor`` (a timed copy of the same bytes) -- the median of ``floor`` measured
     right before each of the later saves, as the machine stands for them (the previous
     save's write has just ended), else 0."""
+    import gc
+
     import ckptstore as cs
 
     cs.prepare_async_save(sd).result()  # a training step would pass meanwhile
+    # The cases before this one (DCP's saves and loads in the same processes) leave cyclic
+    # garbage a training loop's own steps would have collected long before a checkpoint:
+    # collected here, not in the middle of a stall (a full collection of it took ~0.3 s).
+    gc.collect()
     stalls, floors = [], []
     for i in range(saves):
         if floor is not None and i:
