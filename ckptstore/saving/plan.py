@@ -103,8 +103,8 @@ class RankPlan:
                 rows = np.flatnonzero(of_rank == d)
                 picked = list(itertools.compress(boxes, (of_rank == d).tolist()))
                 for column, part in ((offsets, _OFFSETS_OF), (shapes, _SHAPE_OF_BOX)):
-                    flat = itertools.chain.from_iterable(map(part, picked))
-                    column[rows, :d] = np.fromiter(flat, np.int64, len(rows) * d).reshape(len(rows), d)
+                    flat = np.fromiter(itertools.chain.from_iterable(map(part, picked)), np.int64)
+                    column[rows, :d] = flat.reshape(len(rows), d)
         offsets, shapes = offsets.reshape(n, ndim), shapes.reshape(n, ndim)
         decl_bytes = pickle.dumps(tuple(map(list, zip(*tensors, strict=True))), protocol=4)
         decl_key = _digest(decl_bytes)
