@@ -90,3 +90,25 @@ def test_overlaps_on_grids_and_boxes() -> None:
     boxes = BoxLayout(np.array([[0, 0], [2, 0]]), np.array([[2, 4], [2, 4]]))
     assert [i for i, _, _ in overlaps(boxes, (4, 4), ((1, 0), (2, 4)))] == [0, 1]
     assert overlaps(grid, (8, 8), ((0, 0), (0, 8))) == []
+
+
+def test_boxes_of_mixed_dimensions_are_padded_as_declared() -> None:
+    """A rank's boxes as columns: tensors of fewer dimensions than the most (scalars, norms
+    next to matrices) are padded with offset 0 and extent 1, each row exactly its box."""
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        tensors, boxes = [], []
+        for i in range(int(rng.integers(1, 30))):
+            ndim = int(rng.integers(0, 5))
+            shape = tuple(int(s) for s in rng.integers(1, 9, ndim))
+            offsets = tuple(int(o) for o in rng.integers(0, 5, ndim))
+            extents = tuple(int(e) for e in rng.integers(1, 5, ndim))
+            tensors.append(TensorDecl(f"t{i}", "float32", shape, 4))
+            boxes.append((offsets, extents))
+        plan = RankPlan.build(tensors, boxes)
+        width = max(len(t.shape) for t in tensors)
+        assert plan.offsets.shape == plan.shapes.shape == (len(tensors), width)
+        for row, (offsets, extents) in enumerate(boxes):
+            pad = width - len(offsets)
+            assert plan.offsets[row].tolist() == [*offsets, *[0] * pad]
+            assert plan.shapes[row].tolist() == [*extents, *[1] * pad]
