@@ -207,9 +207,10 @@ def async_save(
                 raise
             planned.replication_team = replication_team
             failpoints.hit("planned", coord.rank)
-            staged, failure = early.take(planned)
-            if not early.used:  # no cached plan here, or not on every rank: stage now
-                staged, failure = early.stage_now(planned)
+            if early.planned is not planned:  # no cached plan here, or not on every rank
+                early.discard()
+                early.stage(planned)
+            staged, failure = early.staged, early.failure()
         failpoints.hit("staged", coord.rank)
         stall = time.perf_counter() - t0
         future = state.executor.submit(
@@ -229,14 +230,13 @@ class _EarlyStaging:
 
     def __init__(self, pool: StagingPool, wait_device: bool, shared: bool) -> None:
         self.pool, self.wait_device, self.shared = pool, wait_device, shared
-        self.planned: PlannedSave | None = None
+        self.planned: PlannedSave | None = None  # the plan the copy was made for
         self.staged: StagedTensors | None = None
         self.error: Exception | None = None
-        self.used = False
 
     def stage(self, planned: PlannedSave) -> None:
         t = time.perf_counter()
-        self.planned = planned
+        self.planned, self.error = planned, None
         try:
             self.staged = self.pool.stage(
                 planned.tensors_to_write(), wait_device=self.wait_device, shared=self.shared
@@ -245,17 +245,11 @@ class _EarlyStaging:
             self.error = exc
         planned.seconds["stage"] = time.perf_counter() - t
 
-    def take(self, planned: PlannedSave) -> tuple[StagedTensors | None, SaveError | None]:
-        """The copy made for ``planned`` (``used`` says whether there is one)."""
-        if self.planned is not planned:
-            self.discard()
-            return None, None
-        self.used = True
-        return self.staged, None if self.error is None else unwritable_error(planned, self.error)
-
-    def stage_now(self, planned: PlannedSave) -> tuple[StagedTensors | None, SaveError | None]:
-        self.stage(planned)
-        return self.take(planned)
+    def failure(self) -> SaveError | None:
+        """The failed copy as the save's error (None when the copy was made)."""
+        if self.error is None or self.planned is None:
+            return None
+        return unwritable_error(self.planned, self.error)
 
     def discard(self) -> None:
         if self.staged is not None:

@@ -100,8 +100,9 @@ class RankPlan:
             of_rank = np.fromiter(map(len, map(_SHAPE_OF, tensors)), np.int64, n)
             offsets, shapes = np.zeros((n, ndim), np.int64), np.ones((n, ndim), np.int64)
             for d in ndims - {0}:  # scalars have no column to fill
-                rows = np.flatnonzero(of_rank == d)
-                picked = list(itertools.compress(boxes, (of_rank == d).tolist()))
+                mask = of_rank == d
+                rows = np.flatnonzero(mask)
+                picked = list(itertools.compress(boxes, mask.tolist()))
                 for column, part in ((offsets, _OFFSETS_OF), (shapes, _SHAPE_OF_BOX)):
                     flat = np.fromiter(itertools.chain.from_iterable(map(part, picked)), np.int64)
                     column[rows, :d] = flat.reshape(len(rows), d)

@@ -314,19 +314,13 @@ def plan_save_collective(
     local, error = _prepare_locally(state_dict, coord, options)
     cached = _cached_plan(local, group_key)
     exists, marked, error = _check_and_mark(target, coord, options, error)
-    early: PlannedSave | None = None
+    early: PlannedSave | None = None  # the cached plan, handed to ``meanwhile``
+    early_work = None
     if meanwhile is not None and cached is not None and error is None and target is not None:
         assert local is not None
         early = _planned(target, options, coord, local, cached, True)
-    plan_cached = _agree(
-        target,
-        coord,
-        cached,
-        exists,
-        marked,
-        error,
-        (lambda: meanwhile(early)) if early is not None and meanwhile is not None else None,
-    )
+        early_work = partial(meanwhile, early)
+    plan_cached = _agree(target, coord, cached, exists, marked, error, early_work)
     assert local is not None
     t_plan = time.perf_counter()
     if plan_cached and early is not None:
