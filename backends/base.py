@@ -15,7 +15,7 @@ Keys are ``/``-separated relative paths without a leading slash.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from ckptstore.errors import KeyExistsError, KeyNotFoundError
@@ -60,6 +60,14 @@ class StoreWriter(abc.ABC):
     @abc.abstractmethod
     def write(self, data: memoryview | bytes) -> None:
         """Append ``data``."""
+
+    def write_parts(self, parts: Sequence[memoryview | bytes]) -> None:
+        """Append every byte buffer of ``parts`` in order (many small tensors at once).
+
+        Note for implementers: the default writes them one by one; a backend with a
+        gathering write (``os.writev``) saves the copy a caller would make to join them."""
+        for part in parts:
+            self.write(part)
 
     @abc.abstractmethod
     def commit(self) -> None:

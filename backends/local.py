@@ -12,7 +12,7 @@ import mmap
 import os
 import stat
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from ckptstore.backends.base import ByteRange, ObjectInfo, Store, StoreWriter
 from ckptstore.errors import (
@@ -51,6 +51,10 @@ def _make_dirs(path: str, durable: bool) -> None:
             _fsync_dir(os.path.dirname(created))
 
 
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16
+"""Buffers one ``writev`` takes (1024 on Linux)."""
+
+
 class _LocalWriter(StoreWriter):
     def __init__(self, final_path: str, durable: bool) -> None:
         self._final = final_path
@@ -68,6 +72,19 @@ class _LocalWriter(StoreWriter):
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
+
+    def write_parts(self, parts: Sequence[memoryview | bytes]) -> None:
+        """One ``writev`` per ``_IOV_MAX`` byte buffers: no copy to join them first."""
+        assert self._fd is not None, "write after commit/abort"
+        for first in range(0, len(parts), _IOV_MAX):
+            batch = parts[first : first + _IOV_MAX]
+            done = os.writev(self._fd, batch)
+            if done < sum(map(len, batch)):  # a short write: the rest one buffer at a time
+                for part in batch:
+                    view = memoryview(part).cast("B")
+                    if done < len(view):
+                        self.write(view[done:])
+                    done = max(0, done - len(view))
 
     def commit(self) -> None:
         assert self._fd is not None, "commit twice"

@@ -1,7 +1,7 @@
 """Writing one rank's chunks into a few large data files with sequential writes.
 
-Small chunks are packed into one buffer before they reach the store; large ones are
-written straight from the tensor's memory. Each chunk's stored bytes get one crc32c per
+Small chunks reach the store together, in one gathering write (``write_parts``: no copy to
+join them on a local disk); large ones are written straight from the tensor's memory. Each chunk's stored bytes get one crc32c per
 checksum block. Files become visible (and durable) only on commit.
 """
 
@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 from ckptstore.backends.base import Store, StoreWriter
 from ckptstore.format import codecs
-from ckptstore.format.checksum import block_crcs, crc32c
+from ckptstore.format.checksum import block_crcs, crc32c, crc32c_of
 from ckptstore.format.manifest import DATA_PREFIX
 
 
@@ -51,12 +51,14 @@ def _write_run(
     block: int,
     pack_limit: int,
 ) -> WriteResult:
-    """Append ``items[indices]`` to one file: small ones packed into one buffer, large ones
-    written from their own memory; one loop, no object per chunk (models have many)."""
+    """Append ``items[indices]`` to one file: small ones together (one gathering write per
+    ``pack_limit`` bytes), large ones from their own memory; one loop, no object per chunk
+    (models have many)."""
     out = WriteResult(file=[file_index] * len(indices))
     offsets, sizes, counts, crcs = out.offset, out.nbytes, out.crc_count, out.crc
-    check = crc32c
-    pack = bytearray()
+    check = crc32c_of  # the extension's own function: one call per small chunk
+    pack: list[memoryview] = []  # small items, written together by one gathering write
+    packed = 0
     offset = 0
     for idx in indices:
         data, codec = items[idx]
@@ -74,17 +76,18 @@ def _write_run(
             counts.append(len(more))
         offset += n
         if n < pack_limit:
-            pack += data
-            if len(pack) >= pack_limit:
-                writer.write(pack)
-                pack = bytearray()
+            pack.append(data)
+            packed += n
+            if packed >= pack_limit:
+                writer.write_parts(pack)
+                pack, packed = [], 0
         else:
             if pack:
-                writer.write(pack)
-                pack = bytearray()
+                writer.write_parts(pack)
+                pack, packed = [], 0
             writer.write(data)
     if pack:
-        writer.write(pack)
+        writer.write_parts(pack)
     writer.commit()
     out.bytes_written = offset
     return out
@@ -92,6 +95,8 @@ def _write_run(
 
 def _split_by_bytes(items: list[WriteItem], parts: int) -> list[list[int]]:
     """Consecutive runs of item indices with about equal bytes each."""
+    if parts <= 1:
+        return [list(range(len(items)))]
     total = sum(len(i.data) for i in items)
     target = total / max(parts, 1)
     runs: list[list[int]] = [[]]

@@ -40,6 +40,7 @@ from ckptstore.format.chunk_index import (
 )
 from ckptstore.format.codecs import CODEC_SPEC
 from ckptstore.format.dtypes import NAME_TO_DTYPE, itemsize
+from ckptstore.format.frozen_table import FrozenTensorTable
 from ckptstore.format.grids import (
     GridRows,
     column_grid_rows,
@@ -72,14 +73,29 @@ _CHECKSUM_SUFFIX = re.compile(rb',"checksum":"crc32c:([0-9a-f]{8})"\}')
 _SUFFIX_LEN = 30  # len(',"checksum":"crc32c:01234567"}')
 
 
-def encode_manifest(doc: dict[str, Any]) -> bytes:
+def encode_manifest(doc: dict[str, Any], encoded: dict[str, str] | None = None) -> bytes:
     """The manifest file for ``doc``: its compact JSON with a last member ``checksum``, the
-    crc32c of every byte before that member. Readers check it before parsing anything."""
+    crc32c of every byte before that member. Readers check it before parsing anything.
+    ``encoded``: members already in compact JSON (appended after ``doc``'s own)."""
     body = json.dumps(doc, separators=(",", ":")).encode()
     if not body.endswith(b"}") or len(body) < 3:
         raise ValueError("a manifest is a non-empty JSON object")
     signed = body[:-1]
+    for name, text in (encoded or {}).items():
+        signed += b",%s:%s" % (json.dumps(name).encode(), text.encode())
     return signed + b',"checksum":"crc32c:%08x"}' % crc32c(signed)
+
+
+def _tensor_table_text(tensors: dict[str, TensorRecord], grid_column: bool) -> str:
+    """The tensor table's compact JSON; a frozen table (a cached save plan's) keeps it."""
+    frozen = tensors.derived if isinstance(tensors, FrozenTensorTable) else None
+    key = ("json", grid_column)
+    if frozen is not None and key in frozen:
+        return frozen[key]
+    text = json.dumps(_tensor_table_to_json(tensors, grid_column), separators=(",", ":"))
+    if frozen is not None:
+        frozen[key] = text
+    return text
 
 
 def check_manifest_checksum(data: bytes, where: str) -> bool:
@@ -226,9 +242,13 @@ class Manifest:
     the parts read so far (see :meth:`with_index`)."""
 
     def total_tensor_bytes(self) -> int:
-        records = self.tensors.values()
-        numels = map(math.prod, map(_SHAPE_OF, records))
-        return sum(map(mul, numels, map(_ITEMSIZE.__getitem__, map(_DTYPE_OF, records))))
+        frozen = self.tensors.derived if isinstance(self.tensors, FrozenTensorTable) else {}
+        if "bytes" not in frozen:
+            records = self.tensors.values()
+            numels = map(math.prod, map(_SHAPE_OF, records))
+            total = sum(map(mul, numels, map(_ITEMSIZE.__getitem__, map(_DTYPE_OF, records))))
+            frozen["bytes"] = total
+        return frozen["bytes"]
 
     def stored_bytes(self) -> int:
         if self.index is not None and isinstance(self.chunks, IndexedChunks):
@@ -346,7 +366,6 @@ class Manifest:
             "byte_order": "little",
             "files": files,
             "chunks": chunks,
-            "tensors": _tensor_table_to_json(self.tensors, grid_column=version >= 3),
             "objects": {name: _object_to_json(o) for name, o in self.objects.items()},
             "per_rank": {
                 name: [_entry_to_json(e) for e in entries]
@@ -354,7 +373,8 @@ class Manifest:
             },
             "metadata": self.metadata,
         }
-        return encode_manifest(doc)
+        table = _tensor_table_text(self.tensors, grid_column=version >= 3)
+        return encode_manifest(doc, {"tensors": table})
 
     @classmethod
     def from_json(

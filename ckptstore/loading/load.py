@@ -349,7 +349,7 @@ def _match_tensors(
     picked_records = list(compress(records, fast))
     locals_ = list(map(_LOCAL, picked_values))
     shapes = map(eq, map(_GLOBAL_SHAPE, picked_values), map(_SHAPE, picked_records))
-    dtypes = map(DTYPE_TO_NAME.get, map(_DTYPE, locals_))
+    dtypes = map(DTYPE_TO_NAME.get, map(_LEAF_DTYPE, picked_values))
     same = list(map(and_, shapes, map(eq, dtypes, map(_REC_DTYPE, picked_records))))
     boxes = map(_BOX, picked_values)
     good = zip(compress(names, fast), picked_records, boxes, locals_, strict=True)
@@ -375,6 +375,7 @@ def _match_tensors(
 
 _TENSOR_KINDS = frozenset(("tensor", "rank_tensor"))
 _KIND, _LOCAL, _GLOBAL_SHAPE, _BOX = itemgetter(1), itemgetter(2), itemgetter(3), itemgetter(4)
+_LEAF_DTYPE = itemgetter(7)
 _SHAPE, _REC_DTYPE, _DTYPE = attrgetter("shape"), attrgetter("dtype"), attrgetter("dtype")
 
 
@@ -436,9 +437,14 @@ def _check_nothing_left(
     leaves: dict[str, Leaf], manifest: Manifest, mismatch: Mismatch, scope: _Scope
 ) -> None:
     """Strict loads: every saved entry (of the loaded sub-tree) has a leaf to go to."""
-    saved = [*manifest.tensors, *manifest.objects, *manifest.per_rank]
-    if scope.prefix or len(leaves) != len(saved) or not leaves.keys() >= set(saved):
-        for name in saved:
+    tables = (manifest.tensors, manifest.objects, manifest.per_rank)
+    saved_count = sum(map(len, tables))
+    if (
+        scope.prefix
+        or len(leaves) != saved_count
+        or not all(leaves.keys() >= table.keys() for table in tables)
+    ):
+        for name in [*manifest.tensors, *manifest.objects, *manifest.per_rank]:
             if name not in leaves and scope.covers(name):
                 mismatch.unexpected.append(name)
 

@@ -25,6 +25,7 @@ from ckptstore.format.chunk_index import encode_index, encode_names
 from ckptstore.format.commit_point import commit_manifest, delete_replaced
 from ckptstore.format.data_files import WriteResult, data_key, rank_file_name
 from ckptstore.format.dtypes import dtype_name
+from ckptstore.format.frozen_table import FrozenTensorTable
 from ckptstore.format.layouts import GridLayout
 from ckptstore.format.manifest import (
     DATA_PREFIX,
@@ -412,10 +413,16 @@ def _assemble(
     )
 
 
-def _global_tensors(plan: GlobalPlan, codec: str | None) -> dict[str, TensorRecord]:
-    names, dtypes, shapes, _ = zip(*plan.tensors, strict=True) if plan.tensors else ((),) * 4
-    records = map(new_record, zip(dtypes, shapes, plan.chunk_start, plan.layouts, repeat(codec)))
-    return dict(zip(names, records, strict=True))
+def _global_tensors(plan: GlobalPlan, codec: str | None) -> FrozenTensorTable:
+    """The tensor table of ``plan``'s saves: built once per plan and codec and kept with the
+    (cached) plan, frozen, for the next saves of the same structure (its JSON with it)."""
+    table = plan.tensor_tables.get(codec)
+    if table is None:
+        names, dtypes, shapes, _ = zip(*plan.tensors, strict=True) if plan.tensors else ((),) * 4
+        layouts = plan.layouts
+        records = map(new_record, zip(dtypes, shapes, plan.chunk_start, layouts, repeat(codec)))
+        table = plan.tensor_tables[codec] = FrozenTensorTable(zip(names, records, strict=True))
+    return table
 
 
 def _per_rank_entries(

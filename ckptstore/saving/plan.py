@@ -17,7 +17,7 @@ import itertools
 import pickle
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -129,6 +129,8 @@ class GlobalPlan:
     chunk_writer: np.ndarray
     chunk_slot: np.ndarray
     writes: list[np.ndarray] = field(repr=False)
+    tensor_tables: dict[str | None, Any] = field(default_factory=dict, repr=False)
+    """The manifest's tensor table of this plan's saves, by codec, once built (the commit's)."""
 
     @property
     def chunk_count(self) -> int:

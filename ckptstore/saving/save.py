@@ -118,7 +118,7 @@ def _prepare(leaves: dict[str, Leaf], is_coordinator: bool, allow_pickle: bool) 
     # Column passes (map over attribute getters) instead of a Python loop per tensor: a
     # state_dict may hold tens of thousands of them.
     names = list(map(_NAME, tensor_leaves))
-    dtypes = list(map(_DTYPE, map(_VALUE, tensor_leaves)))
+    dtypes = list(map(_DTYPE, tensor_leaves))  # read by flatten: the tensors stay untouched
     dtype_names = list(map(DTYPE_TO_NAME.get, dtypes))
     unsupported = [leaf for leaf in rank_tensors if leaf.local.dtype not in DTYPE_TO_NAME]
     if None in dtype_names:

@@ -14,20 +14,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from itertools import repeat
+from operator import attrgetter
 from typing import Any, NamedTuple
 
 import torch
 
 from ckptstore.errors import StateDictError
+from ckptstore.state.dtensor_boxes import Box, DTensor, dtensor_columns, dtensor_local_and_box
 
-try:  # DTensor moved between torch releases; both spellings are public.
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch < 2.4
-    from torch.distributed._tensor import DTensor  # type: ignore[no-redef]
-
-
-Box = tuple[tuple[int, ...], tuple[int, ...]]
-"""(offsets, shape) of a region of a global tensor."""
+__all__ = ["Box", "DTensor", "Leaf", "PerRank", "Sharded", "flatten", "is_plain", "is_stateful"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +96,9 @@ class Leaf(NamedTuple):
     container: Any = None
     """Where the leaf sits (its dict or list, or its PerRank wrapper), for :meth:`set_value`."""
     key: Any = None
+    dtype: torch.dtype | None = None
+    """A tensor leaf's dtype, read while flattening (when the tensor is in cache): the passes
+    after it over tens of thousands of leaves need not touch each tensor again."""
 
     def __repr__(self) -> str:  # not the container: it may be a whole state_dict
         return f"Leaf({self.name!r}, {self.kind!r}, shape={list(self.global_shape)})"
@@ -120,68 +119,63 @@ class Leaf(NamedTuple):
 _NEW_LEAF = partial(tuple.__new__, Leaf)  # C-level construction, for the common leaf
 
 
-_BOXES: dict[tuple, tuple[Any, tuple[int, ...], Box]] = {}  # key -> (mesh, shape, box)
-_BOXES_MAX = 1 << 16
+_BULK_MIN = 8
+_SHAPE, _DTYPE = attrgetter("shape"), attrgetter("dtype")
+_ZEROS = [(0,) * d for d in range(65)]  # the offsets of a whole tensor, by dimensions
 
 
-def dtensor_local_and_box(t: DTensor) -> tuple[torch.Tensor, tuple[int, ...], Box]:
-    """A DTensor's local tensor, its global shape and the box of the global tensor this rank
-    holds, at the cost of a dict lookup in steady state.
-
-    The local tensor is read without an autograd node (``to_local`` builds one per call,
-    the largest per-tensor cost of a model's state_dict). The box depends only on the mesh,
-    the placements (and their shard order) and the global shape -- and on this process's
-    coordinate in the mesh, which a process never changes. Boxes are cached under exactly
-    those, read from the spec at each call (a spec changed in place gets its new box): the
-    thousands of same-shaped norms of a model cost one computation, and a fresh state_dict
-    costs a tuple hash per DTensor, not a DTensorSpec comparison. The mesh is keyed by
-    identity and kept alive by its entry (its id cannot be reused meanwhile); the cache is
-    bounded (cleared past 65,536 entries).
-    """
-    spec = t._spec
-    meta = spec.tensor_meta
-    mesh, shape = spec.mesh, (meta.shape if meta is not None else t.shape)
-    key = (id(mesh), spec.placements, shape, getattr(spec, "shard_order", None))
-    known = _BOXES.get(key)
-    if known is None:
-        known = (mesh, tuple(shape), _compute_box(t))
-        if len(_BOXES) >= _BOXES_MAX:
-            _BOXES.clear()
-        _BOXES[key] = known
-    local = t._local_tensor
-    if local.shape != known[2][1]:  # a spec out of step with its data
-        raise StateDictError(
-            f"a DTensor's local tensor has shape {tuple(local.shape)} but its placements "
-            f"{t.placements} give {known[2][1]} on this rank"
-        )
-    return local, known[1], known[2]
-
-
-def _compute_box(t: DTensor) -> Box:
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    shape, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-    return tuple(int(o) for o in offsets), tuple(int(s) for s in shape)
+def _tensor_dict_leaves(leaves: dict[str, Leaf], inner: dict, dot: str) -> bool:
+    """The leaves of a dict whose entries are all DTensors or all plain tensors under
+    string keys (a model's state_dict, FSDP2's or TP's), added to ``leaves`` in C-level
+    passes, one per attribute, instead of a Python loop per entry. False (nothing added)
+    for any other dict: the caller walks it entry by entry."""
+    kinds = set(map(type, inner.values()))
+    if len(kinds) != 1 or set(map(type, inner)) != {str} or (not dot and "" in inner):
+        return False
+    values = list(inner.values())
+    if kinds == {DTensor}:
+        columns = dtensor_columns(values)
+        if columns is None:
+            return False
+        locals_, shapes, boxes, dtypes = columns
+    elif kinds == {torch.Tensor}:
+        locals_ = values
+        shapes = list(map(tuple, map(_SHAPE, values)))
+        if max(map(len, shapes)) >= len(_ZEROS):
+            return False
+        boxes = list(zip(map(_ZEROS.__getitem__, map(len, shapes)), shapes, strict=True))
+        dtypes = list(map(_DTYPE, values))
+    else:
+        return False
+    keys = list(inner)
+    names = list(map(dot.__add__, keys))
+    if not leaves.keys().isdisjoint(names):
+        raise _clash(next(name for name in names if name in leaves))
+    fields = zip(names, repeat("tensor"), locals_, shapes, boxes, repeat(inner), keys, dtypes)
+    leaves.update(zip(names, map(_NEW_LEAF, fields), strict=True))
+    return True
 
 
 def _classify(name: str, value: Any, per_rank: bool) -> Leaf:
     if type(value) is torch.Tensor:  # the common case, without the isinstance chain
         shape = tuple(value.shape)
         kind = "rank_tensor" if per_rank else "tensor"
-        return Leaf(name, kind, value, shape, ((0,) * len(shape), shape))
+        return Leaf(name, kind, value, shape, ((0,) * len(shape), shape), dtype=value.dtype)
     if isinstance(value, DTensor):
         if per_rank:
             raise StateDictError(f"{name}: a DTensor cannot be PerRank")
-        return Leaf(name, "tensor", *dtensor_local_and_box(value))
+        local, shape, box = dtensor_local_and_box(value)
+        return Leaf(name, "tensor", local, shape, box, dtype=local.dtype)
     if isinstance(value, Sharded):
         if per_rank:
             raise StateDictError(f"{name}: a Sharded shard cannot be PerRank")
         local = value.local_tensor
-        return Leaf(name, "tensor", local, value.global_shape, (value.offsets, tuple(local.shape)))
+        box = (value.offsets, tuple(local.shape))
+        return Leaf(name, "tensor", local, value.global_shape, box, dtype=local.dtype)
     if isinstance(value, torch.Tensor):
         shape = tuple(value.shape)
         kind = "rank_tensor" if per_rank else "tensor"
-        return Leaf(name, kind, value, shape, ((0,) * len(shape), shape))
+        return Leaf(name, kind, value, shape, ((0,) * len(shape), shape), dtype=value.dtype)
     if is_plain(value):
         return Leaf(name, "rank_value" if per_rank else "value", value)
     return Leaf(name, "rank_object" if per_rank else "object", value)
@@ -227,22 +221,24 @@ def flatten(
             if prefix in leaves:
                 raise _clash(prefix)
             shape = tuple(value.shape)
-            leaves[prefix] = Leaf(
-                prefix, "tensor", value, shape, ((0,) * len(shape), shape), container, key
-            )
+            box = ((0,) * len(shape), shape)
+            leaves[prefix] = Leaf(prefix, "tensor", value, shape, box, container, key, value.dtype)
             return
         per_rank = isinstance(value, PerRank)
         inner = value.value if per_rank else value
         if isinstance(inner, dict) and not per_rank:
             dot = f"{prefix}." if prefix else ""
+            if len(inner) >= _BULK_MIN and _tensor_dict_leaves(leaves, inner, dot):
+                return
             for k, child in inner.items():
                 if type(child) is torch.Tensor and type(k) is str and (k or prefix):  # most leaves
                     name = dot + k
                     if name in leaves:
                         raise _clash(name)
                     shape = tuple(child.shape)
+                    box = ((0,) * len(shape), shape)
                     leaves[name] = new_leaf(
-                        (name, "tensor", child, shape, ((0,) * len(shape), shape), inner, k)
+                        (name, "tensor", child, shape, box, inner, k, child.dtype)
                     )
                     continue
                 if type(child) is DTensor and type(k) is str and (k or prefix):  # FSDP2, TP
@@ -250,7 +246,9 @@ def flatten(
                     if name in leaves:
                         raise _clash(name)
                     local, shape, box = dtensor_local_and_box(child)
-                    leaves[name] = new_leaf((name, "tensor", local, shape, box, inner, k))
+                    leaves[name] = new_leaf(
+                        (name, "tensor", local, shape, box, inner, k, local.dtype)
+                    )
                     continue
                 if not isinstance(k, (str, int)) or isinstance(k, bool):
                     raise StateDictError(f"{prefix or '<root>'}: key {k!r} is not a str or int")

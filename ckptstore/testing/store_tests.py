@@ -65,6 +65,19 @@ class StoreTests:
         writer.commit()
         assert self.raw_get(store, "big") == b"".join(bytes([i]) * 1000 for i in range(10))
 
+    def test_streaming_writer_parts_in_order(self, store: Store) -> None:
+        """``write_parts`` appends its buffers in order, between plain writes: more buffers
+        than one gathering write takes, empty ones, bytes and memoryviews of tensors' size."""
+        parts = [bytes([i % 251]) * (i % 7) for i in range(3000)]
+        parts[5:9] = [memoryview(b"\x01\x02" * 2048), b"", memoryview(b""), b"tail"]
+        writer = store.open_writer("parts")
+        writer.write(b"head")
+        writer.write_parts(parts)
+        writer.write(b"end")
+        writer.commit()
+        want = b"head" + b"".join(bytes(p) for p in parts) + b"end"
+        assert self.raw_get(store, "parts") == want
+
     def test_streaming_writer_abort_leaves_nothing(self, store: Store) -> None:
         store.write("keep", b"before")
         writer = store.open_writer("keep")
