@@ -10,7 +10,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 import ckptstore as cs
-from ckptstore.errors import CkptStoreError
+from ckptstore.errors import CkptStoreError, StateDictError
 
 LAYOUTS = ("row", "col", "mesh2x2", "sharded", "replicated")
 
@@ -433,6 +433,20 @@ def dtensor_boxes_against_torch(rank: int, world: int) -> list[str]:
                 bad.append(f"{name} (pass {attempt}): {leaf.box} != {(offsets, shape)}")
             if leaf.value.data_ptr() != t.to_local().data_ptr() and t.to_local().numel():
                 bad.append(f"{name}: not the DTensor's own local tensor")
+            if leaf.dtype != t.dtype:
+                bad.append(f"{name}: dtype {leaf.dtype}")
+    # A local tensor out of step with its spec is refused, in a dict of many (taken in column
+    # passes) as on its own.
+    stale = dict(sd)
+    wrong = distribute_tensor(torch.zeros(8, 3), mesh, [Shard(0)])
+    wrong._local_tensor = torch.zeros(5, 3)
+    for state in (dict(stale, wrong=wrong), {"wrong": wrong}):
+        try:
+            flatten(state)
+            bad.append(f"a stale local tensor was taken ({len(state)} entries)")
+        except StateDictError as exc:
+            if "(5, 3)" not in str(exc):
+                bad.append(f"stale local tensor: {exc}")
     moved = sd["(7, 3)-[Shard(dim=0)]"].redistribute(mesh, [Shard(1)])  # a new spec
     leaf = flatten({"m": moved})["m"]
     shape, offsets = compute_local_shape_and_global_offset(moved.shape, mesh, moved.placements)
