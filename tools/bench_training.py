@@ -3,7 +3,8 @@ DCP in the same run:
 
 - small-dtensor: 20,000 norms of 1,024 floats as DTensors -- ``Replicate()``, and
   ``Shard(0)`` as FSDP2 shards 1-D parameters (over 4 ranks, and unevenly over 3) -- plus
-  one 64 MiB ``Shard(0)`` matrix: save (first, steady) and load into existing tensors;
+  one 64 MiB ``Shard(0)`` matrix: save (first, steady; against the ranks writing and
+  fsyncing the bytes each writes, between the saves) and load into existing tensors;
 - model: a 24-layer Llama-style decoder under FSDP2 (``fully_shard``) with AdamW after one
   step, state from ``get_state_dict`` as a training loop takes it (~1.3 GB): save (against
   the ranks writing and fsyncing their own bytes at once, the disk's floor, measured between
@@ -66,6 +67,7 @@ def small_dtensor(rank: int, world: int, root: str, placement: str) -> dict[str,
 
     sd = dtensor_norms(rank, world, placement)
     times: dict[str, list[float]] = {}
+    own = _bytes_written_by(sd, rank, world, placement)
 
     def run(name: str, fn) -> None:
         times.setdefault(name, []).append(_timed(fn))
@@ -73,6 +75,8 @@ def small_dtensor(rank: int, world: int, root: str, placement: str) -> dict[str,
     run("dcp_save", lambda: dcp.save(sd, checkpoint_id=f"{root}/dcp"))
     for i in range(3):
         run("cs_save" if i == 0 else "cs_save_steady", lambda i=i: cs.save(sd, f"{root}/cs{i}"))
+        floor = write_own_bytes(own, f"{root}/floor")  # the disk's floor, between the saves
+        times.setdefault("parallel_write_floor", []).append(floor)
     dest = dtensor_norms(rank, world, placement, fill=False)
     run("dcp_load", lambda: dcp.load(dest, checkpoint_id=f"{root}/dcp"))
     assert _equal(dest, sd), "DCP load mismatch"
@@ -83,6 +87,16 @@ def small_dtensor(rank: int, world: int, root: str, placement: str) -> dict[str,
     out = {k: _median(v) for k, v in times.items()}
     out["cs_save"] = times["cs_save"][0]
     return out
+
+
+def _bytes_written_by(sd: dict, rank: int, world: int, placement: str) -> list[torch.Tensor]:
+    """What a rank of a deduplicating save writes of :func:`dtensor_norms`: its shard of the
+    matrix and of every sharded norm, or every ``world``-th replicated norm (each replica is
+    written once, by one of its holders)."""
+    norms = [t._local_tensor for t in sd["model"].values()]
+    if placement == "replicate":  # one writer per norm
+        norms = norms[rank::world]
+    return [*norms, sd["sharded"]._local_tensor]
 
 
 # -- model and tp-fsdp -------------------------------------------------------------------------
@@ -349,8 +363,10 @@ def run(scratch: str, emit, case, sink, disk_bw: float = 0.0) -> None:
         where = os.path.join(root, f"small-{placement}-{world}")
         r = worst(run_ranks(world, small_dtensor, where, placement, timeout=3600))
         name = f"small_dtensor_{placement}_{world}_ranks"
-        emit(case(f"{name}_save", r["cs_save"], r["dcp_save"], 30.0), sink)
-        emit(case(f"{name}_save_steady", r["cs_save_steady"], r["dcp_save"], 30.0), sink)
+        floor = _disk_floor(r, 0.0)
+        emit(case(f"{name}_save", r["cs_save"], r["dcp_save"], 30.0, **floor), sink)
+        floor = _disk_floor({**r, "cs_save": r["cs_save_steady"]}, 0.0)
+        emit(case(f"{name}_save_steady", r["cs_save_steady"], r["dcp_save"], 30.0, **floor), sink)
         emit(case(f"{name}_load", r["cs_load"], r["dcp_load"], 60.0), sink)
         shutil.rmtree(where, ignore_errors=True)  # each case's checkpoints go once measured
     where = os.path.join(root, "model")
