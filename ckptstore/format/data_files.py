@@ -1,8 +1,9 @@
 """Writing one rank's chunks into a few large data files with sequential writes.
 
-Small chunks reach the store together, in one gathering write (``write_parts``: no copy to
-join them on a local disk); large ones are written straight from the tensor's memory. Each chunk's stored bytes get one crc32c per
-checksum block. Files become visible (and durable) only on commit.
+Small chunks reach the store together, in one gathering write (``write_parts``: on a local
+disk no copy joins them first); large ones are written straight from the tensor's memory.
+Each chunk's stored bytes get one crc32c per checksum block. Files become visible (and
+durable) only on commit.
 """
 
 from __future__ import annotations
