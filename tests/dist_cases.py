@@ -437,10 +437,9 @@ def dtensor_boxes_against_torch(rank: int, world: int) -> list[str]:
                 bad.append(f"{name}: dtype {leaf.dtype}")
     # A local tensor out of step with its spec is refused, in a dict of many (taken in column
     # passes) as on its own.
-    stale = dict(sd)
     wrong = distribute_tensor(torch.zeros(8, 3), mesh, [Shard(0)])
     wrong._local_tensor = torch.zeros(5, 3)
-    for state in (dict(stale, wrong=wrong), {"wrong": wrong}):
+    for state in (dict(sd, wrong=wrong), {"wrong": wrong}):
         try:
             flatten(state)
             bad.append(f"a stale local tensor was taken ({len(state)} entries)")

@@ -99,7 +99,7 @@ def _split_by_bytes(items: list[WriteItem], parts: int) -> list[list[int]]:
     if parts <= 1:
         return [list(range(len(items)))]
     total = sum(len(i.data) for i in items)
-    target = total / max(parts, 1)
+    target = total / parts
     runs: list[list[int]] = [[]]
     acc = 0
     for idx, item in enumerate(items):

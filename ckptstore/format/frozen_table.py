@@ -8,7 +8,10 @@ Kept results cannot go stale: the table refuses every change.
 
 from __future__ import annotations
 
-from typing import Any, NoReturn
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn, TypeVar
+
+T = TypeVar("T")
 
 
 class FrozenTensorTable(dict):
@@ -29,3 +32,13 @@ class FrozenTensorTable(dict):
 
     def __reduce__(self) -> tuple[Any, tuple[dict]]:
         return FrozenTensorTable, (dict(self),)
+
+
+def derived(table: Mapping[str, Any], key: Any, compute: Callable[[], T]) -> T:
+    """``compute()`` for ``table``: kept with a frozen table under ``key`` (computed once),
+    computed afresh for any other mapping (which may change)."""
+    if not isinstance(table, FrozenTensorTable):
+        return compute()
+    if key not in table.derived:
+        table.derived[key] = compute()
+    return table.derived[key]

@@ -40,7 +40,7 @@ from ckptstore.format.chunk_index import (
 )
 from ckptstore.format.codecs import CODEC_SPEC
 from ckptstore.format.dtypes import NAME_TO_DTYPE, itemsize
-from ckptstore.format.frozen_table import FrozenTensorTable
+from ckptstore.format.frozen_table import derived
 from ckptstore.format.grids import (
     GridRows,
     column_grid_rows,
@@ -88,14 +88,17 @@ def encode_manifest(doc: dict[str, Any], encoded: dict[str, str] | None = None) 
 
 def _tensor_table_text(tensors: dict[str, TensorRecord], grid_column: bool) -> str:
     """The tensor table's compact JSON; a frozen table (a cached save plan's) keeps it."""
-    frozen = tensors.derived if isinstance(tensors, FrozenTensorTable) else None
-    key = ("json", grid_column)
-    if frozen is not None and key in frozen:
-        return frozen[key]
-    text = json.dumps(_tensor_table_to_json(tensors, grid_column), separators=(",", ":"))
-    if frozen is not None:
-        frozen[key] = text
-    return text
+    return derived(
+        tensors,
+        ("json", grid_column),
+        lambda: json.dumps(_tensor_table_to_json(tensors, grid_column), separators=(",", ":")),
+    )
+
+
+def _table_bytes(tensors: dict[str, TensorRecord]) -> int:
+    records = tensors.values()
+    numels = map(math.prod, map(_SHAPE_OF, records))
+    return sum(map(mul, numels, map(_ITEMSIZE.__getitem__, map(_DTYPE_OF, records))))
 
 
 def check_manifest_checksum(data: bytes, where: str) -> bool:
@@ -242,13 +245,7 @@ class Manifest:
     the parts read so far (see :meth:`with_index`)."""
 
     def total_tensor_bytes(self) -> int:
-        frozen = self.tensors.derived if isinstance(self.tensors, FrozenTensorTable) else {}
-        if "bytes" not in frozen:
-            records = self.tensors.values()
-            numels = map(math.prod, map(_SHAPE_OF, records))
-            total = sum(map(mul, numels, map(_ITEMSIZE.__getitem__, map(_DTYPE_OF, records))))
-            frozen["bytes"] = total
-        return frozen["bytes"]
+        return derived(self.tensors, "bytes", partial(_table_bytes, self.tensors))
 
     def stored_bytes(self) -> int:
         if self.index is not None and isinstance(self.chunks, IndexedChunks):

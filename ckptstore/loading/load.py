@@ -349,8 +349,8 @@ def _match_tensors(
     picked_records = list(compress(records, fast))
     locals_ = list(map(_LOCAL, picked_values))
     shapes = map(eq, map(_GLOBAL_SHAPE, picked_values), map(_SHAPE, picked_records))
-    dtypes = map(DTYPE_TO_NAME.get, map(_LEAF_DTYPE, picked_values))
-    same = list(map(and_, shapes, map(eq, dtypes, map(_REC_DTYPE, picked_records))))
+    dtypes = map(DTYPE_TO_NAME.get, map(_DTYPE, picked_values))  # read by flatten
+    same = list(map(and_, shapes, map(eq, dtypes, map(_DTYPE, picked_records))))
     boxes = map(_BOX, picked_values)
     good = zip(compress(names, fast), picked_records, boxes, locals_, strict=True)
     found.targets.extend(map(_NEW_TARGET, compress(good, same)))
@@ -375,8 +375,7 @@ def _match_tensors(
 
 _TENSOR_KINDS = frozenset(("tensor", "rank_tensor"))
 _KIND, _LOCAL, _GLOBAL_SHAPE, _BOX = itemgetter(1), itemgetter(2), itemgetter(3), itemgetter(4)
-_LEAF_DTYPE = itemgetter(7)
-_SHAPE, _REC_DTYPE, _DTYPE = attrgetter("shape"), attrgetter("dtype"), attrgetter("dtype")
+_SHAPE, _DTYPE = attrgetter("shape"), attrgetter("dtype")  # of leaves and records alike
 
 
 def _match_other(

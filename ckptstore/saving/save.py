@@ -77,7 +77,7 @@ class _Local:
     rank_blobs: dict[str, bytes]
 
 
-_NAME, _VALUE, _KIND = attrgetter("name"), attrgetter("value"), attrgetter("kind")
+_NAME, _KIND = attrgetter("name"), attrgetter("kind")
 _DTYPE, _IS_TENSOR_KIND = attrgetter("dtype"), "tensor".__eq__
 _SHAPE, _BOX = attrgetter("global_shape"), attrgetter("box")
 _NEW_DECL = partial(tuple.__new__, TensorDecl)  # C-level: one per tensor
