@@ -429,3 +429,50 @@ def test_gc_during_a_save(tmp_path, monkeypatch, lease) -> None:
     finally:
         failpoints.on("written", None)
     assert torch.equal(cs.open(tmp_path / "step_00000001").read("w"), torch.ones(8))
+
+
+def test_save_load_and_async_save_keep_no_tensor_alive(tmp_path) -> None:
+    """Nothing a save or load builds (a leaf per tensor, plans) outlives it through a
+    reference cycle: with the cyclic collector off, the caller's tensors are freed as soon
+    as the caller drops them (a cycle would keep them, and a young-generation pass on the
+    training thread would then walk every leaf)."""
+    import gc
+    import weakref
+
+    def state() -> dict:
+        return {
+            "model": {f"w{i}": torch.full((3,), float(i)) for i in range(10)},  # column pass
+            "opt": [{"m": torch.ones(2)}, {"v": torch.zeros(2)}],  # the recursive walk
+            "step": 3,
+        }
+
+    def refs(sd: dict) -> list[weakref.ref]:
+        return [
+            weakref.ref(t) for t in [*sd["model"].values(), sd["opt"][0]["m"], sd["opt"][1]["v"]]
+        ]
+
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        sd = state()
+        alive = refs(sd)
+        cs.save(sd, tmp_path / "a")
+        del sd
+        assert [r() for r in alive] == [None] * len(alive), "save kept a tensor alive"
+
+        dest = {k: v for k, v in state().items() if k != "step"} | {"step": 0}
+        alive = refs(dest)
+        cs.load(dest, tmp_path / "a")
+        assert float(dest["model"]["w7"][0]) == 7.0 and dest["step"] == 3
+        del dest
+        assert [r() for r in alive] == [None] * len(alive), "load kept a tensor alive"
+
+        sd = state()
+        alive = refs(sd)
+        cs.async_save(sd, tmp_path / "b").wait()
+        del sd
+        assert [r() for r in alive] == [None] * len(alive), "async_save kept a tensor alive"
+    finally:
+        if was_enabled:
+            gc.enable()

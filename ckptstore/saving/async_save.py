@@ -211,6 +211,9 @@ def async_save(
                 early.discard()
                 early.stage(planned)
             staged, failure = early.staged, early.failure()
+            # Freed while the collector is paused: alive when it resumes, a leaf per tensor
+            # would make its next pass on the training thread walk every one of them.
+            planned.release_tensors()
         failpoints.hit("staged", coord.rank)
         stall = time.perf_counter() - t0
         future = state.executor.submit(

@@ -214,63 +214,70 @@ def flatten(
         StateDictError: two paths flatten to the same name, or a key is not a str/int.
     """
     leaves: dict[str, Leaf] = {}
-    new_leaf = _NEW_LEAF
+    _visit(leaves, statefuls, prefix, state_dict, None, None)
+    return leaves
 
-    def visit(prefix: str, value: Any, container: Any, key: Any) -> None:
-        if type(value) is torch.Tensor and prefix:  # fast path for the most common leaf
-            if prefix in leaves:
-                raise _clash(prefix)
-            shape = tuple(value.shape)
-            box = ((0,) * len(shape), shape)
-            leaves[prefix] = Leaf(prefix, "tensor", value, shape, box, container, key, value.dtype)
-            return
-        per_rank = isinstance(value, PerRank)
-        inner = value.value if per_rank else value
-        if isinstance(inner, dict) and not per_rank:
-            dot = f"{prefix}." if prefix else ""
-            if len(inner) >= _BULK_MIN and _tensor_dict_leaves(leaves, inner, dot):
-                return
-            for k, child in inner.items():
-                if type(child) is torch.Tensor and type(k) is str and (k or prefix):  # most leaves
-                    name = dot + k
-                    if name in leaves:
-                        raise _clash(name)
-                    shape = tuple(child.shape)
-                    box = ((0,) * len(shape), shape)
-                    leaves[name] = new_leaf(
-                        (name, "tensor", child, shape, box, inner, k, child.dtype)
-                    )
-                    continue
-                if type(child) is DTensor and type(k) is str and (k or prefix):  # FSDP2, TP
-                    name = dot + k
-                    if name in leaves:
-                        raise _clash(name)
-                    local, shape, box = dtensor_local_and_box(child)
-                    leaves[name] = new_leaf(
-                        (name, "tensor", local, shape, box, inner, k, local.dtype)
-                    )
-                    continue
-                if not isinstance(k, (str, int)) or isinstance(k, bool):
-                    raise StateDictError(f"{prefix or '<root>'}: key {k!r} is not a str or int")
-                visit(f"{prefix}.{k}" if prefix else str(k), child, inner, k)
-            return
-        if isinstance(inner, list) and not per_rank:
-            for i, child in enumerate(inner):
-                visit(f"{prefix}.{i}" if prefix else str(i), child, inner, i)
-            return
-        if not per_rank and is_stateful(inner):
-            own = inner.state_dict()
-            if statefuls is not None:
-                statefuls.append((inner, own))
-            visit(prefix, own, container, key)
-            return
-        if not prefix:
-            raise StateDictError("state_dict must be a dict (or list) of leaves")
+
+def _visit(
+    leaves: dict[str, Leaf],
+    statefuls: list[tuple[Any, Any]] | None,
+    prefix: str,
+    value: Any,
+    container: Any,
+    key: Any,
+) -> None:
+    """Add the leaves of ``value`` (named ``prefix``, held at ``container[key]``) to
+    ``leaves``. A module-level function, not a closure: a closure that calls itself is a
+    reference cycle, which would keep every leaf (and the caller's tensors they hold) alive
+    until the cyclic collector finds it."""
+    if type(value) is torch.Tensor and prefix:  # fast path for the most common leaf
         if prefix in leaves:
             raise _clash(prefix)
-        leaf = _classify(prefix, inner, per_rank)
-        where = (value, None) if per_rank else (container, key)
-        leaves[prefix] = leaf._replace(container=where[0], key=where[1])
-
-    visit(prefix, state_dict, None, None)
-    return leaves
+        shape = tuple(value.shape)
+        box = ((0,) * len(shape), shape)
+        leaves[prefix] = Leaf(prefix, "tensor", value, shape, box, container, key, value.dtype)
+        return
+    per_rank = isinstance(value, PerRank)
+    inner = value.value if per_rank else value
+    if isinstance(inner, dict) and not per_rank:
+        dot = f"{prefix}." if prefix else ""
+        if len(inner) >= _BULK_MIN and _tensor_dict_leaves(leaves, inner, dot):
+            return
+        new_leaf = _NEW_LEAF
+        for k, child in inner.items():
+            if type(child) is torch.Tensor and type(k) is str and (k or prefix):  # most leaves
+                name = dot + k
+                if name in leaves:
+                    raise _clash(name)
+                shape = tuple(child.shape)
+                box = ((0,) * len(shape), shape)
+                leaves[name] = new_leaf((name, "tensor", child, shape, box, inner, k, child.dtype))
+                continue
+            if type(child) is DTensor and type(k) is str and (k or prefix):  # FSDP2, TP
+                name = dot + k
+                if name in leaves:
+                    raise _clash(name)
+                local, shape, box = dtensor_local_and_box(child)
+                leaves[name] = new_leaf((name, "tensor", local, shape, box, inner, k, local.dtype))
+                continue
+            if not isinstance(k, (str, int)) or isinstance(k, bool):
+                raise StateDictError(f"{prefix or '<root>'}: key {k!r} is not a str or int")
+            _visit(leaves, statefuls, f"{prefix}.{k}" if prefix else str(k), child, inner, k)
+        return
+    if isinstance(inner, list) and not per_rank:
+        for i, child in enumerate(inner):
+            _visit(leaves, statefuls, f"{prefix}.{i}" if prefix else str(i), child, inner, i)
+        return
+    if not per_rank and is_stateful(inner):
+        own = inner.state_dict()
+        if statefuls is not None:
+            statefuls.append((inner, own))
+        _visit(leaves, statefuls, prefix, own, container, key)
+        return
+    if not prefix:
+        raise StateDictError("state_dict must be a dict (or list) of leaves")
+    if prefix in leaves:
+        raise _clash(prefix)
+    leaf = _classify(prefix, inner, per_rank)
+    where = (value, None) if per_rank else (container, key)
+    leaves[prefix] = leaf._replace(container=where[0], key=where[1])
