@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from functools import partial
-from itertools import compress
+from itertools import compress, repeat
 from operator import attrgetter, not_
 from typing import Any
 
@@ -49,7 +49,7 @@ from ckptstore.saving.commit import SaveInfo, commit_collective, unmark_saving
 from ckptstore.saving.plan import GlobalPlan, RankPlan, TensorDecl
 from ckptstore.saving.plan_exchange import ALONE, PlanGroup, plan_by_groups
 from ckptstore.state.leaves import Leaf, flatten
-from ckptstore.state.tensor_bytes import as_bytes, host_contiguous
+from ckptstore.state.tensor_bytes import all_as_bytes, all_host_contiguous
 from ckptstore.tiers.seam import SaveTarget, save_target
 
 
@@ -81,6 +81,8 @@ _NAME, _KIND = attrgetter("name"), attrgetter("kind")
 _DTYPE, _IS_TENSOR_KIND = attrgetter("dtype"), "tensor".__eq__
 _SHAPE, _BOX = attrgetter("global_shape"), attrgetter("box")
 _NEW_DECL = partial(tuple.__new__, TensorDecl)  # C-level: one per tensor
+_NEW_ITEM = partial(tuple.__new__, WriteItem)
+_VALUE = attrgetter("value")  # a tensor leaf's local tensor
 _ITEMSIZE = {name: dtype.itemsize for dtype, name in DTYPE_TO_NAME.items()}
 
 
@@ -205,7 +207,7 @@ class PlannedSave:
     def tensors_to_write(self) -> list[torch.Tensor]:
         """This rank's tensors in write order: its planned chunks, then per-rank tensors."""
         leaves = self.local.tensor_leaves
-        return [leaves[i].local for i in self.writes.tolist()] + [
+        return list(map(_VALUE, map(leaves.__getitem__, self.writes.tolist()))) + [
             leaf.local for leaf in self.local.rank_tensors
         ]
 
@@ -216,7 +218,7 @@ class PlannedSave:
         """Write items for ``host_tensors`` (CPU, contiguous, in :meth:`tensors_to_write`
         order) followed by the pickled blobs; the caller keeps the tensors alive."""
         codec = self.options.codec
-        items = [WriteItem(as_bytes(t), codec) for t in host_tensors]
+        items = list(map(_NEW_ITEM, zip(all_as_bytes(host_tensors), repeat(codec))))
         return items + [WriteItem(memoryview(b)) for b in self.blobs()]
 
 
@@ -281,7 +283,7 @@ def save(
         failpoints.hit("planned", coord.rank)
         t = time.perf_counter()
         try:
-            keep_alive = [host_contiguous(x) for x in planned.tensors_to_write()]
+            keep_alive = all_host_contiguous(planned.tensors_to_write())
             items = planned.write_items(keep_alive)
         except Exception as exc:  # reported through the commit: no rank waits for this one
             result, error = None, unwritable_error(planned, exc)
