@@ -16,6 +16,7 @@ import heapq
 import itertools
 import pickle
 from dataclasses import dataclass, field
+from functools import partial
 from operator import itemgetter
 from typing import Any, NamedTuple
 
@@ -86,7 +87,26 @@ class RankPlan:
 
     @classmethod
     def build(cls, tensors: list[TensorDecl], boxes: list[Box]) -> RankPlan:
-        ndims = set(map(len, map(_SHAPE_OF, tensors)))
+        columns = tuple(map(list, zip(*tensors, strict=True))) if tensors else ([],) * 4
+        declared = Declarations(columns, boxes)  # type: ignore[arg-type]
+        return cls(
+            tensors, declared.offsets, declared.shapes, declared.decl_key, declared.structure_key
+        )
+
+
+DeclColumns = tuple[list[str], list[str], list[tuple[int, ...]], list[int]]
+"""Names, dtype names, global shapes and item sizes of a rank's tensors (TensorDecl's fields)."""
+
+
+class Declarations:
+    """A rank's tensors and boxes as columns, with the keys of its plan (see
+    :class:`RankPlan`). A save whose plan is cached needs only the keys; the
+    :class:`RankPlan`, a :class:`TensorDecl` per tensor, is built on a miss."""
+
+    def __init__(self, columns: DeclColumns, boxes: list[Box]) -> None:
+        self.columns, self._plan = columns, None
+        tensors = columns[0]
+        ndims = set(map(len, columns[2]))
         ndim = max(ndims, default=0)
         n = len(tensors)
         if len(ndims) <= 1:  # one rank for all (the usual case): straight from the tuples
@@ -97,7 +117,7 @@ class RankPlan:
                 itertools.chain.from_iterable(map(_SHAPE_OF_BOX, boxes)), np.int64, n * ndim
             )
         else:  # pad to ndim columns (offsets with 0, shapes with 1), one pass per ndim
-            of_rank = np.fromiter(map(len, map(_SHAPE_OF, tensors)), np.int64, n)
+            of_rank = np.fromiter(map(len, columns[2]), np.int64, n)
             offsets, shapes = np.zeros((n, ndim), np.int64), np.ones((n, ndim), np.int64)
             for d in ndims - {0}:  # scalars have no column to fill
                 mask = of_rank == d
@@ -106,11 +126,22 @@ class RankPlan:
                 for column, part in ((offsets, _OFFSETS_OF), (shapes, _SHAPE_OF_BOX)):
                     flat = np.fromiter(itertools.chain.from_iterable(map(part, picked)), np.int64)
                     column[rows, :d] = flat.reshape(len(rows), d)
-        offsets, shapes = offsets.reshape(n, ndim), shapes.reshape(n, ndim)
-        decl_bytes = pickle.dumps(tuple(map(list, zip(*tensors, strict=True))), protocol=4)
-        decl_key = _digest(decl_bytes)
-        structure_key = _digest(decl_bytes, offsets.tobytes(), shapes.tobytes())
-        return cls(tensors, offsets, shapes, decl_key, structure_key)
+        self.offsets, self.shapes = offsets.reshape(n, ndim), shapes.reshape(n, ndim)
+        decl_bytes = pickle.dumps(tuple(columns), protocol=4)
+        self.decl_key = _digest(decl_bytes)
+        self.structure_key = _digest(decl_bytes, self.offsets.tobytes(), self.shapes.tobytes())
+
+    def rank_plan(self) -> RankPlan:
+        """The :class:`RankPlan` of these declarations (built once, on first use)."""
+        if self._plan is None:
+            tensors = list(map(_NEW_DECL, zip(*self.columns, strict=True)))
+            self._plan = RankPlan(
+                tensors, self.offsets, self.shapes, self.decl_key, self.structure_key
+            )
+        return self._plan
+
+
+_NEW_DECL = partial(tuple.__new__, TensorDecl)  # C-level: one per tensor
 
 
 @dataclass

@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from itertools import compress, repeat
 from operator import attrgetter, not_
@@ -46,7 +46,7 @@ from ckptstore.format.manifest import (
 from ckptstore.format.rules import bad_name
 from ckptstore.gcpause import gc_paused
 from ckptstore.saving.commit import SaveInfo, commit_collective, unmark_saving
-from ckptstore.saving.plan import GlobalPlan, RankPlan, TensorDecl
+from ckptstore.saving.plan import Declarations, GlobalPlan
 from ckptstore.saving.plan_exchange import ALONE, PlanGroup, plan_by_groups
 from ckptstore.state.leaves import Leaf, flatten
 from ckptstore.state.tensor_bytes import all_as_bytes, all_host_contiguous
@@ -69,7 +69,8 @@ class _Local:
     """One rank's share of a save, ready to write."""
 
     tensor_leaves: list[Leaf]
-    rank_plan: RankPlan
+    declared: Declarations
+    """The keys of this rank's plan; its :class:`RankPlan` is built on a plan-cache miss."""
     rank_tensors: list[Leaf]
     values: dict[str, Any]
     rank_values: dict[str, Any]
@@ -80,9 +81,9 @@ class _Local:
 _NAME, _KIND = attrgetter("name"), attrgetter("kind")
 _DTYPE, _IS_TENSOR_KIND = attrgetter("dtype"), "tensor".__eq__
 _SHAPE, _BOX = attrgetter("global_shape"), attrgetter("box")
-_NEW_DECL = partial(tuple.__new__, TensorDecl)  # C-level: one per tensor
 _NEW_ITEM = partial(tuple.__new__, WriteItem)
 _VALUE = attrgetter("value")  # a tensor leaf's local tensor
+_RELEASED = Declarations(([], [], [], []), [])  # what a staged async save keeps of them
 _ITEMSIZE = {name: dtype.itemsize for dtype, name in DTYPE_TO_NAME.items()}
 
 
@@ -128,20 +129,14 @@ def _prepare(leaves: dict[str, Leaf], is_coordinator: bool, allow_pickle: bool) 
     if unsupported:
         leaf = unsupported[0]
         raise StateDictError(f"tensor {leaf.name!r}: unsupported tensor dtype {leaf.local.dtype}")
-    decls = list(
-        map(
-            _NEW_DECL,
-            zip(
-                names,
-                dtype_names,
-                map(_SHAPE, tensor_leaves),
-                map(_ITEMSIZE.get, dtype_names),
-                strict=True,
-            ),
-        )
+    columns = (
+        names,
+        dtype_names,
+        list(map(_SHAPE, tensor_leaves)),
+        list(map(_ITEMSIZE.get, dtype_names)),
     )
-    plan = RankPlan.build(decls, list(map(_BOX, tensor_leaves)))
-    return _Local(tensor_leaves, plan, rank_tensors, values, rank_values, blobs, rank_blobs)
+    declared = Declarations(columns, list(map(_BOX, tensor_leaves)))
+    return _Local(tensor_leaves, declared, rank_tensors, values, rank_values, blobs, rank_blobs)
 
 
 @dataclass
@@ -202,7 +197,7 @@ class PlannedSave:
         per tensor (the caller's tensors stay referenced otherwise until the background
         write ends) and the declarations the plan was made from."""
         self.local.tensor_leaves = []
-        self.local.rank_plan = replace(self.local.rank_plan, tensors=None)
+        self.local.declared = _RELEASED
 
     def tensors_to_write(self) -> list[torch.Tensor]:
         """This rank's tensors in write order: its planned chunks, then per-rank tensors."""
@@ -388,7 +383,7 @@ def _cached_plan(local: _Local | None, group_key: int) -> _CachedPlan | None:
     """This rank's plan from an earlier save of the same structure, if any."""
     if local is None:
         return None
-    key = (group_key, local.rank_plan.structure_key)
+    key = (group_key, local.declared.structure_key)
     cached = _PLAN_CACHE.get(key)
     if cached is not None:
         _PLAN_CACHE.move_to_end(key)
@@ -466,8 +461,8 @@ def _agree(
 
 def _plan_exchanged(local: _Local, coord: Coordinator, group_key: int) -> _CachedPlan:
     """A plan-cache miss: plan by planning groups (``plan_exchange``), cache the result."""
-    plan_id, writes, global_plan, group = plan_by_groups(local.rank_plan, coord)
-    cached = _PLAN_CACHE[(group_key, local.rank_plan.structure_key)] = _CachedPlan(
+    plan_id, writes, global_plan, group = plan_by_groups(local.declared.rank_plan(), coord)
+    cached = _PLAN_CACHE[(group_key, local.declared.structure_key)] = _CachedPlan(
         plan_id, writes, global_plan, group
     )
     while len(_PLAN_CACHE) > knobs.plan_cache_size():
