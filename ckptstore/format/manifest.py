@@ -86,6 +86,12 @@ def encode_manifest(doc: dict[str, Any], encoded: dict[str, str] | None = None) 
     return signed + b',"checksum":"crc32c:%08x"}' % crc32c(signed)
 
 
+def prepare_tensor_table(tensors: dict[str, TensorRecord]) -> None:
+    """Encode a frozen tensor table's JSON now, as every save writes it (format 3 and
+    later): it is kept with the table, so a later manifest of it encodes only the rest."""
+    _tensor_table_text(tensors, grid_column=True)
+
+
 def _tensor_table_text(tensors: dict[str, TensorRecord], grid_column: bool) -> str:
     """The tensor table's compact JSON; a frozen table (a cached save plan's) keeps it."""
     return derived(

@@ -34,6 +34,7 @@ from ckptstore.saving.save import (
     SaveOptions,
     commit_collective,
     plan_save_collective,
+    prepare_commit,
     unwritable_error,
     write_planned,
 )
@@ -303,6 +304,7 @@ def _persist(
     t = time.perf_counter()
     upload = None
     result, error = None, failure
+    prepare_commit(planned)
     try:
         if staged is None:  # staging failed in the foreground: report it at the commit
             pass

@@ -37,6 +37,7 @@ from ckptstore.format.manifest import (
     ObjectRecord,
     TensorRecord,
     new_record,
+    prepare_tensor_table,
 )
 from ckptstore.saving.plan import GlobalPlan
 from ckptstore.saving.plan_exchange import PlanGroup
@@ -411,6 +412,18 @@ def _assemble(
         per_rank=per_rank,
         metadata=dict(metadata or {}),
     )
+
+
+def prepare_commit(planned: PlannedSave) -> None:
+    """After a plan exchange, on the coordinator: build the plan's tensor table and its
+    JSON now, while the other ranks write, not in the commit, while every rank waits for
+    it (30-40 ms at 20,000 tensors). A failure here is left for the commit to raise, in
+    the protocol (no rank may leave it)."""
+    plan = planned.global_plan
+    if plan is None or planned.plan_cached:
+        return
+    with contextlib.suppress(Exception):
+        prepare_tensor_table(_global_tensors(plan, planned.options.codec))
 
 
 def _global_tensors(plan: GlobalPlan, codec: str | None) -> FrozenTensorTable:

@@ -45,7 +45,7 @@ from ckptstore.format.manifest import (
 )
 from ckptstore.format.rules import bad_name
 from ckptstore.gcpause import gc_paused
-from ckptstore.saving.commit import SaveInfo, commit_collective, unmark_saving
+from ckptstore.saving.commit import SaveInfo, commit_collective, prepare_commit, unmark_saving
 from ckptstore.saving.plan import Declarations, GlobalPlan
 from ckptstore.saving.plan_exchange import ALONE, PlanGroup, plan_by_groups
 from ckptstore.state.leaves import Leaf, flatten
@@ -277,6 +277,7 @@ def save(
         planned.replication_team = team
         failpoints.hit("planned", coord.rank)
         t = time.perf_counter()
+        prepare_commit(planned)
         try:
             keep_alive = all_host_contiguous(planned.tensors_to_write())
             items = planned.write_items(keep_alive)
