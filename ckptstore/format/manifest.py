@@ -87,9 +87,14 @@ def encode_manifest(doc: dict[str, Any], encoded: dict[str, str] | None = None) 
 
 
 def prepare_tensor_table(tensors: dict[str, TensorRecord]) -> None:
-    """Encode a frozen tensor table's JSON now, as every save writes it (format 3 and
-    later): it is kept with the table, so a later manifest of it encodes only the rest."""
-    _tensor_table_text(tensors, grid_column=True)
+    """Encode a frozen tensor table's JSON now, as a save's manifest writes it: it is kept
+    with the table, so a later manifest of it encodes only the rest."""
+    _tensor_table_text(tensors, grid_column=_has_grid_column(INLINE_FORMAT_VERSION))
+
+
+def _has_grid_column(version: int) -> bool:
+    """Whether a manifest of ``version`` stores grid rows as a column (format 3 and later)."""
+    return version >= 3
 
 
 def _tensor_table_text(tensors: dict[str, TensorRecord], grid_column: bool) -> str:
@@ -376,7 +381,7 @@ class Manifest:
             },
             "metadata": self.metadata,
         }
-        table = _tensor_table_text(self.tensors, grid_column=version >= 3)
+        table = _tensor_table_text(self.tensors, grid_column=_has_grid_column(version))
         return encode_manifest(doc, {"tensors": table})
 
     @classmethod

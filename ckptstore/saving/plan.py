@@ -105,10 +105,9 @@ class Declarations:
 
     def __init__(self, columns: DeclColumns, boxes: list[Box]) -> None:
         self.columns, self._plan = columns, None
-        tensors = columns[0]
         ndims = set(map(len, columns[2]))
         ndim = max(ndims, default=0)
-        n = len(tensors)
+        n = len(columns[0])
         if len(ndims) <= 1:  # one rank for all (the usual case): straight from the tuples
             offsets = np.fromiter(
                 itertools.chain.from_iterable(map(_OFFSETS_OF, boxes)), np.int64, n * ndim
