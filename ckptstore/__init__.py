@@ -12,7 +12,7 @@ from ckptstore.loading.checkpoint import Checkpoint, ObjectMeta, TensorMeta
 from ckptstore.loading.checkpoint import open_checkpoint as open
 from ckptstore.loading.load import LoadInfo, load
 from ckptstore.saving.async_save import AsyncSaveHandle, async_save, prepare_async_save
-from ckptstore.saving.save import SaveInfo, save
+from ckptstore.saving.save import SaveInfo, prepare_save, save
 from ckptstore.state.leaves import PerRank, Sharded
 from ckptstore.tiers.replicator import ReplicationHandle, replicate
 from ckptstore.tiers.upload import ReplicationInfo
@@ -64,6 +64,7 @@ __all__ = [
     "load",
     "open",
     "prepare_async_save",
+    "prepare_save",
     "replicate",
     "save",
 ]

@@ -544,6 +544,41 @@ def prepared_async_save(rank: int, world: int, root: str) -> dict:
             "reused": bool(before) and before == after}  # fmt: skip
 
 
+def prepared_save(rank: int, world: int, root: str) -> dict:
+    """prepare_save, then the first save: nothing written by the preparation, the plan
+    and (on the coordinator) the manifest's tensor table ready before the save, which
+    takes the cached plan and loads back bit-exactly; a state that cannot be saved is
+    refused by the preparation on every rank."""
+    from ckptstore.saving.save import _PLAN_CACHE
+
+    mesh = init_device_mesh("cpu", (world,))
+    full = torch.arange(101 * 6, dtype=torch.float32).reshape(101, 6)  # uneven rows
+    sd = {"w": distribute_tensor(full, mesh, [Shard(0)]), "b": torch.ones(77), "step": 3}
+    sd["norms"] = {f"n{i}": distribute_tensor(torch.full((5,), float(i)), mesh, [Replicate()])
+                   for i in range(20)}  # fmt: skip
+    cs.prepare_save(sd)
+    written = os.listdir(root)
+    tables = [t for c in _PLAN_CACHE.values() if c.global_plan for t in
+              c.global_plan.tensor_tables.values()]  # fmt: skip
+    table_ready = any(("json", True) in t.derived for t in tables)
+    dist.barrier()  # no rank's save below may start before every rank has looked
+    info = cs.save(sd, os.path.join(root, "c"))
+    back = {"w": distribute_tensor(torch.zeros(101, 6), mesh, [Shard(0)]), "b": torch.zeros(77),
+            "step": 0, "norms": {f"n{i}": distribute_tensor(torch.zeros(5), mesh, [Replicate()])
+                                 for i in range(20)}}  # fmt: skip
+    cs.load(back, os.path.join(root, "c"))
+    exact = torch.equal(back["w"].full_tensor(), full) and back["step"] == 3
+    exact &= all(torch.equal(back["norms"][f"n{i}"].to_local(), torch.full((5,), float(i)))
+                 for i in range(20))  # fmt: skip
+    try:
+        cs.prepare_save({**sd, "obj": object()})
+        refused = "no error"
+    except CkptStoreError as exc:
+        refused = type(exc).__name__
+    return {"written": written, "table_ready": table_ready, "plan_cached": info.plan_cached,
+            "exact": exact, "refused": refused}  # fmt: skip
+
+
 def save_rows_uneven(rank: int, world: int, root: str) -> None:
     """Rows of a 40 x 6 tensor cut unevenly over 3 ranks (14, 14, 12), saved as ``w``."""
     full = torch.arange(40 * 6, dtype=torch.float32).reshape(40, 6)

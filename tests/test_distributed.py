@@ -29,6 +29,14 @@ def test_second_save_with_same_structure_reuses_the_plan(saved_on_4) -> None:
         assert by["row-again"] is True
 
 
+def test_prepare_save_plans_the_first_save_and_builds_its_tensor_table(tmp_path) -> None:
+    out = run_ranks(3, dist_cases.prepared_save, str(tmp_path), timeout=120)
+    assert all(o["written"] == [] for o in out)  # preparing writes nothing
+    assert out[0]["table_ready"] and not any(o["table_ready"] for o in out[1:]), out
+    assert all(o["plan_cached"] and o["exact"] for o in out), out
+    assert all(o["refused"] == "PickleNotAllowedError" for o in out), out
+
+
 def test_saved_world_size_and_layouts(saved_on_4) -> None:
     root, _ = saved_on_4
     ck = cs.open(f"{root}/mesh2x2")

@@ -203,3 +203,27 @@ def test_retention_runs_off_the_training_thread(tmp_path, monkeypatch) -> None:
     release.set()
     mgr.wait()
     assert mgr.steps() == [3]
+
+
+def test_sync_saves_are_planned_at_the_first_step_that_does_not_save(tmp_path, monkeypatch) -> None:
+    from ckptstore.saving import save as save_module
+
+    exchanges: list[int] = []
+    real = save_module.plan_by_groups
+
+    def counted(*args, **kwargs):
+        exchanges.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(save_module, "plan_by_groups", counted)
+    model, optim = _model_and_optim(seed=7)
+    state = {"model": model, "optim": optim, "own": {"w": torch.ones(3, 1031)}}  # a new shape
+    mgr = cs.CheckpointManager(str(tmp_path), every_n_steps=2, async_save=False)
+    assert mgr.maybe_save(1, state) is False and len(exchanges) == 1  # planned, not saved
+    assert mgr.steps() == []
+    assert mgr.maybe_save(2, state) is True and len(exchanges) == 1  # the plan held
+    restored = {"model": _model_and_optim(seed=8)[0], "own": {"w": torch.zeros(3, 1031)}}
+    assert mgr.restore(restored, partial=True) == 2
+    assert torch.equal(restored["own"]["w"], state["own"]["w"])
+    for key, value in model.state_dict().items():
+        assert torch.equal(restored["model"].state_dict()[key], value), key

@@ -73,8 +73,17 @@ def small_dtensor(rank: int, world: int, root: str, placement: str) -> dict[str,
         times.setdefault(name, []).append(_timed(fn))
 
     run("dcp_save", lambda: dcp.save(sd, checkpoint_id=f"{root}/dcp"))
-    for i in range(3):
-        run("cs_save" if i == 0 else "cs_save_steady", lambda i=i: cs.save(sd, f"{root}/cs{i}"))
+    # The first save of a job that does not prepare it, then that of a job that does
+    # (``cs.prepare_save`` before its first checkpoint step, untimed, as CheckpointManager
+    # does): on a fresh process group, which has no plan cached, as a new job has none;
+    # then the steady saves.
+    fresh = dist.new_group(backend="gloo")
+    saves = [("cs_save", None), ("cs_save_prepared", fresh)]
+    saves += [("cs_save_steady", None)] * 2
+    for i, (name, group) in enumerate(saves):
+        if group is not None:
+            cs.prepare_save(sd, process_group=group)
+        run(name, lambda i=i, group=group: cs.save(sd, f"{root}/cs{i}", process_group=group))
         floor = write_own_bytes(own, f"{root}/floor")  # the disk's floor, between the saves
         times.setdefault("parallel_write_floor", []).append(floor)
     dest = dtensor_norms(rank, world, placement, fill=False)
@@ -365,6 +374,9 @@ def run(scratch: str, emit, case, sink, disk_bw: float = 0.0) -> None:
         name = f"small_dtensor_{placement}_{world}_ranks"
         floor = _disk_floor(r, 0.0)
         emit(case(f"{name}_save", r["cs_save"], r["dcp_save"], 30.0, **floor), sink)
+        floor = _disk_floor(r, 0.0, save="cs_save_prepared")
+        emit(case(f"{name}_save_prepared", r["cs_save_prepared"], r["dcp_save"], 30.0, **floor),
+             sink)  # fmt: skip
         floor = _disk_floor(r, 0.0, save="cs_save_steady")
         emit(case(f"{name}_save_steady", r["cs_save_steady"], r["dcp_save"], 30.0, **floor), sink)
         emit(case(f"{name}_load", r["cs_load"], r["dcp_load"], 60.0), sink)

@@ -306,19 +306,15 @@ def _unique_chunks(rows: _Rows, tensors: list[TensorDecl]) -> _Chunks:
 def _layouts(tensors: list[TensorDecl], chunks: _Chunks) -> list[Layout]:
     """Each tensor's layout, checking that its chunks tile it exactly. Tensors held whole
     (replicated or unsharded) are one chunk: no per-tensor work for them."""
-    u_gid, u_off, u_shp, t_start = chunks.gid, chunks.offsets, chunks.shapes, chunks.t_start
+    u_off, u_shp, t_start = chunks.offsets, chunks.shapes, chunks.t_start
     ndims = set(map(len, map(_SHAPE_OF, tensors)))
     ndim = max(ndims, default=0)
-    if len(ndims) <= 1:  # one rank for all: straight from the tuples
-        flat = itertools.chain.from_iterable(map(_SHAPE_OF, tensors))
-        full_shapes = np.fromiter(flat, np.int64, len(tensors) * ndim)
-    else:  # pad to ndim columns with 1
-        full_shapes = np.array([t.shape + (1,) * (ndim - len(t.shape)) for t in tensors])
-    full_shapes = full_shapes.astype(np.int64).reshape(len(tensors), ndim)
-    whole_row = np.all(u_off == 0, axis=1) & np.all(u_shp == full_shapes[u_gid], axis=1)
-    single = (np.diff(t_start) == 1) & np.append(whole_row, False)[
-        np.minimum(t_start[:-1], len(u_gid))
-    ]
+    full_shapes = _padded_shapes(list(map(_SHAPE_OF, tensors)), ndims)
+    # Held whole: one chunk, at offset 0, of the tensor's shape (checked for those only).
+    single = np.diff(t_start) == 1
+    one = np.flatnonzero(single)
+    first = t_start[one]
+    single[one] = (u_off[first] == 0).all(axis=1) & (u_shp[first] == full_shapes[one]).all(axis=1)
     tensor_ndims = np.fromiter(map(len, map(_SHAPE_OF, tensors)), np.int64, len(tensors))
     whole_of = [whole_layout(d) for d in range(ndim + 1)]
     layouts: list[Layout] = list(map(whole_of.__getitem__, tensor_ndims.tolist()))
@@ -340,19 +336,55 @@ def _layouts(tensors: list[TensorDecl], chunks: _Chunks) -> list[Layout]:
             ],
             axis=1,
         )
-        if (rows == rows[0]).all():  # the usual case: one pattern (np.unique sorts rows)
-            first, inverse = np.zeros(1, np.int64), np.zeros(len(group), np.int64)
-        else:
-            _, first, inverse = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+        first, inverse = _distinct_rows(rows)
         built = [
             _layout_of(
                 tensors[g], u_off[t_start[g] : t_start[g + 1]], u_shp[t_start[g] : t_start[g + 1]]
             )
             for g in group[first].tolist()
         ]
-        for g, which in zip(group.tolist(), inverse.reshape(-1).tolist(), strict=True):
-            layouts[g] = built[which]
+        if len(built) == 1:  # one pattern: the same layout object for all
+            picked = np.empty(len(group), dtype=object)
+            picked.fill(built[0])
+        else:
+            as_array = np.empty(len(built), dtype=object)
+            as_array[:] = built
+            picked = as_array[inverse]
+        placed = np.empty(len(layouts), dtype=object)
+        placed[:] = layouts
+        placed[group] = picked
+        layouts = placed.tolist()
     return layouts
+
+
+def _padded_shapes(shapes: list[tuple[int, ...]], ndims: set[int]) -> np.ndarray:
+    """``shapes`` as rows of ``max(ndims)`` columns, padded with 1: one pass per ndim."""
+    ndim, n = max(ndims, default=0), len(shapes)
+    if len(ndims) <= 1:  # one rank for all: straight from the tuples
+        flat = itertools.chain.from_iterable(shapes)
+        return np.fromiter(flat, np.int64, n * ndim).reshape(n, ndim)
+    out = np.ones((n, ndim), dtype=np.int64)
+    of_rank = np.fromiter(map(len, shapes), np.int64, n)
+    for d in ndims - {0}:
+        rows = np.flatnonzero(of_rank == d)
+        picked = map(shapes.__getitem__, rows.tolist())
+        flat = np.fromiter(itertools.chain.from_iterable(picked), np.int64, len(rows) * d)
+        out[rows, :d] = flat.reshape(len(rows), d)
+    return out
+
+
+def _distinct_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The first index of each distinct row of ``rows`` and, for every row, which distinct
+    row it is. FSDP shards thousands of tensors alike: rows equal to the first are found in
+    one comparison; only the others (a handful of differently-shaped tensors) are sorted."""
+    same = (rows == rows[0]).all(axis=1)
+    if same.all():
+        return np.zeros(1, np.int64), np.zeros(len(rows), np.int64)
+    rest = np.flatnonzero(~same)
+    _, first, inverse = np.unique(rows[rest], axis=0, return_index=True, return_inverse=True)
+    index = np.zeros(len(rows), np.int64)
+    index[rest] = inverse.reshape(-1) + 1
+    return np.concatenate([[0], rest[first]]), index
 
 
 def _assign_writers(

@@ -296,6 +296,35 @@ def save(
         return info
 
 
+def prepare_save(
+    state_dict: Any,
+    *,
+    process_group: torch.distributed.ProcessGroup | None = None,
+    no_dist: bool = False,
+    **options: Any,
+) -> None:
+    """Make the first :func:`save` of ``state_dict`` as quick as the later ones.
+
+    A collective, like ``save`` (same ``process_group``, ``no_dist`` and options; no path).
+    It plans the save now and caches the plan -- the first save then needs one
+    ``all_reduce``, not the plan exchange -- and has the coordinator build the manifest's
+    tensor table of that plan, which the commit would otherwise build while every rank
+    waits. Call it once before the first checkpoint step (after building the model and
+    optimizer, or after restoring); :class:`~ckptstore.CheckpointManager` calls it by
+    itself. Nothing is written. A save of another structure plans afresh, as it would.
+
+    Raises (on every rank, as ``save`` would): what the state_dict or the plan refuses
+    (:class:`~ckptstore.errors.StateDictError`, ``ShardingError``, ...).
+    """
+    save_options = SaveOptions(**options)
+    coord = Coordinator(process_group, alone=no_dist)
+    with gc_paused():
+        group_key = -1 if no_dist else id(process_group)
+        planned = plan_save_collective(state_dict, None, coord, save_options, group_key)
+        prepare_commit(planned)
+        del planned  # see save(): gone before the collector resumes
+
+
 def plan_save_collective(
     state_dict: Any,
     target: SaveTarget | None,

@@ -51,7 +51,7 @@ from ckptstore.saving.async_save import (
     prepare_async_save,
     raise_pending_error,
 )
-from ckptstore.saving.save import SaveInfo, save
+from ckptstore.saving.save import SaveInfo, prepare_save, save
 from ckptstore.tiers.replicator import ReplicationHandle, replicate
 from ckptstore.tiers.state import REPLICATED, read_tier_state
 from ckptstore.training import catalog, rng
@@ -202,19 +202,21 @@ class CheckpointManager:
 
     def _prepare(self, step: int, state: dict[str, Any]) -> None:
         """Once, before the first save (at the first step that does not save, or at restore):
-        plan it and fault in its staging buffer (:func:`ckptstore.prepare_async_save`), so
-        that the first stall is as short as the later ones. A collective, as every call that
-        leads here is. A failure is the first save's to report, not this step's."""
+        plan it (:func:`ckptstore.prepare_save`) and, for async saves, fault in its staging
+        buffer (:func:`ckptstore.prepare_async_save`), so that the first save (or stall) is
+        as quick as the later ones. A collective, as every call that leads here is. A
+        failure is the first save's to report, not this step's."""
         self._prepared = True
-        if not self.async_save:
-            return
         sd = self._state_dict(state, step, for_load=False)
         options = {**self.save_options, **self._path_options()}
         try:
             # Every rank opens the shared tier now (for S3: boto3's import and a client, most
             # of a second), not inside the first save's stall.
             self._root_store()
-            prepare_async_save(sd, process_group=self.process_group, **options)
+            if self.async_save:
+                prepare_async_save(sd, process_group=self.process_group, **options)
+            else:
+                prepare_save(sd, process_group=self.process_group, **options)
         except CkptStoreError as exc:  # every rank gets it (the plan agrees on failures)
             warnings.warn(f"preparing the first save failed: {exc}", stacklevel=3)
 
