@@ -53,3 +53,25 @@ def test_clashes_and_mixed_dicts_in_the_column_path(monkeypatch) -> None:
         flatten({"m": {**many, (1, 2): torch.zeros(1)}})
     with pytest.raises(StateDictError, match="must be a dict"):
         flatten({"": torch.zeros(1), **many})  # an empty name at the root
+
+
+def test_flatten_columns_holds_the_same_leaves_and_refuses_the_same_clashes() -> None:
+    from ckptstore.state.leaves import flatten_columns
+
+    many = {f"{i}": torch.full((i % 3 + 1,), float(i)) for i in range(20)}
+    state = {"model": many, "step": 7, "small": {"a": torch.zeros(2), "b": 1}, "opt": [many]}
+    flat = flatten_columns(state)
+    assert len(flat.blocks) == 2 and set(flat.leaves) == {"step", "small.a", "small.b"}
+    held = dict(flat.leaves)
+    for block in flat.blocks:
+        held.update(block.leaves())
+    assert sorted(_fields(held)) == sorted(_fields(flatten(state)))
+    assert len(flat) == len(held) and sorted(flat.names()) == sorted(held)
+    assert flat.locate()["opt.0.5"] == (many, "5") and flat.blocks[0].leaf(3) == held["model.3"]
+    for clash in ({"a.7": torch.zeros(1), "a": many}, {"a": many, "a.7": torch.zeros(1)}):
+        with pytest.raises(StateDictError, match=r"'a\.7'"):
+            flatten_columns(clash)
+    with pytest.raises(StateDictError, match=r"'a\.7'"):
+        flatten_columns({"a": many, "b": {"a": {"7": torch.zeros(1)}}} | {"a.7": 1})
+    twice = {"x": many, "x.0": {"1": torch.zeros(1)}}  # no clash: x.0.1 is not x.0
+    assert len(flatten_columns(twice)) == 21

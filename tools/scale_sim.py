@@ -134,13 +134,13 @@ def rank_flatten(rank: int, pp: int, dp: int) -> tuple[float, RankPlan]:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from ckptstore.saving.save import _prepare
-    from ckptstore.state.leaves import flatten
+    from ckptstore.state.leaves import flatten_columns
 
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=pp * dp * TP)
     try:
         state = dtensor_state(rank, pp, dp)
         t = time.perf_counter()
-        plan = _prepare(flatten(state), False, False).declared.rank_plan()  # as on a miss
+        plan = _prepare(flatten_columns(state), False, False).declared.rank_plan()  # as on a miss
         return time.perf_counter() - t, plan
     finally:
         dist.destroy_process_group()

@@ -42,7 +42,7 @@ from ckptstore.loading.mismatch import Mismatch
 from ckptstore.loading.read import ChunkReader, Target
 from ckptstore.loading.read_plan import chunks_needed
 from ckptstore.loading.shared_reads import fill_shared
-from ckptstore.state.leaves import Leaf, flatten
+from ckptstore.state.leaves import FlatState, Leaf, TensorBlock, flatten_columns
 from ckptstore.state.replicas import THIS_RANK, replica_class
 
 PER_RANK_POLICIES = ("error", "keep", "wrap")
@@ -172,7 +172,7 @@ def load(
     error: BaseException | None = None
     targets: list[Target] = []
     rank_targets: list[Target] = []
-    leaves: dict[str, Leaf] = {}
+    leaves = FlatState()
     assignments: list[tuple[Leaf, ObjectRecord]] = []
     statefuls: list[tuple[Any, Any]] = []  # (object, the state dict filled for it)
     try:
@@ -253,7 +253,7 @@ def _fill(
     reader: ChunkReader,
     targets: list[Target],
     rank_targets: list[Target],
-    leaves: dict[str, Leaf],
+    leaves: FlatState,
     coord: Coordinator | None,
 ) -> None:
     """Fill the global tensors' ``targets`` and the per-rank entries' ``rank_targets``: in
@@ -263,9 +263,10 @@ def _fill(
         reader.fill(targets + rank_targets if rank_targets else targets)
         return
     parts: dict[str, list[Target]] = {THIS_RANK: list(rank_targets)} if rank_targets else {}
+    where = leaves.locate()
     for t in targets:
-        leaf = leaves[t.name]
-        held = leaf.container[leaf.key] if leaf.container is not None else None
+        container, key = where[t.name]
+        held = container[key] if container is not None else None
         parts.setdefault(replica_class(held), []).append(t)
     fill_shared(reader, parts, coord)
 
@@ -316,11 +317,11 @@ def _match(
     per_rank: str,
     statefuls: list[tuple[Any, Any]],
     scope: _Scope,
-) -> tuple[list[Target], list[Target], list[tuple[Leaf, ObjectRecord]], list[str], dict[str, Leaf]]:
+) -> tuple[list[Target], list[Target], list[tuple[Leaf, ObjectRecord]], list[str], FlatState]:
     """Pair every leaf of ``state_dict`` with its entry of ``manifest``; raise on any
     mismatch (all of them listed) before anything is read. Stateful objects are flattened
     as their ``state_dict()`` and listed in ``statefuls``."""
-    leaves = flatten(state_dict, statefuls, scope.prefix)
+    leaves = flatten_columns(state_dict, statefuls, scope.prefix)
     found = _Matched([], [], Mismatch(), [], [], [], [])
     for name, leaf in _match_tensors(leaves, manifest, found):
         _match_other(name, leaf, manifest, coord, strict, allow_pickle, per_rank, found, scope)
@@ -331,14 +332,25 @@ def _match(
 
 
 def _match_tensors(
-    leaves: dict[str, Leaf], manifest: Manifest, found: _Matched
+    leaves: FlatState, manifest: Manifest, found: _Matched
 ) -> list[tuple[str, Leaf]]:
     """The common case, tens of thousands of times: a tensor leaf of a saved tensor. Returns
     the leaves of names the tensor table lacks (for :func:`_match_other`).
 
     C-level passes (``map`` over getters and ``operator`` functions) pick the leaves that
     are tensors of a saved tensor with its shape and dtype and make their targets; a Python
-    loop looks only at the rest (values, missing names, mismatches)."""
+    loop looks only at the rest (values, missing names, mismatches). Tensor blocks (a
+    model's dicts) are matched from their columns."""
+    rest = _match_leaves(leaves.leaves, manifest, found)
+    for block in leaves.blocks:
+        _match_block(block, manifest, found, rest)
+    return rest
+
+
+def _match_leaves(
+    leaves: dict[str, Leaf], manifest: Manifest, found: _Matched
+) -> list[tuple[str, Leaf]]:
+    """:func:`_match_tensors` for the leaves outside tensor blocks."""
     tensors = manifest.tensors
     names = list(leaves)
     values = list(leaves.values())
@@ -371,6 +383,37 @@ def _match_tensors(
         if not ok:
             _check_tensor(leaf, rec, found.mismatch.other)
     return rest
+
+
+def _match_block(
+    block: TensorBlock, manifest: Manifest, found: _Matched, rest: list[tuple[str, Leaf]]
+) -> None:
+    """:func:`_match_tensors` for one tensor block, from its columns; names the tensor
+    table lacks go to ``rest`` (as leaves)."""
+    records = list(map(manifest.tensors.get, block.names))
+    columns = (block.names, records, block.boxes, block.locals, block.shapes, block.dtypes)
+    picked = list(range(len(records)))
+    if None in records:  # names the tensor table lacks: values, per-rank entries, missing
+        saved = list(map(is_not, records, repeat(None)))
+        rest += [(block.names[i], block.leaf(i)) for i, ok in enumerate(saved) if not ok]
+        picked = list(compress(picked, saved))
+        columns = tuple(list(compress(column, saved)) for column in columns)
+    names, records, boxes, locals_, shapes, dtypes = columns
+    same = list(
+        map(
+            and_,
+            map(eq, shapes, map(_SHAPE, records)),
+            map(eq, map(DTYPE_TO_NAME.get, dtypes), map(_DTYPE, records)),
+        )
+    )
+    good = zip(names, records, boxes, locals_, strict=True)
+    if all(same):
+        found.targets.extend(map(_NEW_TARGET, good))
+        return
+    found.targets.extend(map(_NEW_TARGET, compress(good, same)))
+    for i, rec, ok in zip(picked, records, same, strict=True):
+        if not ok:
+            _check_tensor(block.leaf(i), rec, found.mismatch.other)
 
 
 _TENSOR_KINDS = frozenset(("tensor", "rank_tensor"))
@@ -433,18 +476,19 @@ def _match_other(
 
 
 def _check_nothing_left(
-    leaves: dict[str, Leaf], manifest: Manifest, mismatch: Mismatch, scope: _Scope
+    leaves: FlatState, manifest: Manifest, mismatch: Mismatch, scope: _Scope
 ) -> None:
     """Strict loads: every saved entry (of the loaded sub-tree) has a leaf to go to."""
     tables = (manifest.tensors, manifest.objects, manifest.per_rank)
     saved_count = sum(map(len, tables))
+    ours, in_blocks = leaves.leaves.keys(), leaves.block_names
     if (
         scope.prefix
         or len(leaves) != saved_count
-        or not all(leaves.keys() >= table.keys() for table in tables)
+        or not all(table.keys() <= ours or table.keys() - ours <= in_blocks for table in tables)
     ):
         for name in [*manifest.tensors, *manifest.objects, *manifest.per_rank]:
-            if name not in leaves and scope.covers(name):
+            if name not in ours and name not in in_blocks and scope.covers(name):
                 mismatch.unexpected.append(name)
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import compress, repeat
+from itertools import chain, compress, repeat
 from operator import attrgetter, not_
 from typing import Any
 
@@ -48,7 +48,7 @@ from ckptstore.gcpause import gc_paused
 from ckptstore.saving.commit import SaveInfo, commit_collective, prepare_commit, unmark_saving
 from ckptstore.saving.plan import Declarations, GlobalPlan
 from ckptstore.saving.plan_exchange import ALONE, PlanGroup, plan_by_groups
-from ckptstore.state.leaves import Leaf, flatten
+from ckptstore.state.leaves import FlatState, Leaf, flatten_columns
 from ckptstore.state.tensor_bytes import all_as_bytes, all_host_contiguous
 from ckptstore.tiers.seam import SaveTarget, save_target
 
@@ -68,7 +68,9 @@ _PLAN_CACHE: OrderedDict[tuple[int, int], _CachedPlan] = OrderedDict()
 class _Local:
     """One rank's share of a save, ready to write."""
 
-    tensor_leaves: list[Leaf]
+    tensor_names: list[str]
+    tensor_locals: list[torch.Tensor]
+    """This rank's global tensors (their local data), in the order of its declarations."""
     declared: Declarations
     """The keys of this rank's plan; its :class:`RankPlan` is built on a plan-cache miss."""
     rank_tensors: list[Leaf]
@@ -87,8 +89,8 @@ _RELEASED = Declarations(([], [], [], []), [])  # what a staged async save keeps
 _ITEMSIZE = {name: dtype.itemsize for dtype, name in DTYPE_TO_NAME.items()}
 
 
-def _prepare(leaves: dict[str, Leaf], is_coordinator: bool, allow_pickle: bool) -> _Local:
-    problem = bad_name(list(leaves))  # what a reader would refuse is refused before writing
+def _prepare(flat: FlatState, is_coordinator: bool, allow_pickle: bool) -> _Local:
+    problem = bad_name(flat.names())  # what a reader would refuse is refused before writing
     if problem:
         raise StateDictError(f"state_dict entry {problem}")
     rank_tensors: list[Leaf] = []
@@ -96,7 +98,7 @@ def _prepare(leaves: dict[str, Leaf], is_coordinator: bool, allow_pickle: bool) 
     rank_values: dict[str, Any] = {}
     blobs: dict[str, bytes] = {}
     rank_blobs: dict[str, bytes] = {}
-    every = list(leaves.values())
+    every = list(flat.leaves.values())
     is_tensor = list(map(_IS_TENSOR_KIND, map(_KIND, every)))  # most leaves: C-level passes
     tensor_leaves = list(compress(every, is_tensor))
     others = [] if len(tensor_leaves) == len(every) else list(compress(every, map(not_, is_tensor)))
@@ -119,24 +121,30 @@ def _prepare(leaves: dict[str, Leaf], is_coordinator: bool, allow_pickle: bool) 
             elif is_coordinator:
                 blobs[leaf.name] = pickle.dumps(leaf.value, protocol=pickle.HIGHEST_PROTOCOL)
     # Column passes (map over attribute getters) instead of a Python loop per tensor: a
-    # state_dict may hold tens of thousands of them.
+    # state_dict may hold tens of thousands of them, most in tensor blocks (columns already).
+    blocks = flat.blocks
     names = list(map(_NAME, tensor_leaves))
+    names += chain.from_iterable(b.names for b in blocks)
     dtypes = list(map(_DTYPE, tensor_leaves))  # read by flatten: the tensors stay untouched
+    dtypes += chain.from_iterable(b.dtypes for b in blocks)
     dtype_names = list(map(DTYPE_TO_NAME.get, dtypes))
-    unsupported = [leaf for leaf in rank_tensors if leaf.local.dtype not in DTYPE_TO_NAME]
+    unsupported = [(leaf.name, leaf.local.dtype) for leaf in rank_tensors]
+    unsupported = [(name, dtype) for name, dtype in unsupported if dtype not in DTYPE_TO_NAME]
     if None in dtype_names:
-        unsupported.insert(0, tensor_leaves[dtype_names.index(None)])
+        at = dtype_names.index(None)
+        unsupported.insert(0, (names[at], dtypes[at]))
     if unsupported:
-        leaf = unsupported[0]
-        raise StateDictError(f"tensor {leaf.name!r}: unsupported tensor dtype {leaf.local.dtype}")
-    columns = (
-        names,
-        dtype_names,
-        list(map(_SHAPE, tensor_leaves)),
-        list(map(_ITEMSIZE.get, dtype_names)),
-    )
-    declared = Declarations(columns, list(map(_BOX, tensor_leaves)))
-    return _Local(tensor_leaves, declared, rank_tensors, values, rank_values, blobs, rank_blobs)
+        name, dtype = unsupported[0]
+        raise StateDictError(f"tensor {name!r}: unsupported tensor dtype {dtype}")
+    shapes = list(map(_SHAPE, tensor_leaves))
+    shapes += chain.from_iterable(b.shapes for b in blocks)
+    boxes = list(map(_BOX, tensor_leaves))
+    boxes += chain.from_iterable(b.boxes for b in blocks)
+    locals_ = list(map(_VALUE, tensor_leaves))
+    locals_ += chain.from_iterable(b.locals for b in blocks)
+    columns = (names, dtype_names, shapes, list(map(_ITEMSIZE.get, dtype_names)))
+    declared = Declarations(columns, boxes)
+    return _Local(names, locals_, declared, rank_tensors, values, rank_values, blobs, rank_blobs)
 
 
 @dataclass
@@ -196,14 +204,14 @@ class PlannedSave:
         """Drop what the write no longer needs once this rank's tensors are staged: a leaf
         per tensor (the caller's tensors stay referenced otherwise until the background
         write ends) and the declarations the plan was made from."""
-        self.local.tensor_leaves = []
+        self.local.tensor_locals = []
         self.local.declared = _RELEASED
 
     def tensors_to_write(self) -> list[torch.Tensor]:
         """This rank's tensors in write order: its planned chunks, then per-rank tensors."""
-        leaves = self.local.tensor_leaves
-        return list(map(_VALUE, map(leaves.__getitem__, self.writes.tolist()))) + [
-            leaf.local for leaf in self.local.rank_tensors
+        local = self.local
+        return list(map(local.tensor_locals.__getitem__, self.writes.tolist())) + [
+            leaf.local for leaf in local.rank_tensors
         ]
 
     def blobs(self) -> list[bytes]:
@@ -399,7 +407,7 @@ def _prepare_locally(
 ) -> tuple[_Local | None, BaseException | None]:
     """Flatten and declare this rank's state; an error is kept for the agreement."""
     try:
-        local = _prepare(flatten(state_dict), coord.is_coordinator, options.allow_pickle)
+        local = _prepare(flatten_columns(state_dict), coord.is_coordinator, options.allow_pickle)
         if options.metadata is not None:
             import json
 
@@ -503,8 +511,12 @@ def _plan_exchanged(local: _Local, coord: Coordinator, group_key: int) -> _Cache
 def unwritable_error(planned: PlannedSave, exc: Exception) -> SaveError:
     """The error of a rank that could not copy its tensors to host memory, naming the
     tensor when it is one that holds no dense data (sparse, or on the meta device)."""
-    leaves = [*planned.local.tensor_leaves, *planned.local.rank_tensors]
-    bad = next((x.name for x in leaves if x.local.layout != torch.strided or x.local.is_meta), None)
+    local = planned.local
+    held = [
+        *zip(local.tensor_names, local.tensor_locals, strict=False),
+        *((x.name, x.local) for x in local.rank_tensors),
+    ]
+    bad = next((name for name, t in held if t.layout != torch.strided or t.is_meta), None)
     what = (
         f"tensor {bad!r} is sparse or on the meta device: only dense tensors with data can "
         "be saved (convert with .to_dense(), or materialize it first)"

@@ -12,6 +12,8 @@ Dicts and lists are walked and their keys joined with ``.``; what remains is a l
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from itertools import repeat
@@ -23,7 +25,19 @@ import torch
 from ckptstore.errors import StateDictError
 from ckptstore.state.dtensor_boxes import Box, DTensor, dtensor_columns, dtensor_local_and_box
 
-__all__ = ["Box", "DTensor", "Leaf", "PerRank", "Sharded", "flatten", "is_plain", "is_stateful"]
+__all__ = [
+    "Box",
+    "DTensor",
+    "FlatState",
+    "Leaf",
+    "PerRank",
+    "Sharded",
+    "TensorBlock",
+    "flatten",
+    "flatten_columns",
+    "is_plain",
+    "is_stateful",
+]
 
 
 @dataclass(frozen=True)
@@ -119,16 +133,102 @@ class Leaf(NamedTuple):
 _NEW_LEAF = partial(tuple.__new__, Leaf)  # C-level construction, for the common leaf
 
 
+class TensorBlock(NamedTuple):
+    """The tensor leaves of one dict whose entries are all DTensors or all plain tensors (a
+    model's or an optimizer's state), as columns: what a :class:`Leaf` per entry would
+    hold, without building one per tensor (save and load read the columns)."""
+
+    names: list[str]
+    locals: list[torch.Tensor]
+    shapes: list[tuple[int, ...]]
+    boxes: list[Box]
+    dtypes: list[torch.dtype]
+    container: dict
+    keys: list[str]
+
+    def leaf(self, i: int) -> Leaf:
+        """Entry ``i`` as a :class:`Leaf` (for the few that need one: a mismatch, say)."""
+        return Leaf(
+            self.names[i],
+            "tensor",
+            self.locals[i],
+            self.shapes[i],
+            self.boxes[i],
+            self.container,
+            self.keys[i],
+            self.dtypes[i],
+        )
+
+    def leaves(self) -> Iterator[tuple[str, Leaf]]:
+        """``(name, Leaf)`` of every entry, in order."""
+        fields = zip(
+            self.names,
+            repeat("tensor"),
+            self.locals,
+            self.shapes,
+            self.boxes,
+            repeat(self.container),
+            self.keys,
+            self.dtypes,
+        )
+        return zip(self.names, map(_NEW_LEAF, fields), strict=True)
+
+
+class FlatState:
+    """A flattened state_dict as :func:`flatten_columns` returns it: the leaves outside
+    tensor blocks by name (in traversal order), and the tensor blocks."""
+
+    __slots__ = ("block_names", "blocks", "leaves")
+
+    def __init__(self) -> None:
+        self.leaves: dict[str, Leaf] = {}
+        self.blocks: list[TensorBlock] = []
+        self.block_names: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.leaves) + len(self.block_names)
+
+    def names(self) -> list[str]:
+        """Every leaf's name: the other leaves', then each block's."""
+        return [*self.leaves, *itertools.chain.from_iterable(b.names for b in self.blocks)]
+
+    def locate(self) -> dict[str, tuple[Any, Any]]:
+        """Where every tensor leaf sits: name -> (its container, its key)."""
+        out = {name: (leaf.container, leaf.key) for name, leaf in self.leaves.items()}
+        for b in self.blocks:
+            out.update(zip(b.names, zip(repeat(b.container), b.keys), strict=True))
+        return out
+
+
+class _Walk:
+    """What a walk adds to: the leaves, the Stateful objects met, and (for
+    :func:`flatten_columns`) the tensor blocks with their names (None: a Leaf each)."""
+
+    __slots__ = ("blocks", "leaves", "statefuls", "taken")
+
+    def __init__(
+        self,
+        leaves: dict[str, Leaf],
+        statefuls: list[tuple[Any, Any]] | None,
+        flat: FlatState | None,
+    ) -> None:
+        self.leaves = leaves
+        self.statefuls = statefuls
+        self.blocks = None if flat is None else flat.blocks
+        self.taken: set[str] = set() if flat is None else flat.block_names  # names in blocks
+
+
 _BULK_MIN = 8
 _SHAPE, _DTYPE = attrgetter("shape"), attrgetter("dtype")
 _ZEROS = [(0,) * d for d in range(65)]  # the offsets of a whole tensor, by dimensions
 
 
-def _tensor_dict_leaves(leaves: dict[str, Leaf], inner: dict, dot: str) -> bool:
+def _tensor_dict_leaves(walk: _Walk, inner: dict, dot: str) -> bool:
     """The leaves of a dict whose entries are all DTensors or all plain tensors under
-    string keys (a model's state_dict, FSDP2's or TP's), added to ``leaves`` in C-level
-    passes, one per attribute, instead of a Python loop per entry. False (nothing added)
-    for any other dict: the caller walks it entry by entry."""
+    string keys (a model's state_dict, FSDP2's or TP's), taken in C-level passes, one per
+    attribute, instead of a Python loop per entry: added to the walk's leaves, or as one
+    :class:`TensorBlock`. False (nothing added) for any other dict: the caller walks it
+    entry by entry."""
     kinds = set(map(type, inner.values()))
     if len(kinds) != 1 or set(map(type, inner)) != {str} or (not dot and "" in inner):
         return False
@@ -149,10 +249,15 @@ def _tensor_dict_leaves(leaves: dict[str, Leaf], inner: dict, dot: str) -> bool:
         return False
     keys = list(inner)
     names = list(map(dot.__add__, keys))
-    if not leaves.keys().isdisjoint(names):
-        raise _clash(next(name for name in names if name in leaves))
-    fields = zip(names, repeat("tensor"), locals_, shapes, boxes, repeat(inner), keys, dtypes)
-    leaves.update(zip(names, map(_NEW_LEAF, fields), strict=True))
+    leaves, taken = walk.leaves, walk.taken
+    if not leaves.keys().isdisjoint(names) or not taken.isdisjoint(names):
+        raise _clash(next(name for name in names if name in leaves or name in taken))
+    block = TensorBlock(names, locals_, shapes, boxes, dtypes, inner, keys)
+    if walk.blocks is None:
+        leaves.update(block.leaves())
+    else:  # (a dict's keys are distinct, so are its names)
+        taken.update(names)
+        walk.blocks.append(block)
     return True
 
 
@@ -214,24 +319,29 @@ def flatten(
         StateDictError: two paths flatten to the same name, or a key is not a str/int.
     """
     leaves: dict[str, Leaf] = {}
-    _visit(leaves, statefuls, prefix, state_dict, None, None)
+    _visit(_Walk(leaves, statefuls, None), prefix, state_dict, None, None)
     return leaves
 
 
-def _visit(
-    leaves: dict[str, Leaf],
-    statefuls: list[tuple[Any, Any]] | None,
-    prefix: str,
-    value: Any,
-    container: Any,
-    key: Any,
-) -> None:
-    """Add the leaves of ``value`` (named ``prefix``, held at ``container[key]``) to
-    ``leaves``. A module-level function, not a closure: a closure that calls itself is a
+def flatten_columns(
+    state_dict: Any, statefuls: list[tuple[Any, Any]] | None = None, prefix: str = ""
+) -> FlatState:
+    """:func:`flatten`, with the dicts of many tensors (a model's, an optimizer's) kept as
+    :class:`TensorBlock` columns instead of a :class:`Leaf` each: what save and load take
+    (tens of thousands of tensors). The same leaves, the same errors."""
+    flat = FlatState()
+    _visit(_Walk(flat.leaves, statefuls, flat), prefix, state_dict, None, None)
+    return flat
+
+
+def _visit(walk: _Walk, prefix: str, value: Any, container: Any, key: Any) -> None:
+    """Add the leaves of ``value`` (named ``prefix``, held at ``container[key]``) to the
+    walk. A module-level function, not a closure: a closure that calls itself is a
     reference cycle, which would keep every leaf (and the caller's tensors they hold) alive
     until the cyclic collector finds it."""
+    leaves, taken = walk.leaves, walk.taken
     if type(value) is torch.Tensor and prefix:  # fast path for the most common leaf
-        if prefix in leaves:
+        if prefix in leaves or prefix in taken:
             raise _clash(prefix)
         shape = tuple(value.shape)
         box = ((0,) * len(shape), shape)
@@ -241,13 +351,13 @@ def _visit(
     inner = value.value if per_rank else value
     if isinstance(inner, dict) and not per_rank:
         dot = f"{prefix}." if prefix else ""
-        if len(inner) >= _BULK_MIN and _tensor_dict_leaves(leaves, inner, dot):
+        if len(inner) >= _BULK_MIN and _tensor_dict_leaves(walk, inner, dot):
             return
         new_leaf = _NEW_LEAF
         for k, child in inner.items():
             if type(child) is torch.Tensor and type(k) is str and (k or prefix):  # most leaves
                 name = dot + k
-                if name in leaves:
+                if name in leaves or name in taken:
                     raise _clash(name)
                 shape = tuple(child.shape)
                 box = ((0,) * len(shape), shape)
@@ -255,28 +365,28 @@ def _visit(
                 continue
             if type(child) is DTensor and type(k) is str and (k or prefix):  # FSDP2, TP
                 name = dot + k
-                if name in leaves:
+                if name in leaves or name in taken:
                     raise _clash(name)
                 local, shape, box = dtensor_local_and_box(child)
                 leaves[name] = new_leaf((name, "tensor", local, shape, box, inner, k, local.dtype))
                 continue
             if not isinstance(k, (str, int)) or isinstance(k, bool):
                 raise StateDictError(f"{prefix or '<root>'}: key {k!r} is not a str or int")
-            _visit(leaves, statefuls, f"{prefix}.{k}" if prefix else str(k), child, inner, k)
+            _visit(walk, f"{prefix}.{k}" if prefix else str(k), child, inner, k)
         return
     if isinstance(inner, list) and not per_rank:
         for i, child in enumerate(inner):
-            _visit(leaves, statefuls, f"{prefix}.{i}" if prefix else str(i), child, inner, i)
+            _visit(walk, f"{prefix}.{i}" if prefix else str(i), child, inner, i)
         return
     if not per_rank and is_stateful(inner):
         own = inner.state_dict()
-        if statefuls is not None:
-            statefuls.append((inner, own))
-        _visit(leaves, statefuls, prefix, own, container, key)
+        if walk.statefuls is not None:
+            walk.statefuls.append((inner, own))
+        _visit(walk, prefix, own, container, key)
         return
     if not prefix:
         raise StateDictError("state_dict must be a dict (or list) of leaves")
-    if prefix in leaves:
+    if prefix in leaves or prefix in taken:
         raise _clash(prefix)
     leaf = _classify(prefix, inner, per_rank)
     where = (value, None) if per_rank else (container, key)
