@@ -14,6 +14,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import compress
 from operator import attrgetter, is_, itemgetter
 from typing import Any, NamedTuple
 
@@ -158,10 +159,10 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
     sorted and grouped with array operations; everything else becomes a :class:`ReadSpan`.
     """
     table = manifest.chunks
-    fast, chunks, ptrs, dests, others = _whole_chunk_targets(targets, table)
-    chunk_col = np.array(chunks, dtype=np.int64)
+    fast, chunk_col, ptr_col, dests, others = _whole_chunk_targets(targets, table)
     nbytes = table.nbytes[chunk_col]
-    names = [targets[i][0] for i in fast]
+    chunks = chunk_col.tolist()
+    names = list(map(_NAME, map(targets.__getitem__, fast.tolist())))
     spans = _spans(table, others, window)
 
     # All spans (fast-path chunks first, then spans) sorted by (file, start).
@@ -171,7 +172,6 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
     ends = np.concatenate([starts[:n_simple] + nbytes, np.array([p.end for p in spans], np.int64)])
     order = np.lexsort((starts, files))
     crc_col = table.crc32c[table.crc_first[chunk_col]] if n_simple else chunk_col
-    ptr_col = np.array(ptrs, dtype=np.int64)
     room_col = np.fromiter(map(_NBYTES, dests), np.int64, len(dests))  # bytes of each dest
     if not np.array_equal(nbytes, room_col):  # each is exactly its box: a stored size is not
         bad = int(np.flatnonzero(nbytes != room_col)[0])
@@ -213,7 +213,7 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
 
 def _whole_chunk_targets(
     targets: list[Target], table: Any
-) -> tuple[list[int], list[int], list[int], list[torch.Tensor], list[Target]]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[torch.Tensor], list[Target]]:
     """The targets that are exactly one saved one-block raw chunk, copied into contiguous
     host memory: (their indexes, chunks, destination addresses, destinations), and the
     other targets (the general path).
@@ -221,26 +221,42 @@ def _whole_chunk_targets(
     C-level passes over the targets: tensors of one shape and sharding share a layout, so
     the chunk cell of each distinct (layout, shape, box) is worked out once."""
     if not targets:
-        return [], [], [], [], []
+        none = np.zeros(0, dtype=np.int64)
+        return none, none, none, [], []
     records, keys, layout_of = _distinct_boxes(targets)
     dests = list(map(_DEST, targets))
-    cells = {key: _cell(layout_of[key[0]], *key[1:]) for key in dict.fromkeys(keys)}
-    cell = np.fromiter(map(cells.__getitem__, keys), np.int64, len(keys))
-    usable = np.fromiter(map(_IS_CPU, dests), bool, len(dests))
-    usable &= np.fromiter(map(torch.Tensor.is_contiguous, dests), bool, len(dests))
-    usable &= np.fromiter(map(_CODEC_IS_NONE, map(_CODEC, records)), bool, len(records))
-    ptr = np.fromiter(map(torch.Tensor.data_ptr, dests), np.int64, len(dests))
-    chunk = np.fromiter(map(_CHUNK_START, records), np.int64, len(records)) + cell
+    n = len(keys)
+    cell = np.fromiter(map(_Cells(layout_of).__getitem__, keys), np.int64, n)
+    usable = np.fromiter(map(_IS_CPU, dests), bool, n)
+    usable &= np.fromiter(map(torch.Tensor.is_contiguous, dests), bool, n)
+    usable &= np.fromiter(map(_CODEC_IS_NONE, map(_CODEC, records)), bool, n)
+    ptr = np.fromiter(map(torch.Tensor.data_ptr, dests), np.int64, n)
+    chunk = np.fromiter(map(_CHUNK_START, records), np.int64, n) + cell
     usable &= (cell >= 0) & (ptr != 0)
-    nbytes = np.zeros(len(chunk), dtype=np.int64)
+    nbytes = np.zeros(n, dtype=np.int64)
     nbytes[usable] = table.nbytes[chunk[usable]]
     # Empty tensors and multi-block chunks take the general path.
     usable &= (nbytes > 0) & (nbytes <= table.block_bytes)
     fast = np.flatnonzero(usable)
-    fast_list = fast.tolist()
-    others = [targets[i] for i in np.flatnonzero(~usable).tolist()]
-    picked_dests = list(map(dests.__getitem__, fast_list))
-    return fast_list, chunk[fast].tolist(), ptr[fast].tolist(), picked_dests, others
+    others = [] if len(fast) == n else list(compress(targets, (~usable).tolist()))
+    picked_dests = dests if len(fast) == n else list(compress(dests, usable.tolist()))
+    return fast, chunk[fast], ptr[fast], picked_dests, others
+
+
+class _Cells(dict):
+    """The chunk cell of each (layout id, shape, box) key, worked out on its first lookup
+    (one hashing pass over the targets, not one to find the distinct keys and another to
+    look them up)."""
+
+    __slots__ = ("layout_of",)
+
+    def __init__(self, layout_of: dict[int, Any]) -> None:
+        super().__init__()
+        self.layout_of = layout_of
+
+    def __missing__(self, key: tuple[int, tuple[int, ...], Box]) -> int:
+        found = self[key] = _cell(self.layout_of[key[0]], key[1], key[2])
+        return found
 
 
 def _distinct_boxes(
@@ -287,7 +303,7 @@ def _cell(layout: Any, shape: tuple[int, ...], box: Box) -> int:
     return -1
 
 
-_RECORD, _BOX, _DEST = itemgetter(1), itemgetter(2), itemgetter(3)
+_NAME, _RECORD, _BOX, _DEST = itemgetter(0), itemgetter(1), itemgetter(2), itemgetter(3)
 _LAYOUT, _SHAPE, _CODEC = attrgetter("layout"), attrgetter("shape"), attrgetter("codec")
 _CHUNK_START, _IS_CPU = attrgetter("chunk_start"), attrgetter("is_cpu")
 _CODEC_IS_NONE = partial(is_, None)
