@@ -77,6 +77,16 @@ def test_plan_id_and_structure_key_are_stable_and_change_with_structure() -> Non
     assert make(4).structure_key == make(4).structure_key
     assert make(4).structure_key != make(5).structure_key
     assert plan_save([make(4)]).plan_id == plan_save([make(4)]).plan_id
+    # Boxes shared by many tensors (a DTensor box cache's) digest as well as distinct equal
+    # ones; one box that differs changes the key however the others are held.
+    decls = [decl(f"n{i}", (8,)) for i in range(50)]
+    shared = ((4,), (4,))
+    same = RankPlan.build(decls, [shared] * 50)
+    assert same.structure_key == RankPlan.build(decls, [shared] * 50).structure_key
+    for held in ([shared] * 49, [((4,), (4,)) for _ in range(49)]):
+        moved = RankPlan.build(decls, [*held, ((0,), (4,))])
+        assert moved.structure_key != same.structure_key
+        assert moved.offsets[-1, 0] == 0 and moved.offsets[0, 0] == 4  # arrays on demand
 
 
 def test_overlaps_on_grids_and_boxes() -> None:

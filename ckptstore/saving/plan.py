@@ -100,35 +100,35 @@ DeclColumns = tuple[list[str], list[str], list[tuple[int, ...]], list[int]]
 
 class Declarations:
     """A rank's tensors and boxes as columns, with the keys of its plan (see
-    :class:`RankPlan`). A save whose plan is cached needs only the keys; the
-    :class:`RankPlan`, a :class:`TensorDecl` per tensor, is built on a miss."""
+    :class:`RankPlan`). A save whose plan is cached needs only the keys; the box arrays
+    and the :class:`RankPlan`, a :class:`TensorDecl` per tensor, are built on a miss.
+
+    The keys digest the pickled columns and boxes. Pickling writes an object that recurs
+    (the one box of thousands of same-sharded DTensors) once and then refers to it, so
+    equal structures held differently may digest differently -- a plan-cache miss, never
+    a wrong hit: the bytes still say every value."""
 
     def __init__(self, columns: DeclColumns, boxes: list[Box]) -> None:
-        self.columns, self._plan = columns, None
-        ndims = set(map(len, columns[2]))
-        ndim = max(ndims, default=0)
-        n = len(columns[0])
-        if len(ndims) <= 1:  # one rank for all (the usual case): straight from the tuples
-            offsets = np.fromiter(
-                itertools.chain.from_iterable(map(_OFFSETS_OF, boxes)), np.int64, n * ndim
-            )
-            shapes = np.fromiter(
-                itertools.chain.from_iterable(map(_SHAPE_OF_BOX, boxes)), np.int64, n * ndim
-            )
-        else:  # pad to ndim columns (offsets with 0, shapes with 1), one pass per ndim
-            of_rank = np.fromiter(map(len, columns[2]), np.int64, n)
-            offsets, shapes = np.zeros((n, ndim), np.int64), np.ones((n, ndim), np.int64)
-            for d in ndims - {0}:  # scalars have no column to fill
-                mask = of_rank == d
-                rows = np.flatnonzero(mask)
-                picked = list(itertools.compress(boxes, mask.tolist()))
-                for column, part in ((offsets, _OFFSETS_OF), (shapes, _SHAPE_OF_BOX)):
-                    flat = np.fromiter(itertools.chain.from_iterable(map(part, picked)), np.int64)
-                    column[rows, :d] = flat.reshape(len(rows), d)
-        self.offsets, self.shapes = offsets.reshape(n, ndim), shapes.reshape(n, ndim)
+        self.columns, self.boxes, self._plan = columns, boxes, None
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = None
         decl_bytes = pickle.dumps(tuple(columns), protocol=4)
         self.decl_key = _digest(decl_bytes)
-        self.structure_key = _digest(decl_bytes, self.offsets.tobytes(), self.shapes.tobytes())
+        self.structure_key = _digest(decl_bytes, pickle.dumps(boxes, protocol=4))
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Every box's offsets, one row each, padded with 0 to the widest tensor."""
+        return self._box_arrays()[0]
+
+    @property
+    def shapes(self) -> np.ndarray:
+        """Every box's shape, one row each, padded with 1 to the widest tensor."""
+        return self._box_arrays()[1]
+
+    def _box_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._arrays is None:
+            self._arrays = _box_arrays(self.columns[2], self.boxes)
+        return self._arrays
 
     def rank_plan(self) -> RankPlan:
         """The :class:`RankPlan` of these declarations (built once, on first use)."""
@@ -138,6 +138,34 @@ class Declarations:
                 tensors, self.offsets, self.shapes, self.decl_key, self.structure_key
             )
         return self._plan
+
+
+def _box_arrays(
+    shapes_of: list[tuple[int, ...]], boxes: list[Box]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The boxes' offsets and shapes as (n, ndim) arrays, padded (offsets with 0, shapes
+    with 1) to the widest of the tensors (``shapes_of``: their global shapes)."""
+    ndims = set(map(len, shapes_of))
+    ndim = max(ndims, default=0)
+    n = len(boxes)
+    if len(ndims) <= 1:  # one rank for all (the usual case): straight from the tuples
+        offsets = np.fromiter(
+            itertools.chain.from_iterable(map(_OFFSETS_OF, boxes)), np.int64, n * ndim
+        )
+        shapes = np.fromiter(
+            itertools.chain.from_iterable(map(_SHAPE_OF_BOX, boxes)), np.int64, n * ndim
+        )
+    else:  # pad to ndim columns (offsets with 0, shapes with 1), one pass per ndim
+        of_rank = np.fromiter(map(len, shapes_of), np.int64, n)
+        offsets, shapes = np.zeros((n, ndim), np.int64), np.ones((n, ndim), np.int64)
+        for d in ndims - {0}:  # scalars have no column to fill
+            mask = of_rank == d
+            rows = np.flatnonzero(mask)
+            picked = list(itertools.compress(boxes, mask.tolist()))
+            for column, part in ((offsets, _OFFSETS_OF), (shapes, _SHAPE_OF_BOX)):
+                flat = np.fromiter(itertools.chain.from_iterable(map(part, picked)), np.int64)
+                column[rows, :d] = flat.reshape(len(rows), d)
+    return offsets.reshape(n, ndim), shapes.reshape(n, ndim)
 
 
 _NEW_DECL = partial(tuple.__new__, TensorDecl)  # C-level: one per tensor
