@@ -12,7 +12,7 @@ import functools
 import os
 import pickle
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from itertools import compress, repeat
 from operator import and_, attrgetter, eq, is_not, itemgetter
@@ -392,7 +392,7 @@ def _match_block(
     table lacks go to ``rest`` (as leaves)."""
     records = list(map(manifest.tensors.get, block.names))
     columns = (block.names, records, block.boxes, block.locals, block.shapes, block.dtypes)
-    picked = list(range(len(records)))
+    picked: Iterable[int] = range(len(records))  # which entries the columns hold
     if None in records:  # names the tensor table lacks: values, per-rank entries, missing
         saved = list(map(is_not, records, repeat(None)))
         rest += [(block.names[i], block.leaf(i)) for i, ok in enumerate(saved) if not ok]

@@ -146,26 +146,8 @@ def _box_arrays(
     """The boxes' offsets and shapes as (n, ndim) arrays, padded (offsets with 0, shapes
     with 1) to the widest of the tensors (``shapes_of``: their global shapes)."""
     ndims = set(map(len, shapes_of))
-    ndim = max(ndims, default=0)
-    n = len(boxes)
-    if len(ndims) <= 1:  # one rank for all (the usual case): straight from the tuples
-        offsets = np.fromiter(
-            itertools.chain.from_iterable(map(_OFFSETS_OF, boxes)), np.int64, n * ndim
-        )
-        shapes = np.fromiter(
-            itertools.chain.from_iterable(map(_SHAPE_OF_BOX, boxes)), np.int64, n * ndim
-        )
-    else:  # pad to ndim columns (offsets with 0, shapes with 1), one pass per ndim
-        of_rank = np.fromiter(map(len, shapes_of), np.int64, n)
-        offsets, shapes = np.zeros((n, ndim), np.int64), np.ones((n, ndim), np.int64)
-        for d in ndims - {0}:  # scalars have no column to fill
-            mask = of_rank == d
-            rows = np.flatnonzero(mask)
-            picked = list(itertools.compress(boxes, mask.tolist()))
-            for column, part in ((offsets, _OFFSETS_OF), (shapes, _SHAPE_OF_BOX)):
-                flat = np.fromiter(itertools.chain.from_iterable(map(part, picked)), np.int64)
-                column[rows, :d] = flat.reshape(len(rows), d)
-    return offsets.reshape(n, ndim), shapes.reshape(n, ndim)
+    offsets = _padded(list(map(_OFFSETS_OF, boxes)), ndims, 0)
+    return offsets, _padded(list(map(_SHAPE_OF_BOX, boxes)), ndims, 1)
 
 
 _NEW_DECL = partial(tuple.__new__, TensorDecl)  # C-level: one per tensor
@@ -335,17 +317,19 @@ def _layouts(tensors: list[TensorDecl], chunks: _Chunks) -> list[Layout]:
     """Each tensor's layout, checking that its chunks tile it exactly. Tensors held whole
     (replicated or unsharded) are one chunk: no per-tensor work for them."""
     u_off, u_shp, t_start = chunks.offsets, chunks.shapes, chunks.t_start
-    ndims = set(map(len, map(_SHAPE_OF, tensors)))
+    shapes = list(map(_SHAPE_OF, tensors))
+    tensor_ndims = np.fromiter(map(len, shapes), np.int64, len(shapes))
+    ndims = set(tensor_ndims.tolist())
     ndim = max(ndims, default=0)
-    full_shapes = _padded_shapes(list(map(_SHAPE_OF, tensors)), ndims)
+    full_shapes = _padded(shapes, ndims, 1)
     # Held whole: one chunk, at offset 0, of the tensor's shape (checked for those only).
     single = np.diff(t_start) == 1
     one = np.flatnonzero(single)
     first = t_start[one]
     single[one] = (u_off[first] == 0).all(axis=1) & (u_shp[first] == full_shapes[one]).all(axis=1)
-    tensor_ndims = np.fromiter(map(len, map(_SHAPE_OF, tensors)), np.int64, len(tensors))
     whole_of = [whole_layout(d) for d in range(ndim + 1)]
-    layouts: list[Layout] = list(map(whole_of.__getitem__, tensor_ndims.tolist()))
+    layouts = np.empty(len(tensors), dtype=object)  # filled in C: one object per tensor
+    layouts[:] = list(map(whole_of.__getitem__, tensor_ndims.tolist()))
     # Sharded tensors: a grid or boxes each. FSDP shards thousands of tensors of one shape
     # the same way: tensors with the same chunk count are compared as rows of (ndim,
     # shape, every chunk's offsets and shape) in one pass, and each distinct row is worked
@@ -371,33 +355,27 @@ def _layouts(tensors: list[TensorDecl], chunks: _Chunks) -> list[Layout]:
             )
             for g in group[first].tolist()
         ]
-        if len(built) == 1:  # one pattern: the same layout object for all
-            picked = np.empty(len(group), dtype=object)
-            picked.fill(built[0])
-        else:
-            as_array = np.empty(len(built), dtype=object)
-            as_array[:] = built
-            picked = as_array[inverse]
-        placed = np.empty(len(layouts), dtype=object)
-        placed[:] = layouts
-        placed[group] = picked
-        layouts = placed.tolist()
-    return layouts
+        distinct = np.empty(len(built), dtype=object)
+        distinct[:] = built
+        layouts[group] = distinct[inverse]
+    return layouts.tolist()
 
 
-def _padded_shapes(shapes: list[tuple[int, ...]], ndims: set[int]) -> np.ndarray:
-    """``shapes`` as rows of ``max(ndims)`` columns, padded with 1: one pass per ndim."""
-    ndim, n = max(ndims, default=0), len(shapes)
-    if len(ndims) <= 1:  # one rank for all: straight from the tuples
-        flat = itertools.chain.from_iterable(shapes)
+def _padded(rows: list[tuple[int, ...]], ndims: set[int], fill: int) -> np.ndarray:
+    """``rows`` (tuples of the lengths ``ndims``) as an (n, max(ndims)) array, padded with
+    ``fill``: straight from the tuples when they are all of one length (the usual case),
+    else one pass per length."""
+    ndim, n = max(ndims, default=0), len(rows)
+    if len(ndims) <= 1:
+        flat = itertools.chain.from_iterable(rows)
         return np.fromiter(flat, np.int64, n * ndim).reshape(n, ndim)
-    out = np.ones((n, ndim), dtype=np.int64)
-    of_rank = np.fromiter(map(len, shapes), np.int64, n)
-    for d in ndims - {0}:
-        rows = np.flatnonzero(of_rank == d)
-        picked = map(shapes.__getitem__, rows.tolist())
-        flat = np.fromiter(itertools.chain.from_iterable(picked), np.int64, len(rows) * d)
-        out[rows, :d] = flat.reshape(len(rows), d)
+    out = np.full((n, ndim), fill, dtype=np.int64)
+    of_rank = np.fromiter(map(len, rows), np.int64, n)
+    for d in ndims - {0}:  # scalars have no column to fill
+        at = np.flatnonzero(of_rank == d)
+        picked = map(rows.__getitem__, at.tolist())
+        flat = np.fromiter(itertools.chain.from_iterable(picked), np.int64, len(at) * d)
+        out[at, :d] = flat.reshape(len(at), d)
     return out
 
 

@@ -128,8 +128,9 @@ def _prepare(flat: FlatState, is_coordinator: bool, allow_pickle: bool) -> _Loca
     dtypes = list(map(_DTYPE, tensor_leaves))  # read by flatten: the tensors stay untouched
     dtypes += chain.from_iterable(b.dtypes for b in blocks)
     dtype_names = list(map(DTYPE_TO_NAME.get, dtypes))
-    unsupported = [(leaf.name, leaf.local.dtype) for leaf in rank_tensors]
-    unsupported = [(name, dtype) for name, dtype in unsupported if dtype not in DTYPE_TO_NAME]
+    unsupported = [
+        (x.name, x.local.dtype) for x in rank_tensors if x.local.dtype not in DTYPE_TO_NAME
+    ]
     if None in dtype_names:
         at = dtype_names.index(None)
         unsupported.insert(0, (names[at], dtypes[at]))
