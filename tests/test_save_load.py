@@ -476,3 +476,33 @@ def test_save_load_and_async_save_keep_no_tensor_alive(tmp_path) -> None:
     finally:
         if was_enabled:
             gc.enable()
+
+
+def test_a_model_block_loads_whole_reordered_in_part_and_refuses_a_wrong_entry(tmp_path) -> None:
+    """A model's dict of tensors (a tensor block, matched and planned as columns) loads
+    bit-exact in any key order and in part; a wrong shape or dtype inside it is refused,
+    named, before anything is written."""
+    g = torch.Generator().manual_seed(3)
+    model = {f"layers.{i}.norm": torch.randn(8 + i % 3, generator=g) for i in range(40)}
+    cs.save({"model": model, "step": 7}, tmp_path / "c")
+
+    same = {"model": {k: torch.zeros_like(v) for k, v in model.items()}, "step": 0}
+    info = cs.load(same, tmp_path / "c")
+    assert info.tensors == 40 and same["step"] == 7
+    assert all(torch.equal(same["model"][k], v) for k, v in model.items())
+
+    reordered = {"model": {k: torch.zeros_like(model[k]) for k in reversed(model)}, "step": 0}
+    cs.load(reordered, tmp_path / "c")
+    assert all(torch.equal(reordered["model"][k], v) for k, v in model.items())
+
+    subset = {"model": {k: torch.zeros_like(v) for k, v in list(model.items())[5:30]}}
+    assert cs.load(subset, tmp_path / "c", partial=True).tensors == 25
+    assert all(torch.equal(subset["model"][k], model[k]) for k in subset["model"])
+
+    wrong = {"model": {k: torch.zeros_like(v) for k, v in model.items()}, "step": 0}
+    wrong["model"]["layers.4.norm"] = torch.zeros(99)
+    wrong["model"]["layers.9.norm"] = torch.zeros_like(model["layers.9.norm"], dtype=torch.int32)
+    with pytest.raises(LoadMismatchError) as err:
+        cs.load(wrong, tmp_path / "c")
+    assert "model.layers.4.norm" in str(err.value) and "model.layers.9.norm" in str(err.value)
+    assert not wrong["model"]["layers.0.norm"].any()  # nothing written before the checks

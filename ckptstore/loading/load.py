@@ -40,7 +40,7 @@ from ckptstore.format.safetensors_manifest import or_safetensors
 from ckptstore.gcpause import with_gc_paused
 from ckptstore.loading.mismatch import Mismatch
 from ckptstore.loading.read import ChunkReader, Target
-from ckptstore.loading.read_plan import chunks_needed
+from ckptstore.loading.read_plan import TargetColumns, chunks_needed
 from ckptstore.loading.shared_reads import fill_shared
 from ckptstore.state.leaves import FlatState, Leaf, TensorBlock, flatten_columns
 from ckptstore.state.replicas import THIS_RANK, replica_class
@@ -170,7 +170,7 @@ def load(
     # collective for a rank that has already raised. (Reading the manifest and matching
     # share one: neither has a collective of its own that a failed rank would skip.)
     error: BaseException | None = None
-    targets: list[Target] = []
+    targets: list[Target] | TargetColumns = []
     rank_targets: list[Target] = []
     leaves = FlatState()
     assignments: list[tuple[Leaf, ObjectRecord]] = []
@@ -186,7 +186,7 @@ def load(
                 state_dict, manifest, coord, strict, allow_pickle, per_rank, statefuls, scope
             )
             if manifest.index is not None:  # read the parts of the chunk index it needs
-                needed = chunks_needed(targets + rank_targets)
+                needed = chunks_needed(_columns(targets).targets() + rank_targets)
                 manifest = manifest.with_index(store, needed)
         except Exception as exc:
             error = typed(exc, store.url)
@@ -218,7 +218,7 @@ def load(
     return LoadInfo(
         path=store.url,
         saved_world_size=manifest.world_size,
-        tensors=len(targets) + len(rank_targets),
+        tensors=_columns(targets).count() + len(rank_targets),
         bytes_read=reader.bytes_read,
         bytes_received=reader.bytes_received,
         read_requests=reader.requests,
@@ -249,9 +249,13 @@ def _shares_reads(store: Store, explicit: bool | None) -> bool:
     return not store.reads_are_local if setting == "auto" else setting == "on"
 
 
+def _columns(targets: list[Target] | TargetColumns) -> TargetColumns:
+    return targets if isinstance(targets, TargetColumns) else TargetColumns.of(targets)
+
+
 def _fill(
     reader: ChunkReader,
-    targets: list[Target],
+    targets: list[Target] | TargetColumns,
     rank_targets: list[Target],
     leaves: FlatState,
     coord: Coordinator | None,
@@ -260,8 +264,12 @@ def _fill(
     one plan, or with the ranks of ``coord`` that read the same bytes if given (a collective
     then, in which a rank whose planning fails still takes part)."""
     if coord is None or not coord.active:
-        reader.fill(targets + rank_targets if rank_targets else targets)
+        if rank_targets:
+            targets = TargetColumns.joined([_columns(targets), TargetColumns.of(rank_targets)])
+        reader.fill(targets)
         return
+    if isinstance(targets, TargetColumns):
+        targets = targets.targets()
     parts: dict[str, list[Target]] = {THIS_RANK: list(rank_targets)} if rank_targets else {}
     where = leaves.locate()
     for t in targets:
@@ -281,6 +289,7 @@ class _Matched(NamedTuple):
     resized_keys: list[str]  # per-rank entries of another world size
     missing: list[str]  # optional entries the checkpoint lacks
     rank_targets: list[Target]  # of per-rank entries (this rank's own)
+    blocks: list[TargetColumns]  # of global tensors, as columns (tensor blocks)
 
 
 class _Scope:
@@ -322,13 +331,16 @@ def _match(
     mismatch (all of them listed) before anything is read. Stateful objects are flattened
     as their ``state_dict()`` and listed in ``statefuls``."""
     leaves = flatten_columns(state_dict, statefuls, scope.prefix)
-    found = _Matched([], [], Mismatch(), [], [], [], [])
+    found = _Matched([], [], Mismatch(), [], [], [], [], [])
     for name, leaf in _match_tensors(leaves, manifest, found):
         _match_other(name, leaf, manifest, coord, strict, allow_pickle, per_rank, found, scope)
     if strict and not scope.partial:
         _check_nothing_left(leaves, manifest, found.mismatch, scope)
     _raise_problems(found, manifest, coord.world_size)
-    return found.targets, found.rank_targets, found.assignments, found.missing, leaves
+    targets: list[Target] | TargetColumns = found.targets
+    if found.blocks:
+        targets = TargetColumns.joined([TargetColumns.of(found.targets), *found.blocks])
+    return targets, found.rank_targets, found.assignments, found.missing, leaves
 
 
 def _match_tensors(
@@ -406,10 +418,10 @@ def _match_block(
             map(eq, map(DTYPE_TO_NAME.get, dtypes), map(_DTYPE, records)),
         )
     )
-    good = zip(names, records, boxes, locals_, strict=True)
     if all(same):
-        found.targets.extend(map(_NEW_TARGET, good))
+        found.blocks.append(TargetColumns(names, records, boxes, locals_))
         return
+    good = zip(names, records, boxes, locals_, strict=True)
     found.targets.extend(map(_NEW_TARGET, compress(good, same)))
     for i, rec, ok in zip(picked, records, same, strict=True):
         if not ok:

@@ -33,6 +33,7 @@ from ckptstore.loading.read_plan import (
     ReadSpan,
     Request,
     Target,
+    TargetColumns,
     WholeChunks,
     plan_reads,
 )
@@ -84,12 +85,18 @@ class ChunkReader:
         self._lock = threading.Lock()
 
     def fill(
-        self, targets: list[Target], window: int | None = None, gap: int | None = None
+        self,
+        targets: list[Target] | TargetColumns,
+        window: int | None = None,
+        gap: int | None = None,
     ) -> None:
         self.run(self.plan(targets, window, gap))
 
     def plan(
-        self, targets: list[Target], window: int | None = None, gap: int | None = None
+        self,
+        targets: list[Target] | TargetColumns,
+        window: int | None = None,
+        gap: int | None = None,
     ) -> ReadPlan:
         """The byte-range requests that fill ``targets`` (nothing read yet)."""
         return plan_reads(

@@ -62,6 +62,45 @@ class ReadSpan:
     dest_nbytes: int = 0  # bytes of ``dest`` (checked before a raw copy into ``dest_ptr``)
 
 
+class TargetColumns(NamedTuple):
+    """Targets as parallel columns: what a load plans for a model's tensor blocks, without
+    a :class:`Target` per tensor (tens of thousands of them cost more than planning)."""
+
+    names: list[str]
+    records: list[TensorRecord]
+    boxes: list[Box]
+    dests: list[torch.Tensor]
+
+    @staticmethod
+    def of(targets: list[Target]) -> TargetColumns:
+        return TargetColumns(
+            list(map(_NAME, targets)),
+            list(map(_RECORD, targets)),
+            list(map(_BOX, targets)),
+            list(map(_DEST, targets)),
+        )
+
+    @staticmethod
+    def joined(parts: list[TargetColumns]) -> TargetColumns:
+        columns: tuple[list[Any], ...] = ([], [], [], [])
+        for part in parts:
+            for column, more in zip(columns, part, strict=True):
+                column.extend(more)
+        return TargetColumns(*columns)
+
+    def targets(self, picked: list[int] | None = None) -> list[Target]:
+        """The targets of rows ``picked`` (all by default)."""
+        rows = zip(self.names, self.records, self.boxes, self.dests, strict=True)
+        if picked is None:
+            return list(map(_NEW_TARGET, rows))
+        return [
+            Target(self.names[i], self.records[i], self.boxes[i], self.dests[i]) for i in picked
+        ]
+
+    def count(self) -> int:
+        return len(self.names)
+
+
 class WholeChunks(NamedTuple):
     """Whole one-block raw chunks copied into contiguous host memory: the fast path for the
     tens of thousands of small tensors of a large model. Parallel lists, one entry per chunk
@@ -151,7 +190,9 @@ def exact_cell(layout: GridLayout, shape: tuple[int, ...], box: Box) -> int | No
     return index
 
 
-def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int) -> ReadPlan:
+def plan_reads(
+    manifest: Manifest, targets: list[Target] | TargetColumns, window: int, gap: int
+) -> ReadPlan:
     """Byte-range requests for ``targets``, grouped and coalesced per file.
 
     One-block chunks that are exactly a destination -- a whole small tensor, or a shard
@@ -159,10 +200,12 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
     sorted and grouped with array operations; everything else becomes a :class:`ReadSpan`.
     """
     table = manifest.chunks
-    fast, chunk_col, ptr_col, dests, others = _whole_chunk_targets(targets, table)
+    cols = targets if isinstance(targets, TargetColumns) else TargetColumns.of(targets)
+    fast, chunk_col, ptr_col, dests, others = _whole_chunk_targets(cols, table)
     nbytes = table.nbytes[chunk_col]
     chunks = chunk_col.tolist()
-    names = list(map(_NAME, map(targets.__getitem__, fast.tolist())))
+    n = cols.count()
+    names = cols.names if len(fast) == n else list(compress(cols.names, _picked(fast, n)))
     spans = _spans(table, others, window)
 
     # All spans (fast-path chunks first, then spans) sorted by (file, start).
@@ -211,8 +254,15 @@ def plan_reads(manifest: Manifest, targets: list[Target], window: int, gap: int)
     return ReadPlan(groups, names, chunks)
 
 
+def _picked(rows: np.ndarray, n: int) -> list[bool]:
+    """``rows`` (indexes) as a mask of ``n`` rows."""
+    mask = np.zeros(n, dtype=bool)
+    mask[rows] = True
+    return mask.tolist()
+
+
 def _whole_chunk_targets(
-    targets: list[Target], table: Any
+    cols: TargetColumns, table: Any
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[torch.Tensor], list[Target]]:
     """The targets that are exactly one saved one-block raw chunk, copied into contiguous
     host memory: (their indexes, chunks, destination addresses, destinations), and the
@@ -220,12 +270,14 @@ def _whole_chunk_targets(
 
     C-level passes over the targets: tensors of one shape and sharding share a layout, so
     the chunk cell of each distinct (layout, shape, box) is worked out once."""
-    if not targets:
+    n = cols.count()
+    if not n:
         none = np.zeros(0, dtype=np.int64)
         return none, none, none, [], []
-    records, keys, layout_of = _distinct_boxes(targets)
-    dests = list(map(_DEST, targets))
-    n = len(keys)
+    records, dests = cols.records, cols.dests
+    layouts = list(map(_LAYOUT, records))
+    layout_of = dict(zip(map(id, layouts), layouts, strict=True))
+    keys = zip(map(id, layouts), map(_SHAPE, records), cols.boxes, strict=True)
     cell = np.fromiter(map(_Cells(layout_of).__getitem__, keys), np.int64, n)
     usable = np.fromiter(map(_IS_CPU, dests), bool, n)
     usable &= np.fromiter(map(torch.Tensor.is_contiguous, dests), bool, n)
@@ -238,9 +290,10 @@ def _whole_chunk_targets(
     # Empty tensors and multi-block chunks take the general path.
     usable &= (nbytes > 0) & (nbytes <= table.block_bytes)
     fast = np.flatnonzero(usable)
-    others = [] if len(fast) == n else list(compress(targets, (~usable).tolist()))
-    picked_dests = dests if len(fast) == n else list(compress(dests, usable.tolist()))
-    return fast, chunk[fast], ptr[fast], picked_dests, others
+    if len(fast) == n:
+        return fast, chunk, ptr, dests, []
+    others = cols.targets(np.flatnonzero(~usable).tolist())
+    return fast, chunk[fast], ptr[fast], list(compress(dests, usable.tolist())), others
 
 
 class _Cells(dict):
@@ -304,6 +357,7 @@ def _cell(layout: Any, shape: tuple[int, ...], box: Box) -> int:
 
 
 _NAME, _RECORD, _BOX, _DEST = itemgetter(0), itemgetter(1), itemgetter(2), itemgetter(3)
+_NEW_TARGET = partial(tuple.__new__, Target)
 _LAYOUT, _SHAPE, _CODEC = attrgetter("layout"), attrgetter("shape"), attrgetter("codec")
 _CHUNK_START, _IS_CPU = attrgetter("chunk_start"), attrgetter("is_cpu")
 _CODEC_IS_NONE = partial(is_, None)
