@@ -170,7 +170,7 @@ def load(
     # collective for a rank that has already raised. (Reading the manifest and matching
     # share one: neither has a collective of its own that a failed rank would skip.)
     error: BaseException | None = None
-    targets: list[Target] | TargetColumns = []
+    targets = TargetColumns([], [], [], [])
     rank_targets: list[Target] = []
     leaves = FlatState()
     assignments: list[tuple[Leaf, ObjectRecord]] = []
@@ -186,7 +186,7 @@ def load(
                 state_dict, manifest, coord, strict, allow_pickle, per_rank, statefuls, scope
             )
             if manifest.index is not None:  # read the parts of the chunk index it needs
-                needed = chunks_needed(_columns(targets).targets() + rank_targets)
+                needed = chunks_needed(_with_rank_targets(targets, rank_targets))
                 manifest = manifest.with_index(store, needed)
         except Exception as exc:
             error = typed(exc, store.url)
@@ -218,7 +218,7 @@ def load(
     return LoadInfo(
         path=store.url,
         saved_world_size=manifest.world_size,
-        tensors=_columns(targets).count() + len(rank_targets),
+        tensors=targets.count() + len(rank_targets),
         bytes_read=reader.bytes_read,
         bytes_received=reader.bytes_received,
         read_requests=reader.requests,
@@ -249,13 +249,13 @@ def _shares_reads(store: Store, explicit: bool | None) -> bool:
     return not store.reads_are_local if setting == "auto" else setting == "on"
 
 
-def _columns(targets: list[Target] | TargetColumns) -> TargetColumns:
-    return targets if isinstance(targets, TargetColumns) else TargetColumns.of(targets)
+def _with_rank_targets(targets: TargetColumns, rank_targets: list[Target]) -> TargetColumns:
+    return TargetColumns.joined([targets, TargetColumns.of(rank_targets)])
 
 
 def _fill(
     reader: ChunkReader,
-    targets: list[Target] | TargetColumns,
+    targets: TargetColumns,
     rank_targets: list[Target],
     leaves: FlatState,
     coord: Coordinator | None,
@@ -264,15 +264,11 @@ def _fill(
     one plan, or with the ranks of ``coord`` that read the same bytes if given (a collective
     then, in which a rank whose planning fails still takes part)."""
     if coord is None or not coord.active:
-        if rank_targets:
-            targets = TargetColumns.joined([_columns(targets), TargetColumns.of(rank_targets)])
-        reader.fill(targets)
+        reader.fill(_with_rank_targets(targets, rank_targets))
         return
-    if isinstance(targets, TargetColumns):
-        targets = targets.targets()
     parts: dict[str, list[Target]] = {THIS_RANK: list(rank_targets)} if rank_targets else {}
     where = leaves.locate()
-    for t in targets:
+    for t in targets.targets():
         container, key = where[t.name]
         held = container[key] if container is not None else None
         parts.setdefault(replica_class(held), []).append(t)
@@ -326,7 +322,7 @@ def _match(
     per_rank: str,
     statefuls: list[tuple[Any, Any]],
     scope: _Scope,
-) -> tuple[list[Target], list[Target], list[tuple[Leaf, ObjectRecord]], list[str], FlatState]:
+) -> tuple[TargetColumns, list[Target], list[tuple[Leaf, ObjectRecord]], list[str], FlatState]:
     """Pair every leaf of ``state_dict`` with its entry of ``manifest``; raise on any
     mismatch (all of them listed) before anything is read. Stateful objects are flattened
     as their ``state_dict()`` and listed in ``statefuls``."""
@@ -337,9 +333,7 @@ def _match(
     if strict and not scope.partial:
         _check_nothing_left(leaves, manifest, found.mismatch, scope)
     _raise_problems(found, manifest, coord.world_size)
-    targets: list[Target] | TargetColumns = found.targets
-    if found.blocks:
-        targets = TargetColumns.joined([TargetColumns.of(found.targets), *found.blocks])
+    targets = TargetColumns.joined([TargetColumns.of(found.targets), *found.blocks])
     return targets, found.rank_targets, found.assignments, found.missing, leaves
 
 

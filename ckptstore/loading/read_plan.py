@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import compress
@@ -82,6 +83,10 @@ class TargetColumns(NamedTuple):
 
     @staticmethod
     def joined(parts: list[TargetColumns]) -> TargetColumns:
+        """One set of columns of ``parts``, in order (the one part that has rows, as it is)."""
+        parts = [part for part in parts if part.names]
+        if len(parts) == 1:
+            return parts[0]
         columns: tuple[list[Any], ...] = ([], [], [], [])
         for part in parts:
             for column, more in zip(columns, part, strict=True):
@@ -99,6 +104,11 @@ class TargetColumns(NamedTuple):
 
     def count(self) -> int:
         return len(self.names)
+
+
+def as_columns(targets: list[Target] | TargetColumns) -> TargetColumns:
+    """``targets`` as columns (as they are, when they are columns already)."""
+    return targets if isinstance(targets, TargetColumns) else TargetColumns.of(targets)
 
 
 class WholeChunks(NamedTuple):
@@ -200,12 +210,9 @@ def plan_reads(
     sorted and grouped with array operations; everything else becomes a :class:`ReadSpan`.
     """
     table = manifest.chunks
-    cols = targets if isinstance(targets, TargetColumns) else TargetColumns.of(targets)
-    fast, chunk_col, ptr_col, dests, others = _whole_chunk_targets(cols, table)
+    chunk_col, ptr_col, names, dests, others = _whole_chunk_targets(as_columns(targets), table)
     nbytes = table.nbytes[chunk_col]
     chunks = chunk_col.tolist()
-    n = cols.count()
-    names = cols.names if len(fast) == n else list(compress(cols.names, _picked(fast, n)))
     spans = _spans(table, others, window)
 
     # All spans (fast-path chunks first, then spans) sorted by (file, start).
@@ -254,30 +261,21 @@ def plan_reads(
     return ReadPlan(groups, names, chunks)
 
 
-def _picked(rows: np.ndarray, n: int) -> list[bool]:
-    """``rows`` (indexes) as a mask of ``n`` rows."""
-    mask = np.zeros(n, dtype=bool)
-    mask[rows] = True
-    return mask.tolist()
-
-
 def _whole_chunk_targets(
     cols: TargetColumns, table: Any
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[torch.Tensor], list[Target]]:
+) -> tuple[np.ndarray, np.ndarray, list[str], list[torch.Tensor], list[Target]]:
     """The targets that are exactly one saved one-block raw chunk, copied into contiguous
-    host memory: (their indexes, chunks, destination addresses, destinations), and the
-    other targets (the general path).
+    host memory: (their chunks, destination addresses, names, destinations), and the other
+    targets (the general path).
 
-    C-level passes over the targets: tensors of one shape and sharding share a layout, so
+    C-level passes over the columns: tensors of one shape and sharding share a layout, so
     the chunk cell of each distinct (layout, shape, box) is worked out once."""
     n = cols.count()
     if not n:
         none = np.zeros(0, dtype=np.int64)
-        return none, none, none, [], []
+        return none, none, [], [], []
     records, dests = cols.records, cols.dests
-    layouts = list(map(_LAYOUT, records))
-    layout_of = dict(zip(map(id, layouts), layouts, strict=True))
-    keys = zip(map(id, layouts), map(_SHAPE, records), cols.boxes, strict=True)
+    keys, layout_of = _distinct_boxes(cols)
     cell = np.fromiter(map(_Cells(layout_of).__getitem__, keys), np.int64, n)
     usable = np.fromiter(map(_IS_CPU, dests), bool, n)
     usable &= np.fromiter(map(torch.Tensor.is_contiguous, dests), bool, n)
@@ -289,11 +287,12 @@ def _whole_chunk_targets(
     nbytes[usable] = table.nbytes[chunk[usable]]
     # Empty tensors and multi-block chunks take the general path.
     usable &= (nbytes > 0) & (nbytes <= table.block_bytes)
-    fast = np.flatnonzero(usable)
-    if len(fast) == n:
-        return fast, chunk, ptr, dests, []
+    if usable.all():
+        return chunk, ptr, cols.names, dests, []
     others = cols.targets(np.flatnonzero(~usable).tolist())
-    return fast, chunk[fast], ptr[fast], list(compress(dests, usable.tolist())), others
+    mask = usable.tolist()
+    names, picked = list(compress(cols.names, mask)), list(compress(dests, mask))
+    return chunk[usable], ptr[usable], names, picked, others
 
 
 class _Cells(dict):
@@ -313,25 +312,26 @@ class _Cells(dict):
 
 
 def _distinct_boxes(
-    targets: list[Target],
-) -> tuple[list[TensorRecord], list[tuple[int, tuple[int, ...], Box]], dict[int, Any]]:
-    """Each target's record and its key (layout identity, shape, box), and the layouts by
-    identity (layouts holding boxes are not hashable): tensors of one shape and sharding
-    share a key, so per-key work is done once."""
-    records = list(map(_RECORD, targets))
-    layouts = list(map(_LAYOUT, records))
+    cols: TargetColumns,
+) -> tuple[Iterator[tuple[int, tuple[int, ...], Box]], dict[int, Any]]:
+    """Each target's key (layout identity, shape, box), and the layouts by identity
+    (layouts holding boxes are not hashable): tensors of one shape and sharding share a
+    key, so per-key work is done once."""
+    layouts = list(map(_LAYOUT, cols.records))
     layout_of = dict(zip(map(id, layouts), layouts, strict=True))
-    keys = list(zip(map(id, layouts), map(_SHAPE, records), map(_BOX, targets), strict=True))
-    return records, keys, layout_of
+    keys = zip(map(id, layouts), map(_SHAPE, cols.records), cols.boxes, strict=True)
+    return keys, layout_of
 
 
-def chunks_needed(targets: list[Target]) -> np.ndarray:
+def chunks_needed(targets: list[Target] | TargetColumns) -> np.ndarray:
     """Every chunk (global number) some target's box overlaps: what a rank must know of a
     chunk index (format 4) to plan its reads. Each distinct (layout, shape, box) is worked
     out once: the thousands of same-shaped shards of a model share a handful."""
-    if not targets:
+    cols = as_columns(targets)
+    if not cols.count():
         return np.zeros(0, dtype=np.int64)
-    records, keys, layout_of = _distinct_boxes(targets)
+    found, layout_of = _distinct_boxes(cols)
+    keys = list(found)
     cells: dict[Any, np.ndarray] = {}
     for key in dict.fromkeys(keys):
         layout, shape, box = layout_of[key[0]], key[1], key[2]
@@ -339,9 +339,9 @@ def chunks_needed(targets: list[Target]) -> np.ndarray:
         if exact >= 0:
             cells[key] = np.array([exact], dtype=np.int64)
         else:
-            found = [index for index, _, _ in overlaps(layout, shape, box)]
-            cells[key] = np.array(found, dtype=np.int64)
-    starts = map(_CHUNK_START, records)
+            found_cells = [index for index, _, _ in overlaps(layout, shape, box)]
+            cells[key] = np.array(found_cells, dtype=np.int64)
+    starts = map(_CHUNK_START, cols.records)
     pieces = [cells[key] + start for key, start in zip(keys, starts, strict=True)]
     return np.unique(np.concatenate(pieces))
 
