@@ -119,3 +119,9 @@ def index_min_chunks() -> int:
 def index_part_chunks() -> int:
     """Chunks per part of a chunk index: the unit a loading rank fetches and verifies."""
     return max(1, min(1 << 20, _env_int("CKPTSTORE_INDEX_PART_CHUNKS", 1024)))
+
+
+def compiled_copy() -> bool:
+    """Verify and copy loaded chunks with the compiled helper where it is built (``0``: the
+    Python loop, e.g. to compare the two)."""
+    return os.environ.get("CKPTSTORE_COMPILED_COPY", "1").strip() not in ("0", "false", "no")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -51,6 +53,9 @@ def test_non_editable_install_has_backends_subpackage(tmp_path) -> None:
     pkg, backend, spec = _run_probe(python)[:3]
     assert pkg.startswith(site) and backend.startswith(os.path.join(site, "ckptstore", "backends"))
     assert spec == "None"
+    if shutil.which(os.environ.get("CC", "cc")):  # where a C compiler is, the install has the
+        helper = os.path.join(site, "ckptstore", "loading", "_verified_copy*.so")  # compiled copy
+        assert glob.glob(helper), "the compiled verify-and-copy helper was not built"
 
 
 @pytest.mark.timeout(600)

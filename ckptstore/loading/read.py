@@ -7,7 +7,6 @@ is checked against its crc32c *before* any of its bytes is copied into a destina
 
 from __future__ import annotations
 
-import ctypes
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -26,7 +25,7 @@ from ckptstore.errors import (
     UnsafeCopyError,
 )
 from ckptstore.format import codecs
-from ckptstore.format.checksum import crc32c, crc32c_of
+from ckptstore.format.checksum import crc32c
 from ckptstore.format.manifest import Manifest
 from ckptstore.loading.read_plan import (
     ReadPlan,
@@ -37,6 +36,7 @@ from ckptstore.loading.read_plan import (
     WholeChunks,
     plan_reads,
 )
+from ckptstore.loading.verified_copy import COPIED, MISMATCH, check_and_copy
 from ckptstore.state.tensor_bytes import address_range
 
 __all__ = ["ChunkReader", "Target", "plan_reads"]
@@ -205,9 +205,7 @@ class ChunkReader:
     ) -> None:
         """Verify every block the spans touch, then copy; ``buf[0]`` is file byte ``buf_start``."""
         view = memoryview(buf)
-        address = buf.ctypes.data - buf_start
         buf_end = buf_start + len(buf)
-        move = ctypes.memmove
         runs = group.simple
         if runs.start:
             if group.start < buf_start or group.end > buf_end:
@@ -218,17 +216,9 @@ class ChunkReader:
         checked: set[tuple[int, int]] = set()
         for p in group.spans:
             if p.dest_ptr:
-                # A whole raw chunk into contiguous memory: verify and copy block by block, so
-                # the copy reads each block while it is still in cache from its checksum.
-                if p.chunk_nbytes != p.dest_nbytes:
-                    _unsafe(self.where, p.start, p.end, buf_start, buf_end, p.dest_nbytes)
-                for b in range(p.block_lo, p.block_hi):
-                    lo, hi = self._verify_block(p, b, view, buf_start, group.file)
-                    if lo < max(buf_start, p.chunk_base) or hi > min(
-                        buf_end, p.chunk_base + p.chunk_nbytes
-                    ):
-                        _unsafe(self.where, lo, hi, buf_start, buf_end, p.dest_nbytes)
-                    move(p.dest_ptr + lo - p.chunk_base, address + lo, hi - lo)
+                # A whole raw chunk into contiguous memory: its blocks verified and copied
+                # one by one, so each is copied while still in cache from its checksum.
+                self._check_and_copy_chunk(p, view, buf_start, group.file)
                 continue
             for b in range(p.block_lo, p.block_hi):
                 if (p.chunk, b) not in checked:
@@ -236,23 +226,43 @@ class ChunkReader:
                     self._verify_block(p, b, view, buf_start, group.file)
             self._copy(p, buf, buf_start, self.where)
 
+    def _check_and_copy_chunk(
+        self, p: ReadSpan, view: memoryview, buf_start: int, file: int
+    ) -> None:
+        """Blocks ``block_lo..block_hi`` of ``p``'s chunk, verified and copied into the
+        contiguous destination at ``p.dest_ptr`` (``view[0]`` is file byte ``buf_start``)."""
+        if p.chunk_nbytes != p.dest_nbytes:
+            _unsafe(self.where, p.start, p.end, buf_start, buf_start + len(view), p.dest_nbytes)
+        block = self.manifest.chunks.block_bytes
+        starts = [p.chunk_base + b * block for b in range(p.block_lo, p.block_hi)]
+        ends = [min(lo + block, p.chunk_base + p.chunk_nbytes) for lo in starts]
+        crcs = self.manifest.chunks.crc32c[p.crc0 + p.block_lo : p.crc0 + p.block_hi].tolist()
+        dest = address_range(p.dest_ptr, p.dest_nbytes, writable=True)
+        at = [lo - p.chunk_base for lo in starts]
+        status, i = check_and_copy(view, buf_start, starts, ends, crcs, dest, at)
+        if status == MISMATCH:
+            self._verify_block(p, p.block_lo + i, view, buf_start, file)  # names the block
+        if status != COPIED:
+            lo, hi = (starts[i], ends[i]) if 0 <= i < len(starts) else (p.start, p.end)
+            _unsafe(self.where, lo, hi, buf_start, buf_start + len(view), p.dest_nbytes)
+
     def _check_and_copy_whole(
         self, runs: WholeChunks, view: memoryview, group: Request, plan: ReadPlan
     ) -> None:
         """Verify and copy whole small chunks (``view[0]`` is the request's first byte).
-        Destinations are slices of one writable view of the address range they lie in: a
-        slice assignment costs a fraction of a ``ctypes.memmove`` call, per small tensor. A
-        slice never reaches past that range, nor (its size checked) past its destination."""
+        Destinations are parts of one writable view of the address range they lie in; the
+        plan checked that each lies inside its own destination."""
         dests = address_range(runs.dest_base, runs.dest_extent, writable=True)
-        check, first = crc32c_of, group.start  # locals: this loop runs once per small tensor
-        for lo, hi, crc, at in zip(runs.start, runs.end, runs.crc, runs.dest_at, strict=True):
-            src = view[lo - first : hi - first]
-            if check(src) != crc:
-                k = runs.item[runs.start.index(lo)]
-                self._mismatch(
-                    plan.simple_names[k], plan.simple_chunks[k], group.file, lo, hi, crc, check(src)
-                )
-            dests[at : at + hi - lo] = src
+        first = group.start
+        status, i = check_and_copy(view, first, runs.start, runs.end, runs.crc, dests, runs.dest_at)
+        if status == MISMATCH:
+            lo, hi, k = runs.start[i], runs.end[i], runs.item[i]
+            found = crc32c(view[lo - first : hi - first])
+            self._mismatch(
+                plan.simple_names[k], plan.simple_chunks[k], group.file, lo, hi, runs.crc[i], found
+            )
+        if status != COPIED:
+            _unsafe(self.where, runs.start[i], runs.end[i], first, first + len(view), 0)
 
     def _verify_block(
         self, p: ReadSpan, b: int, view: memoryview, buf_start: int, file: int
