@@ -435,6 +435,21 @@ def dtensor_boxes_against_torch(rank: int, world: int) -> list[str]:
                 bad.append(f"{name}: not the DTensor's own local tensor")
             if leaf.dtype != t.dtype:
                 bad.append(f"{name}: dtype {leaf.dtype}")
+    # Many DTensors that share a few specs, on a mesh the cache has not met (a new mesh is a
+    # new key: a job's first load): each key is worked out once, every box is torch's.
+    other = init_device_mesh("cpu", (world,))
+    specs = [((1025,), [Shard(0)]), ((7, 3), [Shard(1)]), ((1025,), [Replicate()])]
+    many = {}
+    for i in range(40):
+        shape, placements = specs[i % 3]
+        full = torch.full(shape, float(i))
+        many[f"m{i}"] = distribute_tensor(full, other, placements)
+    leaves = flatten(many)
+    for name, t in many.items():
+        shape, offsets = compute_local_shape_and_global_offset(t.shape, other, t.placements)
+        leaf = leaves[name]
+        if leaf.box != (tuple(offsets), tuple(shape)) or not torch.equal(leaf.value, t.to_local()):
+            bad.append(f"{name} on a new mesh: {leaf.box} != {(offsets, shape)}")
     # A local tensor out of step with its spec is refused, in a dict of many (taken in column
     # passes) as on its own.
     wrong = distribute_tensor(torch.zeros(8, 3), mesh, [Shard(0)])

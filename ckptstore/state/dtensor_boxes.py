@@ -42,7 +42,7 @@ def dtensor_local_and_box(t: DTensor) -> tuple[torch.Tensor, tuple[int, ...], Bo
     key = (id(mesh), spec.placements, shape, getattr(spec, "shard_order", None))
     known = _BOXES.get(key)
     if known is None:
-        known = _remember(key, t, shape)
+        known = _remember(key, mesh)
     local = t._local_tensor
     if local.shape != known[2][1]:
         raise _out_of_step(t, known[2])
@@ -55,24 +55,24 @@ def dtensor_columns(
     """:func:`dtensor_local_and_box` of many DTensors at once, in C-level passes (one per
     attribute) instead of a Python call each: their local tensors, global shapes, boxes and
     dtypes. None when one of them has no tensor metadata (the caller takes them one by one).
+    Each key is hashed once, whether the cache knows it or not (a job's first load or save
+    finds it empty, and a new mesh is a new key): a key met for the first time in this call
+    costs one Python call, not each DTensor that has it.
     """
     specs = list(map(_SPEC, values))
     metas = list(map(_META, specs))
     if None in metas:
         return None
-    keys = list(
-        zip(
-            map(id, map(_MESH, specs)),
-            map(_PLACEMENTS, specs),
-            map(_META_SHAPE, metas),
-            map(getattr, specs, repeat("shard_order"), repeat(None)),
-            strict=True,
-        )
+    meshes = list(map(_MESH, specs))
+    ids = list(map(id, meshes))
+    keys = zip(
+        ids,
+        map(_PLACEMENTS, specs),
+        map(_META_SHAPE, metas),
+        map(getattr, specs, repeat("shard_order"), repeat(None)),
+        strict=True,
     )
-    known = list(map(_BOXES.get, keys))
-    if None in known:  # the first DTensor of a spec: computed once, then looked up
-        for i in [i for i, k in enumerate(known) if k is None]:
-            known[i] = _BOXES.get(keys[i]) or _remember(keys[i], values[i], keys[i][2])
+    known = list(map(_Known(dict(zip(ids, meshes, strict=True))).__getitem__, keys))
     locals_ = list(map(_LOCAL, values))
     boxes = list(map(_BOX, known))
     if not all(map(eq, map(_SHAPE, locals_), map(_BOX_SHAPE, boxes))):
@@ -81,6 +81,24 @@ def dtensor_columns(
         )
         raise _out_of_step(values[bad], boxes[bad])
     return locals_, list(map(_GLOBAL_SHAPE, known)), boxes, list(map(_DTYPE, locals_))
+
+
+class _Known(dict):
+    """The boxes of one call's keys: each key is looked up in the cache (or computed) on
+    its first use in the call, then found here."""
+
+    __slots__ = ("mesh_of",)
+
+    def __init__(self, mesh_of: dict[int, Any]) -> None:
+        super().__init__()
+        self.mesh_of = mesh_of
+
+    def __missing__(self, key: tuple) -> tuple[Any, tuple[int, ...], Box]:
+        known = _BOXES.get(key)
+        if known is None:
+            known = _remember(key, self.mesh_of[key[0]])
+        self[key] = known
+        return known
 
 
 _SPEC, _META, _MESH = attrgetter("_spec"), attrgetter("tensor_meta"), attrgetter("mesh")
@@ -93,8 +111,11 @@ _SHAPE, _DTYPE = attrgetter("shape"), attrgetter("dtype")
 _GLOBAL_SHAPE, _BOX, _BOX_SHAPE = itemgetter(1), itemgetter(2), itemgetter(1)
 
 
-def _remember(key: tuple, t: DTensor, shape: Any) -> tuple[Any, tuple[int, ...], Box]:
-    known = (t._spec.mesh, tuple(shape), _compute_box(t))
+def _remember(key: tuple, mesh: Any) -> tuple[Any, tuple[int, ...], Box]:
+    """The box of ``key`` (mesh id, placements, global shape, shard order) on ``mesh``,
+    computed and cached (with the mesh, so that its id is not reused while cached)."""
+    shape = tuple(key[2])
+    known = (mesh, shape, _compute_box(shape, mesh, key[1]))
     if len(_BOXES) >= _BOXES_MAX:
         _BOXES.clear()
     _BOXES[key] = known
@@ -108,8 +129,8 @@ def _out_of_step(t: DTensor, box: Box) -> StateDictError:
     )
 
 
-def _compute_box(t: DTensor) -> Box:
+def _compute_box(shape: tuple[int, ...], mesh: Any, placements: Any) -> Box:
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    shape, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-    return tuple(int(o) for o in offsets), tuple(int(s) for s in shape)
+    local, offsets = compute_local_shape_and_global_offset(shape, mesh, placements)
+    return tuple(int(o) for o in offsets), tuple(int(s) for s in local)
