@@ -64,9 +64,13 @@ def test_the_compiled_crc32c_matches_the_crc32c_package() -> None:
             assert module.crc32c(piece) == crc32c(piece), (n, offset)
 
 
-def test_ranges_are_verified_and_copied_bit_exactly(impl) -> None:
+@pytest.mark.parametrize("columns", ["lists", "arrays"])
+def test_ranges_are_verified_and_copied_bit_exactly(impl, columns) -> None:
     rng = np.random.default_rng(1)
     src, starts, ends, crcs, at, dest_len = _ranges(rng, SIZES * 3)
+    if columns == "arrays":  # as a read plan holds them: int64, crcs as stored (uint32)
+        starts, ends, at = (np.array(c, dtype=np.int64) for c in (starts, ends, at))
+        crcs = np.array(crcs, dtype=np.uint32)
     dest = np.zeros(dest_len, dtype=np.uint8)
     first = 4  # src[0] is file byte 4
     status = vc.check_and_copy(
@@ -81,6 +85,7 @@ def test_ranges_are_verified_and_copied_bit_exactly(impl) -> None:
     assert status == (vc.COPIED, -1)
     for s, e, a in zip(starts, ends, at, strict=True):
         assert np.array_equal(dest[a : a + e - s], src[s:e])
+    assert len(starts) == 3 * len(SIZES)
     copied = np.zeros(dest_len, dtype=bool)
     for s, e, a in zip(starts, ends, at, strict=True):
         copied[a : a + e - s] = True

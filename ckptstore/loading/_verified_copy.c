@@ -15,7 +15,8 @@
  *   src[0] is file byte src_first; range i is file bytes [starts[i], ends[i]), expected
  *   crc32c crcs[i], copied to dest[dest_at[i]:]. status 0: all copied (index -1); 1: range
  *   `index` failed its crc32c; 2: range `index` lies outside src or dest. Ranges before
- *   `index` were copied.
+ *   `index` were copied. The columns are numpy arrays (int64; crcs also uint32) or
+ *   sequences of ints.
  * crc32c(buffer) -> int
  */
 #define PY_SSIZE_T_CLEAN
@@ -170,20 +171,46 @@ static PyObject *py_crc32c(PyObject *self, PyObject *args) {
     return PyLong_FromUnsignedLong(c);
 }
 
-/* One column of Python ints as int64 (NULL and an exception when one is not an int). */
-static int64_t *int_column(PyObject *seq, Py_ssize_t n, const char *what) {
-    PyObject *fast = PySequence_Fast(seq, what);
-    if (!fast) return NULL;
-    if (PySequence_Fast_GET_SIZE(fast) != n) {
-        Py_DECREF(fast);
-        PyErr_Format(PyExc_ValueError, "%s: %zd entries, expected %zd", what,
-                     PySequence_Fast_GET_SIZE(fast), n);
-        return NULL;
-    }
+/* One column as int64: from an array of int64, uint32 or int32 (numpy's, without a Python
+ * object per entry), else from a sequence of Python ints. NULL and an exception when an
+ * entry is not an int, or the column does not have n entries. */
+static int64_t *int_column(PyObject *obj, Py_ssize_t n, const char *what) {
     int64_t *out = PyMem_Malloc(sizeof(int64_t) * (size_t)(n ? n : 1));
     if (!out) {
-        Py_DECREF(fast);
         PyErr_NoMemory();
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_CheckBuffer(obj) && PyObject_GetBuffer(obj, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) == 0) {
+        const char *f = view.format ? view.format : "B";
+        if (*f == '<' || *f == '=' || *f == '@') f++;
+        int ok = view.ndim == 1 && view.shape[0] == n && f[0] && !f[1];
+        if (ok && view.itemsize == 8 && (f[0] == 'q' || f[0] == 'l')) {
+            memcpy(out, view.buf, sizeof(int64_t) * (size_t)n);
+        } else if (ok && view.itemsize == 4 && (f[0] == 'I' || f[0] == 'L')) {
+            for (Py_ssize_t i = 0; i < n; i++) out[i] = ((const uint32_t *)view.buf)[i];
+        } else if (ok && view.itemsize == 4 && (f[0] == 'i' || f[0] == 'l')) {
+            for (Py_ssize_t i = 0; i < n; i++) out[i] = ((const int32_t *)view.buf)[i];
+        } else {
+            PyBuffer_Release(&view);
+            PyMem_Free(out);
+            PyErr_Format(PyExc_ValueError, "%s: not %zd int64, uint32 or int32 entries", what, n);
+            return NULL;
+        }
+        PyBuffer_Release(&view);
+        return out;
+    }
+    PyErr_Clear();
+    PyObject *fast = PySequence_Fast(obj, what);
+    if (!fast) {
+        PyMem_Free(out);
+        return NULL;
+    }
+    if (PySequence_Fast_GET_SIZE(fast) != n) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd entries, expected %zd", what,
+                     PySequence_Fast_GET_SIZE(fast), n);
+        Py_DECREF(fast);
+        PyMem_Free(out);
         return NULL;
     }
     PyObject **items = PySequence_Fast_ITEMS(fast);

@@ -207,7 +207,7 @@ class ChunkReader:
         view = memoryview(buf)
         buf_end = buf_start + len(buf)
         runs = group.simple
-        if runs.start:
+        if len(runs.start):
             if group.start < buf_start or group.end > buf_end:
                 # The plan checked each run against the request's bytes and its
                 # destination's size; here the buffer must hold the request's bytes.
@@ -255,14 +255,13 @@ class ChunkReader:
         dests = address_range(runs.dest_base, runs.dest_extent, writable=True)
         first = group.start
         status, i = check_and_copy(view, first, runs.start, runs.end, runs.crc, dests, runs.dest_at)
-        if status == MISMATCH:
-            lo, hi, k = runs.start[i], runs.end[i], runs.item[i]
-            found = crc32c(view[lo - first : hi - first])
-            self._mismatch(
-                plan.simple_names[k], plan.simple_chunks[k], group.file, lo, hi, runs.crc[i], found
-            )
         if status != COPIED:
-            _unsafe(self.where, runs.start[i], runs.end[i], first, first + len(view), 0)
+            lo, hi, k = int(runs.start[i]), int(runs.end[i]), int(runs.item[i])
+            if status == MISMATCH:
+                found = crc32c(view[lo - first : hi - first])
+                name, chunk = plan.simple_names[k], plan.simple_chunks[k]
+                self._mismatch(name, chunk, group.file, lo, hi, int(runs.crc[i]), found)
+            _unsafe(self.where, lo, hi, first, first + len(view), 0)
 
     def _verify_block(
         self, p: ReadSpan, b: int, view: memoryview, buf_start: int, file: int

@@ -113,22 +113,23 @@ def as_columns(targets: list[Target] | TargetColumns) -> TargetColumns:
 
 class WholeChunks(NamedTuple):
     """Whole one-block raw chunks copied into contiguous host memory: the fast path for the
-    tens of thousands of small tensors of a large model. Parallel lists, one entry per chunk
-    (file byte range, crc32c, destination address as an offset from ``dest_base``, index
-    into ``names``/``chunks``); every destination lies in the ``dest_extent`` bytes from
-    ``dest_base`` (the reader copies through one view of that range: slicing it costs a
-    fraction of a foreign call per chunk)."""
+    tens of thousands of small tensors of a large model. Parallel int64 columns, one entry
+    per chunk (file byte range, crc32c, destination address as an offset from
+    ``dest_base``, index into ``names``/``chunks``); every destination lies in the
+    ``dest_extent`` bytes from ``dest_base`` (the reader copies through one view of that
+    range). Arrays, not lists: the compiled verify-and-copy reads them as they are."""
 
-    start: list[int]
-    end: list[int]
-    crc: list[int]
-    dest_at: list[int]
-    item: list[int]
+    start: np.ndarray
+    end: np.ndarray
+    crc: np.ndarray
+    dest_at: np.ndarray
+    item: np.ndarray
     dest_base: int = 0
     dest_extent: int = 0
 
 
-NO_WHOLE_CHUNKS = WholeChunks([], [], [], [], [])
+_NONE = np.zeros(0, dtype=np.int64)
+NO_WHOLE_CHUNKS = WholeChunks(_NONE, _NONE, _NONE, _NONE, _NONE)
 
 
 @dataclass
@@ -248,11 +249,11 @@ def plan_reads(
             s_ptr = ptr_col[s_items]
             base = int(s_ptr.min())
             runs = WholeChunks(
-                s_start.tolist(),
-                s_end.tolist(),
-                crc_col[s_items].tolist(),
-                (s_ptr - base).tolist(),
-                s_items.tolist(),
+                s_start,
+                s_end,
+                crc_col[s_items].astype(np.int64),
+                s_ptr - base,
+                s_items,
                 base,
                 int((s_ptr + room_col[s_items]).max()) - base,
             )

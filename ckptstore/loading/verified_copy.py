@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from ckptstore import knobs
 from ckptstore.format.checksum import crc32c_of
 
@@ -38,14 +40,15 @@ if not knobs.compiled_copy():
 def check_and_copy(
     src: memoryview,
     src_first: int,
-    starts: Sequence[int],
-    ends: Sequence[int],
-    crcs: Sequence[int],
+    starts: Sequence[int] | np.ndarray,
+    ends: Sequence[int] | np.ndarray,
+    crcs: Sequence[int] | np.ndarray,
     dest: memoryview,
-    dest_at: Sequence[int],
+    dest_at: Sequence[int] | np.ndarray,
 ) -> tuple[int, int]:
     """Range ``i`` is file bytes ``[starts[i], ends[i])`` (``src[0]`` is file byte
-    ``src_first``), with crc32c ``crcs[i]``, copied to ``dest[dest_at[i]:]``. Returns
+    ``src_first``), with crc32c ``crcs[i]``, copied to ``dest[dest_at[i]:]``; the columns
+    are int64 numpy arrays (crcs also uint32) or sequences of ints. Returns
     ``(COPIED, -1)``, or ``(MISMATCH | OUTSIDE, i)`` for the first range that failed: the
     ranges before it were copied, it and those after it were not."""
     if compiled is not None:
@@ -56,14 +59,17 @@ def check_and_copy(
 def _check_and_copy_loop(
     src: memoryview,
     first: int,
-    starts: Sequence[int],
-    ends: Sequence[int],
-    crcs: Sequence[int],
+    starts: Sequence[int] | np.ndarray,
+    ends: Sequence[int] | np.ndarray,
+    crcs: Sequence[int] | np.ndarray,
     dest: memoryview,
-    dest_at: Sequence[int],
+    dest_at: Sequence[int] | np.ndarray,
 ) -> tuple[int, int]:
     if not len(starts):
         return COPIED, -1
+    starts, ends, crcs, dest_at = (
+        c.tolist() if isinstance(c, np.ndarray) else c for c in (starts, ends, crcs, dest_at)
+    )
     if first < 0 or min(starts) < first or max(ends) - first > len(src) or min(dest_at) < 0:
         return OUTSIDE, _first_outside(len(src), first, starts, ends, len(dest), dest_at)
     check = crc32c_of  # a local: this loop runs once per small tensor
