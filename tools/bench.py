@@ -31,6 +31,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from ckptstore.loading import verified_copy
+
 GiB = 1 << 30
 MiB = 1 << 20
 
@@ -320,6 +322,8 @@ def main() -> int:
             "date": stamp,
             "torch": torch.__version__,
             "cpus": os.cpu_count(),
+            # Loads verify and copy with the compiled helper where it is built (else Python).
+            "compiled_copy": verified_copy.compiled is not None,
             "dir": scratch,
         },
         sink,
