@@ -347,7 +347,7 @@ class Manifest:
             return self._to_json()
 
     def _to_json(self) -> bytes:
-        has_codec = any(t.codec for t in self.tensors.values()) or any(
+        has_codec = any(map(_CODEC_OF, self.tensors.values())) or any(
             isinstance(e, TensorRecord) and e.codec for es in self.per_rank.values() for e in es
         )
         chunks: dict[str, Any] = {"count": len(self.chunks), "block_bytes": self.chunks.block_bytes}
@@ -843,7 +843,7 @@ def _tensor_table_from_json(doc: Any, where: str) -> _TensorColumns:
 
 _LAYOUT_KEYS = {"grid", "boxes", "codec"}
 _TABLE_OPTIONAL = {"layouts", "grids", "grid_of"}
-_SHAPE_OF, _DTYPE_OF = itemgetter(1), itemgetter(0)
+_SHAPE_OF, _DTYPE_OF, _CODEC_OF = itemgetter(1), itemgetter(0), itemgetter(4)
 new_record = partial(tuple.__new__, TensorRecord)
 """TensorRecord from one (dtype, shape, chunk_start, layout, codec) tuple, at C speed."""
 _ITEMSIZE = {name: dtype.itemsize for name, dtype in NAME_TO_DTYPE.items()}
