@@ -53,18 +53,8 @@ def check_and_copy(
     ranges before it were copied, it and those after it were not."""
     if compiled is not None:
         return compiled.check_and_copy(src, src_first, starts, ends, crcs, dest, dest_at)
-    return _check_and_copy_loop(src, src_first, starts, ends, crcs, dest, dest_at)
-
-
-def _check_and_copy_loop(
-    src: memoryview,
-    first: int,
-    starts: Sequence[int] | np.ndarray,
-    ends: Sequence[int] | np.ndarray,
-    crcs: Sequence[int] | np.ndarray,
-    dest: memoryview,
-    dest_at: Sequence[int] | np.ndarray,
-) -> tuple[int, int]:
+    # The Python loop: the same checks, then one crc32c and one slice assignment per range.
+    first = src_first
     if not len(starts):
         return COPIED, -1
     starts, ends, crcs, dest_at = (
