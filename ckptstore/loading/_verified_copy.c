@@ -292,7 +292,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_verified_copy",
                                     "Verify-then-copy of many byte ranges in one call.", -1,
-                                    methods};
+                                    methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__verified_copy(void) {
 #if HAVE_SSE42_BUILD
