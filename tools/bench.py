@@ -214,7 +214,11 @@ def save_and_load(
             dist.barrier()
             key = "parse_validated" if validated else "parse_unvalidated"
             times.setdefault(key, []).append(_parse_seconds(data, validated))
-    if workload == "large":
+    if workload == "large":  # the least a load of these bytes costs, with the loads' contention
+        from bench_training import page_cache_floor
+
+        times["page_cache_read"] = [page_cache_floor(f"{root}/cs0", rank, verify=False)]
+        times["page_cache_read_crc"] = [page_cache_floor(f"{root}/cs0", rank, verify=True)]
         expected = {k: v.full_tensor() for k, v in sd["model"].items() if k.startswith("layer")}
         for _ in range(repeats):
             for name, loader in (("dcp_reshard_shard1", "dcp"), ("cs_reshard_shard1", "cs")):
@@ -371,7 +375,19 @@ def main() -> int:
                     ),
                     sink,
                 )
-                emit(case("large_load", r["cs_load"], r["dcp_load"], 5.0), sink)
+                emit(
+                    case(
+                        "large_load",
+                        r["cs_load"],
+                        r["dcp_load"],
+                        5.0,
+                        page_cache_read_s=round(r["page_cache_read"], 4),
+                        page_cache_read_crc32c_s=round(r["page_cache_read_crc"], 4),
+                        vs_page_cache_read_crc32c=round(r["cs_load"] / r["page_cache_read_crc"], 2),
+                        floor_vs_dcp=round(r["dcp_load"] / r["page_cache_read_crc"], 2),
+                    ),
+                    sink,
+                )
                 emit(
                     case(
                         "large_reshard_shard0_to_shard1",
