@@ -233,17 +233,17 @@ class ChunkReader:
         contiguous destination at ``p.dest_ptr`` (``view[0]`` is file byte ``buf_start``)."""
         if p.chunk_nbytes != p.dest_nbytes:
             _unsafe(self.where, p.start, p.end, buf_start, buf_start + len(view), p.dest_nbytes)
-        block = self.manifest.chunks.block_bytes
-        starts = [p.chunk_base + b * block for b in range(p.block_lo, p.block_hi)]
-        ends = [min(lo + block, p.chunk_base + p.chunk_nbytes) for lo in starts]
-        crcs = self.manifest.chunks.crc32c[p.crc0 + p.block_lo : p.crc0 + p.block_hi].tolist()
+        table = self.manifest.chunks
+        at = np.arange(p.block_lo, p.block_hi, dtype=np.int64) * table.block_bytes
+        starts = p.chunk_base + at
+        ends = np.minimum(starts + table.block_bytes, p.chunk_base + p.chunk_nbytes)
+        crcs = table.crc32c[p.crc0 + p.block_lo : p.crc0 + p.block_hi]
         dest = address_range(p.dest_ptr, p.dest_nbytes, writable=True)
-        at = [lo - p.chunk_base for lo in starts]
         status, i = check_and_copy(view, buf_start, starts, ends, crcs, dest, at)
         if status == MISMATCH:
             self._verify_block(p, p.block_lo + i, view, buf_start, file)  # names the block
         if status != COPIED:
-            lo, hi = (starts[i], ends[i]) if 0 <= i < len(starts) else (p.start, p.end)
+            lo, hi = int(starts[i]), int(ends[i])
             _unsafe(self.where, lo, hi, buf_start, buf_start + len(view), p.dest_nbytes)
 
     def _check_and_copy_whole(

@@ -113,9 +113,9 @@ def as_columns(targets: list[Target] | TargetColumns) -> TargetColumns:
 
 class WholeChunks(NamedTuple):
     """Whole one-block raw chunks copied into contiguous host memory: the fast path for the
-    tens of thousands of small tensors of a large model. Parallel int64 columns, one entry
-    per chunk (file byte range, crc32c, destination address as an offset from
-    ``dest_base``, index into ``names``/``chunks``); every destination lies in the
+    tens of thousands of small tensors of a large model. Parallel numpy columns, one entry
+    per chunk (file byte range, crc32c as stored (uint32), destination address as an offset
+    from ``dest_base``, index into ``names``/``chunks``); every destination lies in the
     ``dest_extent`` bytes from ``dest_base`` (the reader copies through one view of that
     range). Arrays, not lists: the compiled verify-and-copy reads them as they are."""
 
@@ -251,7 +251,7 @@ def plan_reads(
             runs = WholeChunks(
                 s_start,
                 s_end,
-                crc_col[s_items].astype(np.int64),
+                crc_col[s_items],
                 s_ptr - base,
                 s_items,
                 base,

@@ -30,11 +30,12 @@ COPIED, MISMATCH, OUTSIDE = 0, 1, 2
 outside its source or destination buffer."""
 
 compiled: Any = (
-    _compiled_module if _compiled_module is not None and _compiled_module.HARDWARE else None
+    _compiled_module
+    if _compiled_module is not None and _compiled_module.HARDWARE and knobs.compiled_copy()
+    else None
 )
-"""The compiled helper, or None where it is not built or the CPU lacks the instruction."""
-if not knobs.compiled_copy():
-    compiled = None
+"""The compiled helper, or None where it is not built, the CPU lacks the instruction, or
+``CKPTSTORE_COMPILED_COPY=0``."""
 
 
 def check_and_copy(

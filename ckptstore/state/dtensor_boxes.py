@@ -72,7 +72,7 @@ def dtensor_columns(
         map(getattr, specs, repeat("shard_order"), repeat(None)),
         strict=True,
     )
-    known = list(map(_Known(dict(zip(ids, meshes, strict=True))).__getitem__, keys))
+    known = list(map(_Known(ids, meshes).__getitem__, keys))
     locals_ = list(map(_LOCAL, values))
     boxes = list(map(_BOX, known))
     if not all(map(eq, map(_SHAPE, locals_), map(_BOX_SHAPE, boxes))):
@@ -85,17 +85,21 @@ def dtensor_columns(
 
 class _Known(dict):
     """The boxes of one call's keys: each key is looked up in the cache (or computed) on
-    its first use in the call, then found here."""
+    its first use in the call, then found here. The meshes by id (for a key the cache
+    lacks) are gathered on the first such key only: a call the cache knows builds nothing."""
 
-    __slots__ = ("mesh_of",)
+    __slots__ = ("ids", "mesh_of", "meshes")
 
-    def __init__(self, mesh_of: dict[int, Any]) -> None:
+    def __init__(self, ids: list[int], meshes: list[Any]) -> None:
         super().__init__()
-        self.mesh_of = mesh_of
+        self.ids, self.meshes = ids, meshes
+        self.mesh_of: dict[int, Any] | None = None
 
     def __missing__(self, key: tuple) -> tuple[Any, tuple[int, ...], Box]:
         known = _BOXES.get(key)
         if known is None:
+            if self.mesh_of is None:
+                self.mesh_of = dict(zip(self.ids, self.meshes, strict=True))
             known = _remember(key, self.mesh_of[key[0]])
         self[key] = known
         return known
