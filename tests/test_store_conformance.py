@@ -112,3 +112,58 @@ class TestTieredStore(StoreTests):
     def raw_get(self, store: Store, key: str) -> bytes:
         with open(os.path.join(store.local.root, key), "rb") as f:  # type: ignore[attr-defined]
             return f.read()
+
+
+def test_a_local_file_flushed_while_it_is_written_keeps_every_byte(tmp_path, monkeypatch) -> None:
+    from ckptstore.backends import local
+
+    flushed: list[int] = []
+    real_fdatasync = os.fdatasync
+
+    def counting_fdatasync(fd: int) -> None:
+        flushed.append(fd)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(local, "EARLY_FLUSH_BYTES", 64 << 10)
+    monkeypatch.setattr(os, "fdatasync", counting_fdatasync)
+    store = LocalStore(str(tmp_path))
+    parts = [os.urandom(n) for n in (1, 70_000, 4096, 300_000, 13, 65_536, 1 << 20)]
+    expected = b"".join(parts) * 2
+    with store.open_writer("data/f.bin") as writer:
+        for part in parts:
+            writer.write(part)
+        writer.write_parts([memoryview(p) for p in parts])
+    assert len(flushed) >= 2  # flushed early, more than once, before the commit's fsync
+    assert store.read("data/f.bin") == expected
+    assert os.listdir(tmp_path / "data") == ["f.bin"]
+
+
+def test_an_aborted_local_file_waits_for_its_flush_and_leaves_nothing(tmp_path, monkeypatch) -> None:
+    from ckptstore.backends import local
+
+    monkeypatch.setattr(local, "EARLY_FLUSH_BYTES", 1)
+    store = LocalStore(str(tmp_path))
+    writer = store.open_writer("data/f.bin")
+    writer.write(os.urandom(1 << 20))  # a flush is started
+    writer.abort()
+    assert os.listdir(tmp_path / "data") == []
+    assert not store.exists("data/f.bin")
+
+
+def test_a_failed_early_flush_fails_the_commit(tmp_path, monkeypatch) -> None:
+    """The kernel reports a failed write-back once per open file: an early flush that saw
+    it must fail the commit, which the commit's own fsync no longer would."""
+    from ckptstore.backends import local
+    from ckptstore.errors import StoreError
+
+    def failing_fdatasync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(local, "EARLY_FLUSH_BYTES", 1)
+    monkeypatch.setattr(os, "fdatasync", failing_fdatasync)
+    store = LocalStore(str(tmp_path))
+    writer = store.open_writer("data/f.bin")
+    writer.write(b"x" * 4096)
+    with pytest.raises(StoreError, match="f.bin.*Input/output error"):
+        writer.commit()
+    assert os.listdir(tmp_path / "data") == []
