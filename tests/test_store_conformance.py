@@ -138,7 +138,9 @@ def test_a_local_file_flushed_while_it_is_written_keeps_every_byte(tmp_path, mon
     assert os.listdir(tmp_path / "data") == ["f.bin"]
 
 
-def test_an_aborted_local_file_waits_for_its_flush_and_leaves_nothing(tmp_path, monkeypatch) -> None:
+def test_an_aborted_local_file_waits_for_its_flush_and_leaves_nothing(
+    tmp_path, monkeypatch
+) -> None:
     from ckptstore.backends import local
 
     monkeypatch.setattr(local, "EARLY_FLUSH_BYTES", 1)
@@ -164,6 +166,6 @@ def test_a_failed_early_flush_fails_the_commit(tmp_path, monkeypatch) -> None:
     store = LocalStore(str(tmp_path))
     writer = store.open_writer("data/f.bin")
     writer.write(b"x" * 4096)
-    with pytest.raises(StoreError, match="f.bin.*Input/output error"):
+    with pytest.raises(StoreError, match=r"f\.bin.*Input/output error"):
         writer.commit()
     assert os.listdir(tmp_path / "data") == []
