@@ -115,25 +115,42 @@ class TestTieredStore(StoreTests):
 
 
 def test_a_local_file_flushed_while_it_is_written_keeps_every_byte(tmp_path, monkeypatch) -> None:
+    """Flushed early, more than once, and written in system calls of at most
+    ``WRITE_SLICE`` bytes (larger ones cost the kernel several times the CPU per byte)."""
     from ckptstore.backends import local
 
     flushed: list[int] = []
-    real_fdatasync = os.fdatasync
+    call_bytes: list[int] = []
+    real_fdatasync, real_write, real_writev = os.fdatasync, os.write, os.writev
 
     def counting_fdatasync(fd: int) -> None:
         flushed.append(fd)
         real_fdatasync(fd)
 
+    def counting_write(fd: int, data) -> int:
+        call_bytes.append(len(memoryview(data).cast("B")))
+        return real_write(fd, data)
+
+    def counting_writev(fd: int, buffers) -> int:
+        call_bytes.append(sum(len(memoryview(b).cast("B")) for b in buffers))
+        return real_writev(fd, buffers)
+
     monkeypatch.setattr(local, "EARLY_FLUSH_BYTES", 64 << 10)
     monkeypatch.setattr(os, "fdatasync", counting_fdatasync)
+    monkeypatch.setattr(os, "write", counting_write)
+    monkeypatch.setattr(os, "writev", counting_writev)
     store = LocalStore(str(tmp_path))
-    parts = [os.urandom(n) for n in (1, 70_000, 4096, 300_000, 13, 65_536, 1 << 20)]
+    sizes = (1, 70_000, 4096, 300_000, 13, 65_536, 1 << 20, 3 << 20, 5)
+    parts = [os.urandom(n) for n in sizes]
     expected = b"".join(parts) * 2
     with store.open_writer("data/f.bin") as writer:
         for part in parts:
             writer.write(part)
         writer.write_parts([memoryview(p) for p in parts])
-    assert len(flushed) >= 2  # flushed early, more than once, before the commit's fsync
+    assert len(flushed) >= 2
+    assert max(call_bytes) <= local.WRITE_SLICE
+    assert sum(call_bytes) == len(expected)
+    monkeypatch.undo()
     assert store.read("data/f.bin") == expected
     assert os.listdir(tmp_path / "data") == ["f.bin"]
 

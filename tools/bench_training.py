@@ -153,9 +153,13 @@ class MemcpyFloor:
 def write_own_bytes(tensors: list[torch.Tensor], directory: str) -> float:
     """Seconds for every rank at once to write ``tensors`` (its own, contiguous) to a new
     file of its own and fsync it: the floor of a durable save of those bytes on this disk
-    with the job's parallelism (one sequential write per rank; no checksum, manifest or
-    commit). Run between the tools' saves; its files stay, as theirs do (deleting them
-    would hand the next writer free page-cache memory the others had to reclaim)."""
+    with the job's parallelism (one sequential write per rank, in the system calls this
+    kernel copies cheapest -- at most ``WRITE_SLICE`` bytes each, see ``backends/local.py``
+    --; no checksum, manifest or commit). Run between the tools' saves; its files stay, as
+    theirs do (deleting them would hand the next writer free page-cache memory the others
+    had to reclaim)."""
+    from ckptstore.backends.local import WRITE_SLICE
+
     os.makedirs(directory, exist_ok=True)
     fd, path = tempfile.mkstemp(prefix=f"floor-{dist.get_rank()}-", dir=directory)
     os.close(fd)
@@ -166,7 +170,7 @@ def write_own_bytes(tensors: list[torch.Tensor], directory: str) -> float:
         for t in tensors:
             view = memoryview(t.view(-1).view(torch.uint8).numpy())
             while view:
-                view = view[os.write(fd, view) :]
+                view = view[os.write(fd, view[:WRITE_SLICE]) :]
         os.fsync(fd)
     finally:
         os.close(fd)
