@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ckptstore.backends.base import Store
+from ckptstore.backends.local import WRITE_SLICE
 from ckptstore.errors import ConversionError
 from ckptstore.format.dtypes import dtype_from_name
 from ckptstore.format.manifest import TensorRecord
@@ -187,7 +188,10 @@ def _safetensors(ckpt, items, out, cast, max_shard_bytes, max_memory, progress):
             f.write(header)
             for name, rec, odt, nb in shard:
                 for _, region in stream_tensor(ckpt, name, rec, odt, max_memory):
-                    f.write(as_bytes(region.contiguous()))
+                    dense = region.contiguous()  # alive while its bytes are written
+                    data = as_bytes(dense)
+                    for at in range(0, len(data), WRITE_SLICE):  # the kernel's cheapest size
+                        f.write(data[at : at + WRITE_SLICE])
                     if progress:
                         progress(region.numel() * region.element_size())
                 weight_map[name] = fname
