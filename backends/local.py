@@ -15,7 +15,9 @@ import os
 import stat
 import threading
 import uuid
+from bisect import bisect_right
 from collections.abc import Iterator, Sequence
+from itertools import accumulate
 
 from ckptstore.backends.base import ByteRange, ObjectInfo, Store, StoreWriter
 from ckptstore.errors import (
@@ -140,19 +142,16 @@ class _LocalWriter(StoreWriter):
         ``WRITE_SLICE`` bytes together (and at most ``_IOV_MAX``), no copy to join them; a
         part larger than that by itself goes through :meth:`write`."""
         assert self._fd is not None, "write after commit/abort"
-        sizes = list(map(len, parts))
-        first = 0
+        ends = list(accumulate(map(len, parts)))  # each part's end in the whole run
+        first, start = 0, 0
         while first < len(parts):
-            end, total = first, 0
-            while end < len(parts) and end - first < _IOV_MAX and total + sizes[end] <= WRITE_SLICE:
-                total += sizes[end]
-                end += 1
+            end = bisect_right(ends, start + WRITE_SLICE, first, min(len(parts), first + _IOV_MAX))
             if end == first:  # one part above the slice
                 self.write(parts[first])
-                first += 1
-                continue
-            self._write_batch(parts[first:end], total)
-            first = end
+                end = first + 1
+            else:
+                self._write_batch(parts[first:end], ends[end - 1] - start)
+            first, start = end, ends[end - 1]
 
     def _write_batch(self, batch: Sequence[memoryview | bytes], total: int) -> None:
         done = os.writev(self._fd, batch)
