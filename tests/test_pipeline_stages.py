@@ -126,3 +126,30 @@ def test_ckptstore_groups_connect_only_the_pairs_that_exchange_messages(tmp_path
     # (Counted together: a fast peer may connect while a slow rank still creates.)
     assert all(created + saving < world for created, saving in opened), opened
     assert sum(created for created, _ in opened) < world * (world - 1), opened
+
+
+def test_planning_groups_are_the_connected_lists_for_random_overlaps() -> None:
+    """Against a plain search over the lists' overlaps: chains, stars, disjoint stages."""
+    import random
+
+    rng = random.Random(7)
+    for _ in range(200):
+        n = rng.randint(1, 8)
+        lists = {
+            100 + k: [_decl(f"t{rng.randint(0, 15)}", (2,)) for _ in range(rng.randint(0, 4))]
+            for k in range(n)
+        }
+        keys = list(lists)
+        names = {k: {d.name for d in v} for k, v in lists.items()}
+        expected: dict[int, int] = {}
+        for k in keys:  # numbered in the order of each group's first list
+            if k in expected:
+                continue
+            group, todo = len(set(expected.values())), [k]
+            while todo:
+                x = todo.pop()
+                if x in expected:
+                    continue
+                expected[x] = group
+                todo += [y for y in keys if y not in expected and names[x] & names[y]]
+        assert plan_groups(lists) == expected, lists

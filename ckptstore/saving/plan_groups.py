@@ -13,6 +13,7 @@ Pure functions on plain numbers; the exchange between ranks is ``plan_exchange``
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import attrgetter
 
 import numpy as np
 
@@ -22,7 +23,9 @@ from ckptstore.saving.plan import GlobalPlan, RankPlan, TensorDecl, plan_save
 def plan_groups(decl_lists: dict[int, list[TensorDecl]]) -> dict[int, int]:
     """The planning group of every declaration list (by its ``decl_key``): lists that share
     a tensor name, directly or through others, are in one group. Groups are numbered in the
-    order of their first list in ``decl_lists``."""
+    order of their first list in ``decl_lists``. Each list costs C-level passes over its
+    names (most jobs have one list, or disjoint ones: one per pipeline stage), not a Python
+    step per tensor."""
     keys = list(decl_lists)
     parent = list(range(len(keys)))
 
@@ -32,16 +35,20 @@ def plan_groups(decl_lists: dict[int, list[TensorDecl]]) -> dict[int, int]:
             i = parent[i]
         return i
 
-    owner: dict[str, int] = {}
+    owner: dict[str, int] = {}  # name -> a list that declares it
     for i, key in enumerate(keys):
-        for decl in decl_lists[key]:
-            j = owner.setdefault(decl.name, i)
-            if j != i:
-                a, b = root(i), root(j)
-                if a != b:
-                    parent[max(a, b)] = min(a, b)
+        names = list(map(_NAME, decl_lists[key]))
+        shared = owner.keys() & names
+        for j in set(map(owner.__getitem__, shared)):
+            a, b = root(i), root(j)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+        owner.update(dict.fromkeys(names, i))  # shared names: now one group either way
     number: dict[int, int] = {}
     return {key: number.setdefault(root(i), len(number)) for i, key in enumerate(keys)}
+
+
+_NAME = attrgetter("name")
 
 
 def group_ranks(decl_keys: Sequence[int], group_of: dict[int, int]) -> list[list[int]]:
