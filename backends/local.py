@@ -65,7 +65,10 @@ copied into the page cache is not flat: on Linux 6.18 / ext4 (a virtual machine)
 writes cost more CPU per byte than 1 MiB ones -- 64 MiB in one write 150-175 ms, in 1 MiB
 writes 16 ms (one process); four processes each writing 5,000 small tensors and a 16 MiB
 shard, the two ways interleaved: 52 against 83 ms of CPU, 155 against 220 ms of wall time.
-Slices of 1 MiB cost one system call per MiB and nothing else (256 KiB measured the same)."""
+Slices of 1 MiB cost one system call per MiB and nothing else (256 KiB measured the same).
+The cause there: large writes get 2 MiB page-cache folios, and a virtual machine that
+reports free 2 MiB blocks to its host (virtio-balloon free page reporting) has them faulted
+in again on their first write; 1 MiB folios mostly come from smaller free blocks."""
 
 
 class _EarlyFlush:
