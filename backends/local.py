@@ -59,16 +59,17 @@ def _make_dirs(path: str, durable: bool) -> None:
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16
 """Buffers one ``writev`` takes (1024 on Linux)."""
 
-WRITE_SLICE = 1 << 20
-"""Bytes one ``write`` / ``writev`` system call takes at most. The kernel's cost per byte
-copied into the page cache is not flat: on Linux 6.18 / ext4 (a virtual machine) large
-writes cost more CPU per byte than 1 MiB ones -- 64 MiB in one write 150-175 ms, in 1 MiB
-writes 16 ms (one process); four processes each writing 5,000 small tensors and a 16 MiB
-shard, the two ways interleaved: 52 against 83 ms of CPU, 155 against 220 ms of wall time.
-Slices of 1 MiB cost one system call per MiB and nothing else (256 KiB measured the same).
-The cause there: large writes get 2 MiB page-cache folios, and a virtual machine that
-reports free 2 MiB blocks to its host (virtio-balloon free page reporting) has them faulted
-in again on their first write; 1 MiB folios mostly come from smaller free blocks."""
+WRITE_SLICE = 64 << 10
+"""Bytes one ``write`` / ``writev`` system call takes at most. The kernel sizes page-cache
+folios by the write (Linux 6.18, ext4), and their cost per byte is not flat: on a virtual
+machine that reports free 2 MiB blocks to its host (virtio-balloon free page reporting),
+large folios often come from memory the host took back and are faulted in again on their
+first write. Measured there (four processes each writing 5,000 small tensors and a 16 MiB
+shard, interleaved A/B): 64 KiB slices 12 ms of CPU and 74 ms of wall time every round;
+1 MiB slices 10 ms while small free blocks last, then ~50 ms and ~145 ms; unsliced ~83 ms.
+One process, 64 MiB: 16 ms in 64 KiB writes, 15 ms in 1 MiB ones while they are fast,
+150-175 ms in 4 MiB or larger writes. 64 KiB costs one system call per 64 KiB and keeps
+the folios small enough to come from the blocks the host left alone."""
 
 
 class _EarlyFlush:

@@ -37,9 +37,9 @@ GiB = 1 << 30
 MiB = 1 << 20
 
 
-def disk_write_bandwidth(directory: str, nbytes: int = GiB, block: int = MiB) -> float:
+def disk_write_bandwidth(directory: str, nbytes: int = GiB, block: int = 64 << 10) -> float:
     """Bytes/s of one large sequential file write followed by fsync (what a save must do),
-    in the 1 MiB system calls the kernel copies cheapest (``backends/local.py``)."""
+    in the system calls a save writes in (``WRITE_SLICE``, ``backends/local.py``)."""
     buf = np.random.default_rng(0).integers(0, 255, block, dtype=np.uint8)
     path = os.path.join(directory, "bandwidth.probe")
     t = time.perf_counter()
