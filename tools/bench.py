@@ -31,13 +31,14 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from ckptstore.backends.local import WRITE_SLICE
 from ckptstore.loading import verified_copy
 
 GiB = 1 << 30
 MiB = 1 << 20
 
 
-def disk_write_bandwidth(directory: str, nbytes: int = GiB, block: int = 64 << 10) -> float:
+def disk_write_bandwidth(directory: str, nbytes: int = GiB, block: int = WRITE_SLICE) -> float:
     """Bytes/s of one large sequential file write followed by fsync (what a save must do),
     in the system calls a save writes in (``WRITE_SLICE``, ``backends/local.py``)."""
     buf = np.random.default_rng(0).integers(0, 255, block, dtype=np.uint8)
