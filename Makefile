@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt ckptstore/loading/_verified_copy.c
+$(STAMP): pyproject.toml constraints.txt ckptstore/loading/_verified_copy.c ckptstore/state/_tensor_fields.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'

@@ -121,6 +121,12 @@ def index_part_chunks() -> int:
     return max(1, min(1 << 20, _env_int("CKPTSTORE_INDEX_PART_CHUNKS", 1024)))
 
 
+def compiled_fields() -> bool:
+    """Read many tensors' fields (flattening a state_dict, planning a load) with the compiled
+    helper where it is built (``0``: Python passes, e.g. to compare the two)."""
+    return os.environ.get("CKPTSTORE_COMPILED_FIELDS", "1").strip() not in ("0", "false", "no")
+
+
 def compiled_copy() -> bool:
     """Verify and copy loaded chunks with the compiled helper where it is built (``0``: the
     Python loop, e.g. to compare the two)."""

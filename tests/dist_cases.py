@@ -478,6 +478,84 @@ def dtensor_boxes_against_torch(rank: int, world: int) -> list[str]:
     return bad
 
 
+def dtensor_columns_both_ways(rank: int, world: int) -> list[str]:
+    """Many DTensors' columns (local tensors, global shapes, boxes, dtypes) from the compiled
+    loop and from the Python passes, on a cold and on a warm box cache: the same objects and
+    values, every box torch's. Placements shared by a whole dict (fresh ``Replicate()`` and
+    ``Shard(0)`` objects), mixed in one (``Shard(1)`` among ``Shard(0)``, a ``Shard``
+    subclass), on a 2-D mesh (``_StridedShard``, ``Partial``); a local tensor out of step
+    and a spec without tensor metadata are refused or handed back alike."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from torch.distributed.tensor.placement_types import Partial, _StridedShard
+
+    from ckptstore.state import dtensor_boxes, tensor_fields
+
+    class OwnShard(Shard):  # a subclass: compared by its own rules, never assumed equal
+        pass
+
+    flat = init_device_mesh("cpu", (world,))
+    square = init_device_mesh("cpu", (world, 1), mesh_dim_names=("dp", "tp"))
+
+    def make(mesh, shape, placements, i):
+        size, _ = compute_local_shape_and_global_offset(shape, mesh, placements)
+        local = torch.full(size, float(i))
+        stride = torch.empty(shape).stride()
+        return DTensor.from_local(
+            local, mesh, placements, run_check=False, shape=shape, stride=stride
+        )
+
+    dicts = {
+        "replicate": [make(flat, (1024,), [Replicate()], i) for i in range(50)],
+        "shard(0), uneven": [make(flat, (1025,), [Shard(0)], i) for i in range(50)],
+        "mixed": [make(flat, (7, 3), [Shard(1) if i == 20 else Shard(0)], i) for i in range(40)]
+        + [make(flat, (9, 5), [OwnShard(0)], 0), make(flat, (3, 7), [Replicate()], 0)],
+        "2-D mesh": [make(square, (6, 4), [Replicate(), Shard(0)], i) for i in range(10)]
+        + [make(square, (6, 4), [Shard(0), Replicate()], 0)]
+        + [make(square, (8, 4), [_StridedShard(0, split_factor=2), Shard(0)], 0)]
+        + [make(square, (6, 4), [Partial(), Replicate()], 0)],
+    }
+    compiled = tensor_fields.compiled
+    impls = {"python": None} if compiled is None else {"compiled": compiled, "python": None}
+    bad = []
+    for label, values in dicts.items():
+        got = {}
+        for impl, module in impls.items():
+            tensor_fields.compiled = module
+            for cache in ("cold", "warm"):
+                if cache == "cold":
+                    dtensor_boxes._BOXES.clear()
+                got[impl, cache] = dtensor_boxes.dtensor_columns(values)
+        tensor_fields.compiled = compiled
+        for (impl, cache), (locals_, shapes, boxes, dtypes) in got.items():
+            for i, t in enumerate(values):
+                size, offsets = compute_local_shape_and_global_offset(
+                    t.shape, t.device_mesh, t.placements
+                )
+                want = (tuple(offsets), tuple(size))
+                if boxes[i] != want or shapes[i] != tuple(t.shape) or dtypes[i] != t.dtype:
+                    bad.append(f"{label} {impl} {cache} {i}: {boxes[i]} != {want}")
+                if locals_[i] is not t._local_tensor:
+                    bad.append(f"{label} {impl} {cache} {i}: not the DTensor's local tensor")
+    wrong = dicts["replicate"][:]
+    wrong[7] = make(flat, (1024,), [Replicate()], 0)
+    wrong[7]._local_tensor = torch.zeros(5)
+    headless = dicts["replicate"][:]
+    headless[9] = make(flat, (1024,), [Replicate()], 0)
+    headless[9]._spec.tensor_meta = None
+    for impl, module in impls.items():
+        tensor_fields.compiled = module
+        try:
+            dtensor_boxes.dtensor_columns(wrong)
+            bad.append(f"{impl}: a local tensor out of step was taken")
+        except StateDictError as exc:
+            if "(5,)" not in str(exc):
+                bad.append(f"{impl}: out of step: {exc}")
+        if dtensor_boxes.dtensor_columns(headless) is not None:
+            bad.append(f"{impl}: a spec without tensor metadata was not handed back")
+    tensor_fields.compiled = compiled
+    return bad
+
+
 def _llama_shape():
     from ckptstore.testing.llama import LlamaShape
 

@@ -160,6 +160,11 @@ def test_dtensor_boxes_equal_torchs_on_every_spec_and_from_the_cache(world) -> N
     assert run_ranks(world, dist_cases.dtensor_boxes_against_torch, timeout=120) == [[]] * world
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_dtensor_columns_are_the_same_from_the_compiled_loop_and_the_python_passes(world) -> None:
+    assert run_ranks(world, dist_cases.dtensor_columns_both_ways, timeout=120) == [[]] * world
+
+
 def test_training_states_saved_on_4_ranks_load_bit_exactly_on_2_and_3(tmp_path) -> None:
     """What jobs save: an FSDP2 and a TP + FSDP2 (2 x 2 mesh, _StridedShard) Llama-style model
     with AdamW state from get_state_dict; loaded into FSDP2 on 2 and on 3 ranks (uneven

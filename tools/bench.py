@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from ckptstore.backends.local import WRITE_SLICE
 from ckptstore.loading import verified_copy
+from ckptstore.state import tensor_fields
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -330,6 +331,7 @@ def main() -> int:
             "cpus": os.cpu_count(),
             # Loads verify and copy with the compiled helper where it is built (else Python).
             "compiled_copy": verified_copy.compiled is not None,
+            "compiled_fields": tensor_fields.compiled is not None,
             "dir": scratch,
         },
         sink,

@@ -26,8 +26,7 @@ from ckptstore.errors import ManifestError, UnsafeCopyError
 from ckptstore.format.dtypes import dtype_from_name, itemsize
 from ckptstore.format.layouts import Box, GridLayout, overlaps, whole_layout
 from ckptstore.format.manifest import Manifest, TensorRecord
-
-_NBYTES = attrgetter("nbytes")
+from ckptstore.state.tensor_fields import host_addresses
 
 
 class Target(NamedTuple):
@@ -211,7 +210,8 @@ def plan_reads(
     sorted and grouped with array operations; everything else becomes a :class:`ReadSpan`.
     """
     table = manifest.chunks
-    chunk_col, ptr_col, names, dests, others = _whole_chunk_targets(as_columns(targets), table)
+    whole = _whole_chunk_targets(as_columns(targets), table)
+    chunk_col, ptr_col, room_col, names, others = whole
     nbytes = table.nbytes[chunk_col]
     chunks = chunk_col.tolist()
     spans = _spans(table, others, window)
@@ -223,7 +223,6 @@ def plan_reads(
     ends = np.concatenate([starts[:n_simple] + nbytes, np.array([p.end for p in spans], np.int64)])
     order = np.lexsort((starts, files))
     crc_col = table.crc32c[table.crc_first[chunk_col]] if n_simple else chunk_col
-    room_col = np.fromiter(map(_NBYTES, dests), np.int64, len(dests))  # bytes of each dest
     if not np.array_equal(nbytes, room_col):  # each is exactly its box: a stored size is not
         bad = int(np.flatnonzero(nbytes != room_col)[0])
         _check_stored_size(names[bad], chunks[bad], int(nbytes[bad]), int(room_col[bad]), None)
@@ -264,24 +263,22 @@ def plan_reads(
 
 def _whole_chunk_targets(
     cols: TargetColumns, table: Any
-) -> tuple[np.ndarray, np.ndarray, list[str], list[torch.Tensor], list[Target]]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], list[Target]]:
     """The targets that are exactly one saved one-block raw chunk, copied into contiguous
-    host memory: (their chunks, destination addresses, names, destinations), and the other
-    targets (the general path).
+    host memory: (their chunks, destination addresses, destination sizes in bytes, names),
+    and the other targets (the general path).
 
     C-level passes over the columns: tensors of one shape and sharding share a layout, so
     the chunk cell of each distinct (layout, shape, box) is worked out once."""
     n = cols.count()
     if not n:
         none = np.zeros(0, dtype=np.int64)
-        return none, none, [], [], []
+        return none, none, none, [], []
     records, dests = cols.records, cols.dests
     keys, layout_of = _distinct_boxes(cols)
     cell = np.fromiter(map(_Cells(layout_of).__getitem__, keys), np.int64, n)
-    usable = np.fromiter(map(_IS_CPU, dests), bool, n)
-    usable &= np.fromiter(map(torch.Tensor.is_contiguous, dests), bool, n)
-    usable &= np.fromiter(map(_CODEC_IS_NONE, map(_CODEC, records)), bool, n)
-    ptr = np.fromiter(map(torch.Tensor.data_ptr, dests), np.int64, n)
+    ptr, room = host_addresses(dests)  # 0: not contiguous host memory
+    usable = np.fromiter(map(_CODEC_IS_NONE, map(_CODEC, records)), bool, n)
     chunk = np.fromiter(map(_CHUNK_START, records), np.int64, n) + cell
     usable &= (cell >= 0) & (ptr != 0)
     nbytes = np.zeros(n, dtype=np.int64)
@@ -289,11 +286,10 @@ def _whole_chunk_targets(
     # Empty tensors and multi-block chunks take the general path.
     usable &= (nbytes > 0) & (nbytes <= table.block_bytes)
     if usable.all():
-        return chunk, ptr, cols.names, dests, []
+        return chunk, ptr, room, cols.names, []
     others = cols.targets(np.flatnonzero(~usable).tolist())
-    mask = usable.tolist()
-    names, picked = list(compress(cols.names, mask)), list(compress(dests, mask))
-    return chunk[usable], ptr[usable], names, picked, others
+    names = list(compress(cols.names, usable.tolist()))
+    return chunk[usable], ptr[usable], room[usable], names, others
 
 
 class _Cells(dict):
@@ -360,7 +356,7 @@ def _cell(layout: Any, shape: tuple[int, ...], box: Box) -> int:
 _NAME, _RECORD, _BOX, _DEST = itemgetter(0), itemgetter(1), itemgetter(2), itemgetter(3)
 _NEW_TARGET = partial(tuple.__new__, Target)
 _LAYOUT, _SHAPE, _CODEC = attrgetter("layout"), attrgetter("shape"), attrgetter("codec")
-_CHUNK_START, _IS_CPU = attrgetter("chunk_start"), attrgetter("is_cpu")
+_CHUNK_START = attrgetter("chunk_start")
 _CODEC_IS_NONE = partial(is_, None)
 
 
