@@ -41,14 +41,17 @@ def _kinds() -> list[torch.Tensor]:
         torch.ones(5, dtype=torch.bool),
         torch.ones(3, dtype=torch.complex64),
         torch.empty(4, 4, device="meta"),  # not host memory
+        torch.ones(3, dtype=torch.complex64).conj(),  # memory holds the conjugates
+        torch.tensor([1 + 2j]).conj().imag,  # memory holds the negatives
     ]
 
 
 def test_addresses_and_sizes_are_torchs_for_every_kind_of_tensor(impl) -> None:
     tensors = _kinds()
     addresses, nbytes = tensor_fields.host_addresses(tensors)
-    want = [t.data_ptr() if t.is_cpu and t.is_contiguous() else 0 for t in tensors]
-    assert addresses.tolist() == want
+    plain = [t.is_cpu and t.is_contiguous() and not (t.is_conj() or t.is_neg()) for t in tensors]
+    want = [t.data_ptr() if ok else 0 for t, ok in zip(tensors, plain, strict=True)]
+    assert addresses.tolist() == want and want[-1] == want[-2] == 0
     assert addresses[2] == tensors[0].data_ptr() + 2 * 8 * 4 and addresses[1] == 0
     assert nbytes.tolist() == [t.nbytes for t in tensors]
     assert addresses.dtype == nbytes.dtype == np.int64
@@ -81,6 +84,26 @@ def test_loads_planned_either_way_fill_every_destination(impl, tmp_path) -> None
     cs.save(state, tmp_path / "ck")
     dest = {k: torch.zeros_like(v) for k, v in state.items()}
     dest["matrix"] = torch.zeros(40, 96).t()  # not contiguous: the general path
+    cs.load(dest, tmp_path / "ck")
+    for name, value in state.items():
+        assert torch.equal(dest[name], value), name
+
+
+def test_lazy_conjugate_and_negative_destinations_get_their_values(impl, tmp_path) -> None:
+    """A conjugate view's memory holds the conjugates (a negative view's, the negatives):
+    bytes written there raw would read back conjugated or negated, so they get values."""
+    state = {
+        "c": torch.tensor([1 + 2j, 3 - 4j, -5 + 0.5j], dtype=torch.complex64),
+        "n": torch.tensor([2.5]),
+        "rows": torch.complex(torch.arange(12.0), -torch.arange(12.0)).reshape(4, 3),
+    }
+    cs.save(state, tmp_path / "ck")
+    dest = {
+        "c": torch.zeros(3, dtype=torch.complex64).conj(),
+        "n": torch.zeros(1, dtype=torch.complex64).conj().imag,
+        "rows": torch.zeros(3, 4, dtype=torch.complex64).t().conj(),  # the general path
+    }
+    assert dest["c"].is_conj() and dest["n"].is_neg() and dest["rows"].is_conj()
     cs.load(dest, tmp_path / "ck")
     for name, value in state.items():
         assert torch.equal(dest[name], value), name

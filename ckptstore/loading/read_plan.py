@@ -400,9 +400,12 @@ def coalesce(
     return out
 
 
-def _host_address(dest: torch.Tensor, shape: tuple[int, ...]) -> int:
-    """``dest``'s address if it is C-contiguous host memory holding exactly ``shape``, else 0."""
-    usable = dest.is_cpu and dest.is_contiguous() and dest.numel() == math.prod(shape)
+def _host_address(dest: torch.Tensor, shape: tuple[int, ...] | None = None) -> int:
+    """``dest``'s address if it is C-contiguous host memory holding its values (no lazy
+    conjugate or negative bit) and exactly ``shape`` (when given), else 0."""
+    usable = dest.is_cpu and dest.is_contiguous() and not (dest.is_conj() or dest.is_neg())
+    if usable and shape is not None:
+        usable = dest.numel() == math.prod(shape)
     return dest.data_ptr() if usable else 0
 
 
@@ -437,7 +440,7 @@ def _spans(table: Any, targets: list[Target], window: int) -> list[ReadSpan]:
                     dest_nbytes = math.prod(c_shape) * size
                 else:
                     dest = t.dest if t.box == cbox else t.dest[_slices(cbox, t_off)]
-                    ptr = dest.data_ptr() if dest.is_cpu and dest.is_contiguous() else 0
+                    ptr = _host_address(dest)
                     dest_nbytes = dest.nbytes
                 blocks = max(1, -(-nbytes // block))
                 spans.append(

@@ -17,7 +17,8 @@
  *   of the first DTensor whose local tensor's shape is not its box's.
  * host_addresses(tensors, addresses, nbytes) -> None
  *   For each tensor of the list `tensors`: addresses[i] = t.data_ptr() if t.is_cpu and
- *   t.is_contiguous() else 0; nbytes[i] = t.nbytes. `addresses` and `nbytes` are writable
+ *   t.is_contiguous() and not t.is_conj() and not t.is_neg() else 0 (memory holding the
+ *   tensor's values); nbytes[i] = t.nbytes. `addresses` and `nbytes` are writable
  *   C-contiguous buffers of len(tensors) 8-byte integers (int64 numpy arrays).
  */
 #define PY_SSIZE_T_CLEAN
@@ -25,7 +26,7 @@
 #include <stdint.h>
 
 static PyObject *s_spec, *s_tensor_meta, *s_mesh, *s_placements, *s_shape, *s_shard_order,
-    *s_local_tensor, *s_dtype, *s_dim, *s_is_cpu, *s_is_contiguous, *s_data_ptr, *s_nbytes;
+    *s_local_tensor, *s_dtype, *s_dim, *s_is_cpu, *s_is_contiguous, *s_data_ptr, *s_nbytes, *s_is_conj, *s_is_neg;
 
 /* The placements every DTensor is compared with: values[0]'s, and the dim of each of its
  * `shard` placements (NULL elsewhere). `usable` is 0 when they are not a tuple. */
@@ -251,6 +252,13 @@ static PyObject *py_host_addresses(PyObject *self, PyObject *args) {
             usable = flag ? PyObject_IsTrue(flag) : -1;
             Py_XDECREF(flag);
         }
+        PyObject *const lazy_bits[2] = {s_is_conj, s_is_neg};
+        for (int b = 0; b < 2 && usable > 0; b++) {
+            flag = PyObject_CallMethodNoArgs(t, lazy_bits[b]);
+            int set = flag ? PyObject_IsTrue(flag) : -1;
+            usable = set < 0 ? -1 : !set;
+            Py_XDECREF(flag);
+        }
         if (usable > 0) address = PyObject_CallMethodNoArgs(t, s_data_ptr);
         if (usable >= 0 && (usable == 0 || address)) size = PyObject_GetAttr(t, s_nbytes);
         addresses[i] = 0;
@@ -293,7 +301,9 @@ PyMODINIT_FUNC PyInit__tensor_fields(void) {
                  {&s_is_cpu, "is_cpu"},
                  {&s_is_contiguous, "is_contiguous"},
                  {&s_data_ptr, "data_ptr"},
-                 {&s_nbytes, "nbytes"}};
+                 {&s_nbytes, "nbytes"},
+                 {&s_is_conj, "is_conj"},
+                 {&s_is_neg, "is_neg"}};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         *names[i].slot = PyUnicode_InternFromString(names[i].name);
         if (!*names[i].slot) return NULL;

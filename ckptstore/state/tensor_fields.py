@@ -28,8 +28,9 @@ compiled: Any = compiled_module if compiled_module is not None and knobs.compile
 
 
 def host_addresses(tensors: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-    """Each tensor's address where it is contiguous host memory (else 0), and its size in
-    bytes: two int64 arrays."""
+    """Each tensor's address where it is contiguous host memory that holds its values (no
+    lazy conjugate or negative bit: raw bytes written there would read back conjugated or
+    negated), else 0; and its size in bytes. Two int64 arrays."""
     n = len(tensors)
     if compiled is not None:
         addresses, nbytes = np.empty(n, np.int64), np.empty(n, np.int64)
@@ -37,6 +38,8 @@ def host_addresses(tensors: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]
         return addresses, nbytes
     usable = np.fromiter(map(_IS_CPU, tensors), bool, n)
     usable &= np.fromiter(map(torch.Tensor.is_contiguous, tensors), bool, n)
+    usable &= ~np.fromiter(map(torch.Tensor.is_conj, tensors), bool, n)
+    usable &= ~np.fromiter(map(torch.Tensor.is_neg, tensors), bool, n)
     addresses = np.fromiter(map(torch.Tensor.data_ptr, tensors), np.int64, n)
     addresses[~usable] = 0
     return addresses, np.fromiter(map(_NBYTES, tensors), np.int64, n)
