@@ -485,6 +485,9 @@ def dtensor_columns_both_ways(rank: int, world: int) -> list[str]:
     ``Shard(0)`` objects), mixed in one (``Shard(1)`` among ``Shard(0)``, a ``Shard``
     subclass), on a 2-D mesh (``_StridedShard``, ``Partial``); a local tensor out of step
     and a spec without tensor metadata are refused or handed back alike."""
+    import gc
+    import weakref
+
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     from torch.distributed.tensor.placement_types import Partial, _StridedShard
 
@@ -552,6 +555,15 @@ def dtensor_columns_both_ways(rank: int, world: int) -> list[str]:
                 bad.append(f"{impl}: out of step: {exc}")
         if dtensor_boxes.dtensor_columns(headless) is not None:
             bad.append(f"{impl}: a spec without tensor metadata was not handed back")
+        # Nothing is kept: once the caller drops the DTensors and the columns, every local
+        # tensor is freed (a reference the compiled loop failed to drop would keep it).
+        fresh = [make(flat, (64,), [Shard(0)], i) for i in range(30)]
+        alive = [weakref.ref(t._local_tensor) for t in fresh]
+        columns = dtensor_boxes.dtensor_columns(fresh)
+        del fresh, columns
+        gc.collect()
+        if any(ref() is not None for ref in alive):
+            bad.append(f"{impl}: local tensors outlived the DTensors and their columns")
     tensor_fields.compiled = compiled
     return bad
 

@@ -5,6 +5,9 @@ test_distributed.py.)"""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -55,6 +58,15 @@ def test_addresses_and_sizes_are_torchs_for_every_kind_of_tensor(impl) -> None:
     assert addresses[2] == tensors[0].data_ptr() + 2 * 8 * 4 and addresses[1] == 0
     assert nbytes.tolist() == [t.nbytes for t in tensors]
     assert addresses.dtype == nbytes.dtype == np.int64
+
+
+def test_nothing_is_kept_alive(impl) -> None:
+    tensors = _kinds()
+    alive = [weakref.ref(t) for t in tensors]
+    tensor_fields.host_addresses(tensors)
+    del tensors
+    gc.collect()
+    assert all(ref() is None for ref in alive)
 
 
 def test_what_is_not_a_tensor_is_refused(impl) -> None:
