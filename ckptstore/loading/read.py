@@ -320,7 +320,7 @@ class ChunkReader:
         if lo < 0 or lo + extent * size > len(raw) or tuple(p.dest.shape) != p.src_shape:
             _unsafe(where, lo, lo + extent * size, 0, len(raw), p.dest.numel() * size)
         raw_t = torch.from_numpy(raw[lo : lo + extent * size])
-        if p.dest.is_conj() or p.dest.is_neg():  # a lazy view: its memory holds other bits
+        if p.lazy:  # a lazy conjugate or negative view: its memory holds other bits
             p.dest.copy_(raw_t.view(p.dtype).as_strided(p.src_shape, p.src_strides))
             return
         word = _WORDS.get(size)

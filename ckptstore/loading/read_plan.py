@@ -26,6 +26,7 @@ from ckptstore.errors import ManifestError, UnsafeCopyError
 from ckptstore.format.dtypes import dtype_from_name, itemsize
 from ckptstore.format.layouts import Box, GridLayout, overlaps, whole_layout
 from ckptstore.format.manifest import Manifest, TensorRecord
+from ckptstore.state.tensor_bytes import holds_its_values
 from ckptstore.state.tensor_fields import host_addresses
 
 
@@ -60,6 +61,7 @@ class ReadSpan:
     chunk_nbytes: int = 0
     crc0: int = 0
     dest_nbytes: int = 0  # bytes of ``dest`` (checked before a raw copy into ``dest_ptr``)
+    lazy: bool = False  # ``dest`` is a lazy conjugate or negative view: copy values, not bits
 
 
 class TargetColumns(NamedTuple):
@@ -401,11 +403,9 @@ def coalesce(
 
 
 def _host_address(dest: torch.Tensor, shape: tuple[int, ...] | None = None) -> int:
-    """``dest``'s address if it is C-contiguous host memory holding its values (no lazy
-    conjugate or negative bit) and exactly ``shape`` (when given), else 0."""
-    usable = dest.is_cpu and dest.is_contiguous() and not (dest.is_conj() or dest.is_neg())
-    if usable and shape is not None:
-        usable = dest.numel() == math.prod(shape)
+    """``dest``'s address if it is C-contiguous host memory holding its values
+    (:func:`holds_its_values`) and exactly ``shape`` (when given), else 0."""
+    usable = holds_its_values(dest) and (shape is None or dest.numel() == math.prod(shape))
     return dest.data_ptr() if usable else 0
 
 
@@ -419,6 +419,7 @@ def _spans(table: Any, targets: list[Target], window: int) -> list[ReadSpan]:
         dtype = dtype_from_name(rec.dtype)
         t_off, t_shape = t.box
         base_ptr = -1  # the destination's address, once a chunk of whole rows needs it
+        lazy = t.dest.is_conj() or t.dest.is_neg()  # its views (each span's dest) are too
         for index, cbox, obox in overlaps(rec.layout, rec.shape, t.box):
             chunk = rec.chunk_start + index
             c_off, c_shape = cbox
@@ -440,7 +441,7 @@ def _spans(table: Any, targets: list[Target], window: int) -> list[ReadSpan]:
                     dest_nbytes = math.prod(c_shape) * size
                 else:
                     dest = t.dest if t.box == cbox else t.dest[_slices(cbox, t_off)]
-                    ptr = _host_address(dest)
+                    ptr = 0 if lazy else _host_address(dest)
                     dest_nbytes = dest.nbytes
                 blocks = max(1, -(-nbytes // block))
                 spans.append(
@@ -465,6 +466,7 @@ def _spans(table: Any, targets: list[Target], window: int) -> list[ReadSpan]:
                         chunk_nbytes=nbytes,
                         crc0=crc0,
                         dest_nbytes=dest_nbytes,
+                        lazy=lazy,
                     )
                 )
                 continue
@@ -501,6 +503,7 @@ def _spans(table: Any, targets: list[Target], window: int) -> list[ReadSpan]:
                         chunk_base=base,
                         chunk_nbytes=nbytes,
                         crc0=crc0,
+                        lazy=lazy,
                     )
                 )
     return spans

@@ -8,14 +8,20 @@ from operator import add, attrgetter
 import torch
 
 
+def holds_its_values(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s memory is host memory, contiguous, and holds its values: not a
+    lazy conjugate or negative view, whose bytes are the conjugates or negatives (raw bytes
+    read from or written to it would be too)."""
+    return tensor.is_cpu and tensor.is_contiguous() and not (tensor.is_conj() or tensor.is_neg())
+
+
 def host_contiguous(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` on the CPU, contiguous, with its values in memory (a copy only when it is
     not already: a lazy conjugate or negative view holds other bytes than its values)."""
-    lazy = tensor.is_conj() or tensor.is_neg()
-    if not lazy and tensor.is_cpu and tensor.is_contiguous():
+    if holds_its_values(tensor):
         return tensor  # the common case; only its bytes are read
     t = tensor.detach()
-    if lazy:
+    if t.is_conj() or t.is_neg():
         t = t.resolve_conj().resolve_neg()
     if t.device.type != "cpu":
         t = t.to("cpu")
