@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ckptstore.backends.base import ByteRange, ObjectInfo, PendingUpload, Store, StoreWriter
+from ckptstore.backends.s3_body import read_body_into
 from ckptstore.backends.throttle import Throttle
 from ckptstore.errors import KeyExistsError, KeyNotFoundError, StoreAccessError, StoreError
 
@@ -321,13 +322,7 @@ class S3Store(Store):
                 else:
                     if expected is not None and expected > len(into):
                         raise StoreError(f"{expected} bytes do not fit in {len(into)}")
-                    got = 0
-                    while got < len(into):
-                        n = body.readinto(into[got:])
-                        if not n:
-                            break
-                        got += n
-                    body.close()
+                    got = read_body_into(body, into)
                 if expected is not None and got != expected:
                     raise StoreError(f"short body: {got} of {expected} bytes")
                 return got if into is not None else data

@@ -34,7 +34,13 @@ LAYERS: list[list[str]] = [
     ["ckptstore.coordination", "ckptstore.state"],
     ["ckptstore.format"],  # the on-disk contract
     ["ckptstore.backends"],  # bytes behind a URL
-    ["ckptstore.errors", "ckptstore.knobs", "ckptstore.gcpause", "ckptstore.failpoints"],
+    [
+        "ckptstore.errors",
+        "ckptstore.knobs",
+        "ckptstore.gcpause",
+        "ckptstore.failpoints",
+        "ckptstore.byte_buffers",
+    ],
 ]
 TORCH_DISTRIBUTED_OK = ("ckptstore.coordination", "ckptstore.testing")
 TORCH_DISTRIBUTED_SUBMODULES = ("tensor", "_tensor", "device_mesh", "checkpoint", "fsdp")

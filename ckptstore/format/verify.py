@@ -10,6 +10,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ckptstore.backends.base import Store
+from ckptstore.byte_buffers import byte_buffer
 from ckptstore.errors import CorruptDataError, StoreError
 from ckptstore.format import codecs
 from ckptstore.format.checksum import crc32c
@@ -141,8 +142,8 @@ def _check_blocks(
     """Stream ``r``'s bytes, checking each block's crc32c; returns the stored bytes when
     ``codec`` is set (a compressed chunk is decoded whole), and the problems found."""
     problems: list[tuple[int, str]] = []
-    whole = np.empty(r.nbytes, dtype=np.uint8) if codec is not None else None
-    buf = np.empty(min(r.nbytes, VERIFY_WINDOW_BYTES), dtype=np.uint8) if whole is None else None
+    whole = byte_buffer(r.nbytes) if codec is not None else None
+    buf = byte_buffer(min(r.nbytes, VERIFY_WINDOW_BYTES)) if whole is None else None
     pos = index = filled = crc = 0
     while pos < r.nbytes:
         n = min(VERIFY_WINDOW_BYTES, r.nbytes - pos)

@@ -19,6 +19,7 @@ import torch
 
 from ckptstore import knobs
 from ckptstore.backends.base import Store
+from ckptstore.byte_buffers import byte_buffer
 from ckptstore.errors import (
     ChecksumError,
     CorruptDataError,
@@ -60,7 +61,7 @@ class _BufferPool:
             for i, buf in enumerate(self._free):
                 if len(buf) >= n:
                     return self._free.pop(i)
-        return np.empty(n, dtype=np.uint8)
+        return byte_buffer(n)
 
     def release(self, buf: np.ndarray) -> None:
         with self._lock:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ckptstore import knobs
+from ckptstore.byte_buffers import byte_buffer
 from ckptstore.coordination.collectives import Coordinator
 from ckptstore.loading.read import ChunkReader
 from ckptstore.loading.read_plan import ReadPlan, Request, Target
@@ -91,7 +92,7 @@ def _share(
     local = _local_members(holders, len(requests))
     rounds = deal_rounds(sizes, len(members), knobs.shared_read_round_bytes(), local)
     for shares in rounds:
-        own = np.empty(sum(sizes[i] for i in shares[me]), dtype=np.uint8)
+        own = byte_buffer(sum(sizes[i] for i in shares[me]))
         if failure is None:
             try:
                 mine = shares[me]
@@ -115,7 +116,7 @@ def _share(
             nbytes = sum(sizes[i] for i in shares[member])
             if failed or not nbytes:
                 continue
-            buf = np.empty(nbytes, dtype=np.uint8)
+            buf = byte_buffer(nbytes)
             coord.receive(torch.from_numpy(buf), peer)
             if failure is not None:
                 continue

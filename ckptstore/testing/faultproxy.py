@@ -122,6 +122,7 @@ _ERROR_BODY = {
 
 class _Handler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
+        self.server.count_connection()  # type: ignore[attr-defined]
         try:
             self._serve()
         except (TimeoutError, ConnectionError):
@@ -198,12 +199,18 @@ class FaultProxy(socketserver.ThreadingTCPServer):
         self.requests: list[RequestRecord] = []
         """Every request passed upstream: start/end (monotonic), method, path, body bytes
         (request and response)."""
+        self.connections = 0
+        """Client connections accepted (a client that reuses its connections opens few)."""
         self._log_lock = threading.Lock()
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
 
     def record(self, request: RequestRecord) -> None:
         with self._log_lock:
             self.requests.append(request)
+
+    def count_connection(self) -> None:
+        with self._log_lock:
+            self.connections += 1
 
     def __enter__(self) -> FaultProxy:
         self._thread.start()
