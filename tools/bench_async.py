@@ -1,7 +1,9 @@
 """Asynchronous-save benchmark cases (imported by tools/bench.py).
 
 - stall: on the large workload (4 ranks), how long async_save blocks the caller, first and
-  steady state, against DCP's save and DCP's async_save in the same run;
+  steady state, against DCP's save and DCP's async_save in the same run, and against the
+  floor of any stall that takes a host copy: the ranks' memcpy of the same tensors into
+  reused buffers, timed right before each steady save;
 - memory: peak RSS above the resting RSS during async saves, and RSS after each of 30
   consecutive async saves (no growth);
 - interference: how much a CPU-bound training step slows down while a save is in flight,
@@ -93,9 +95,12 @@ def stall_and_memory(rank: int, world: int, root: str) -> dict:
         fut.result()
     out["dcp_async_stall_first"], out["dcp_async_stall_steady"] = stalls[0], _median(stalls[1:])
 
+    from bench_training import MemcpyFloor
+
+    floor = MemcpyFloor(sd)  # its buffers are part of the resting RSS, not of the saves'
     resting = rss_bytes()
     with PeakRss() as peak:
-        first, steady, info, _ = async_stalls(sd, root)
+        first, steady, info, out["memcpy_floor"] = async_stalls(sd, root, floor=floor)
     out["cs_async_stall_first"], out["cs_async_stall_steady"] = first, steady
     written = info.rank_bytes_written
     out["rss_resting"], out["rss_peak"], out["rank_bytes"] = resting, peak.peak, written
@@ -159,6 +164,9 @@ def run(scratch: str, emit, sink) -> None:
             "dcp_async_stall_steady_s": round(r["dcp_async_stall_steady"], 4),
             "stall_vs_dcp_save": round(stall / r["dcp_save"], 4),
             "stall_vs_dcp_async_stall": round(stall / r["dcp_async_stall_steady"], 4),
+            "memcpy_floor_s": round(r["memcpy_floor"], 4),
+            "stall_vs_memcpy_floor": round(stall / r["memcpy_floor"], 3),
+            "memcpy_floor_vs_dcp_save": round(r["memcpy_floor"] / r["dcp_save"], 4),
             "targets": {"vs_dcp_save": 0.05, "vs_dcp_async_stall": 0.15},
             "meets_target": stall <= 0.05 * r["dcp_save"]
             and stall <= 0.15 * r["dcp_async_stall_steady"],
