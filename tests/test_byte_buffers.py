@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ckptstore.byte_buffers import byte_buffer
+from tests.smaps import mapping_field
 
 MiB = 1 << 20
 
@@ -27,17 +28,8 @@ def test_a_buffer_has_its_size_and_takes_writes(n) -> None:
 
 
 def _vm_flags(address: int) -> set[str]:
-    """The VmFlags of the mapping holding ``address`` (``/proc/self/smaps``)."""
-    inside = False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and ":" not in head:
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                inside = lo <= address < hi
-            elif inside and head == "VmFlags:":
-                return set(line.split()[1:])
-    raise AssertionError(f"no mapping holds {address:#x}")
+    """The VmFlags of the mapping holding ``address``."""
+    return set(mapping_field(address, "VmFlags:"))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's /proc/self/smaps")

@@ -12,23 +12,14 @@ import sys
 import pytest
 
 from ckptstore.loading.read import _populate
+from tests.smaps import mapping_field
 
 MiB = 1 << 20
 
 
 def _resident_bytes(m: mmap.mmap) -> int:
     """Bytes of ``m`` mapped into this process's page table (``Rss`` in /proc/self/smaps)."""
-    address = ctypes.addressof(ctypes.c_char.from_buffer(m))
-    inside = False
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            head = line.split()[0]
-            if "-" in head and ":" not in head:
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                inside = lo <= address < hi
-            elif inside and head == "Rss:":
-                return int(line.split()[1]) * 1024
-    raise AssertionError("the mapping is not in /proc/self/smaps")
+    return int(mapping_field(ctypes.addressof(ctypes.c_char.from_buffer(m)), "Rss:")[0]) * 1024
 
 
 def _kernel() -> tuple[int, int]:
