@@ -42,3 +42,23 @@ def test_large_buffers_are_not_advised_for_huge_pages_as_numpys_own_are() -> Non
     assert "hg" not in _vm_flags(ours.ctypes.data + middle)
     ours[:] = 1  # still ordinary writable memory
     assert int(ours.sum(dtype=np.int64)) == 64 * MiB
+
+
+def test_verify_reads_every_chunk_through_one_window_per_thread(tmp_path, monkeypatch) -> None:
+    """A fresh buffer per chunk would fault in new memory for every chunk of a checkpoint."""
+    import ckptstore as cs
+    from ckptstore.format import verify
+
+    sd = {f"w{i}": torch.randn(64, 1024) for i in range(40)}  # 40 chunks of 256 KiB
+    cs.save(sd, tmp_path / "c")
+    ck = cs.open(tmp_path / "c")
+    sizes: list[int] = []
+
+    def counted(n: int) -> np.ndarray:
+        sizes.append(n)
+        return byte_buffer(n)
+
+    monkeypatch.setattr(verify, "byte_buffer", counted)
+    report = verify.verify_checkpoint(ck.store, ck.manifest, jobs=2)
+    assert report.ok and report.chunks >= 40
+    assert 1 <= len(sizes) <= 2 * 2, sizes  # per thread: at most a first and a bigger one

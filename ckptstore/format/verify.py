@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -112,13 +113,21 @@ def verify_checkpoint(
     owners = chunk_owners(manifest)
     codec_of = manifest.codec_chunks()
     work = stored_ranges(manifest)
+    windows = threading.local()  # each thread's read window, reused from chunk to chunk
+
+    def window(n: int) -> np.ndarray:
+        buf = getattr(windows, "buf", None)
+        if buf is None or len(buf) < n:
+            buf = windows.buf = byte_buffer(n)
+        return buf
 
     def check(r: StoredRange) -> list[BadChunk]:
         entry = r.blob if r.blob is not None else owners[r.chunk]
         key = manifest.files[r.file]
         codec = codec_of.get(r.chunk) if r.blob is None else None
         try:
-            stored, problems = _check_blocks(store, key, r, manifest.chunks.block_bytes, codec)
+            buf = window(min(r.nbytes, VERIFY_WINDOW_BYTES)) if codec is None else None
+            stored, problems = _check_blocks(store, key, r, manifest.chunks.block_bytes, codec, buf)
             if codec is not None and not problems:
                 try:
                     codecs.decode(codec[0], stored, codec[1])
@@ -137,13 +146,19 @@ def verify_checkpoint(
 
 
 def _check_blocks(
-    store: Store, key: str, r: StoredRange, block: int, codec: tuple[str, int] | None
+    store: Store,
+    key: str,
+    r: StoredRange,
+    block: int,
+    codec: tuple[str, int] | None,
+    buf: np.ndarray | None,
 ) -> tuple[np.ndarray | None, list[tuple[int, str]]]:
     """Stream ``r``'s bytes, checking each block's crc32c; returns the stored bytes when
-    ``codec`` is set (a compressed chunk is decoded whole), and the problems found."""
+    ``codec`` is set (a compressed chunk is decoded whole), and the problems found. ``buf``
+    (at least ``min(r.nbytes, VERIFY_WINDOW_BYTES)`` bytes) is the read window of a chunk
+    that is not compressed."""
     problems: list[tuple[int, str]] = []
     whole = byte_buffer(r.nbytes) if codec is not None else None
-    buf = byte_buffer(min(r.nbytes, VERIFY_WINDOW_BYTES)) if whole is None else None
     pos = index = filled = crc = 0
     while pos < r.nbytes:
         n = min(VERIFY_WINDOW_BYTES, r.nbytes - pos)
