@@ -10,7 +10,11 @@ against a few milliseconds of ordinary page faults for the same memory unadvised
 
 Buffers from :func:`byte_buffer` are anonymous mappings nobody advised: the kernel's
 default, as ``malloc`` or torch would give (where the system sets huge pages to
-``always``, the kernel still uses them when it has them free, without compacting).
+``always``, the kernel still uses them when it has them free, without compacting). Each is
+a mapping of its own, unmapped when freed: they are for buffers that are kept and reused
+(a reader's bounce buffers, ``verify``'s window) or too big for ``malloc`` to recycle (a
+shared read's rounds). A short-lived buffer taken per chunk (a decoded chunk) is cheaper
+from numpy, whose ``malloc`` hands back memory it already faulted in.
 """
 
 from __future__ import annotations

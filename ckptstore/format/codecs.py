@@ -13,7 +13,6 @@ from functools import cache
 import numpy as np
 from numcodecs.abc import Codec
 
-from ckptstore.byte_buffers import byte_buffer
 from ckptstore.errors import CkptStoreError, CorruptDataError
 
 CODEC_SPEC = re.compile(r"(zstd(:-?\d{1,6})?|lz4(:\d{1,5})?)")
@@ -71,7 +70,7 @@ def decode(spec: str, data: memoryview | bytes | np.ndarray, raw_nbytes: int) ->
             f"codec {spec}: the compressed chunk declares {declared} decoded bytes, its tensor "
             f"needs {raw_nbytes}"
         )
-    out = byte_buffer(raw_nbytes)
+    out = np.empty(raw_nbytes, dtype=np.uint8)
     try:
         get_codec(spec).decode(data, out=out)
     except (RuntimeError, ValueError, TypeError) as exc:

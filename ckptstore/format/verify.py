@@ -158,7 +158,7 @@ def _check_blocks(
     (at least ``min(r.nbytes, VERIFY_WINDOW_BYTES)`` bytes) is the read window of a chunk
     that is not compressed."""
     problems: list[tuple[int, str]] = []
-    whole = byte_buffer(r.nbytes) if codec is not None else None
+    whole = np.empty(r.nbytes, dtype=np.uint8) if codec is not None else None
     pos = index = filled = crc = 0
     while pos < r.nbytes:
         n = min(VERIFY_WINDOW_BYTES, r.nbytes - pos)
