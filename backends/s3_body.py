@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+from collections.abc import Callable
 from typing import Any
 
 from botocore.response import StreamingBody
@@ -31,13 +32,8 @@ def read_body_into(body: Any, into: memoryview) -> int:
     if raw is None:
         return _read_public(body, into)
     response: http.client.HTTPResponse = raw._fp
-    got = 0
     try:
-        while got < len(into):
-            n = response.readinto(into[got:])
-            if not n:
-                break
-            got += n
+        got = _fill(response.readinto, into)
     except BaseException:
         _discard(raw)
         raise
@@ -51,7 +47,7 @@ def read_body_into(body: Any, into: memoryview) -> int:
 def _plain_response(body: Any) -> Any:
     """The urllib3 response under ``body`` where reading its socket directly is what
     botocore's own read would do; ``None`` otherwise."""
-    if type(body) is not StreamingBody:  # e.g. a checksum-validating wrapper: its reads
+    if type(body) is not StreamingBody:  # e.g. a checksum-validating wrapper: it must read
         return None
     raw = getattr(body, "_raw_stream", None)
     response = getattr(raw, "_fp", None)
@@ -65,13 +61,19 @@ def _plain_response(body: Any) -> Any:
 
 
 def _read_public(body: Any, into: memoryview) -> int:
+    got = _fill(body.readinto, into)
+    body.close()
+    return got
+
+
+def _fill(readinto: Callable[[memoryview], int], into: memoryview) -> int:
+    """Call ``readinto`` until ``into`` is full or it reads nothing; the bytes read."""
     got = 0
     while got < len(into):
-        n = body.readinto(into[got:])
+        n = readinto(into[got:])
         if not n:
             break
         got += n
-    body.close()
     return got
 
 

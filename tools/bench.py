@@ -247,10 +247,10 @@ def every_file_mapped_crc(checkpoint: str, repeats: int = 3) -> float:
     page cache; its pages mapped in one call) and take the crc32c of every byte, in 4 MiB
     blocks: what a load that needs a part of every saved block must do before it may copy
     anything -- without the copy. (Reading the files into buffers instead costs more.)"""
-    import contextlib
     import mmap
 
     from ckptstore.format.checksum import crc32c
+    from ckptstore.loading.read import _populate
 
     data = os.path.join(checkpoint, "data")
     files = sorted(os.path.join(data, f) for f in os.listdir(data) if f[:5].isdigit())
@@ -262,9 +262,8 @@ def every_file_mapped_crc(checkpoint: str, repeats: int = 3) -> float:
         for path in files:
             with open(path, "rb") as f:
                 mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
-            with contextlib.suppress(OSError, ValueError):  # as the reader: Linux 5.14+
-                mapped.madvise(22)  # MADV_POPULATE_READ
             view = memoryview(mapped)
+            _populate(view, 0, len(view))  # as the reader maps a request's pages
             for at in range(0, len(view), block):
                 crc32c(view[at : at + block])
             view.release()

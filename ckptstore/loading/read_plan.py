@@ -441,7 +441,7 @@ def _spans(table: Any, targets: list[Target], window: int) -> list[ReadSpan]:
                     dest_nbytes = math.prod(c_shape) * size
                 else:
                     dest = t.dest if t.box == cbox else t.dest[_slices(cbox, t_off)]
-                    ptr = 0 if lazy else _host_address(dest)
+                    ptr = _host_address(dest)  # 0 for a lazy view too
                     dest_nbytes = dest.nbytes
                 blocks = max(1, -(-nbytes // block))
                 spans.append(
